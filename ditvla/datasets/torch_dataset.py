@@ -1,0 +1,191 @@
+"""The torch ``Dataset`` over a replay buffer: observation history + action chunk samples.
+
+Low-dimensional arrays (state parts, actions) are read into memory once: they are small
+next to the images, which stay on disk and are read frame by frame for each sample, so
+memory stays bounded for stores larger than RAM. DataLoader workers read frames through
+:class:`~ditvla.datasets.frame_reader.FrameReader`; the store is reopened in each process
+that uses the dataset, so forked and spawned workers both work.
+
+A sample (one anchor frame ``t``)::
+
+    {"images": {camera: uint8 (n_obs_steps, H, W, 3)},
+     "state": float32 (n_obs_steps, D), "action": float32 (horizon, A),
+     "obs_is_pad": bool (n_obs_steps,), "action_is_pad": bool (horizon,),
+     "instruction": str, "task_index": int, "episode_index": int, "frame_index": int}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ditvla.datasets.normalization import Stats, concat_stats, load_or_compute_stats
+from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+from ditvla.datasets.sequence_sampler import SequenceSampler
+
+
+@dataclass(frozen=True)
+class ImageAugmentation:
+    """Random shift (pad by replication, crop back: DrQ / diffusion-policy style) and
+    brightness/contrast jitter, drawn once per camera per sample and applied alike to
+    every observation step of that sample."""
+
+    max_shift_px: int = 4
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """frames: uint8 (T, H, W, 3) -> uint8 (T, H, W, 3)."""
+        out = frames
+        if self.max_shift_px > 0:
+            p = self.max_shift_px
+            _, h, w, _ = frames.shape
+            padded = np.pad(frames, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+            dy, dx = rng.integers(0, 2 * p + 1, size=2)
+            out = padded[:, dy : dy + h, dx : dx + w]
+        if self.brightness > 0 or self.contrast > 0:
+            gain = 1.0 + rng.uniform(-self.contrast, self.contrast)
+            bias = 255.0 * rng.uniform(-self.brightness, self.brightness)
+            mean = out.mean()
+            out = np.clip((out - mean) * gain + mean + bias, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(out)
+
+
+class ReplayBufferDataset(Dataset):
+    """Samples of a zarr replay buffer for training, one per frame of the chosen episodes.
+
+    Args:
+        path: the zarr store.
+        n_obs_steps: observation history length (current frame included).
+        horizon: action chunk length H.
+        cameras: cameras to return (default: all of the store's).
+        state_keys: data keys concatenated into ``state`` (default: the store's).
+        action_key: data key of the actions.
+        episodes: episode indices to draw from (default: all), e.g. a train/val split.
+        augmentation: image augmentation applied to each sample, or None.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_obs_steps: int = 2,
+        horizon: int = 16,
+        cameras: Sequence[str] | None = None,
+        state_keys: Sequence[str] | None = None,
+        action_key: str = "action",
+        episodes: Sequence[int] | None = None,
+        augmentation: ImageAugmentation | None = None,
+    ):
+        self.path = Path(path)
+        buffer = ReplayBuffer.open(self.path)
+        self.cameras = list(buffer.cameras if cameras is None else cameras)
+        self.state_keys = list(buffer.state_keys if state_keys is None else state_keys)
+        self.action_key = action_key
+        for key in [*self.cameras, *self.state_keys, action_key]:
+            buffer.array(key)  # names the store and the key if it is missing
+        for cam in self.cameras:
+            if cam not in buffer.cameras:
+                raise DatasetError(f"{self.path}: data/{cam} is not a camera (uint8 T,H,W,3)")
+        self.augmentation = augmentation
+        self.sampler = SequenceSampler(
+            buffer.episode_ends, n_obs_steps=n_obs_steps, horizon=horizon, episodes=episodes
+        )
+        self.action = buffer.read_all(action_key).astype(np.float32)
+        if self.action.ndim != 2:
+            raise DatasetError(
+                f"{self.path}: data/{action_key} must be (T, A), found {self.action.shape}"
+            )
+        parts = [
+            buffer.read_all(k).astype(np.float32).reshape(buffer.n_frames, -1)
+            for k in self.state_keys
+        ]
+        self.state = (
+            np.concatenate(parts, axis=1) if parts else np.zeros((buffer.n_frames, 0), np.float32)
+        )
+        self.instructions = [buffer.episode_task(e).instruction for e in range(buffer.n_episodes)]
+        self.task_index = buffer.episode_task_index
+        self.image_shapes = {cam: buffer.shape(cam) for cam in self.cameras}
+        self.fps = buffer.fps
+        self._buffer: ReplayBuffer | None = buffer
+        self._pid = os.getpid()
+        self._rng: np.random.Generator | None = None
+
+    # The open store and the random generator belong to one process.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_buffer"] = None
+        state["_rng"] = None
+        return state
+
+    def _process_local(self) -> tuple[ReplayBuffer, np.random.Generator]:
+        if self._buffer is None or self._pid != os.getpid():
+            self._buffer = ReplayBuffer.open(self.path)
+            self._rng = None
+            self._pid = os.getpid()
+        if self._rng is None:
+            self._rng = np.random.default_rng(torch.initial_seed() % 2**63)
+        return self._buffer, self._rng
+
+    @property
+    def action_dim(self) -> int:
+        return self.action.shape[1]
+
+    @property
+    def state_dim(self) -> int:
+        return self.state.shape[1]
+
+    def stats(self) -> Stats:
+        """Normalization statistics of ``action``, ``state`` and each camera."""
+        buffer, _ = self._process_local()
+        stored = load_or_compute_stats(buffer)
+        stats = {"action": stored[self.action_key]}
+        if self.state_keys:
+            stats["state"] = concat_stats([stored[k] for k in self.state_keys])
+        stats.update({cam: stored[cam] for cam in self.cameras})
+        return stats
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of samples; the DataLoader calls this once per batch."""
+        buffer, rng = self._process_local()
+        frames = self.sampler.frames(indices)
+        images = {
+            cam: buffer.read_frames(cam, frames.obs.reshape(-1)).reshape(
+                *frames.obs.shape, *self.image_shapes[cam]
+            )
+            for cam in self.cameras
+        }
+        samples = []
+        for i in range(len(frames.anchor)):
+            episode = int(frames.episode[i])
+            sample_images = {}
+            for cam, batch in images.items():
+                view = batch[i] if self.augmentation is None else self.augmentation(batch[i], rng)
+                sample_images[cam] = torch.from_numpy(np.ascontiguousarray(view))
+            samples.append(
+                {
+                    "images": sample_images,
+                    "state": torch.from_numpy(self.state[frames.obs[i]]),
+                    "action": torch.from_numpy(self.action[frames.action[i]]),
+                    "obs_is_pad": torch.from_numpy(frames.obs_is_pad[i]),
+                    "action_is_pad": torch.from_numpy(frames.action_is_pad[i]),
+                    "instruction": self.instructions[episode],
+                    "task_index": int(self.task_index[episode]),
+                    "episode_index": episode,
+                    "frame_index": int(frames.anchor[i]),
+                }
+            )
+        return samples

@@ -1,0 +1,1 @@
+"""deploy — filled in by later issues."""
