@@ -35,9 +35,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore
 
-from ditvla.datasets.frame_reader import ChunkReadError, FrameReader
+from ditvla.datasets.chunk_files import ChunkReadError, FrameReader, chunk_file_problems
 
 FORMAT_NAME = "ditvla.replay_buffer"
 FORMAT_VERSION = 1
@@ -69,27 +68,6 @@ class Task:
 
     name: str
     instruction: str
-
-
-def _missing_chunk_files(array: zarr.Array, start: int, stop: int) -> list[Path]:
-    """Chunk files of rows ``start:stop`` that are absent from a local store.
-
-    zarr reads a missing chunk as the fill value (zeros), so only a look at the files
-    tells a deleted chunk from real zeros. Arrays are written with ``write_empty_chunks``
-    so that every chunk of a complete store exists.
-    """
-    store = array.store_path.store
-    if not isinstance(store, LocalStore) or stop <= start or array.ndim == 0:
-        return []
-    folder = Path(store.root) / array.store_path.path
-    rows = array.chunks[0]
-    zeros = (0,) * (array.ndim - 1)
-    missing = []
-    for i in range(start // rows, (stop - 1) // rows + 1):
-        path = folder / array.metadata.encode_chunk_key((i, *zeros))
-        if not path.exists():
-            missing.append(path)
-    return missing
 
 
 class ReplayBuffer:
@@ -268,12 +246,11 @@ class ReplayBuffer:
         return self._read_array(array, f"meta/{name}", 0, n_episodes).astype(np.int64)
 
     def _read_array(self, array: zarr.Array, name: str, start: int, stop: int) -> np.ndarray:
-        missing = _missing_chunk_files(array, start, stop)
-        if missing:
+        problems = chunk_file_problems(array, start, stop)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise self._fail(
-                f"{name} rows {start}:{stop}: chunk file {missing[0]} is missing"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; the store is damaged"
+                f"{name} rows {start}:{stop}: {problems[0]}{more}; the store is damaged"
             )
         try:
             return np.asarray(array[start:stop])

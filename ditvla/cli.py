@@ -1,0 +1,171 @@
+"""The ``ditvla`` command: train, benchmark and deploy VLA policies with DiT heads.
+
+Each subcommand's ``--help`` explains it. Errors in user input (a damaged store, a wrong
+path) print one line and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ditvla.datasets.replay_buffer import DatasetError
+
+DESCRIPTION = """\
+ditvla: a vision-language backbone feeding Diffusion-Transformer heads, for robot policies.
+
+Data: LIBERO-style zarr replay buffers (diffusion-policy layout, zarr v3), converted from
+LIBERO HDF5 files and LeRobot datasets.
+"""
+
+
+def _cmd_dataset_info(args: argparse.Namespace) -> int:
+    from ditvla.datasets.dataset_info import describe
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.open(args.path)
+    print(describe(buffer, with_stats=not args.no_stats))
+    if args.check:
+        problems = buffer.check()
+        for line in problems:
+            print(f"problem: {line}")
+        print(f"check: {len(problems)} problems in {len(buffer.keys)} arrays")
+        return 1 if problems else 0
+    return 0
+
+
+def _cmd_convert_libero(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_libero import convert_libero_hdf5
+    from ditvla.datasets.dataset_info import describe
+
+    buffer = convert_libero_hdf5(
+        args.inputs, args.out, flip_images=not args.no_flip, overwrite=args.overwrite
+    )
+    print(describe(buffer, with_stats=False))
+    return 0
+
+
+def _cmd_convert_from_lerobot(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_lerobot import lerobot_to_zarr
+    from ditvla.datasets.dataset_info import describe
+
+    buffer = lerobot_to_zarr(args.root, args.out, repo_id=args.repo_id, overwrite=args.overwrite)
+    print(describe(buffer, with_stats=False))
+    return 0
+
+
+def _cmd_convert_to_lerobot(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_lerobot import zarr_to_lerobot
+
+    dataset = zarr_to_lerobot(
+        args.store, args.out, repo_id=args.repo_id, use_videos=args.storage == "video"
+    )
+    print(f"{args.out}: {dataset.num_episodes} episodes, {dataset.num_frames} frames (LeRobot v3)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ditvla.demo import run_demo
+
+    return run_demo(Path(args.out), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ditvla", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole mission on its embedded default, on this CPU",
+        description="Run the main job end to end on its embedded default and write a report.",
+    )
+    demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a small smoke run (about 2 minutes)")
+    demo.set_defaults(func=_cmd_demo)
+
+    dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
+    dataset_commands = dataset.add_subparsers(
+        dest="dataset_command", metavar="ACTION", required=True
+    )
+    info = dataset_commands.add_parser(
+        "info",
+        help="episodes, frames, arrays, tasks and normalization stats of a store",
+        description=(
+            "Print the number of episodes and frames, every array with its shape and dtype, "
+            "the tasks with their instructions, and the normalization statistics (computed "
+            "once and saved in the store)."
+        ),
+    )
+    info.add_argument("path", help="a zarr replay buffer (v3, or a v2 diffusion-policy store)")
+    info.add_argument("--check", action="store_true", help="read every chunk; exit 1 on damage")
+    info.add_argument("--no-stats", action="store_true", help="do not compute/print statistics")
+    info.set_defaults(func=_cmd_dataset_info)
+
+    convert = commands.add_parser("convert", help="convert datasets to and from zarr")
+    convert_commands = convert.add_subparsers(
+        dest="convert_command", metavar="FORMAT", required=True
+    )
+    libero = convert_commands.add_parser(
+        "libero",
+        help="LIBERO HDF5 demonstrations -> zarr",
+        description=(
+            "Convert LIBERO HDF5 files (official layout: data/demo_N/obs/{agentview_rgb, "
+            "eye_in_hand_rgb, ee_pos, ee_ori, gripper_states, joint_states}, actions, and "
+            "the instruction in data.attrs['problem_info']) into one zarr replay buffer."
+        ),
+    )
+    libero.add_argument("inputs", nargs="+", help="HDF5 files or folders of them")
+    libero.add_argument("--out", required=True, help="the zarr store to write")
+    libero.add_argument(
+        "--no-flip", action="store_true", help="keep images as stored (LIBERO's are upside down)"
+    )
+    libero.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    libero.set_defaults(func=_cmd_convert_libero)
+
+    from_lerobot = convert_commands.add_parser(
+        "from-lerobot",
+        help="LeRobot dataset (v3, local folder) -> zarr",
+        description="Convert a LeRobot v3 dataset on disk into a zarr replay buffer.",
+    )
+    from_lerobot.add_argument("root", help="the LeRobot dataset folder (holds meta/info.json)")
+    from_lerobot.add_argument("--out", required=True, help="the zarr store to write")
+    from_lerobot.add_argument("--repo-id", help="repo id to open it under (default: local/<name>)")
+    from_lerobot.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    from_lerobot.set_defaults(func=_cmd_convert_from_lerobot)
+
+    to_lerobot = convert_commands.add_parser(
+        "to-lerobot",
+        help="zarr -> LeRobot dataset (v3)",
+        description="Write a zarr replay buffer as a LeRobot v3 dataset with lerobot's own API.",
+    )
+    to_lerobot.add_argument("store", help="the zarr replay buffer")
+    to_lerobot.add_argument("--out", required=True, help="the LeRobot dataset folder to create")
+    to_lerobot.add_argument("--repo-id", help="repo id to record (default: local/<name>)")
+    to_lerobot.add_argument(
+        "--storage",
+        choices=("video", "image"),
+        default="video",
+        help="cameras as mp4 videos (lossy, lerobot's default) or PNG images (lossless)",
+    )
+    to_lerobot.set_defaults(func=_cmd_convert_to_lerobot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DatasetError as exc:
+        print(f"ditvla: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ditvla: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""LeRobot datasets (v3, through lerobot's own ``LeRobotDataset`` API) to zarr and back.
+
+Key mapping (lerobot -> zarr):
+
+- ``observation.images.<cam>`` (image or video) -> camera ``<cam>``, uint8 (T, H, W, 3)
+- ``observation.state`` -> ``state``; ``action`` -> ``action``
+- any other numeric ``observation.<name>`` -> ``<name>`` (dots become underscores)
+- the per-frame ``task`` string -> the episode's task and instruction
+
+The other way, a store whose state is composed of several arrays (``state_keys``, e.g. a
+LIBERO conversion) gets ``observation.state`` = their concatenation, and each part is
+kept as ``observation.<part>`` too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+
+# Columns every LeRobot dataset has, which the replay buffer keeps in its own way.
+LEROBOT_INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+IMAGE_PREFIX = "observation.images."
+
+
+def _zarr_key(lerobot_key: str) -> str:
+    if lerobot_key.startswith(IMAGE_PREFIX):
+        return lerobot_key.removeprefix(IMAGE_PREFIX).replace(".", "_")
+    if lerobot_key == "observation.state":
+        return "state"
+    return lerobot_key.removeprefix("observation.").replace(".", "_")
+
+
+def _open_lerobot(root: Path, repo_id: str | None):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    if not (root / "meta" / "info.json").exists():
+        raise DatasetError(f"{root}: not a LeRobot dataset (no meta/info.json)")
+    return LeRobotDataset(repo_id or f"local/{root.name}", root=root, return_uint8=True)
+
+
+def lerobot_to_zarr(
+    root: str | Path,
+    out: str | Path,
+    *,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ReplayBuffer:
+    """Convert the LeRobot dataset stored at ``root`` into a zarr replay buffer."""
+    root = Path(root)
+    dataset = _open_lerobot(root, repo_id)
+    features = dataset.features
+    mapping: dict[str, str] = {}
+    cameras = []
+    for key, feature in features.items():
+        if key in LEROBOT_INDEX_COLUMNS or feature["dtype"] == "string":
+            continue
+        if feature["dtype"] in ("image", "video"):
+            cameras.append(_zarr_key(key))
+        elif not key.startswith("observation.") and key != "action":
+            continue  # e.g. next.reward: not part of the replay buffer schema
+        mapping[_zarr_key(key)] = key
+    if "action" not in mapping:
+        raise DatasetError(f"{root}: LeRobot dataset has no 'action' feature")
+    buffer = ReplayBuffer.create(
+        out,
+        fps=float(dataset.fps),
+        cameras=cameras,
+        state_keys=["state"] if "state" in mapping else [],
+        action_space=str(features["action"].get("names") or ""),
+        source=f"lerobot: {dataset.repo_id} ({root})",
+        overwrite=overwrite,
+    )
+    buffer.set_attrs(robot_type=dataset.meta.robot_type, lerobot_keys=mapping)
+    with tqdm(
+        total=dataset.num_frames, desc="lerobot -> zarr", unit="frame", disable=not progress
+    ) as bar:
+        for episode_index in range(dataset.num_episodes):
+            info = dataset.meta.episodes[episode_index]
+            start, stop = int(info["dataset_from_index"]), int(info["dataset_to_index"])
+            columns: dict[str, list[np.ndarray]] = {k: [] for k in mapping}
+            task = ""
+            for i in range(start, stop):
+                frame = dataset[i]
+                task = frame["task"]
+                for zarr_key, lerobot_key in mapping.items():
+                    value = frame[lerobot_key].numpy()
+                    if zarr_key in cameras:
+                        value = _to_hwc_uint8(value, root, lerobot_key)
+                    columns[zarr_key].append(value)
+                bar.update()
+            episode = {k: np.stack(v) for k, v in columns.items()}
+            buffer.append_episode(episode, task=task, instruction=task)
+    return buffer
+
+
+def _to_hwc_uint8(value: np.ndarray, root: Path, key: str) -> np.ndarray:
+    if value.ndim == 3 and value.shape[0] == 3:
+        value = value.transpose(1, 2, 0)
+    if value.dtype != np.uint8:
+        value = np.clip(np.rint(value * 255.0), 0, 255).astype(np.uint8)
+    if value.ndim != 3 or value.shape[-1] != 3:
+        raise DatasetError(f"{root}: {key} frames have shape {value.shape}, expected (H, W, 3)")
+    return value
+
+
+def zarr_to_lerobot(
+    store: str | Path,
+    root: str | Path,
+    *,
+    repo_id: str | None = None,
+    use_videos: bool = True,
+    robot_type: str | None = None,
+    progress: bool = True,
+):
+    """Write the replay buffer at ``store`` as a LeRobot dataset in ``root``; returns it."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    buffer = ReplayBuffer.open(store)
+    root = Path(root)
+    if root.exists():
+        raise DatasetError(f"{root}: already exists; LeRobot writes a new dataset folder")
+    if buffer.fps != round(buffer.fps):
+        raise DatasetError(f"{store}: LeRobot needs an integer fps, the store has {buffer.fps}")
+    if "action" not in buffer.keys:
+        raise DatasetError(f"{store}: missing array data/action")
+    features: dict[str, dict] = {}
+    columns: dict[str, str] = {}  # lerobot key -> zarr key ("" for the composed state)
+    for key in buffer.keys:
+        shape = buffer.shape(key)
+        if key in buffer.cameras:
+            lerobot_key = IMAGE_PREFIX + key
+            features[lerobot_key] = {
+                "dtype": "video" if use_videos else "image",
+                "shape": shape,
+                "names": ["height", "width", "channels"],
+            }
+        else:
+            lerobot_key = "action" if key == "action" else f"observation.{key}"
+            features[lerobot_key] = {
+                "dtype": "float32",
+                "shape": shape or (1,),
+                "names": None,
+            }
+        columns[lerobot_key] = key
+    state_keys = buffer.state_keys
+    if state_keys and state_keys != ["state"]:
+        dim = sum(int(np.prod(buffer.shape(k) or (1,))) for k in state_keys)
+        features["observation.state"] = {"dtype": "float32", "shape": (dim,), "names": None}
+        columns["observation.state"] = ""
+    dataset = LeRobotDataset.create(
+        repo_id or f"local/{root.name}",
+        fps=int(buffer.fps),
+        features=features,
+        root=root,
+        robot_type=robot_type or buffer.attrs.get("robot_type"),
+        use_videos=use_videos,
+    )
+    with tqdm(
+        total=buffer.n_frames, desc="zarr -> lerobot", unit="frame", disable=not progress
+    ) as bar:
+        for episode_index in range(buffer.n_episodes):
+            episode = buffer.get_episode(episode_index)
+            task = buffer.episode_task(episode_index)
+            text = task.instruction or task.name or "unspecified task"
+            length = len(episode["action"])
+            for t in range(length):
+                frame: dict = {"task": text}
+                for lerobot_key, key in columns.items():
+                    if key:
+                        value = episode[key][t]
+                        frame[lerobot_key] = (
+                            value
+                            if key in buffer.cameras
+                            else np.atleast_1d(value.astype(np.float32))
+                        )
+                    else:
+                        frame[lerobot_key] = np.concatenate(
+                            [np.atleast_1d(episode[k][t]).astype(np.float32) for k in state_keys]
+                        )
+                dataset.add_frame(frame)
+                bar.update()
+            dataset.save_episode()
+    dataset.finalize()
+    return dataset

@@ -1,0 +1,265 @@
+"""The zarr replay buffer: round trips, atomic appends, and clear errors on bad stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_episode
+
+from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+
+
+def test_round_trip_of_episodes_and_metadata(small_store):
+    buffer = ReplayBuffer.open(small_store)
+    assert buffer.n_episodes == 3
+    assert buffer.n_frames == 16
+    assert buffer.episode_ends.tolist() == [5, 8, 16]
+    assert buffer.cameras == ["front", "wrist"]
+    assert buffer.fps == 10
+    assert buffer.zarr_format == 3
+    for i, length in enumerate([5, 3, 8]):
+        expected = make_episode(i, length)
+        got = buffer.get_episode(i)
+        assert set(got) == set(expected)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+        assert buffer.episode_task(i).instruction == f"do thing {i % 2}"
+        assert buffer.episode_seed[i] == i
+    assert [t.name for t in buffer.tasks] == ["task0", "task1"]
+
+
+def test_read_frames_matches_slices_and_orders_as_asked(small_store):
+    buffer = ReplayBuffer.open(small_store)
+    frames = np.array([15, 0, 0, 7])
+    got = buffer.read_frames("front", frames)
+    full = buffer.read_all("front")
+    np.testing.assert_array_equal(got, full[frames])
+
+
+def test_append_after_reopen_and_stats_invalidated(small_store):
+    from ditvla.datasets.normalization import load_or_compute_stats
+
+    buffer = ReplayBuffer.open(small_store, mode="a")
+    load_or_compute_stats(buffer)
+    assert ReplayBuffer.open(small_store).attrs["stats"]["n_frames"] == 16
+    buffer.append_episode(make_episode(3, 4), task="task9", instruction="new")
+    reopened = ReplayBuffer.open(small_store)
+    assert reopened.n_episodes == 4 and reopened.n_frames == 20
+    assert "stats" not in reopened.attrs
+    np.testing.assert_array_equal(reopened.get_episode(3)["state"], make_episode(3, 4)["state"])
+    assert reopened.episode_seed[3] == -1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda e: e.update(state=e["state"][:, :3]), "frames of shape"),
+        (lambda e: e["action"].__setitem__((1, 1), np.nan), "NaN"),
+        (lambda e: e.pop("wrist"), "wrist"),
+        (lambda e: e.update(front=e["front"].astype(np.float32)), "uint8"),
+        (lambda e: e.update(action=e["action"][:2]), "one non-zero length"),
+    ],
+)
+def test_bad_episode_is_refused_and_store_unchanged(small_store, change, message):
+    buffer = ReplayBuffer.open(small_store, mode="a")
+    episode = make_episode(7, 4)
+    change(episode)
+    with pytest.raises(DatasetError, match=message):
+        buffer.append_episode(episode)
+    reopened = ReplayBuffer.open(small_store)
+    assert reopened.n_frames == 16 and reopened.n_episodes == 3
+    assert reopened.check() == []
+
+
+def test_read_only_store_refuses_append(small_store):
+    with pytest.raises(DatasetError, match="read-only"):
+        ReplayBuffer.open(small_store).append_episode(make_episode(0, 2))
+
+
+def test_create_refuses_to_overwrite(small_store):
+    with pytest.raises(DatasetError, match="already exists"):
+        ReplayBuffer.create(small_store, fps=10)
+
+
+APPEND_FOREVER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from conftest import make_episode
+from ditvla.datasets.replay_buffer import ReplayBuffer
+buffer = ReplayBuffer.open(sys.argv[1], mode="a")
+i = buffer.n_episodes
+while True:
+    buffer.append_episode(make_episode(i, 60, size=64), task="t", instruction="x", seed=i)
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_sigkill_mid_append_keeps_every_complete_episode(tmp_path):
+    path = tmp_path / "killed.zarr"
+    buffer = ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"])
+    buffer.append_episode(make_episode(0, 60, size=64), task="t", instruction="x")
+    tests_dir = str(Path(__file__).parent)
+    rng = np.random.default_rng(0)
+    interrupted = 0
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", APPEND_FOREVER, str(path), tests_dir], stdout=subprocess.PIPE
+        )
+        proc.stdout.readline()  # one episode appended: the child is in its append loop
+        time.sleep(rng.uniform(0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        buffer = ReplayBuffer.open(path)
+        interrupted += buffer.interrupted_append
+        assert buffer.n_frames == buffer.n_episodes * 60
+        for key in ("front", "state", "action"):
+            assert buffer.read_all(key).shape[0] == buffer.n_frames
+        last = buffer.n_episodes - 1
+        np.testing.assert_array_equal(
+            buffer.get_episode(last)["front"], make_episode(last, 60, size=64)["front"]
+        )
+        assert buffer.check() == []
+    # The kills land mid-append (appending is what the child spends its time on).
+    assert interrupted >= 1
+    # After a crash, appending goes on and overwrites the partial episode.
+    buffer = ReplayBuffer.open(path, mode="a")
+    n = buffer.n_episodes
+    buffer.append_episode(make_episode(n, 60, size=64), task="t", instruction="x")
+    reopened = ReplayBuffer.open(path)
+    assert not reopened.interrupted_append
+    for i in range(reopened.n_episodes):
+        np.testing.assert_array_equal(
+            reopened.get_episode(i)["state"], make_episode(i, 60, size=64)["state"]
+        )
+
+
+# ---------------------------------------------------------------- bad stores
+
+
+def test_non_dataset_paths_give_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        ReplayBuffer.open(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DatasetError, match="not a zarr replay buffer"):
+        ReplayBuffer.open(tmp_path / "plain")
+    (tmp_path / "file.txt").write_text("hello")
+    with pytest.raises(DatasetError, match=r"file\.txt"):
+        ReplayBuffer.open(tmp_path / "file.txt")
+    zarr.open_group(str(tmp_path / "group.zarr"), mode="w").create_group("data")
+    with pytest.raises(DatasetError, match="meta/episode_ends"):
+        ReplayBuffer.open(tmp_path / "group.zarr")
+
+
+def test_missing_array_is_named(small_store):
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    shutil.rmtree(small_store / "data" / "action")
+    with pytest.raises(DatasetError, match=r"small.zarr: missing array data/action"):
+        ReplayBufferDataset(small_store)
+
+
+def test_length_disagreeing_with_episode_ends(small_store):
+    zarr.open_array(str(small_store / "data" / "state"), mode="r+").resize((12, 5))
+    with pytest.raises(
+        DatasetError, match=r"data/state has 12 rows but meta/episode_ends ends at 16"
+    ):
+        ReplayBuffer.open(small_store)
+
+
+def test_extra_rows_without_interrupted_append_are_an_error(small_store):
+    zarr.open_array(str(small_store / "data" / "state"), mode="r+").resize((20, 5))
+    with pytest.raises(DatasetError, match=r"data/state has 20 rows"):
+        ReplayBuffer.open(small_store)
+
+
+def test_wrong_dtypes(small_store, tmp_path):
+    group = zarr.open_group(str(small_store), mode="r+")
+    group["data"].create_array("front2", shape=(16, 4, 4, 3), dtype=np.float32)
+    group.attrs["cameras"] = ["front", "wrist", "front2"]
+    with pytest.raises(DatasetError, match=r"data/front2 must be uint8"):
+        ReplayBuffer.open(small_store)
+
+    other = tmp_path / "ends.zarr"
+    root = zarr.open_group(str(other), mode="w")
+    root.create_group("data").create_array("action", shape=(4, 2), dtype=np.float32)
+    root.create_group("meta").create_array("episode_ends", data=np.array([4.0]))
+    with pytest.raises(DatasetError, match="episode_ends must be a 1-D integer array"):
+        ReplayBuffer.open(other)
+
+
+def test_truncated_image_chunk(small_store):
+    chunk = small_store / "data" / "front" / "c" / "6" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    buffer = ReplayBuffer.open(small_store)
+    with pytest.raises(DatasetError, match=r"small.zarr: data/front: chunk file .*c/6/0/0/0"):
+        buffer.read_frames("front", [6])
+    problems = buffer.check()
+    assert len(problems) == 1 and "data/front" in problems[0]
+
+
+def test_truncated_and_missing_low_dim_chunks(small_store):
+    chunk = small_store / "data" / "action" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    buffer = ReplayBuffer.open(small_store)
+    with pytest.raises(DatasetError, match=r"data/action rows 0:16: chunk file .* is truncated"):
+        buffer.read_all("action")
+    chunk.unlink()
+    with pytest.raises(DatasetError, match=r"data/action rows 0:16: chunk file .* is missing"):
+        buffer.read_all("action")
+
+
+def test_newer_format_version_is_refused(small_store):
+    group = zarr.open_group(str(small_store), mode="r+")
+    group.attrs["format_version"] = 99
+    with pytest.raises(DatasetError, match="newer ditvla"):
+        ReplayBuffer.open(small_store)
+
+
+# ---------------------------------------------------------------- zarr v2 stores
+
+
+def write_diffusion_policy_v2_store(path: Path) -> dict[str, np.ndarray]:
+    """A store in the layout diffusion-policy's ReplayBuffer wrote with zarr v2."""
+    rng = np.random.default_rng(0)
+    data = {
+        "img": rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8),
+        "state": rng.normal(size=(12, 5)).astype(np.float32),
+        "action": rng.normal(size=(12, 2)).astype(np.float32),
+    }
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group = root.create_group("data")
+    for key, value in data.items():
+        chunks = (1, *value.shape[1:]) if key == "img" else value.shape
+        group.create_array(key, data=value, chunks=chunks)
+    root.create_group("meta").create_array("episode_ends", data=np.array([5, 12], dtype=np.int64))
+    return data
+
+
+def test_opens_zarr_v2_store(tmp_path):
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    path = tmp_path / "pusht_like.zarr"
+    data = write_diffusion_policy_v2_store(path)
+    assert json.loads((path / "data" / "img" / ".zarray").read_text())["zarr_format"] == 2
+    buffer = ReplayBuffer.open(path)
+    assert buffer.zarr_format == 2
+    assert buffer.cameras == ["img"]
+    assert buffer.n_episodes == 2
+    np.testing.assert_array_equal(buffer.read_frames("img", [11, 3]), data["img"][[11, 3]])
+    np.testing.assert_array_equal(buffer.get_episode(1)["action"], data["action"][5:])
+    sample = ReplayBufferDataset(path, horizon=3)[5]
+    np.testing.assert_array_equal(sample["images"]["img"][1].numpy(), data["img"][5])
+    np.testing.assert_array_equal(sample["action"].numpy(), data["action"][5:8])
+    with pytest.raises(DatasetError, match="v2 stores open read-only"):
+        ReplayBuffer.open(path, mode="a")
