@@ -34,11 +34,14 @@ def make_episode(index: int, length: int, size: int = 16, state_dim: int = 5) ->
     }
 
 
-def write_store(path: Path, lengths: list[int], **kwargs) -> ReplayBuffer:
-    buffer = ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"], **kwargs)
+def write_store(path: Path, lengths: list[int], size: int = 16) -> ReplayBuffer:
+    buffer = ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"])
     for i, length in enumerate(lengths):
         buffer.append_episode(
-            make_episode(i, length), task=f"task{i % 2}", instruction=f"do thing {i % 2}", seed=i
+            make_episode(i, length, size=size),
+            task=f"task{i % 2}",
+            instruction=f"do thing {i % 2}",
+            seed=i,
         )
     return buffer
 

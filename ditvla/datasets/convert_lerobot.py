@@ -24,6 +24,8 @@ from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 # Columns every LeRobot dataset has, which the replay buffer keeps in its own way.
 LEROBOT_INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 IMAGE_PREFIX = "observation.images."
+# lerobot's default video codec (SVT-AV1) dies with SIGFPE on 16x16 frames; 32x32 works.
+MIN_VIDEO_SIDE_PX = 32
 
 
 def _zarr_key(lerobot_key: str) -> str:
@@ -133,6 +135,12 @@ def zarr_to_lerobot(
     for key in buffer.keys:
         shape = buffer.shape(key)
         if key in buffer.cameras:
+            if use_videos and min(shape[:2]) < MIN_VIDEO_SIDE_PX:
+                raise DatasetError(
+                    f"{store}: data/{key} frames are {shape[0]}x{shape[1]}, too small for "
+                    f"lerobot's AV1 video encoder (at least {MIN_VIDEO_SIDE_PX} px a side); "
+                    "store them as images instead (--storage image)"
+                )
             lerobot_key = IMAGE_PREFIX + key
             features[lerobot_key] = {
                 "dtype": "video" if use_videos else "image",
@@ -184,6 +192,8 @@ def zarr_to_lerobot(
                         )
                 dataset.add_frame(frame)
                 bar.update()
-            dataset.save_episode()
+            # One camera after the other: a process pool forked from this process (which
+            # runs zarr's I/O threads) is asking for deadlocks, and conversion is a one-off.
+            dataset.save_episode(parallel_encoding=False)
     dataset.finalize()
     return dataset
