@@ -66,6 +66,30 @@ def _cmd_convert_to_lerobot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from ditvla.datasets.dataset_info import describe
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+    from ditvla.envs.collect import collect_demonstrations
+
+    report = collect_demonstrations(
+        args.env,
+        args.out,
+        episodes_per_task=args.episodes,
+        cameras=args.cameras.split(",") if args.cameras else (),
+        image_size=args.image_size,
+        seed_start=args.seed_start,
+        keep_failures=args.keep_failures,
+        overwrite=args.overwrite,
+    )
+    for task in report.kept:
+        print(
+            f"{task}: kept {report.kept[task]} of {report.attempts[task]} episodes "
+            f"(expert success {report.success_rate(task):.0%})"
+        )
+    print(describe(ReplayBuffer.open(args.out), with_stats=False))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
@@ -86,6 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a small smoke run (about 2 minutes)")
     demo.set_defaults(func=_cmd_demo)
+
+    collect = commands.add_parser(
+        "collect",
+        help="scripted demonstrations from a simulator into a zarr store",
+        description=(
+            "Run a simulator's scripted experts and write their episodes to a zarr replay "
+            "buffer. Only successful episodes are kept unless --keep-failures; each "
+            "episode's seed is recorded in the store."
+        ),
+    )
+    collect.add_argument(
+        "--env",
+        required=True,
+        help="metaworld:<task>[,<task>...], metaworld:MT10 or metaworld:MT50",
+    )
+    collect.add_argument("--episodes", type=int, default=50, help="episodes per task (%(default)s)")
+    collect.add_argument("--out", required=True, help="the zarr store to write")
+    collect.add_argument(
+        "--cameras",
+        default="corner",
+        help="comma-separated camera names, '' for none (%(default)s)",
+    )
+    collect.add_argument(
+        "--image-size", type=int, default=64, help="image side in px (%(default)s)"
+    )
+    collect.add_argument(
+        "--seed-start", type=int, default=0, help="first episode seed (%(default)s)"
+    )
+    collect.add_argument("--keep-failures", action="store_true", help="keep failed episodes too")
+    collect.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    collect.set_defaults(func=_cmd_collect)
 
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(
@@ -159,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DatasetError as exc:
+    except (DatasetError, ValueError) as exc:
         print(f"ditvla: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

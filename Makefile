@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each builds the virtual environment .venv on first use (Python 3.12, which lerobot
+# 0.6.1 needs), installing the project with its dev tools.
+
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -n 1)
+VENV := .venv
+STAMP := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+
+.PHONY: demo test lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_system_deps.sh
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (e.g. 'pyenv install 3.12') or pass PYTHON312=/path/to/python3.12"; exit 1; }
+	bash scripts/install_system_deps.sh
+	$(PYTHON312) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ditvla demo $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check ditvla tests bench
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ditvla tests bench
+	$(VENV)/bin/ruff format --check ditvla tests bench
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/dataloader.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,146 @@
+"""Training batches per second: our zarr loader against LeRobotDataset, same episodes.
+
+Both loaders serve the same samples: two 128x128 cameras and the state at 2 observation
+steps (t-1, t), and a 16-step action chunk, in batches of 64, shuffled, through a torch
+DataLoader with the same number of workers. The episodes are written once to our zarr
+store, then converted with our LeRobot converter to a LeRobot v3 dataset with lerobot's
+default storage (AV1 video); LeRobotDataset decodes with its default backend
+(torchcodec when FFmpeg's libraries are present) and returns uint8 frames, as
+lerobot's own training script asks it to.
+
+    python bench/dataloader.py [--workers 2] [--batches 30]
+
+Last line: ``dataloader speedup vs lerobot: <X>x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+CAMERAS = ("agentview", "wrist")
+
+
+def smooth_frames(length: int, seed: int, size: int) -> np.ndarray:
+    """Moving gradients with a drifting blob: camera-like content video codecs expect."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    t = np.arange(length, dtype=np.float32)[:, None, None]
+    phase = rng.uniform(0, 6.28, 3)
+    cx = size / 2 + size / 4 * np.sin(t / 15 + phase[0])
+    blob = 90 * np.exp(-((xx - cx) ** 2 + (yy - size / 2) ** 2) / (2 * (size / 10) ** 2))
+    channels = [
+        100 + 50 * np.sin((xx + 2 * t) / 11 + phase[c]) + 30 * np.cos(yy / 9 + c) + blob
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+
+
+def write_episodes(path: Path, episodes: int, length: int, size: int) -> None:
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.create(path, fps=10, cameras=CAMERAS, overwrite=True)
+    rng = np.random.default_rng(0)
+    for e in range(episodes):
+        buffer.append_episode(
+            {
+                "agentview": smooth_frames(length, 2 * e, size),
+                "wrist": smooth_frames(length, 2 * e + 1, size),
+                "state": rng.normal(size=(length, 9)),
+                "action": rng.normal(size=(length, 7)),
+            },
+            task=f"task {e % 5}",
+            instruction=f"do task {e % 5}",
+        )
+
+
+def samples_per_second(loader: DataLoader, batches: int, warmup: int = 3) -> float:
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    count = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+        count += len(batch["action"])
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--length", type=int, default=120, help="frames per episode")
+    parser.add_argument("--size", type=int, default=128, help="camera side in pixels")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per loader")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workdir", help="where to write the datasets (default: a temp dir)")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ditvla_bench_"))
+    os.environ.setdefault("HF_HOME", str(workdir / "hf_home"))
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from ditvla.datasets.convert_lerobot import zarr_to_lerobot
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    store, lerobot_root = workdir / "bench.zarr", workdir / "bench_lerobot"
+    shutil.rmtree(lerobot_root, ignore_errors=True)
+    t0 = time.perf_counter()
+    write_episodes(store, args.episodes, args.length, args.size)
+    t1 = time.perf_counter()
+    zarr_to_lerobot(store, lerobot_root, progress=False)
+    t2 = time.perf_counter()
+    print(
+        f"{args.episodes} episodes x {args.length} frames, 2 cameras {args.size}x{args.size}: "
+        f"zarr written in {t1 - t0:.1f} s, lerobot (video) in {t2 - t1:.1f} s"
+    )
+    fps = 10
+    ours = ReplayBufferDataset(store, n_obs_steps=2, horizon=16)
+    theirs = LeRobotDataset(
+        "local/bench_lerobot",
+        root=lerobot_root,
+        return_uint8=True,
+        delta_timestamps={
+            **{f"observation.images.{cam}": [-1 / fps, 0.0] for cam in CAMERAS},
+            "observation.state": [-1 / fps, 0.0],
+            "action": [i / fps for i in range(16)],
+        },
+    )
+
+    def loader(dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    ours_rate = samples_per_second(loader(ours), args.batches)
+    print(
+        f"ditvla zarr loader : {ours_rate:8.1f} samples/s ({ours_rate / args.batch_size:.2f} batches/s)"
+    )
+    theirs_rate = samples_per_second(loader(theirs), args.batches)
+    print(
+        f"lerobot dataset    : {theirs_rate:8.1f} samples/s ({theirs_rate / args.batch_size:.2f} batches/s)"
+    )
+    print(
+        f"workers {args.workers}, batch {args.batch_size}, {args.batches} timed batches each, torch threads {torch.get_num_threads()}"
+    )
+    print(f"dataloader speedup vs lerobot: {ours_rate / theirs_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Meta-World v3 tasks behind the ditvla observation schema.
+
+Observation: ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (39,),
+"instruction": str}``; action: float32 (4,) in [-1, 1] (end-effector xyz delta and
+gripper). The 39-D state is Meta-World's own: hand position and gripper opening, object
+poses, the previous frame's copy of those 18 values, and the goal position (shown, as in
+the MT benchmarks).
+
+Each episode is fixed by an integer seed: the seed draws the goal and object positions
+(Meta-World's own sampling, through the env's seeded generator), so two runs with one
+seed see the same episode, and seeds from disjoint ranges give disjoint episodes
+(demonstrations on 0..N-1, evaluation from 100000 up).
+
+Rendering uses the fast settings measured on this machine (no shadows, no multisampling,
+no reflections or skybox): about 10x faster frames. The corner cameras are mounted
+upside down in Meta-World's model; their frames are turned upright here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+# Plain-language instructions for the tasks users meet first; the rest are derived from
+# the task name ("peg-unplug-side-v3" -> "peg unplug side").
+INSTRUCTIONS = {
+    "reach-v3": "reach the red goal position",
+    "push-v3": "push the puck to the goal",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "door-open-v3": "open the door",
+    "drawer-open-v3": "open the drawer",
+    "drawer-close-v3": "close the drawer",
+    "button-press-topdown-v3": "press the button from the top",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+}
+MT10 = tuple(INSTRUCTIONS)
+UPSIDE_DOWN_CAMERAS = ("corner", "corner2", "corner3", "corner4")
+STATE_DIM = 39
+ACTION_DIM = 4
+
+
+def all_tasks() -> list[str]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return sorted(ALL_V3_ENVIRONMENTS)
+
+
+def instruction_for(task: str) -> str:
+    return INSTRUCTIONS.get(task, task.removesuffix("-v3").replace("-", " "))
+
+
+def task_set(name: str) -> list[str]:
+    """Task names of a set ("MT10", "MT50") or of one task / a comma-separated list."""
+    if name == "MT10":
+        return list(MT10)
+    if name == "MT50":
+        return all_tasks()
+    tasks = [t.strip() for t in name.split(",") if t.strip()]
+    known = set(all_tasks())
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ValueError(
+            f"unknown metaworld task {', '.join(unknown) or repr(name)}; valid: MT10, MT50, "
+            + ", ".join(sorted(known))
+        )
+    return tasks
+
+
+class MetaWorldEnv(gym.Env):
+    """One Meta-World v3 task with camera images, its state and an instruction.
+
+    Args:
+        task: e.g. "door-open-v3".
+        cameras: Meta-World camera names to render (e.g. "corner", "corner2", "topview",
+            "gripperPOV"); empty for state-only episodes (no rendering cost).
+        image_size: square image side in pixels.
+        max_episode_steps: truncation limit (Meta-World's own 500 by default).
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        cameras: Sequence[str] = ("corner",),
+        image_size: int = 64,
+        max_episode_steps: int | None = None,
+    ):
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
+
+        task_set(task)  # validates the name
+        self.task = task
+        self.instruction = instruction_for(task)
+        self.cameras = tuple(cameras)
+        self.image_size = image_size
+        env = ALL_V3_ENVIRONMENTS[task](
+            render_mode="rgb_array" if self.cameras else None,
+            camera_name=self.cameras[0] if self.cameras else None,
+            width=image_size,
+            height=image_size,
+        )
+        # What metaworld.MT1 does to set up a task, with the goal left visible in the state.
+        kwargs = dict(ML1_ARGS_KWARGS[task]["kwargs"])
+        kwargs.pop("task_id", None)
+        env._set_task_called = True
+        env._partially_observable = False
+        if "sawyer_observation_space" in env.__dict__:  # cached with the goal hidden
+            del env.sawyer_observation_space
+        env._set_task_inner(**kwargs)
+        env.model.vis.quality.shadowsize = 0
+        env.model.vis.quality.offsamples = 0
+        self._env = env
+        self._scene_flags_set = False
+        self.max_episode_steps = max_episode_steps or env.max_path_length
+        self._steps = 0
+        image_space = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.observation_space = spaces.Dict(
+            {
+                "images": spaces.Dict({cam: image_space for cam in self.cameras}),
+                "state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
+                "instruction": spaces.Text(max_length=256),
+            }
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        self._raw_obs: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ rendering
+    def _fast_scene(self) -> None:
+        viewer = self._env.mujoco_renderer._get_viewer("rgb_array")
+        for flag in (
+            mujoco.mjtRndFlag.mjRND_SHADOW,
+            mujoco.mjtRndFlag.mjRND_REFLECTION,
+            mujoco.mjtRndFlag.mjRND_SKYBOX,
+        ):
+            viewer.scn.flags[flag] = 0
+        self._scene_flags_set = True
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """One upright uint8 (H, W, 3) frame of ``camera``."""
+        renderer = self._env.mujoco_renderer
+        renderer.camera_id = mujoco.mj_name2id(self._env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+        if not self._scene_flags_set:
+            self._fast_scene()
+        frame = renderer.render("rgb_array")
+        if camera in UPSIDE_DOWN_CAMERAS:
+            frame = frame[::-1, ::-1]
+        return np.ascontiguousarray(frame)
+
+    def render(self) -> np.ndarray | None:
+        return self.render_camera(self.cameras[0]) if self.cameras else None
+
+    def _observation(self, raw: np.ndarray, with_images: bool = True) -> dict[str, Any]:
+        images = {cam: self.render_camera(cam) for cam in self.cameras} if with_images else {}
+        return {
+            "images": images,
+            "state": raw.astype(np.float32),
+            "instruction": self.instruction,
+        }
+
+    # ------------------------------------------------------------------ gym API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start the episode that ``seed`` fixes (a random one without a seed)."""
+        super().reset(seed=seed)
+        env = self._env
+        env.seed(int(seed) if seed is not None else int(self.np_random.integers(2**31)))
+        env._freeze_rand_vec = False
+        env.seeded_rand_vec = True
+        raw, _ = env.reset()
+        self._raw_obs = raw
+        self._steps = 0
+        with_images = not (options or {}).get("skip_images", False)
+        return self._observation(raw, with_images), {"success": False}
+
+    def step(
+        self, action: np.ndarray, *, render: bool = True
+    ) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """One control step. ``render=False`` skips the cameras (their entry is empty)."""
+        action = np.asarray(action, dtype=np.float32)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action holds NaN or infinite values")
+        raw, reward, _, _, info = self._env.step(np.clip(action, -1.0, 1.0))
+        self._raw_obs = raw
+        self._steps += 1
+        success = bool(info.get("success", 0.0))
+        truncated = self._steps >= self.max_episode_steps
+        return (
+            self._observation(raw, render),
+            float(reward),
+            success,
+            truncated and not success,
+            {"success": success},
+        )
+
+    def expert_action(self) -> np.ndarray:
+        """Meta-World's scripted expert's action for the current state."""
+        if not hasattr(self, "_expert"):
+            from metaworld.policies import ENV_POLICY_MAP
+
+            self._expert = ENV_POLICY_MAP[self.task]()
+        return np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
+
+    def close(self) -> None:
+        self._env.close()

@@ -1,0 +1,69 @@
+"""The ditvla command as a user runs it: help, dataset info, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ditvla.cli import build_parser, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ditvla.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MUJOCO_GL": "egl"},
+    )
+
+
+def test_help_lists_the_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("demo", "collect", "dataset", "convert"):
+        assert command in out.stdout
+    help_text = build_parser().parse_args(["convert", "libero", "x", "--out", "y"])
+    assert help_text.func.__name__ == "_cmd_convert_libero"
+
+
+def test_dataset_info_prints_episodes_keys_tasks_and_stats(small_store, capsys):
+    assert main(["dataset", "info", str(small_store), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "3 episodes" in out
+    assert "16 frames" in out
+    assert "data/front" in out and "(16, 16, 3)" in out and "uint8" in out
+    assert "task0: 'do thing 0'" in out
+    assert "q99" in out
+    assert "check: 0 problems" in out
+
+
+def test_dataset_info_check_fails_on_damage(small_store, capsys):
+    (small_store / "data" / "wrist" / "c" / "2" / "0" / "0" / "0").unlink()
+    assert main(["dataset", "info", str(small_store), "--check", "--no-stats"]) == 1
+    assert "chunk file" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    out = run_cli("dataset", "info", str(tmp_path / "nothing.zarr"))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "nothing.zarr: no such file or directory" in out.stderr
+    out = run_cli("collect", "--env", "metaworld:not-a-task", "--out", str(tmp_path / "x.zarr"))
+    assert out.returncode == 2
+    assert "unknown metaworld task not-a-task; valid: MT10, MT50" in out.stderr
+    assert "reach-v3" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_a_report(tmp_path):
+    out = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["episodes"] == 10
+    assert all(rate > 0 for rate in report["expert_success"].values())
+    assert "ditvla collect --env metaworld:" in out.stdout
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("# ditvla demo report")
