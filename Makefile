@@ -2,7 +2,10 @@
 # Each builds the virtual environment .venv on first use (Python 3.12, which lerobot
 # 0.6.1 needs), installing the project with its dev tools.
 
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | tail -n 1)
+# The first Python 3.12 that runs: pyenv's installs, then the PATH (a pyenv shim for a
+# version that is installed but not selected fails, so each candidate is tried).
+PYTHON312 ?= $(shell for p in $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$(command -v python3.12); do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV := .venv
 STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
