@@ -1,0 +1,261 @@
+"""The DiT action head: denoises an action chunk (B, H, A) conditioned on VLM context.
+
+Two ways to condition, chosen in :class:`ActionHeadConfig`:
+
+- ``cross_attention`` (GR00T N1 / SmolVLA): action tokens self-attend, then attend to the
+  context tokens; the timestep and the proprioceptive state modulate every block through
+  adaLN-Zero (DiT's shift/scale/gate, zero-initialised so a fresh block is the identity).
+- ``in_context`` (Dita): one sequence ``[context..., state, time, actions...]`` through
+  plain transformer blocks. The context is a prefix that attends only to itself, so its
+  keys and values in every layer do not depend on the noisy actions.
+
+Either way the context's keys and values are computed once per chunk by
+:meth:`DiTActionHead.prepare_context` and reused by every denoising step
+(openpi's prefix cache; :class:`ContextCache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Conditioning = Literal["cross_attention", "in_context"]
+
+
+@dataclass
+class ActionHeadConfig:
+    """Size and kind of the action head. ``context_dim``, ``state_dim``, ``action_dim``
+    and ``horizon`` are filled in from the backbone and the dataset."""
+
+    conditioning: Conditioning = "cross_attention"
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    context_dim: int = 0
+    state_dim: int = 0
+    action_dim: int = 0
+    horizon: int = 16
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in ("cross_attention", "in_context"):
+            raise ValueError(
+                f"conditioning must be 'cross_attention' or 'in_context', got {self.conditioning!r}"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+HEAD_PRESETS: dict[str, dict] = {
+    "tiny": dict(width=128, depth=2, num_heads=4),
+    "small": dict(width=256, depth=4, num_heads=4),
+    "base": dict(width=384, depth=8, num_heads=6),
+    "large": dict(width=768, depth=12, num_heads=12),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] (scaled to 0..1000) through a 2-layer MLP."""
+
+    def __init__(self, width: int, frequencies: int = 256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose keys/values can come partly from a cache."""
+
+    def __init__(self, width: int, num_heads: int, kv_dim: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(kv_dim or width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D_kv) -> keys, values as (B, heads, L, D / heads)."""
+        b, n, _ = x.shape
+        k, v = self.kv(x).view(b, n, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cached_mask: torch.Tensor | None = None,
+        self_attend: bool = True,
+    ) -> torch.Tensor:
+        """Queries from ``x`` (B, N, D); keys/values from the cache, and from ``x`` too when
+        ``self_attend``. ``cached_mask`` (B, L) marks the valid cached positions."""
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        keys, values, masks = [], [], []
+        if cached is not None:
+            keys.append(cached[0])
+            values.append(cached[1])
+            masks.append(cached_mask)
+        if self_attend:
+            k, v = self.keys_values(x)
+            keys.append(k)
+            values.append(v)
+            masks.append(torch.ones(b, n, dtype=torch.bool, device=x.device))
+        k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        mask = torch.cat(masks, dim=1)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+def _mlp(width: int, ratio: float) -> nn.Sequential:
+    hidden = int(width * ratio)
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+    )
+
+
+class CrossAttentionBlock(nn.Module):
+    """adaLN-Zero self-attention, cross-attention to the context, adaLN-Zero MLP."""
+
+    def __init__(self, config: ActionHeadConfig):
+        super().__init__()
+        w = config.width
+        self.norm1 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(w, config.num_heads)
+        self.norm2 = nn.LayerNorm(w, eps=1e-6)
+        self.cross_attn = Attention(w, config.num_heads, kv_dim=w)
+        self.norm3 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.mlp = _mlp(w, config.mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))
+
+    def context_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_attn.keys_values(context)
+
+    def forward(self, x, cond, kv, kv_mask):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attn(self.norm2(x), cached=kv, cached_mask=kv_mask, self_attend=False)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+
+class InContextBlock(nn.Module):
+    """A pre-norm transformer block over [context prefix | suffix tokens]."""
+
+    def __init__(self, config: ActionHeadConfig):
+        super().__init__()
+        w = config.width
+        self.norm1 = nn.LayerNorm(w, eps=1e-6)
+        self.attn = Attention(w, config.num_heads)
+        self.norm2 = nn.LayerNorm(w, eps=1e-6)
+        self.mlp = _mlp(w, config.mlp_ratio)
+
+    def prefix_step(self, prefix, prefix_mask):
+        """Run the context prefix through the block (it attends only to itself); return the
+        next layer's prefix and this layer's keys/values of the prefix."""
+        h = self.norm1(prefix)
+        kv = self.attn.keys_values(h)
+        prefix = prefix + self.attn(h, cached=kv, cached_mask=prefix_mask, self_attend=False)
+        return prefix + self.mlp(self.norm2(prefix)), kv
+
+    def forward(self, x, kv, kv_mask):
+        x = x + self.attn(self.norm1(x), cached=kv, cached_mask=kv_mask, self_attend=True)
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class ContextCache:
+    """Per-layer keys/values of the context, computed once per chunk."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor  # (B, L) bool, True where the context token is real
+
+
+class DiTActionHead(nn.Module):
+    """Predicts the denoising target (velocity or noise) of an action chunk."""
+
+    def __init__(self, config: ActionHeadConfig):
+        super().__init__()
+        if min(config.context_dim, config.action_dim) <= 0:
+            raise ValueError("context_dim and action_dim must be set before building the head")
+        self.config = config
+        w = config.width
+        self.context_proj = nn.Linear(config.context_dim, w)
+        self.action_in = nn.Linear(config.action_dim, w)
+        self.position = nn.Parameter(torch.zeros(1, config.horizon, w))
+        self.time_embed = TimestepEmbedder(w)
+        self.state_proj = nn.Linear(config.state_dim, w) if config.state_dim else None
+        block = CrossAttentionBlock if config.conditioning == "cross_attention" else InContextBlock
+        self.blocks = nn.ModuleList([block(config) for _ in range(config.depth)])
+        self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        self.action_out = nn.Linear(w, config.action_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.position, std=0.02)
+        for block in self.blocks:
+            if isinstance(block, CrossAttentionBlock):
+                nn.init.zeros_(block.ada[-1].weight)
+                nn.init.zeros_(block.ada[-1].bias)
+        nn.init.zeros_(self.final_ada[-1].weight)
+        nn.init.zeros_(self.final_ada[-1].bias)
+        nn.init.zeros_(self.action_out.weight)
+        nn.init.zeros_(self.action_out.bias)
+
+    def prepare_context(self, context: torch.Tensor, mask: torch.Tensor) -> ContextCache:
+        """Context tokens (B, L, context_dim) and their mask (B, L) -> the per-layer cache."""
+        h = self.context_proj(context)
+        if self.config.conditioning == "cross_attention":
+            kvs = [block.context_keys_values(h) for block in self.blocks]
+        else:
+            kvs = []
+            for block in self.blocks:
+                h, kv = block.prefix_step(h, mask)
+                kvs.append(kv)
+        return ContextCache(keys_values=kvs, mask=mask)
+
+    def forward(
+        self,
+        noisy_actions: torch.Tensor,
+        time: torch.Tensor,
+        cache: ContextCache,
+        state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """noisy_actions (B, H, A), time (B,) in [0, 1], state (B, D) -> (B, H, A)."""
+        x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+        cond = self.time_embed(time)
+        state_token = self.state_proj(state) if self.state_proj is not None else None
+        if self.config.conditioning == "cross_attention":
+            if state_token is not None:
+                cond = cond + state_token
+            for block, kv in zip(self.blocks, cache.keys_values, strict=True):
+                x = block(x, cond, kv, cache.mask)
+        else:
+            extra = [cond[:, None]] + ([state_token[:, None]] if state_token is not None else [])
+            n_extra = len(extra)
+            x = torch.cat([*extra, x], dim=1)
+            for block, kv in zip(self.blocks, cache.keys_values, strict=True):
+                x = block(x, kv, cache.mask)
+            x = x[:, n_extra:]
+        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        return self.action_out(modulate(self.final_norm(x), shift, scale))

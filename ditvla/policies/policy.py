@@ -1,0 +1,395 @@
+"""The composed policy: VLM backbone (System 2) + DiT action head (System 1).
+
+The two halves run at different rates in deployment::
+
+    context = policy.encode(observation)      # slow: VLM over cameras + instruction
+    chunk = policy.act(context, state)        # fast: DiT denoises (B, H, A) actions
+
+and the LeRobot-shaped API sits on top: ``reset``, ``select_action`` (served from a queue
+of chunks), ``predict_action_chunk``, ``forward(batch) -> (loss, metrics)``,
+``save_pretrained`` / ``from_pretrained`` (config JSON + safetensors with the
+normalization statistics: one folder is a complete policy).
+
+Observations are ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
+"instruction": str}``, or batched with a leading B on arrays and a list of instructions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditvla.datasets.normalization import Normalizer, NormMode, Stats
+from ditvla.datasets.torch_dataset import ReplayBufferDataset
+from ditvla.policies.backbone import BackboneConfig, VLMBackbone
+from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
+from ditvla.policies.noise_schedules import make_schedule
+
+POLICY_FORMAT = "ditvla.policy"
+POLICY_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VLM_FOLDER = "vlm"
+
+
+class PolicyInputError(ValueError):
+    """An observation or batch that does not match what the policy was built for."""
+
+
+class CheckpointError(RuntimeError):
+    """A policy folder that is incomplete, damaged or from another ditvla version."""
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a policy (saved as config.json).
+
+    ``cameras``, ``image_size``, ``state_dim``, ``action_dim`` describe the inputs and are
+    filled in from the dataset by :func:`PolicyConfig.for_dataset`.
+    """
+
+    cameras: list[str] = field(default_factory=list)
+    image_size: int = 64
+    state_dim: int = 0
+    action_dim: int = 0
+    horizon: int = 16
+    n_action_steps: int = 8
+    objective: str = "flow_matching"
+    num_inference_steps: int = 10
+    num_train_timesteps: int = 100
+    state_norm: NormMode = "mean_std"
+    action_norm: NormMode = "mean_std"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig(**self.backbone)
+        if isinstance(self.head, dict):
+            self.head = ActionHeadConfig(**self.head)
+        make_schedule(self.objective)  # validates the name
+        if not 1 <= self.n_action_steps <= self.horizon:
+            raise ValueError(
+                f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"
+            )
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
+        """``tiny`` (tiny Idefics3 VLM + tiny head: the CPU default), ``tiny-paligemma``,
+        or a head size (``small``, ``base``, ``large``) over the tiny VLM."""
+        family = "paligemma" if name == "tiny-paligemma" else "idefics3"
+        head_size = "tiny" if name in ("tiny", "tiny-paligemma") else name
+        if head_size not in HEAD_PRESETS:
+            raise ValueError(
+                f"unknown policy preset {name!r}; choose tiny, tiny-paligemma, "
+                + ", ".join(k for k in HEAD_PRESETS if k != "tiny")
+            )
+        backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
+        head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
+        return cls(backbone=backbone, head=head, **overrides)
+
+    @classmethod
+    def for_dataset(
+        cls, dataset: ReplayBufferDataset, preset: str = "tiny", **overrides: Any
+    ) -> PolicyConfig:
+        """A preset sized to a dataset: its cameras, image size, state/action dims, horizon."""
+        sizes = {shape[:2] for shape in dataset.image_shapes.values()}
+        if len(sizes) > 1 or any(h != w for h, w in sizes):
+            raise ValueError(f"cameras must share one square image size, got {sorted(sizes)}")
+        image_size = next(iter(sizes))[0] if sizes else 0
+        return cls.preset(
+            preset,
+            cameras=list(dataset.cameras),
+            image_size=image_size,
+            state_dim=dataset.state_dim,
+            action_dim=dataset.action_dim,
+            horizon=dataset.sampler.horizon,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_batch(images: dict[str, Any], cameras: list[str], size: int | None) -> torch.Tensor:
+    """{camera: uint8 (B, H, W, 3)} -> float (B, cameras, 3, H, W) in [0, 1], validated."""
+    frames = []
+    for cam in cameras:
+        if cam not in images:
+            raise PolicyInputError(
+                f"observation is missing camera {cam!r} (expected cameras: {', '.join(cameras)})"
+            )
+        x = torch.as_tensor(
+            np.asarray(images[cam]) if not torch.is_tensor(images[cam]) else images[cam]
+        )
+        if x.ndim != 4 or x.shape[-1] != 3 or (size and tuple(x.shape[1:3]) != (size, size)):
+            expected = f"(B, {size}, {size}, 3)" if size else "(B, H, W, 3)"
+            raise PolicyInputError(
+                f"images[{cam!r}] has shape {tuple(x.shape)}, expected {expected} uint8"
+            )
+        if x.dtype != torch.uint8:
+            raise PolicyInputError(f"images[{cam!r}] has dtype {x.dtype}, expected uint8")
+        frames.append(x.permute(0, 3, 1, 2))
+    return torch.stack(frames, dim=1).float() / 255.0
+
+
+def _float_batch(value: Any, name: str, dim: int) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value).float()
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise PolicyInputError(f"{name} has shape {tuple(x.shape)}, expected (B, {dim})")
+    if not torch.isfinite(x).all():
+        raise PolicyInputError(f"{name} holds NaN or infinite values")
+    return x
+
+
+@dataclass
+class Context:
+    """What ``encode`` returns: VLM tokens and mask, and the head's per-layer cache."""
+
+    tokens: torch.Tensor  # (B, L, width)
+    mask: torch.Tensor  # (B, L)
+    cache: ContextCache
+
+
+class DiTVLAPolicy(nn.Module):
+    """VLM backbone + DiT action head, with normalization inside."""
+
+    def __init__(
+        self, config: PolicyConfig, stats: Stats | None = None, *, vlm_config=None, tokenizer=None
+    ):
+        super().__init__()
+        if config.action_dim <= 0:
+            raise ValueError("config.action_dim must be set (PolicyConfig.for_dataset does it)")
+        self.config = config
+        self.backbone = VLMBackbone(config.backbone, vlm_config=vlm_config, tokenizer=tokenizer)
+        head = config.head
+        head.context_dim, head.state_dim = self.backbone.width, config.state_dim
+        head.action_dim, head.horizon = config.action_dim, config.horizon
+        self.head = DiTActionHead(head)
+        self.schedule = make_schedule(config.objective, config.num_train_timesteps)
+        stats = stats or _identity_stats(config)
+        modes = {"action": config.action_norm}
+        if config.state_dim:
+            modes["state"] = config.state_norm
+        self.normalizer = Normalizer(stats, modes)
+        self._queue: deque[torch.Tensor] = deque()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ two halves
+    def _as_batch(self, observation: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        for key in ("images", "instruction") + (("state",) if self.config.state_dim else ()):
+            if key not in observation:
+                raise PolicyInputError(f"observation is missing {key!r}")
+        single = isinstance(observation["instruction"], str)
+        if not single:
+            return observation, False
+        images = {cam: np.asarray(v)[None] for cam, v in observation["images"].items()}
+        batched = {"images": images, "instruction": [observation["instruction"]]}
+        if "state" in observation:
+            batched["state"] = np.asarray(observation["state"])[None]
+        return batched, True
+
+    @torch.no_grad()
+    def encode(self, observation: dict[str, Any]) -> Context:
+        """The slow half: cameras + instruction through the VLM -> context (and its cache)."""
+        self.eval()
+        batch, _ = self._as_batch(observation)
+        return self._encode(batch)
+
+    def _encode(self, batch: dict[str, Any]) -> Context:
+        images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
+        ids, text_mask = self.backbone.tokenize(batch["instruction"], self.device)
+        tokens, mask = self.backbone(images.to(self.device), ids, text_mask)
+        return Context(tokens, mask, self.head.prepare_context(tokens, mask))
+
+    @torch.no_grad()
+    def act(
+        self,
+        context: Context,
+        state: Any = None,
+        *,
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """The fast half: denoise an action chunk (B, H, A), in the robot's units."""
+        self.eval()
+        b = context.tokens.shape[0]
+        norm_state = None
+        if self.config.state_dim:
+            if state is None:
+                raise PolicyInputError(f"state is required, shape (B, {self.config.state_dim})")
+            raw = state if torch.is_tensor(state) else torch.as_tensor(np.asarray(state))
+            if raw.ndim == 1:
+                raw = raw[None]
+            norm_state = self.normalizer.normalize(
+                "state", _float_batch(raw, "state", self.config.state_dim).to(self.device)
+            )
+        shape = (b, self.config.horizon, self.config.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, device=self.device)
+        elif tuple(noise.shape) != shape:
+            raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        chunk = self.schedule.sample(
+            lambda x, t: self.head(x, t, context.cache, norm_state),
+            noise.to(self.device),
+            num_steps or self.config.num_inference_steps,
+        )
+        return self.normalizer.unnormalize("action", chunk)
+
+    # ------------------------------------------------------------------ LeRobot API
+    def reset(self) -> None:
+        """Forget queued actions (call at the start of an episode)."""
+        self._queue.clear()
+
+    def predict_action_chunk(self, observation: dict[str, Any], **kwargs: Any) -> torch.Tensor:
+        """encode + act: (B, H, A), or (H, A) for a single observation."""
+        batch, single = self._as_batch(observation)
+        context = self.encode(batch)
+        chunk = self.act(context, batch.get("state"), **kwargs)
+        return chunk[0] if single else chunk
+
+    def select_action(self, observation: dict[str, Any]) -> torch.Tensor:
+        """The next action (A,) for one observation; a new chunk every n_action_steps."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(observation)
+            self._queue.extend(chunk[: self.config.n_action_steps])
+        return self._queue.popleft()
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss of a dataset batch (ReplayBufferDataset samples, collated).
+
+        Uses the last observation step; padded action steps are left out of the loss.
+        """
+        images = {cam: v[:, -1] for cam, v in batch["images"].items()}
+        obs = {"images": images, "instruction": batch["instruction"]}
+        context = self._encode(obs)
+        actions = batch["action"].to(self.device).float()
+        if actions.shape[1:] != (self.config.horizon, self.config.action_dim):
+            raise PolicyInputError(
+                f"batch action has shape {tuple(actions.shape)}, expected "
+                f"(B, {self.config.horizon}, {self.config.action_dim})"
+            )
+        state = None
+        if self.config.state_dim:
+            state = self.normalizer.normalize(
+                "state", batch["state"][:, -1].to(self.device).float()
+            )
+        target_actions = self.normalizer.normalize("action", actions)
+        noise = torch.randn_like(target_actions)
+        noisy, t, target = self.schedule.training_example(target_actions, noise)
+        prediction = self.head(noisy, t, context.cache, state)
+        error = (prediction - target) ** 2
+        valid = ~batch["action_is_pad"].to(self.device)
+        loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+        return loss, {"action_loss": loss.item()}
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write config.json, model.safetensors and the VLM's config/tokenizer to ``folder``.
+
+        Written into a temporary sibling folder and renamed into place, so a crash never
+        leaves a half-written policy under the final name.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        meta = {
+            "format": POLICY_FORMAT,
+            "format_version": POLICY_FORMAT_VERSION,
+            "policy": self.config.to_dict(),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
+        self.backbone.vlm_config.save_pretrained(tmp / VLM_FOLDER)
+        self.backbone.tokenizer.save_pretrained(tmp / VLM_FOLDER)
+        if folder.exists():
+            import shutil
+
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, map_location: str | torch.device = "cpu"
+    ) -> DiTVLAPolicy:
+        """Load a folder written by :meth:`save_pretrained` (no network access)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = Path(folder)
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        missing = [
+            p.name for p in (config_path, weights_path, folder / VLM_FOLDER) if not p.exists()
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: incomplete policy folder, missing {', '.join(missing)}"
+            )
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        if meta.get("format") != POLICY_FORMAT:
+            raise CheckpointError(f"{folder}: not a ditvla policy (format {meta.get('format')!r})")
+        version = meta.get("format_version", 0)
+        if version != POLICY_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{folder}: saved by a ditvla with policy format {version}, this version reads "
+                f"format {POLICY_FORMAT_VERSION}"
+                + ("; upgrade ditvla" if version > POLICY_FORMAT_VERSION else "")
+            )
+        config = PolicyConfig(**meta["policy"])
+        config.backbone.pretrained_path = None  # the architecture comes from vlm/
+        vlm_config = AutoConfig.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
+        policy = cls(config, vlm_config=vlm_config, tokenizer=tokenizer)
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{weights_path}: damaged weights file ({exc})") from None
+        result = policy.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{weights_path}: weights do not match the config (missing "
+                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+            )
+        return policy.to(map_location)
+
+
+def _identity_stats(config: PolicyConfig) -> Stats:
+    def stats(dim: int) -> dict[str, list[float]]:
+        return {
+            "mean": [0.0] * dim,
+            "std": [1.0] * dim,
+            "min": [-1.0] * dim,
+            "max": [1.0] * dim,
+            "q01": [-1.0] * dim,
+            "q99": [1.0] * dim,
+        }
+
+    return {"action": stats(config.action_dim), "state": stats(config.state_dim)}
