@@ -90,6 +90,39 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ditvla.train import TrainConfig, train
+
+    policy_overrides = {
+        "objective": getattr(args, "policy.objective"),
+        "num_inference_steps": getattr(args, "policy.inference_steps"),
+        "horizon": getattr(args, "policy.horizon"),
+        "n_action_steps": getattr(args, "policy.n_action_steps"),
+        "head": {"conditioning": getattr(args, "policy.conditioning")},
+    }
+    config = TrainConfig(
+        dataset=args.dataset,
+        out=args.out,
+        preset=getattr(args, "policy.preset"),
+        policy_overrides=policy_overrides,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        augment=args.augment,
+        save_every=args.save_every,
+        device=args.device,
+        resume=args.resume,
+    )
+    final = train(config)
+    print(f"policy: {final}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
@@ -141,6 +174,57 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--keep-failures", action="store_true", help="keep failed episodes too")
     collect.add_argument("--overwrite", action="store_true", help="replace an existing store")
     collect.set_defaults(func=_cmd_collect)
+
+    train = commands.add_parser(
+        "train",
+        help="train a policy on a zarr replay buffer",
+        description=(
+            "Train a VLM + DiT policy. Writes OUT/policy (the final, EMA weights), "
+            "OUT/checkpoints/step_N (every --save-every steps, atomically), "
+            "OUT/metrics.jsonl and OUT/tensorboard. Several GPUs or nodes: launch with "
+            "torchrun --nproc_per_node N -m ditvla.cli train ..."
+        ),
+    )
+    train.add_argument("--dataset", required=True, help="the zarr replay buffer")
+    train.add_argument("--out", default="outputs/train", help="output folder (outputs/train)")
+    train.add_argument(
+        "--policy.preset",
+        default="tiny",
+        help="tiny (tiny Idefics3 VLM, CPU default), tiny-paligemma, small, base, large",
+    )
+    train.add_argument(
+        "--policy.objective", default="flow_matching", choices=("flow_matching", "ddpm")
+    )
+    train.add_argument(
+        "--policy.conditioning",
+        default="cross_attention",
+        choices=("cross_attention", "in_context"),
+    )
+    train.add_argument("--policy.horizon", type=int, default=16, help="action chunk length (16)")
+    train.add_argument(
+        "--policy.n-action-steps",
+        type=int,
+        default=0,
+        help="actions executed per chunk (0: half the horizon)",
+    )
+    train.add_argument(
+        "--policy.inference-steps", type=int, default=10, help="denoising steps at inference (10)"
+    )
+    train.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
+    train.add_argument("--batch-size", type=int, default=64, help="samples per step (64)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
+    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (3e-4)")
+    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup (100)")
+    train.add_argument("--ema-decay", type=float, default=0.999, help="0 turns EMA off (0.999)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (2)")
+    train.add_argument("--augment", action="store_true", help="random shift + color jitter")
+    train.add_argument("--save-every", type=int, default=500, help="checkpoint period (500)")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from OUT's latest checkpoint"
+    )
+    train.set_defaults(func=_cmd_train)
 
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(

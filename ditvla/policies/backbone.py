@@ -135,6 +135,8 @@ class VLMBackbone(nn.Module):
 
         self.config = config
         folder = Path(config.pretrained_path) if config.pretrained_path else None
+        if folder is not None and not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such VLM folder (a saved model + tokenizer)")
         if tokenizer is not None:
             self.tokenizer = tokenizer
         elif folder is not None:
@@ -144,8 +146,6 @@ class VLMBackbone(nn.Module):
         if vlm_config is not None:  # the architecture of a saved policy; weights load later
             vlm = AutoModelForImageTextToText.from_config(vlm_config)
         elif folder is not None:
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such VLM folder")
             vlm = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         else:
             vlm = AutoModelForImageTextToText.from_config(

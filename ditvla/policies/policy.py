@@ -60,7 +60,7 @@ class PolicyConfig:
     state_dim: int = 0
     action_dim: int = 0
     horizon: int = 16
-    n_action_steps: int = 8
+    n_action_steps: int = 0  # 0: half the horizon
     objective: str = "flow_matching"
     num_inference_steps: int = 10
     num_train_timesteps: int = 100
@@ -75,6 +75,8 @@ class PolicyConfig:
         if isinstance(self.head, dict):
             self.head = ActionHeadConfig(**self.head)
         make_schedule(self.objective)  # validates the name
+        if self.n_action_steps == 0:
+            self.n_action_steps = max(1, self.horizon // 2)
         if not 1 <= self.n_action_steps <= self.horizon:
             raise ValueError(
                 f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"

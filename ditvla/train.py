@@ -1,0 +1,358 @@
+"""``ditvla train``: fit a policy to a zarr replay buffer.
+
+AdamW with linear warmup and cosine decay, gradient clipping, gradient accumulation, EMA
+weights, bf16 autocast on CUDA, seeded data order and noise. Progress bar with loss and
+throughput, TensorBoard scalars and ``metrics.jsonl`` in the output folder; checkpoints
+written atomically every ``save_every`` steps and at the end; ``resume=True`` continues
+from the latest checkpoint so that the loss curve matches an uninterrupted run.
+
+Several GPUs or nodes: launch with ``torchrun`` (DistributedDataParallel; NCCL on CUDA,
+gloo on CPU); each process draws its share of every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.training_state import latest_checkpoint, read_checkpoint, write_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    out: str = "outputs/train"
+    preset: str = "tiny"
+    policy_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    num_workers: int = 2
+    augment: bool = False
+    save_every: int = 500
+    log_every: int = 10
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, started at any position."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _mine(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        return order[self.rank :: self.world][self.start :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._mine().tolist())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Batches:
+    """Endless batches. The position is counted in samples consumed (DataLoader workers
+    read ahead of it); each epoch's DataLoader gets a seeded generator, so a run resumed
+    from (epoch, consumed) draws the same batches as an uninterrupted one."""
+
+    def __init__(self, dataset, sampler: EpochSampler, config: TrainConfig, micro_batch: int):
+        self.dataset, self.sampler, self.config, self.micro_batch = (
+            dataset,
+            sampler,
+            config,
+            micro_batch,
+        )
+        self.epoch, self.consumed = 0, 0
+        self._iterator: Iterator | None = None
+
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.epoch, self.consumed)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            num_workers=self.config.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.config.seed * 100003 + self.epoch),
+        )
+
+    def next(self) -> dict[str, Any]:
+        while True:
+            if self._iterator is None:
+                self._iterator = iter(self._loader())
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                if self.consumed == 0:
+                    raise RuntimeError(
+                        f"the dataset has {len(self.dataset)} samples per process, fewer than "
+                        f"one batch of {self.micro_batch}"
+                    ) from None
+                self._iterator, self.epoch, self.consumed = None, self.epoch + 1, 0
+                continue
+            self.consumed += self.micro_batch
+            return batch
+
+
+def train(config: TrainConfig) -> Path:
+    """Run training; returns the folder of the final policy (EMA weights when EMA is on)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = _device(config.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    main_process = rank == 0
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    _seed_everything(config.seed + rank)
+
+    overrides = dict(config.policy_overrides)
+    horizon = overrides.pop("horizon", 16)
+    dataset = ReplayBufferDataset(
+        config.dataset,
+        n_obs_steps=1,
+        horizon=horizon,
+        augmentation=ImageAugmentation() if config.augment else None,
+    )
+    if main_process:
+        stats = dataset.stats()  # computed once and saved with the store
+    if distributed:
+        dist.barrier()
+    if not main_process:
+        stats = dataset.stats()
+    policy_config = PolicyConfig.for_dataset(dataset, config.preset, **overrides)
+    policy = DiTVLAPolicy(policy_config, stats).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(policy) if distributed else policy
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay)
+        )
+        if config.ema_decay > 0
+        else None
+    )
+    if config.batch_size % (config.grad_accum * world):
+        raise ValueError(
+            f"batch_size {config.batch_size} must divide into grad_accum {config.grad_accum} x "
+            f"{world} processes"
+        )
+    micro_batch = config.batch_size // (config.grad_accum * world)
+    sampler = EpochSampler(len(dataset), config.seed, rank, world)
+    start_step = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(checkpoints)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{checkpoints}: no checkpoint to resume from")
+        resumed = DiTVLAPolicy.from_pretrained(checkpoint / "policy", map_location=device)
+        policy.load_state_dict(resumed.state_dict())
+        state, ema_state = read_checkpoint(checkpoint, optimizer)
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
+        start_step = state["step"]
+        resume_position = state["data"]["epoch"], state["data"]["consumed"]
+        _restore_rank_rng(rank, state)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, config.warmup_steps, config.steps),
+        last_epoch=start_step - 1,
+    )
+    batches = _Batches(dataset, sampler, config, micro_batch)
+    if config.resume:
+        batches.epoch, batches.consumed = resume_position
+
+    writer = None
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
+        metrics_path = out / "metrics.jsonl"
+        if config.resume and metrics_path.exists():  # drop lines past the checkpoint
+            lines = [
+                ln
+                for ln in metrics_path.read_text().splitlines()
+                if json.loads(ln)["step"] <= start_step
+            ]
+            metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        metrics_file = metrics_path.open("a")
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
+    )
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (config.progress and main_process),
+    )
+    window_start, window_samples = time.perf_counter(), 0
+    policy.train()
+    for step in range(start_step, config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            batch = batches.next()
+            sync = micro == config.grad_accum - 1 or not distributed
+            context = model.no_sync() if not sync else _NoAutocast()
+            with context, autocast:
+                loss, _ = model(batch)
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.item() / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(policy)
+        window_samples += config.batch_size
+        if distributed:
+            reduced = torch.tensor([loss_sum], device=device)
+            dist.all_reduce(reduced)
+            loss_sum = reduced.item() / world
+        done = step + 1
+        if main_process:
+            record = {
+                "step": done,
+                "loss": loss_sum,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+            }
+            metrics_file.write(json.dumps(record) + "\n")
+            if done % config.log_every == 0 or done == config.steps:
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / max(elapsed, 1e-9)
+                window_start, window_samples = time.perf_counter(), 0
+                for key in ("loss", "lr", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", record[key], done)
+                writer.add_scalar("train/samples_per_s", rate, done)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{rate:.0f}")
+                metrics_file.flush()
+        bar.update()
+        if done % config.save_every == 0 or done == config.steps:
+            if main_process:
+                metrics_file.flush()  # the curve up to a checkpoint survives a crash after it
+            _save(
+                checkpoints / f"step_{done:07d}",
+                policy,
+                ema,
+                optimizer,
+                batches,
+                done,
+                rank,
+                world,
+                distributed,
+                main_process,
+            )
+    bar.close()
+    final = out / "policy"
+    if main_process:
+        metrics_file.close()
+        writer.close()
+        final_policy = ema.module if ema is not None else policy
+        final_policy.save_pretrained(final)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _rank_rng_state() -> list[int]:
+    return torch.get_rng_state().tolist()
+
+
+def _restore_rank_rng(rank: int, state: dict) -> None:
+    """Ranks other than 0 keep their own torch RNG state in the checkpoint's JSON."""
+    per_rank = state.get("rank_rng", {})
+    if rank != 0 and str(rank) in per_rank:
+        torch.set_rng_state(torch.tensor(per_rank[str(rank)], dtype=torch.uint8))
+
+
+def _save(folder, policy, ema, optimizer, batches, step, rank, world, distributed, main_process):
+    rank_rng = [None] * world
+    if distributed:
+        dist.all_gather_object(rank_rng, _rank_rng_state())
+    if main_process:
+        state = {
+            "step": step,
+            "data": {"epoch": batches.epoch, "consumed": batches.consumed},
+            "rank_rng": {str(r): s for r, s in enumerate(rank_rng) if r and s is not None},
+        }
+        write_checkpoint(
+            folder,
+            policy=policy,
+            ema_state=ema.state_dict() if ema is not None else None,
+            optimizer=optimizer,
+            trainer_state=state,
+        )
+    if distributed:
+        dist.barrier()
+
+
+class _NoAutocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

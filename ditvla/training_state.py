@@ -1,0 +1,137 @@
+"""Training checkpoints as safetensors + JSON (no pickle), written atomically.
+
+A checkpoint folder ``checkpoints/step_000500/`` holds:
+
+- ``policy/``: the policy at that step (``save_pretrained``), loadable on its own;
+- ``ema.safetensors``: the EMA weights, when EMA is on;
+- ``optimizer.safetensors`` + ``trainer_state.json``: optimizer tensors, its param groups,
+  the LR schedule, the step, the data sampler's position and every RNG state, so a resumed
+  run continues exactly where the interrupted one stopped.
+
+It is written into ``step_000500.tmp`` and renamed; ``checkpoints/latest`` (a one-line
+file, replaced atomically) names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for name, value in meta["scalars"].items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random generator training draws from: tensors and JSON parts."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"rng.cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda{i}"], i)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state(
+        (kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    version, state, py_gauss = meta["python"]
+    random.setstate((version, tuple(state), py_gauss))
+
+
+def write_checkpoint(
+    folder: Path,
+    *,
+    policy,
+    ema_state: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+) -> None:
+    """Write a complete checkpoint at ``folder`` atomically and point ``latest`` at it."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp / "policy")
+    if ema_state is not None:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in ema_state.items()},
+            str(tmp / "ema.safetensors"),
+        )
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    rng_tensors, rng_meta = rng_states()
+    save_file(
+        {**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors},
+        str(tmp / "optimizer.safetensors"),
+    )
+    meta = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    latest = folder.parent / LATEST
+    latest_tmp = folder.parent / (LATEST + ".tmp")
+    latest_tmp.write_text(folder.name + "\n")
+    os.replace(latest_tmp, latest)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    pointer = checkpoints / LATEST
+    if not pointer.exists():
+        return None
+    folder = checkpoints / pointer.read_text().strip()
+    return folder if (folder / "trainer_state.json").exists() else None
+
+
+def read_checkpoint(
+    folder: Path, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict | None]:
+    """Restore the optimizer and the RNGs; return the trainer state and the EMA weights."""
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
+    _restore_optimizer(optimizer, opt, meta.pop("optimizer"))
+    restore_rng_states(tensors, meta.pop("rng"))
+    ema_path = folder / "ema.safetensors"
+    ema = load_file(str(ema_path)) if ema_path.exists() else None
+    return meta, ema

@@ -1,0 +1,199 @@
+"""The composed policy: encode/act split, objectives, validation, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.torch_dataset import ReplayBufferDataset
+from ditvla.policies.policy import CheckpointError, DiTVLAPolicy, PolicyConfig, PolicyInputError
+
+
+def write_reaching_store(path, episodes: int = 3, length: int = 12, size: int = 32) -> None:
+    """A small real store whose actions depend on the image, the state and the task."""
+    buffer = ReplayBuffer.create(path, fps=10, cameras=["cam"])
+    rng = np.random.default_rng(0)
+    for e in range(episodes):
+        target = rng.uniform(-1, 1, size=2)
+        state = np.cumsum(rng.normal(0, 0.1, size=(length, 3)), axis=0)
+        image = np.zeros((length, size, size, 3), np.uint8)
+        x = int((target[0] + 1) / 2 * (size - 4))
+        image[:, :, x : x + 4] = 255
+        action = np.tile(target, (length, 1)) - state[:, :2]
+        buffer.append_episode(
+            {"cam": image, "state": state, "action": action},
+            task=f"t{e}",
+            instruction=["go left", "go right", "stay"][e % 3],
+        )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "reach.zarr"
+    write_reaching_store(path)
+    return path
+
+
+def make_policy(store, **overrides) -> tuple[DiTVLAPolicy, ReplayBufferDataset]:
+    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=overrides.pop("horizon", 8))
+    config = PolicyConfig.for_dataset(dataset, overrides.pop("preset", "tiny"), **overrides)
+    return DiTVLAPolicy(config, dataset.stats()), dataset
+
+
+def observation(dataset: ReplayBufferDataset, index: int = 0) -> dict:
+    sample = dataset[index]
+    return {
+        "images": {"cam": sample["images"]["cam"][-1].numpy()},
+        "state": sample["state"][-1].numpy(),
+        "instruction": sample["instruction"],
+    }
+
+
+@pytest.mark.parametrize("objective", ["flow_matching", "ddpm"])
+@pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
+def test_each_head_trains_and_acts(store, objective, conditioning):
+    torch.manual_seed(0)
+    policy, dataset = make_policy(
+        store, objective=objective, head={"conditioning": conditioning}, num_inference_steps=4
+    )
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(6)])
+    loss, metrics = policy(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["action_loss"] > 0
+    grads = [p.grad for p in policy.head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    chunk = policy.predict_action_chunk(observation(dataset))
+    assert chunk.shape == (8, 2) and torch.isfinite(chunk).all()
+
+
+def test_context_is_computed_once_per_chunk(store):
+    policy, dataset = make_policy(store, num_inference_steps=10)
+    calls = {"context": 0, "head": 0}
+    policy.head.context_proj.register_forward_hook(
+        lambda *_: calls.__setitem__("context", calls["context"] + 1)
+    )
+    policy.head.action_in.register_forward_hook(
+        lambda *_: calls.__setitem__("head", calls["head"] + 1)
+    )
+    obs = observation(dataset)
+    context = policy.encode(obs)
+    assert calls["context"] == 1
+    policy.act(context, obs["state"])
+    policy.act(context, obs["state"])
+    assert calls == {"context": 1, "head": 20}
+
+
+def test_select_action_serves_a_queue_of_chunks(store):
+    policy, dataset = make_policy(store, n_action_steps=3)
+    obs = observation(dataset)
+    calls = []
+    policy.backbone.register_forward_hook(lambda *_: calls.append(1))
+    actions = [policy.select_action(obs) for _ in range(7)]
+    assert all(a.shape == (2,) for a in actions)
+    assert len(calls) == 3  # chunks at actions 0, 3 and 6
+    policy.reset()
+    policy.select_action(obs)
+    assert len(calls) == 4
+
+
+def test_save_then_load_gives_the_same_chunk(store, tmp_path):
+    policy, dataset = make_policy(store)
+    obs = observation(dataset, 5)
+    noise = torch.randn(1, 8, 2)
+    before = policy.act(policy.encode(obs), obs["state"], noise=noise)
+    policy.save_pretrained(tmp_path / "policy")
+    assert sorted(p.name for p in (tmp_path / "policy").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "vlm",
+    ]
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    after = loaded.act(loaded.encode(obs), obs["state"], noise=noise)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.normalizer.action__center, policy.normalizer.action__center)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o["images"].pop("cam"), "missing camera 'cam'"),
+        (
+            lambda o: o["images"].update(cam=np.zeros((16, 16, 3), np.uint8)),
+            r"images\['cam'\] has shape \(1, 16, 16, 3\), expected \(B, 32, 32, 3\)",
+        ),
+        (lambda o: o["images"].update(cam=np.zeros((32, 32, 3), np.float32)), "expected uint8"),
+        (
+            lambda o: o.update(state=np.zeros(5, np.float32)),
+            r"state has shape \(1, 5\), expected \(B, 3\)",
+        ),
+        (lambda o: o.update(state=np.array([0, np.nan, 0], np.float32)), "state holds NaN"),
+        (lambda o: o.pop("instruction"), "missing 'instruction'"),
+    ],
+)
+def test_bad_observations_name_the_key(store, change, message):
+    policy, dataset = make_policy(store)
+    obs = observation(dataset)
+    change(obs)
+    with pytest.raises(PolicyInputError, match=message):
+        policy.predict_action_chunk(obs)
+
+
+def test_incomplete_or_foreign_checkpoints_are_refused(store, tmp_path):
+    policy, _ = make_policy(store)
+    folder = tmp_path / "p"
+    policy.save_pretrained(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"policy format 99.*upgrade ditvla"):
+        DiTVLAPolicy.from_pretrained(folder)
+    meta["format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(meta))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="damaged weights"):
+        DiTVLAPolicy.from_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
+        DiTVLAPolicy.from_pretrained(folder)
+
+
+def test_paligemma_preset_builds_and_acts(store):
+    policy, dataset = make_policy(store, preset="tiny-paligemma", num_inference_steps=2)
+    assert policy.backbone.family == "paligemma"
+    assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
+
+
+def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from ditvla.policies.backbone import (
+        BackboneConfig,
+        VLMBackbone,
+        byte_level_tokenizer,
+        tiny_vlm_config,
+    )
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = byte_level_tokenizer()
+    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(BackboneConfig(), len(tokenizer)))
+    vlm.save_pretrained(tmp_path / "vlm")
+    tokenizer.save_pretrained(tmp_path / "vlm")
+    (tmp_path / "vlm" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2]})
+    )
+    backbone = VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "vlm"), num_layers=1))
+    assert len(backbone.language.layers) == 1
+    torch.testing.assert_close(
+        backbone.language.get_input_embeddings().weight,
+        vlm.model.text_model.get_input_embeddings().weight,
+    )
+    assert backbone.image_mean.flatten().tolist() == pytest.approx([0.4] * 3)
+    policy, dataset = make_policy(store, backbone={"pretrained_path": str(tmp_path / "vlm")})
+    assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
+    with pytest.raises(FileNotFoundError):
+        VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "nope")))
