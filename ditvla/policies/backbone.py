@@ -94,6 +94,9 @@ def tiny_vlm_config(config: BackboneConfig, vocab_size: int):
         num_key_value_heads=max(1, heads // 2),
         vocab_size=vocab_size,
         max_position_embeddings=1024,
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        bos_token_id=SPECIAL_TOKENS.index("<bos>"),
+        eos_token_id=SPECIAL_TOKENS.index("<eos>"),
     )
     if config.family == "idefics3":
         return Idefics3Config(

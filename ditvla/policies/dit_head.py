@@ -11,7 +11,10 @@ Two ways to condition, chosen in :class:`ActionHeadConfig`:
 
 Either way the context's keys and values are computed once per chunk by
 :meth:`DiTActionHead.prepare_context` and reused by every denoising step
-(openpi's prefix cache; :class:`ContextCache`).
+(openpi's prefix cache; :class:`ContextCache`). What the timestep and the state
+contribute (adaLN modulations, or the time/state tokens) does not depend on the noisy
+actions either: :meth:`DiTActionHead.condition` computes it for every denoising step of a
+chunk in one batched pass, so a step reads only the weights that touch the actions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Conditioning = Literal["cross_attention", "in_context"]
+ConditioningKind = Literal["cross_attention", "in_context"]
 
 
 @dataclass
@@ -32,11 +35,14 @@ class ActionHeadConfig:
     """Size and kind of the action head. ``context_dim``, ``state_dim``, ``action_dim``
     and ``horizon`` are filled in from the backbone and the dataset."""
 
-    conditioning: Conditioning = "cross_attention"
+    conditioning: ConditioningKind = "cross_attention"
     width: int = 256
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    # cross_attention only: blocks 0, k, 2k, ... self-attend among the action tokens, the
+    # others only cross-attend (GR00T N1 alternates the same way with k = 2).
+    self_attention_every: int = 2
     context_dim: int = 0
     state_dim: int = 0
     action_dim: int = 0
@@ -47,6 +53,8 @@ class ActionHeadConfig:
             raise ValueError(
                 f"conditioning must be 'cross_attention' or 'in_context', got {self.conditioning!r}"
             )
+        if self.self_attention_every < 1:
+            raise ValueError(f"self_attention_every must be >= 1, got {self.self_attention_every}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
@@ -133,11 +141,11 @@ def _mlp(width: int, ratio: float) -> nn.Sequential:
 class CrossAttentionBlock(nn.Module):
     """adaLN-Zero self-attention, cross-attention to the context, adaLN-Zero MLP."""
 
-    def __init__(self, config: ActionHeadConfig):
+    def __init__(self, config: ActionHeadConfig, self_attention: bool = True):
         super().__init__()
         w = config.width
         self.norm1 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.self_attn = Attention(w, config.num_heads)
+        self.self_attn = Attention(w, config.num_heads) if self_attention else None
         self.norm2 = nn.LayerNorm(w, eps=1e-6)
         self.cross_attn = Attention(w, config.num_heads, kv_dim=w)
         self.norm3 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -147,9 +155,10 @@ class CrossAttentionBlock(nn.Module):
     def context_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross_attn.keys_values(context)
 
-    def forward(self, x, cond, kv, kv_mask):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1))
+    def forward(self, x, modulation, kv, kv_mask):
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        if self.self_attn is not None:
+            x = x + gate1[:, None] * self.self_attn(modulate(self.norm1(x), shift1, scale1))
         x = x + self.cross_attn(self.norm2(x), cached=kv, cached_mask=kv_mask, self_attend=False)
         return x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
 
@@ -179,6 +188,25 @@ class InContextBlock(nn.Module):
 
 
 @dataclass
+class Conditioning:
+    """What time and state contribute, for a batch: adaLN modulations per block (B, 6W)
+    (cross-attention) or the time/state tokens (B, n, W) (in-context), and the final
+    layer's modulation (B, 2W)."""
+
+    blocks: list[torch.Tensor]
+    tokens: torch.Tensor | None
+    final: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """The conditioning of batch rows ``start:stop``."""
+        return Conditioning(
+            blocks=[m[start:stop] for m in self.blocks],
+            tokens=None if self.tokens is None else self.tokens[start:stop],
+            final=self.final[start:stop],
+        )
+
+
+@dataclass
 class ContextCache:
     """Per-layer keys/values of the context, computed once per chunk."""
 
@@ -200,8 +228,14 @@ class DiTActionHead(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, config.horizon, w))
         self.time_embed = TimestepEmbedder(w)
         self.state_proj = nn.Linear(config.state_dim, w) if config.state_dim else None
-        block = CrossAttentionBlock if config.conditioning == "cross_attention" else InContextBlock
-        self.blocks = nn.ModuleList([block(config) for _ in range(config.depth)])
+        if config.conditioning == "cross_attention":
+            blocks = [
+                CrossAttentionBlock(config, self_attention=i % config.self_attention_every == 0)
+                for i in range(config.depth)
+            ]
+        else:
+            blocks = [InContextBlock(config) for _ in range(config.depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
         self.action_out = nn.Linear(w, config.action_dim)
@@ -234,28 +268,45 @@ class DiTActionHead(nn.Module):
                 kvs.append(kv)
         return ContextCache(keys_values=kvs, mask=mask)
 
-    def forward(
-        self,
-        noisy_actions: torch.Tensor,
-        time: torch.Tensor,
-        cache: ContextCache,
-        state: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """noisy_actions (B, H, A), time (B,) in [0, 1], state (B, D) -> (B, H, A)."""
-        x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+    def condition(self, time: torch.Tensor, state: torch.Tensor | None = None) -> Conditioning:
+        """time (N,) in [0, 1] and state (N, D) -> their conditioning of N rows."""
         cond = self.time_embed(time)
         state_token = self.state_proj(state) if self.state_proj is not None else None
         if self.config.conditioning == "cross_attention":
             if state_token is not None:
                 cond = cond + state_token
-            for block, kv in zip(self.blocks, cache.keys_values, strict=True):
-                x = block(x, cond, kv, cache.mask)
+            blocks, tokens = [block.ada(cond) for block in self.blocks], None
         else:
-            extra = [cond[:, None]] + ([state_token[:, None]] if state_token is not None else [])
-            n_extra = len(extra)
-            x = torch.cat([*extra, x], dim=1)
+            extra = [cond] + ([state_token] if state_token is not None else [])
+            blocks, tokens = [], torch.stack(extra, dim=1)
+        return Conditioning(blocks=blocks, tokens=tokens, final=self.final_ada(cond))
+
+    def condition_steps(
+        self, times: torch.Tensor, state: torch.Tensor | None, batch: int
+    ) -> list[Conditioning]:
+        """The conditioning of every denoising step of a chunk, in one batched pass:
+        times (S,), state (B, D) -> S conditionings of B rows."""
+        steps = times.shape[0]
+        time = times.to(self.position.device).repeat_interleave(batch)
+        state = state.repeat(steps, 1) if state is not None else None
+        cond = self.condition(time, state)
+        return [cond.rows(i * batch, (i + 1) * batch) for i in range(steps)]
+
+    def forward(
+        self, noisy_actions: torch.Tensor, cond: Conditioning, cache: ContextCache
+    ) -> torch.Tensor:
+        """noisy_actions (B, H, A) -> the denoising target's prediction (B, H, A)."""
+        x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+        if self.config.conditioning == "cross_attention":
+            for block, modulation, kv in zip(
+                self.blocks, cond.blocks, cache.keys_values, strict=True
+            ):
+                x = block(x, modulation, kv, cache.mask)
+        else:
+            n_extra = cond.tokens.shape[1]
+            x = torch.cat([cond.tokens, x], dim=1)
             for block, kv in zip(self.blocks, cache.keys_values, strict=True):
                 x = block(x, kv, cache.mask)
             x = x[:, n_extra:]
-        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        shift, scale = cond.final.chunk(2, dim=-1)
         return self.action_out(modulate(self.final_norm(x), shift, scale))

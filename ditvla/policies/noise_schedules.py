@@ -5,8 +5,10 @@ Both expose the same two calls:
 - ``training_example(actions, noise) -> (noisy, time, target)``: what the head is given
   and what it must predict, for a batch of clean action chunks (B, H, A); random draws
   come from torch's global generator, which the trainer seeds and checkpoints;
+- ``step_times(num_steps) -> (S,)``: the time of each denoising step, known before
+  sampling starts (so a head can prepare its conditioning for all steps at once);
 - ``sample(predict, noise, num_steps) -> actions``: denoise from pure noise, calling
-  ``predict(x, time)`` once per step.
+  ``predict(x, step)`` once per step with the step's index into ``step_times``.
 
 ``time`` is a float tensor (B,) in [0, 1] for both (DDPM's integer step k is passed as
 k / num_train_timesteps), so the head's timestep embedding does not care which is used.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Predict = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,14 @@ class FlowMatching:
         noisy = tt * noise + (1 - tt) * actions
         return noisy, t, noise - actions
 
+    def step_times(self, num_steps: int) -> torch.Tensor:
+        return 1.0 - torch.arange(num_steps, dtype=torch.float32) / num_steps
+
     def sample(self, predict: Predict, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         x = noise
         dt = 1.0 / num_steps
         for i in range(num_steps):
-            t = torch.full((x.shape[0],), 1.0 - i * dt, device=x.device, dtype=x.dtype)
-            x = x - dt * predict(x, t)
+            x = x - dt * predict(x, i)
         return x
 
 
@@ -85,13 +89,19 @@ class DDPM:
         t = ((k + 1).float() / self.num_train_timesteps).to(actions.device, actions.dtype)
         return noisy, t, noise
 
+    def _step_indices(self, num_steps: int) -> list[int]:
+        return torch.linspace(self.num_train_timesteps - 1, 0, num_steps).round().long().tolist()
+
+    def step_times(self, num_steps: int) -> torch.Tensor:
+        ks = torch.tensor(self._step_indices(num_steps), dtype=torch.float32)
+        return (ks + 1) / self.num_train_timesteps
+
     def sample(self, predict: Predict, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         alpha_bars = self.alpha_bars.to(noise.device, noise.dtype)
-        ks = torch.linspace(self.num_train_timesteps - 1, 0, num_steps).round().long().tolist()
+        ks = self._step_indices(num_steps)
         x = noise
         for i, k in enumerate(ks):
-            t = torch.full((x.shape[0],), (k + 1) / self.num_train_timesteps, device=x.device)
-            eps = predict(x, t.to(x.dtype))
+            eps = predict(x, i)
             ab = alpha_bars[k]
             x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
             ab_prev = alpha_bars[ks[i + 1]] if i + 1 < len(ks) else torch.ones((), device=x.device)

@@ -243,10 +243,10 @@ class DiTVLAPolicy(nn.Module):
             noise = torch.randn(shape, device=self.device)
         elif tuple(noise.shape) != shape:
             raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        steps = num_steps or self.config.num_inference_steps
+        conditions = self.head.condition_steps(self.schedule.step_times(steps), norm_state, b)
         chunk = self.schedule.sample(
-            lambda x, t: self.head(x, t, context.cache, norm_state),
-            noise.to(self.device),
-            num_steps or self.config.num_inference_steps,
+            lambda x, i: self.head(x, conditions[i], context.cache), noise.to(self.device), steps
         )
         return self.normalizer.unnormalize("action", chunk)
 
@@ -291,7 +291,7 @@ class DiTVLAPolicy(nn.Module):
         target_actions = self.normalizer.normalize("action", actions)
         noise = torch.randn_like(target_actions)
         noisy, t, target = self.schedule.training_example(target_actions, noise)
-        prediction = self.head(noisy, t, context.cache, state)
+        prediction = self.head(noisy, self.head.condition(t, state), context.cache)
         error = (prediction - target) ** 2
         valid = ~batch["action_is_pad"].to(self.device)
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)

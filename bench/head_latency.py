@@ -1,0 +1,226 @@
+"""Time per action chunk: our DiT action head against LeRobot's SmolVLA action expert.
+
+Both produce a 16 x 7 chunk by flow matching from a context that is already encoded:
+ours runs ``prepare_context`` (per-layer keys/values of the context, once per chunk) and
+the Euler steps; SmolVLA runs its Euler steps (``denoise_step``) over the VLM's prefix
+key/value cache, which is computed before timing. Matched size: SmolVLA is built offline
+from a locally saved SmolVLM2-style config (text width 512, 8 layers kept, expert width
+0.75 x 512 = 384, its default alternation of cross- and self-attention layers) and
+processor; our head has width 384, 8 blocks, 8 heads, MLP ratio 4 (the same parameter
+count per MLP as the expert's SwiGLU) and self-attention in every other block. Same
+process, same threads, batch 1, fp32; the heads are timed in turn, medians reported.
+
+    python bench/head_latency.py [--repeats 20]
+
+Last line: ``action chunk latency: <ours> ms vs lerobot smolvla <theirs> ms (<ratio>x)``
+at 256 context tokens and 10 steps (SmolVLA's default step count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HORIZON, ACTION_DIM, STATE_DIM = 16, 7, 8
+VLM_WIDTH, VLM_LAYERS, EXPERT_WIDTH = 512, 8, 384
+
+
+def save_tiny_smolvlm(folder: Path) -> None:
+    """A SmolVLM2-style config and processor on disk, with an offline tokenizer."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        SmolVLMConfig,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    from ditvla.policies.backbone import byte_level_tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_tokenizer().backend_tokenizer,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens={
+            "fake_image_token": "<fake_token_around_image>",
+            "image_token": "<image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+    )
+    config = SmolVLMConfig(
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+        text_config=dict(
+            hidden_size=VLM_WIDTH,
+            intermediate_size=2 * VLM_WIDTH,
+            num_hidden_layers=VLM_LAYERS,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+        ),
+        scale_factor=2,
+        image_token_id=tokenizer.image_token_id,
+    )
+    config.save_pretrained(folder)
+    SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(),
+        video_processor=SmolVLMVideoProcessor(),
+        tokenizer=tokenizer,
+        image_seq_len=4,
+    ).save_pretrained(folder)
+
+
+def paired_median_ms(fns: list, repeats: int) -> list[float]:
+    """Median time of each function, calling them in turn so that load changes on a shared
+    machine hit all of them alike."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def smolvla_chunk(folder: Path, context: int, steps: int):
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.policies.smolvla.modeling_smolvla import VLAFlowMatching, make_att_2d_masks
+
+    config = SmolVLAConfig(
+        vlm_model_name=str(folder),
+        load_vlm_weights=False,
+        chunk_size=HORIZON,
+        n_action_steps=HORIZON,
+        num_steps=steps,
+        num_vlm_layers=VLM_LAYERS,
+        max_action_dim=ACTION_DIM,
+        max_state_dim=STATE_DIM,
+        device="cpu",
+    )
+    model = VLAFlowMatching(config).eval()
+    prefix = torch.randn(1, context, VLM_WIDTH)
+    pad = torch.ones(1, context, dtype=torch.bool)
+    att = make_att_2d_masks(pad, torch.zeros(1, context, dtype=torch.bool))
+    with torch.inference_mode():
+        _, cache = model.vlm_with_expert.forward(
+            attention_mask=att,
+            position_ids=torch.cumsum(pad, 1) - 1,
+            past_key_values=None,
+            inputs_embeds=[prefix, None],
+            use_cache=True,
+        )
+
+    # lerobot 0.6.1 calls cache.crop(prefix_len) to keep each layer's first prefix_len
+    # tokens, the meaning crop had in the transformers 5.4-5.5 its SmolVLA extra pins; 5.24
+    # only takes a negative count of tokens to drop. Translate per layer (the expert's
+    # self-attention layers hold prefix + suffix, its cross-attention layers the prefix).
+    def keep_prefix(keep: int) -> None:
+        for layer in cache.layers:
+            if layer.is_initialized and layer.keys.shape[-2] > keep:
+                layer.crop(keep - layer.keys.shape[-2])
+
+    cache.crop = keep_prefix
+    noise = torch.randn(1, HORIZON, ACTION_DIM)
+    dt = -1.0 / steps
+
+    @torch.inference_mode()
+    def run():
+        x = noise
+        for i in range(steps):
+            t = torch.tensor([1.0 + i * dt])
+            x = x + dt * model.denoise_step(
+                prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t
+            )
+        return x
+
+    expert = sum(p.numel() for p in model.vlm_with_expert.lm_expert.parameters())
+    return run, expert
+
+
+def ditvla_chunk(context: int, steps: int, conditioning: str):
+    from ditvla.policies.dit_head import ActionHeadConfig, DiTActionHead
+    from ditvla.policies.noise_schedules import FlowMatching
+
+    head = DiTActionHead(
+        ActionHeadConfig(
+            conditioning=conditioning,
+            width=EXPERT_WIDTH,
+            depth=VLM_LAYERS,
+            num_heads=8,
+            context_dim=VLM_WIDTH,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
+            horizon=HORIZON,
+        )
+    ).eval()
+    tokens = torch.randn(1, context, VLM_WIDTH)
+    mask = torch.ones(1, context, dtype=torch.bool)
+    state = torch.randn(1, STATE_DIM)
+    noise = torch.randn(1, HORIZON, ACTION_DIM)
+    schedule = FlowMatching()
+
+    @torch.inference_mode()
+    def run():
+        cache = head.prepare_context(tokens, mask)
+        conditions = head.condition_steps(schedule.step_times(steps), state, 1)
+        return schedule.sample(lambda x, i: head(x, conditions[i], cache), noise, steps)
+
+    return run, sum(p.numel() for p in head.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="tiny_smolvlm_"))
+    save_tiny_smolvlm(folder)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, fp32, chunk {HORIZON}x{ACTION_DIM}"
+    )
+    headline = None
+    for context in (64, 256):
+        for steps in (4, 10):
+            ours_run, ours_params = ditvla_chunk(context, steps, "cross_attention")
+            ic_run, _ = ditvla_chunk(context, steps, "in_context")
+            theirs_run, theirs_params = smolvla_chunk(folder, context, steps)
+            ours, in_context, theirs = paired_median_ms(
+                [ours_run, ic_run, theirs_run], args.repeats
+            )
+            print(
+                f"context {context:3d} tokens, {steps:2d} steps: ditvla cross-attn {ours:7.2f} ms, "
+                f"in-context {in_context:7.2f} ms | smolvla expert {theirs:7.2f} ms "
+                f"({theirs / ours:.2f}x) | params {ours_params / 1e6:.1f}M vs {theirs_params / 1e6:.1f}M"
+            )
+            if (context, steps) == (256, 10):
+                headline = (ours, theirs)
+    ours, theirs = headline
+    print(
+        f"action chunk latency: {ours:.1f} ms vs lerobot smolvla {theirs:.1f} ms ({theirs / ours:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
