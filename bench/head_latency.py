@@ -31,7 +31,17 @@ HORIZON, ACTION_DIM, STATE_DIM = 16, 7, 8
 VLM_WIDTH, VLM_LAYERS, EXPERT_WIDTH = 512, 8, 384
 
 
-def save_tiny_smolvlm(folder: Path) -> None:
+def save_tiny_smolvlm(
+    folder: Path,
+    *,
+    width: int = VLM_WIDTH,
+    layers: int = VLM_LAYERS,
+    heads: int = 8,
+    vision_width: int = 64,
+    vision_layers: int = 1,
+    patch_size: int = 16,
+    image_size: int = 64,
+) -> None:
     """A SmolVLM2-style config and processor on disk, with an offline tokenizer."""
     from transformers import (
         PreTrainedTokenizerFast,
@@ -57,20 +67,20 @@ def save_tiny_smolvlm(folder: Path) -> None:
     )
     config = SmolVLMConfig(
         vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            num_hidden_layers=vision_layers,
             num_attention_heads=2,
-            image_size=64,
-            patch_size=16,
+            image_size=image_size,
+            patch_size=patch_size,
         ),
         text_config=dict(
-            hidden_size=VLM_WIDTH,
-            intermediate_size=2 * VLM_WIDTH,
-            num_hidden_layers=VLM_LAYERS,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=width // heads,
             vocab_size=len(tokenizer),
             max_position_embeddings=4096,
         ),
@@ -82,7 +92,7 @@ def save_tiny_smolvlm(folder: Path) -> None:
         image_processor=SmolVLMImageProcessor(),
         video_processor=SmolVLMVideoProcessor(),
         tokenizer=tokenizer,
-        image_seq_len=4,
+        image_seq_len=(image_size // patch_size) ** 2 // 4,
     ).save_pretrained(folder)
 
 
