@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ditvla.datasets.replay_buffer import DatasetError
+from ditvla.policies.errors import CheckpointError
 
 DESCRIPTION = """\
 ditvla: a vision-language backbone feeding Diffusion-Transformer heads, for robot policies.
@@ -123,6 +124,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ditvla.envs.evaluate import evaluate, load_policy
+
+    policy = load_policy(args.policy, device=args.device)
+    report = evaluate(
+        policy,
+        args.env,
+        episodes_per_task=args.episodes,
+        workers=args.workers,
+        seed_start=args.seed_start,
+        max_steps=args.max_steps,
+        out=args.out,
+        videos_per_task=args.videos,
+    )
+    print(report.markdown())
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
@@ -226,6 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_cmd_train)
 
+    evaluation = commands.add_parser(
+        "eval",
+        help="success rates of a policy in a simulator",
+        description=(
+            "Roll a policy out in simulator episodes fixed by seed, in parallel worker "
+            "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, "
+            "ci95}}, mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end) "
+            "and OUT/videos/."
+        ),
+    )
+    evaluation.add_argument(
+        "--policy", required=True, help="a saved policy folder, or the baselines random / expert"
+    )
+    evaluation.add_argument("--env", required=True, help="metaworld:<task>[,...], MT10 or MT50")
+    evaluation.add_argument("--episodes", type=int, default=50, help="episodes per task (50)")
+    evaluation.add_argument("--workers", type=int, default=2, help="simulator processes (2)")
+    evaluation.add_argument(
+        "--seed-start", type=int, default=100_000, help="first episode seed (100000)"
+    )
+    evaluation.add_argument("--max-steps", type=int, help="episode step limit (the task's own)")
+    evaluation.add_argument("--videos", type=int, default=1, help="videos per task (1)")
+    evaluation.add_argument("--device", default="cpu", help="where the policy runs (cpu)")
+    evaluation.add_argument("--out", default="outputs/eval", help="output folder (outputs/eval)")
+    evaluation.set_defaults(func=_cmd_eval)
+
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(
         dest="dataset_command", metavar="ACTION", required=True
@@ -298,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ValueError) as exc:
+    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"ditvla: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

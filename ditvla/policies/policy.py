@@ -30,6 +30,7 @@ from ditvla.datasets.normalization import Normalizer, NormMode, Stats
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
+from ditvla.policies.errors import CheckpointError, PolicyInputError
 from ditvla.policies.noise_schedules import make_schedule
 
 POLICY_FORMAT = "ditvla.policy"
@@ -37,14 +38,6 @@ POLICY_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VLM_FOLDER = "vlm"
-
-
-class PolicyInputError(ValueError):
-    """An observation or batch that does not match what the policy was built for."""
-
-
-class CheckpointError(RuntimeError):
-    """A policy folder that is incomplete, damaged or from another ditvla version."""
 
 
 @dataclass

@@ -1,0 +1,409 @@
+"""The rollout evaluator: ``ditvla eval``.
+
+Episodes run in parallel worker processes, one simulator each, stepped in lockstep; the
+policy runs in this process and is called once per step for all the episodes that need a
+new action chunk (a batch). Cameras are rendered only for the steps whose observation the
+policy will read (one in ``n_action_steps``), and for recorded videos.
+
+Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes - 1`` for
+each task (100000 up by default, apart from the demonstration seeds), so two runs of one
+policy see the same episodes.
+
+Faults stay local: a policy output with NaN or the wrong shape fails that episode with
+the reason recorded; a worker process that dies is replaced and its episode retried once
+(then marked failed); results are appended to ``episodes.jsonl`` as they come.
+
+Why not gymnasium's vector envs: they batch observations into fixed spaces (our
+observations carry images only on the steps that need them), reset every sub-env to one
+task set at construction, and lose the whole vector when one worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ditvla.envs.collect import parse_env
+from ditvla.envs.metaworld_env import ACTION_DIM, MetaWorldEnv
+
+DEFAULT_SEED_START = 100_000
+WORKER_TIMEOUT_S = 120.0
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    error: str | None = None
+
+
+@dataclass
+class EvaluationReport:
+    episodes: list[EpisodeResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def per_task(self) -> dict[str, dict[str, Any]]:
+        tasks: dict[str, list[EpisodeResult]] = {}
+        for e in self.episodes:
+            tasks.setdefault(e.task, []).append(e)
+        out = {}
+        for task, eps in tasks.items():
+            wins = sum(e.success for e in eps)
+            lo, hi = wilson_interval(wins, len(eps))
+            out[task] = {
+                "success_rate": wins / len(eps),
+                "episodes": len(eps),
+                "ci95": [round(lo, 4), round(hi, 4)],
+                "mean_length": float(np.mean([e.steps for e in eps])),
+                "errors": sum(e.error is not None for e in eps),
+            }
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        tasks = self.per_task()
+        mean = float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else 0.0
+        return {"tasks": tasks, "mean_success": mean, "seconds": round(self.seconds, 1)}
+
+    def markdown(self) -> str:
+        rows = [
+            "| task | success | 95% interval | episodes | mean length |",
+            "|---|---|---|---|---|",
+        ]
+        for task, t in self.per_task().items():
+            rows.append(
+                f"| {task} | {t['success_rate']:.0%} | {t['ci95'][0]:.0%}-{t['ci95'][1]:.0%} | "
+                f"{t['episodes']} | {t['mean_length']:.0f} |"
+            )
+        rows.append(f"| **mean** | **{self.summary()['mean_success']:.1%}** | | | |")
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- baselines
+class RandomPolicy:
+    """Uniform random actions in [-1, 1]: the floor any policy must clear."""
+
+    n_action_steps = 1
+    cameras: Sequence[str] = ()
+    image_size = 64
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
+        batch = len(observation["instruction"])
+        return torch.from_numpy(self.rng.uniform(-1, 1, (batch, 1, ACTION_DIM)).astype(np.float32))
+
+
+class ExpertPolicy:
+    """Meta-World's scripted experts, reading the task and the state of each observation."""
+
+    n_action_steps = 1
+    cameras: Sequence[str] = ()
+    image_size = 64
+
+    def __init__(self) -> None:
+        self._experts: dict[str, Any] = {}
+
+    def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
+        from metaworld.policies import ENV_POLICY_MAP
+
+        actions = []
+        for task, state in zip(observation["task"], observation["state"], strict=True):
+            if task not in self._experts:
+                self._experts[task] = ENV_POLICY_MAP[task]()
+            actions.append(
+                np.clip(self._experts[task].get_action(np.asarray(state, np.float64)), -1, 1)
+            )
+        return torch.from_numpy(np.asarray(actions, np.float32)[:, None])
+
+
+def load_policy(spec: str, device: str = "cpu"):
+    """``random``, ``expert``, or a folder written by ``save_pretrained``."""
+    if spec == "random":
+        return RandomPolicy()
+    if spec == "expert":
+        return ExpertPolicy()
+    from ditvla.policies.policy import DiTVLAPolicy
+
+    policy = DiTVLAPolicy.from_pretrained(spec, map_location=device)
+    policy.eval()
+    return policy
+
+
+def _policy_setting(policy, name: str, default: Any) -> Any:
+    config = getattr(policy, "config", None)
+    if config is not None and hasattr(config, name):
+        return getattr(config, name)
+    return getattr(policy, name, default)
+
+
+# ---------------------------------------------------------------------- workers
+def _worker_main(conn, cameras: tuple[str, ...], image_size: int, max_steps: int | None) -> None:
+    """One simulator process: answers reset/step/close commands over a pipe."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    envs: dict[str, MetaWorldEnv] = {}
+    env: MetaWorldEnv | None = None
+    try:
+        while True:
+            command, args = conn.recv()
+            if command == "reset":
+                task, seed, render = args
+                if task not in envs:
+                    envs[task] = MetaWorldEnv(
+                        task, cameras=cameras, image_size=image_size, max_episode_steps=max_steps
+                    )
+                env = envs[task]
+                obs, _ = env.reset(seed=seed, options={"skip_images": not render})
+                conn.send((obs, False, False))
+            elif command == "step":
+                action, render = args
+                obs, _, success, truncated, _ = env.step(action, render=render)
+                conn.send((obs, success, truncated))
+            elif command == "close":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        for e in envs.values():
+            e.close()
+
+
+class _Worker:
+    def __init__(self, context, cameras, image_size, max_steps):
+        self._args = (cameras, image_size, max_steps)
+        self._context = context
+        self.start()
+
+    def start(self) -> None:
+        self.conn, child = self._context.Pipe()
+        self.process = self._context.Process(
+            target=_worker_main, args=(child, *self._args), daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    def restart(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self.start()
+
+    def request(self, command: str, *args: Any) -> None:
+        self.conn.send((command, args))
+
+    def response(self) -> tuple[dict, bool, bool]:
+        if not self.conn.poll(WORKER_TIMEOUT_S):
+            raise TimeoutError(f"simulator worker {self.process.pid} did not answer")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # BrokenPipeError is an OSError
+            self.conn.send(("close", ()))
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+@dataclass
+class _Slot:
+    """An episode in flight on one worker."""
+
+    worker: _Worker
+    job: tuple[str, int] | None = None
+    steps: int = 0
+    queue: deque = field(default_factory=deque)
+    obs: dict | None = None
+    frames: list | None = None
+
+
+def _batch(observations: list[dict], tasks: list[str], cameras: Sequence[str]) -> dict[str, Any]:
+    return {
+        "images": {cam: np.stack([o["images"][cam] for o in observations]) for cam in cameras},
+        "state": np.stack([o["state"] for o in observations]),
+        "instruction": [o["instruction"] for o in observations],
+        "task": tasks,
+    }
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def evaluate(
+    policy,
+    env_spec: str,
+    *,
+    episodes_per_task: int,
+    workers: int = 1,
+    seed_start: int = DEFAULT_SEED_START,
+    max_steps: int | None = None,
+    out: str | Path | None = None,
+    videos_per_task: int = 1,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Run ``episodes_per_task`` episodes of every task of ``env_spec`` with ``policy``."""
+    _, tasks = parse_env(env_spec)
+    if episodes_per_task < 1 or workers < 1:
+        raise ValueError("episodes_per_task and workers must be >= 1")
+    cameras = tuple(_policy_setting(policy, "cameras", ()))
+    image_size = int(_policy_setting(policy, "image_size", 64))
+    n_action_steps = int(_policy_setting(policy, "n_action_steps", 1))
+    video_cameras = cameras or ("corner",)
+    record_videos = out is not None and videos_per_task > 0
+    render_cameras = (
+        cameras if not record_videos else tuple(dict.fromkeys((*cameras, *video_cameras)))
+    )
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "episodes.jsonl").write_text("")
+    jobs = deque((task, seed_start + i) for task in tasks for i in range(episodes_per_task))
+    videos_left = {task: videos_per_task if record_videos else 0 for task in tasks}
+    context = mp.get_context("spawn")
+    slots = [
+        _Slot(_Worker(context, render_cameras, image_size, max_steps))
+        for _ in range(min(workers, len(jobs)))
+    ]
+    tries: dict[tuple[str, int], int] = {}
+    report = EvaluationReport()
+    bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not progress)
+    start = time.perf_counter()
+
+    def finish(slot: _Slot, success: bool, error: str | None = None) -> None:
+        task, seed = slot.job
+        result = EpisodeResult(task, seed, bool(success), slot.steps, error)
+        report.episodes.append(result)
+        if out is not None:
+            with (out / "episodes.jsonl").open("a") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+            if slot.frames:
+                _write_video(out / "videos" / f"{task}_seed{seed}.mp4", slot.frames)
+        slot.job, slot.frames, slot.queue = None, None, deque()
+        wins = sum(e.success for e in report.episodes)
+        bar.update()
+        bar.set_postfix_str(f"success {wins}/{len(report.episodes)}")
+
+    def crashed(slot: _Slot, exc: Exception) -> None:
+        slot.worker.restart()
+        if tries[slot.job] < 2:
+            jobs.appendleft(slot.job)  # retried once, on the fresh worker
+            slot.job, slot.frames, slot.queue = None, None, deque()
+        else:
+            finish(slot, False, f"simulator worker failed twice: {type(exc).__name__}: {exc}")
+
+    try:
+        while jobs or any(s.job for s in slots):
+            # Start episodes on idle workers.
+            started = []
+            for slot in slots:
+                if slot.job is None and jobs:
+                    slot.job = jobs.popleft()
+                    tries[slot.job] = tries.get(slot.job, 0) + 1
+                    slot.steps, slot.queue = 0, deque()
+                    task = slot.job[0]
+                    slot.frames = [] if videos_left[task] > 0 else None
+                    if slot.frames is not None:
+                        videos_left[task] -= 1
+                    try:
+                        slot.worker.request("reset", slot.job[0], slot.job[1], True)
+                        started.append(slot)
+                    except (BrokenPipeError, OSError) as exc:
+                        crashed(slot, exc)
+            for slot in started:
+                try:
+                    slot.obs, _, _ = slot.worker.response()
+                except (EOFError, OSError, TimeoutError) as exc:
+                    crashed(slot, exc)
+                    continue
+                if slot.frames is not None:
+                    slot.frames.append(slot.obs["images"][video_cameras[0]])
+            active = [s for s in slots if s.job is not None and s.obs is not None]
+            # One batched policy call for the episodes that need a new chunk.
+            needing = [s for s in active if not s.queue]
+            if needing:
+                batch = _batch([s.obs for s in needing], [s.job[0] for s in needing], cameras)
+                try:
+                    with torch.inference_mode():
+                        chunks = policy.predict_action_chunk(batch)
+                    chunks = torch.as_tensor(chunks).float().cpu().numpy()
+                except Exception as exc:  # a policy bug fails these episodes, not the run
+                    for s in needing:
+                        finish(s, False, f"policy raised {type(exc).__name__}: {exc}")
+                    continue
+                for i, s in enumerate(needing):
+                    chunk = chunks[i] if chunks.ndim == 3 and len(chunks) == len(needing) else None
+                    if chunk is None or chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM:
+                        finish(
+                            s,
+                            False,
+                            f"policy returned shape {chunks.shape}, expected "
+                            f"({len(needing)}, H, {ACTION_DIM})",
+                        )
+                    elif not np.all(np.isfinite(chunk)):
+                        finish(s, False, "policy returned NaN or infinite actions")
+                    else:
+                        s.queue.extend(chunk[:n_action_steps])
+            stepping = [s for s in slots if s.job is not None and s.queue]
+            for s in stepping:
+                action = s.queue.popleft()
+                render = not s.queue or s.frames is not None
+                try:
+                    s.worker.request("step", action, render)
+                except (BrokenPipeError, OSError) as exc:
+                    crashed(s, exc)
+            for s in stepping:
+                if s.job is None:
+                    continue
+                try:
+                    s.obs, success, truncated = s.worker.response()
+                except (EOFError, OSError, TimeoutError) as exc:
+                    crashed(s, exc)
+                    continue
+                s.steps += 1
+                if s.frames is not None:
+                    s.frames.append(s.obs["images"][video_cameras[0]])
+                if success or truncated:
+                    finish(s, success)
+    finally:
+        bar.close()
+        for slot in slots:
+            slot.worker.close()
+    report.seconds = time.perf_counter() - start
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
+        (out / "results.md").write_text(report.markdown() + "\n")
+    return report

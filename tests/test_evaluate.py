@@ -1,0 +1,123 @@
+"""The rollout evaluator on real Meta-World episodes: it measures, it does not flatter."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from ditvla.envs.evaluate import ExpertPolicy, RandomPolicy, evaluate, wilson_interval
+
+TASKS = "metaworld:reach-v3,drawer-close-v3"
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(
+        0.2775, abs=1e-3
+    )
+    assert wilson_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-3)
+    lo, hi = wilson_interval(45, 50)
+    assert lo < 0.9 < hi
+
+
+def test_expert_succeeds_random_does_not_and_runs_repeat(tmp_path):
+    expert = evaluate(
+        ExpertPolicy(),
+        TASKS,
+        episodes_per_task=3,
+        workers=2,
+        max_steps=150,
+        out=tmp_path / "expert",
+        progress=False,
+    )
+    summary = json.loads((tmp_path / "expert" / "results.json").read_text())
+    assert summary["tasks"]["reach-v3"]["success_rate"] == 1.0
+    assert summary["tasks"]["drawer-close-v3"]["success_rate"] == 1.0
+    assert summary["tasks"]["reach-v3"]["episodes"] == 3
+    assert len(summary["tasks"]["reach-v3"]["ci95"]) == 2
+    assert (tmp_path / "expert" / "videos" / "reach-v3_seed100000.mp4").stat().st_size > 1000
+    assert "| reach-v3 | 100% |" in (tmp_path / "expert" / "results.md").read_text()
+    lines = (tmp_path / "expert" / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    again = evaluate(
+        ExpertPolicy(), TASKS, episodes_per_task=3, workers=1, max_steps=150, progress=False
+    )
+    steps = lambda r: sorted((e.task, e.seed, e.steps) for e in r.episodes)  # noqa: E731
+    assert steps(again) == steps(expert)  # the same episodes, whatever the worker count
+
+    random = evaluate(
+        RandomPolicy(),
+        "metaworld:reach-v3",
+        episodes_per_task=3,
+        workers=2,
+        max_steps=150,
+        progress=False,
+    )
+    assert random.summary()["tasks"]["reach-v3"]["success_rate"] == 0.0
+
+
+class NaNPolicy:
+    n_action_steps = 4
+
+    def predict_action_chunk(self, observation):
+        return torch.full((len(observation["instruction"]), 4, 4), float("nan"))
+
+
+class WrongShapePolicy(NaNPolicy):
+    def predict_action_chunk(self, observation):
+        return torch.zeros(len(observation["instruction"]), 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason"), [(NaNPolicy(), "NaN"), (WrongShapePolicy(), "shape")]
+)
+def test_bad_policy_output_fails_episodes_with_a_reason(tmp_path, policy, reason):
+    report = evaluate(
+        policy, "metaworld:reach-v3", episodes_per_task=3, workers=2, out=tmp_path, progress=False
+    )
+    assert len(report.episodes) == 3
+    assert all(not e.success and reason in e.error for e in report.episodes)
+    assert report.summary()["tasks"]["reach-v3"]["errors"] == 3
+
+
+class KillsAWorkerOnce(ExpertPolicy):
+    """Kills one simulator process mid-episode (as a crash would), once."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def predict_action_chunk(self, observation):
+        self.calls += 1
+        if self.calls == 10:
+            os.kill(mp.active_children()[0].pid, signal.SIGKILL)
+        return super().predict_action_chunk(observation)
+
+
+def test_a_crashed_worker_is_replaced_and_its_episode_retried(tmp_path):
+    report = evaluate(
+        KillsAWorkerOnce(),
+        TASKS,
+        episodes_per_task=2,
+        workers=2,
+        max_steps=150,
+        out=tmp_path,
+        progress=False,
+    )
+    keys = sorted((e.task, e.seed) for e in report.episodes)
+    assert keys == sorted(
+        {(t, s) for t in ("reach-v3", "drawer-close-v3") for s in (100000, 100001)}
+    )
+    assert all(e.success and e.error is None for e in report.episodes)
+    assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 4
+
+
+def test_unknown_task_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"valid: MT10, MT50, .*reach-v3"):
+        evaluate(RandomPolicy(), "metaworld:fly-v3", episodes_per_task=1, progress=False)
+    assert np.isfinite(wilson_interval(1, 2)).all()
