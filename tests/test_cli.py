@@ -59,11 +59,29 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_a_report(tmp_path):
+def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     out = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["episodes"] == 10
-    assert all(rate > 0 for rate in report["expert_success"].values())
-    assert "ditvla collect --env metaworld:" in out.stdout
-    assert (tmp_path / "demo" / "report.md").read_text().startswith("# ditvla demo report")
+    demo = tmp_path / "demo"
+    report = json.loads((demo / "report.json").read_text())
+    assert set(report["tasks"]) == {
+        "reach-v3",
+        "button-press-topdown-v3",
+        "drawer-close-v3",
+        "door-open-v3",
+        "window-open-v3",
+    }
+    for task in report["tasks"].values():
+        assert task["episodes"] == 2 and 0.0 <= task["success_rate"] <= 1.0
+    assert 0.0 <= report["mean_success"] <= 1.0 and report["minutes"] > 0
+    assert set(report["stage_minutes"]) == {"collect", "train", "eval"}
+    for command in (
+        "ditvla collect --env metaworld:",
+        "ditvla train --dataset",
+        "ditvla eval --policy",
+    ):
+        assert command in out.stdout
+    text = (demo / "report.md").read_text()
+    assert text.startswith("# ditvla demo report") and "low-dimensional simulator state" in text
+    assert (demo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(demo.glob("*.mp4"))) == 5
