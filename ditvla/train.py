@@ -18,6 +18,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def train(config: TrainConfig) -> Path:
         metrics_file = metrics_path.open("a")
 
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
     bar = tqdm(
         total=config.steps,
@@ -256,8 +257,8 @@ def train(config: TrainConfig) -> Path:
         for micro in range(config.grad_accum):
             batch = batches.next()
             sync = micro == config.grad_accum - 1 or not distributed
-            context = model.no_sync() if not sync else _NoAutocast()
-            with context, autocast:
+            # Gradients are all-reduced once per step, on its last micro-batch.
+            with model.no_sync() if not sync else nullcontext(), autocast:
                 loss, _ = model(batch)
             (loss / config.grad_accum).backward()
             loss_sum += loss.item() / config.grad_accum
@@ -348,11 +349,3 @@ def _save(folder, policy, ema, optimizer, batches, step, rank, world, distribute
         )
     if distributed:
         dist.barrier()
-
-
-class _NoAutocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
