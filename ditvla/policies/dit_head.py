@@ -190,8 +190,8 @@ class InContextBlock(nn.Module):
 @dataclass
 class Conditioning:
     """What time and state contribute, for a batch: adaLN modulations per block (B, 6W)
-    (cross-attention) or the time/state tokens (B, n, W) (in-context), and the final
-    layer's modulation (B, 2W)."""
+    (cross-attention), tokens placed before the actions (B, n, W) (the state; in-context
+    also the time), and the final layer's modulation (B, 2W)."""
 
     blocks: list[torch.Tensor]
     tokens: torch.Tensor | None
@@ -273,9 +273,12 @@ class DiTActionHead(nn.Module):
         cond = self.time_embed(time)
         state_token = self.state_proj(state) if self.state_proj is not None else None
         if self.config.conditioning == "cross_attention":
+            # The state modulates every block with the time, and is also a token beside
+            # the actions (as in GR00T N1) that the self-attention blocks read directly.
+            tokens = state_token[:, None] if state_token is not None else None
             if state_token is not None:
                 cond = cond + state_token
-            blocks, tokens = [block.ada(cond) for block in self.blocks], None
+            blocks = [block.ada(cond) for block in self.blocks]
         else:
             extra = [cond] + ([state_token] if state_token is not None else [])
             blocks, tokens = [], torch.stack(extra, dim=1)
@@ -297,16 +300,17 @@ class DiTActionHead(nn.Module):
     ) -> torch.Tensor:
         """noisy_actions (B, H, A) -> the denoising target's prediction (B, H, A)."""
         x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+        n_extra = 0 if cond.tokens is None else cond.tokens.shape[1]
+        if n_extra:
+            x = torch.cat([cond.tokens, x], dim=1)
         if self.config.conditioning == "cross_attention":
             for block, modulation, kv in zip(
                 self.blocks, cond.blocks, cache.keys_values, strict=True
             ):
                 x = block(x, modulation, kv, cache.mask)
         else:
-            n_extra = cond.tokens.shape[1]
-            x = torch.cat([cond.tokens, x], dim=1)
             for block, kv in zip(self.blocks, cache.keys_values, strict=True):
                 x = block(x, kv, cache.mask)
-            x = x[:, n_extra:]
+        x = x[:, n_extra:]
         shift, scale = cond.final.chunk(2, dim=-1)
         return self.action_out(modulate(self.final_norm(x), shift, scale))
