@@ -37,6 +37,7 @@ class DemoSettings:
     batch_size: int
     eval_episodes: int  # per task
     eval_max_steps: int | None
+    lr: float = 1e-3  # the tiny preset learns twice as well as at 3e-4 in this budget
     workers: int = 2
 
 
@@ -87,7 +88,7 @@ def run_demo(out: Path, *, quick: bool = False) -> int:
         f"ditvla collect --env {env_spec} --episodes {s.episodes} --image-size {s.image_size} "
         f"--out {store} --overwrite",
         f"ditvla train --dataset {store} --out {run} --policy.preset tiny --steps "
-        f"{s.train_steps} --batch-size {s.batch_size}",
+        f"{s.train_steps} --batch-size {s.batch_size} --lr {s.lr:g}",
         f"ditvla eval --policy {run / 'policy'} --env {env_spec} --episodes {s.eval_episodes} "
         f"--workers {s.workers} --out {evaluation}"
         + (f" --max-steps {s.eval_max_steps}" if s.eval_max_steps else ""),
@@ -173,7 +174,7 @@ train {stages["train"]:.1f}, eval {stages["eval"]:.1f}.
 - **Policy**: the `tiny` preset — a tiny Idefics3-architecture VLM with random initial
   weights and a byte-level tokenizer, and a DiT action head (cross-attention + adaLN,
   flow matching, 16-step chunks, 8 executed per chunk, 10 denoising steps), trained from
-  scratch for {s.train_steps} steps at batch {s.batch_size}.
+  scratch for {s.train_steps} steps at batch {s.batch_size}, peak learning rate {s.lr:g}.
 - **Evaluation**: {s.eval_episodes} episodes per task on seeds 100000 and up (goals the
   demonstrations never saw), success as Meta-World reports it.
 
