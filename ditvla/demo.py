@@ -108,6 +108,7 @@ def run_demo(out: Path, *, quick: bool = False) -> int:
             preset="tiny",
             steps=s.train_steps,
             batch_size=s.batch_size,
+            lr=s.lr,
             save_every=max(1, s.train_steps // 3),
         )
     )
