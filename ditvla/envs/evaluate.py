@@ -242,6 +242,10 @@ class _Slot:
     obs: dict | None = None
     frames: list | None = None
 
+    def clear(self) -> None:
+        """Free the slot for the next episode."""
+        self.job, self.frames, self.queue = None, None, deque()
+
 
 def _batch(observations: list[dict], tasks: list[str], cameras: Sequence[str]) -> dict[str, Any]:
     return {
@@ -312,7 +316,7 @@ def evaluate(
                 f.write(json.dumps(asdict(result)) + "\n")
             if slot.frames:
                 _write_video(out / "videos" / f"{task}_seed{seed}.mp4", slot.frames)
-        slot.job, slot.frames, slot.queue = None, None, deque()
+        slot.clear()
         wins = sum(e.success for e in report.episodes)
         bar.update()
         bar.set_postfix_str(f"success {wins}/{len(report.episodes)}")
@@ -321,7 +325,7 @@ def evaluate(
         slot.worker.restart()
         if tries[slot.job] < 2:
             jobs.appendleft(slot.job)  # retried once, on the fresh worker
-            slot.job, slot.frames, slot.queue = None, None, deque()
+            slot.clear()
         else:
             finish(slot, False, f"simulator worker failed twice: {type(exc).__name__}: {exc}")
 

@@ -115,18 +115,17 @@ class Attention(nn.Module):
         ``self_attend``. ``cached_mask`` (B, L) marks the valid cached positions."""
         b, n, d = x.shape
         q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)
-        keys, values, masks = [], [], []
-        if cached is not None:
-            keys.append(cached[0])
-            values.append(cached[1])
-            masks.append(cached_mask)
-        if self_attend:
+        if cached is None:  # plain self-attention: nothing to concatenate or mask
             k, v = self.keys_values(x)
-            keys.append(k)
-            values.append(v)
-            masks.append(torch.ones(b, n, dtype=torch.bool, device=x.device))
-        k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        mask = torch.cat(masks, dim=1)[:, None, None, :]
+            mask = None
+        elif not self_attend:  # pure cross-attention to the cache
+            k, v = cached
+            mask = cached_mask[:, None, None, :]
+        else:  # the cached prefix and the tokens themselves
+            own_k, own_v = self.keys_values(x)
+            k, v = torch.cat([cached[0], own_k], dim=2), torch.cat([cached[1], own_v], dim=2)
+            own_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+            mask = torch.cat([cached_mask, own_mask], dim=1)[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 

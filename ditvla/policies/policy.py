@@ -17,6 +17,7 @@ Observations are ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
 from __future__ import annotations
 
 import json
+import shutil
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -302,8 +303,6 @@ class DiTVLAPolicy(nn.Module):
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         meta = {
@@ -317,8 +316,6 @@ class DiTVLAPolicy(nn.Module):
         self.backbone.vlm_config.save_pretrained(tmp / VLM_FOLDER)
         self.backbone.tokenizer.save_pretrained(tmp / VLM_FOLDER)
         if folder.exists():
-            import shutil
-
             old = folder.with_name(folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             folder.rename(old)
