@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ditvla.datasets.replay_buffer import DatasetError
+from ditvla.deploy.transport import TransportError
 from ditvla.policies.errors import CheckpointError
 
 DESCRIPTION = """\
@@ -143,6 +144,103 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from ditvla.deploy.server import PolicyServer, ServeConfig
+    from ditvla.deploy.transport import read_key
+
+    server = PolicyServer(
+        ServeConfig(
+            policy=args.policy,
+            address=args.address,
+            key=read_key(args.key_file),
+            merge=args.merge,
+            system1_hz=args.system1_hz,
+            system2_hz=args.system2_hz,
+            system1_threads=args.system1_threads,
+            system2_threads=args.system2_threads,
+            max_context_age_s=args.max_context_age,
+            action_low=args.action_low,
+            action_high=args.action_high,
+            num_inference_steps=args.inference_steps,
+        )
+    )
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    print(f"serving {args.policy} on {args.address} (merge: {args.merge}); Ctrl-C stops")
+
+    def status(stats, last_error) -> None:
+        line = (
+            f"chunks {stats.chunks} | contexts {stats.contexts} | S1 {stats.system1_hz:.1f} Hz "
+            f"| S2 {stats.system2_hz:.1f} Hz | stale {stats.stale_skips} | "
+            f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages}"
+        )
+        print(line + (f" (last: {last_error})" if last_error else ""), file=sys.stderr)
+
+    server.serve(duration_s=args.duration, on_status=None if args.quiet else status)
+    return 0
+
+
+def _cmd_robot(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from ditvla.deploy.controller import Controller, ControllerConfig, handshake, run_sim
+    from ditvla.deploy.transport import Channel, read_key
+
+    config = ControllerConfig(
+        hz=args.hz,
+        merge=args.merge,
+        watchdog_s=args.watchdog,
+        action_low=args.action_low,
+        action_high=args.action_high,
+        realtime=not args.no_realtime,
+    )
+    with Channel(args.server, bind=False, key=read_key(args.key_file)) as channel:
+        if args.sim:
+            summary = run_sim(
+                channel,
+                args.sim,
+                config=config,
+                episodes=args.episodes,
+                seed_start=args.seed_start,
+                max_steps=args.max_steps,
+                duration_s=args.duration,
+                camera_hz=args.camera_hz,
+                out=Path(args.out),
+            )
+        else:
+            from ditvla.deploy.robots import LeRobotRobot
+
+            options = dict(item.split("=", 1) for item in args.robot_arg)
+            robot = LeRobotRobot(args.robot, options, instruction=args.instruction)
+            handshake(channel, f"lerobot:{args.robot}", config.hz)
+            controller = Controller(channel, robot, config)
+            controller.install_signal_handlers()
+            controller.prepare_clock()
+            try:
+                controller.run_episode(0, int((args.duration or 60) * args.hz))
+            finally:
+                robot.close()
+            summary = controller.summary([])
+            controller.write(Path(args.out), summary)
+    report = asdict(summary)
+    episodes = report.pop("episodes")
+    print(json.dumps(report, indent=2))
+    if episodes:
+        print(f"success: {sum(e['success'] for e in episodes)}/{len(episodes)} episodes")
+    print(f"metrics: {args.out}/ticks.csv, {args.out}/summary.json")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from ditvla.deploy.transport import new_key_file
+
+    print(f"wrote {new_key_file(args.path)} (give the server and the robot the same file)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
@@ -271,6 +369,84 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="outputs/eval", help="output folder (outputs/eval)")
     evaluation.set_defaults(func=_cmd_eval)
 
+    serve = commands.add_parser(
+        "serve",
+        help="run a policy as the slow/fast dual-system server for a robot controller",
+        description=(
+            "System 2 (the VLM, its own process) refreshes the context from the newest "
+            "camera frames; System 1 (the DiT head) denoises action chunks from the newest "
+            "context and state and streams them to the controller (`ditvla robot`). "
+            "Loopback only unless --key-file is given."
+        ),
+    )
+    serve.add_argument("--policy", required=True, help="a saved policy folder")
+    serve.add_argument("--address", default="tcp://127.0.0.1:5555", help="where to listen")
+    serve.add_argument("--key-file", help="shared key: authenticates every message")
+    serve.add_argument(
+        "--merge",
+        default="latest",
+        choices=("latest", "ensemble", "rtc"),
+        help="rtc: real-time chunking inpaints new chunks towards the executing plan",
+    )
+    serve.add_argument(
+        "--system1-hz", type=float, default=0, help="chunks/s (0: 2 per n_action_steps)"
+    )
+    serve.add_argument("--system2-hz", type=float, default=0, help="contexts/s (0: as fast)")
+    serve.add_argument("--system1-threads", type=int, default=1, help="torch threads (1)")
+    serve.add_argument("--system2-threads", type=int, default=1, help="torch threads (1)")
+    serve.add_argument(
+        "--max-context-age", type=float, default=1.0, help="s; older: no new chunks (1.0)"
+    )
+    serve.add_argument("--action-low", type=float, help="clip actions below")
+    serve.add_argument("--action-high", type=float, help="clip actions above")
+    serve.add_argument("--inference-steps", type=int, help="denoising steps (the policy's)")
+    serve.add_argument("--duration", type=float, help="stop after this many seconds")
+    serve.add_argument("--quiet", action="store_true", help="no status line every second")
+    serve.set_defaults(func=_cmd_serve)
+
+    robot = commands.add_parser(
+        "robot",
+        help="the robot controller process: a fixed-rate loop fed by `ditvla serve`",
+        description=(
+            "Run the control loop at --hz: execute the action due at each tick, hold the "
+            "robot when none is due (or the watchdog fires), send observations. --sim runs "
+            "a simulator in real time as the robot; --robot drives a LeRobot robot through "
+            "its own API. Writes OUT/ticks.csv and OUT/summary.json."
+        ),
+    )
+    target = robot.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sim", help="metaworld:<task>, stepped in real time")
+    target.add_argument("--robot", help="a LeRobot robot type, e.g. so101_follower")
+    robot.add_argument(
+        "--robot-arg", action="append", default=[], help="KEY=VALUE for the robot's config"
+    )
+    robot.add_argument("--instruction", default="", help="the task instruction (--robot)")
+    robot.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy server")
+    robot.add_argument("--key-file", help="the server's shared key")
+    robot.add_argument("--hz", type=float, default=50.0, help="control rate (50)")
+    robot.add_argument(
+        "--merge", default="latest", choices=("latest", "ensemble", "rtc"), help="chunk merging"
+    )
+    robot.add_argument("--watchdog", type=float, default=0.5, help="s without chunks: hold (0.5)")
+    robot.add_argument("--action-low", type=float, help="clip actions below")
+    robot.add_argument("--action-high", type=float, help="clip actions above")
+    robot.add_argument("--episodes", type=int, default=1, help="episodes (--sim) (1)")
+    robot.add_argument("--seed-start", type=int, default=100_000, help="first seed (100000)")
+    robot.add_argument("--max-steps", type=int, default=500, help="ticks per episode (500)")
+    robot.add_argument("--duration", type=float, help="run for this many seconds instead")
+    robot.add_argument("--camera-hz", type=float, default=10.0, help="sim camera rate (10)")
+    robot.add_argument("--out", default="outputs/robot", help="metrics folder (outputs/robot)")
+    robot.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="do not ask for SCHED_FIFO (by default used where permitted: root/CAP_SYS_NICE)",
+    )
+    robot.set_defaults(func=_cmd_robot)
+
+    keygen = commands.add_parser("keygen", help="write a random shared key for serve/robot")
+    keygen.add_argument("path", help="the key file to write (mode 600)")
+    keygen.set_defaults(func=_cmd_keygen)
+
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(
         dest="dataset_command", metavar="ACTION", required=True
@@ -343,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, CheckpointError, TransportError, FileNotFoundError, ValueError) as exc:
         print(f"ditvla: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

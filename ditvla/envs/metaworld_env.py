@@ -120,6 +120,7 @@ class MetaWorldEnv(gym.Env):
         self._env = env
         self._scene_flags_set = False
         self.max_episode_steps = max_episode_steps or env.max_path_length
+        env.max_path_length = max(env.max_path_length, self.max_episode_steps)  # its own limit
         self._steps = 0
         image_space = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(
@@ -131,6 +132,14 @@ class MetaWorldEnv(gym.Env):
         )
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self._raw_obs: np.ndarray | None = None
+
+    @property
+    def mujoco_model(self) -> mujoco.MjModel:
+        return self._env.model
+
+    @property
+    def mujoco_data(self) -> mujoco.MjData:
+        return self._env.data
 
     # ------------------------------------------------------------------ rendering
     def _fast_scene(self) -> None:

@@ -7,8 +7,11 @@ Both expose the same two calls:
   come from torch's global generator, which the trainer seeds and checkpoints;
 - ``step_times(num_steps) -> (S,)``: the time of each denoising step, known before
   sampling starts (so a head can prepare its conditioning for all steps at once);
-- ``sample(predict, noise, num_steps) -> actions``: denoise from pure noise, calling
-  ``predict(x, step)`` once per step with the step's index into ``step_times``.
+- ``sample(predict, noise, num_steps, guide=None) -> actions``: denoise from pure noise,
+  calling ``predict(x, step)`` once per step with the step's index into ``step_times``.
+  ``guide(x0)``, if given, may move each step's estimate of the clean actions (inpainting:
+  real-time chunking pulls the new chunk towards the actions already committed to); the
+  step then continues from the moved estimate.
 
 ``time`` is a float tensor (B,) in [0, 1] for both (DDPM's integer step k is passed as
 k / num_train_timesteps), so the head's timestep embedding does not care which is used.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
+Guide = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,17 @@ class FlowMatching:
     def step_times(self, num_steps: int) -> torch.Tensor:
         return 1.0 - torch.arange(num_steps, dtype=torch.float32) / num_steps
 
-    def sample(self, predict: Predict, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    def sample(
+        self, predict: Predict, noise: torch.Tensor, num_steps: int, guide: Guide | None = None
+    ) -> torch.Tensor:
         x = noise
         dt = 1.0 / num_steps
         for i in range(num_steps):
-            x = x - dt * predict(x, i)
+            velocity = predict(x, i)
+            if guide is not None:  # x_t = x0 + t * velocity: move x0, keep x_t
+                t = 1.0 - i * dt
+                velocity = (x - guide(x - t * velocity)) / t
+            x = x - dt * velocity
         return x
 
 
@@ -96,7 +106,9 @@ class DDPM:
         ks = torch.tensor(self._step_indices(num_steps), dtype=torch.float32)
         return (ks + 1) / self.num_train_timesteps
 
-    def sample(self, predict: Predict, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    def sample(
+        self, predict: Predict, noise: torch.Tensor, num_steps: int, guide: Guide | None = None
+    ) -> torch.Tensor:
         alpha_bars = self.alpha_bars.to(noise.device, noise.dtype)
         ks = self._step_indices(num_steps)
         x = noise
@@ -104,6 +116,9 @@ class DDPM:
             eps = predict(x, i)
             ab = alpha_bars[k]
             x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            if guide is not None:
+                x0 = guide(x0)
+                eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
             ab_prev = alpha_bars[ks[i + 1]] if i + 1 < len(ks) else torch.ones((), device=x.device)
             x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
         return x

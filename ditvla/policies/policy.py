@@ -184,8 +184,11 @@ class DiTVLAPolicy(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ two halves
-    def _as_batch(self, observation: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        for key in ("images", "instruction") + (("state",) if self.config.state_dim else ()):
+    def _as_batch(
+        self, observation: dict[str, Any], need_state: bool = True
+    ) -> tuple[dict[str, Any], bool]:
+        needs_state = need_state and self.config.state_dim
+        for key in ("images", "instruction") + (("state",) if needs_state else ()):
             if key not in observation:
                 raise PolicyInputError(f"observation is missing {key!r}")
         single = isinstance(observation["instruction"], str)
@@ -201,13 +204,19 @@ class DiTVLAPolicy(nn.Module):
     def encode(self, observation: dict[str, Any]) -> Context:
         """The slow half: cameras + instruction through the VLM -> context (and its cache)."""
         self.eval()
-        batch, _ = self._as_batch(observation)
+        batch, _ = self._as_batch(observation, need_state=False)
         return self._encode(batch)
 
     def _encode(self, batch: dict[str, Any]) -> Context:
         images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
         ids, text_mask = self.backbone.tokenize(batch["instruction"], self.device)
         tokens, mask = self.backbone(images.to(self.device), ids, text_mask)
+        return self.context_from(tokens, mask)
+
+    def context_from(self, tokens: torch.Tensor, mask: torch.Tensor) -> Context:
+        """A context from VLM tokens (B, L, width) and mask (B, L) computed elsewhere (the
+        runtime's System 2 process): the head's per-layer cache is built here."""
+        tokens, mask = tokens.to(self.device), mask.to(self.device).bool()
         return Context(tokens, mask, self.head.prepare_context(tokens, mask))
 
     @torch.no_grad()
@@ -218,8 +227,15 @@ class DiTVLAPolicy(nn.Module):
         *,
         noise: torch.Tensor | None = None,
         num_steps: int | None = None,
+        inpaint: tuple[Any, Any] | None = None,
     ) -> torch.Tensor:
-        """The fast half: denoise an action chunk (B, H, A), in the robot's units."""
+        """The fast half: denoise an action chunk (B, H, A), in the robot's units.
+
+        ``inpaint=(actions, weights)``: actions (B, H, A) or (H, A) in the robot's units and
+        weights (H,) or (B, H) in [0, 1]; each denoising step moves its clean-action estimate
+        towards ``actions`` by ``weights`` (1: keep that action, 0: free). Real-time chunking
+        uses it to keep the actions that execute while this chunk is computed.
+        """
         self.eval()
         b = context.tokens.shape[0]
         norm_state = None
@@ -240,9 +256,29 @@ class DiTVLAPolicy(nn.Module):
         steps = num_steps or self.config.num_inference_steps
         conditions = self.head.condition_steps(self.schedule.step_times(steps), norm_state, b)
         chunk = self.schedule.sample(
-            lambda x, i: self.head(x, conditions[i], context.cache), noise.to(self.device), steps
+            lambda x, i: self.head(x, conditions[i], context.cache),
+            noise.to(self.device),
+            steps,
+            guide=self._inpainting_guide(inpaint, shape) if inpaint is not None else None,
         )
         return self.normalizer.unnormalize("action", chunk)
+
+    def _inpainting_guide(self, inpaint: tuple[Any, Any], shape: tuple[int, int, int]):
+        actions, weights = (torch.as_tensor(np.asarray(v, np.float32)) for v in inpaint)
+        if actions.ndim == 2 and tuple(actions.shape) == shape[1:]:
+            actions = actions.expand(shape)
+        if weights.ndim == 1 and weights.shape[0] == shape[1]:
+            weights = weights.expand(shape[:2])
+        if tuple(actions.shape) != shape or tuple(weights.shape) != shape[:2]:
+            raise PolicyInputError(
+                f"inpaint actions {tuple(actions.shape)} / weights {tuple(weights.shape)} do not "
+                f"fit chunks of shape {shape}"
+            )
+        if not (torch.isfinite(actions).all() and ((weights >= 0) & (weights <= 1)).all()):
+            raise PolicyInputError("inpaint actions must be finite and weights in [0, 1]")
+        target = self.normalizer.normalize("action", actions.to(self.device))
+        weights = weights.to(self.device)[..., None]
+        return lambda x0: x0 + weights * (target - x0)
 
     # ------------------------------------------------------------------ LeRobot API
     def reset(self) -> None:

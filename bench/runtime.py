@@ -1,0 +1,238 @@
+"""Runtime benchmark: a 50 Hz controller with the slow and fast systems running, and the
+round trip of one observation + one action chunk through our transport vs LeRobot's
+async-inference gRPC/pickle path, on loopback, in the same run.
+
+1. `ditvla serve` (a tiny policy over two 128x128 cameras: System 2 in its own process,
+   System 1 in the server) and `ditvla robot --sim metaworld:drawer-close-v3 --hz 50`
+   run as separate processes for --duration seconds; the controller's summary gives the
+   tick jitter (start of tick minus its deadline), missed deadlines, latency and rates.
+2. Round trips: the client sends an observation (two uint8 128x128x3 frames + a 39-D
+   float32 state) and waits for a 16x7 float32 chunk from a server process that answers
+   at once. Ours: ZeroMQ + header/raw buffers (ditvla.deploy.transport). LeRobot's:
+   its AsyncInference gRPC service with its own chunked-bytes helpers and pickle, as
+   lerobot's robot_client / policy_server do (SendObservations, then GetActions).
+
+    python bench/runtime.py [--duration 120] [--round-trips 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+OBS_IMAGES = {"corner": (128, 128, 3), "gripperPOV": (128, 128, 3)}
+STATE_DIM, HORIZON, ACTION_DIM = 39, 16, 7
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- 1. control loop
+def control_loop(duration: float, folder: Path) -> dict:
+    import torch
+
+    from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+
+    torch.manual_seed(0)
+    config = PolicyConfig.preset(
+        "tiny", cameras=list(OBS_IMAGES), image_size=128, state_dim=STATE_DIM, action_dim=4
+    )
+    DiTVLAPolicy(config).save_pretrained(folder / "policy")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cli = [sys.executable, "-m", "ditvla.cli"]
+    server = subprocess.Popen(
+        [*cli, "serve", "--policy", str(folder / "policy"), "--address", address, "--quiet"]
+    )
+    try:
+        subprocess.run(
+            [
+                *cli,
+                "robot",
+                "--sim",
+                "metaworld:drawer-close-v3",
+                "--server",
+                address,
+                "--hz",
+                "50",
+                "--duration",
+                str(duration),
+                "--max-steps",
+                "500",
+                "--out",
+                str(folder / "robot"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    finally:
+        server.terminate()
+        server.wait()
+    return json.loads((folder / "robot" / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------- 2. round trips
+def _observation_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"image.{cam}": rng.integers(0, 256, shape, dtype=np.uint8)
+        for cam, shape in OBS_IMAGES.items()
+    }
+    arrays["state"] = rng.normal(size=STATE_DIM).astype(np.float32)
+    return arrays
+
+
+def _ours_server(address: str) -> None:
+    from ditvla.deploy.messages import Message
+    from ditvla.deploy.transport import Channel
+
+    chunk = np.zeros((HORIZON, ACTION_DIM), np.float32)
+    with Channel(address, bind=True) as channel:
+        while True:
+            message = channel.receive(timeout_ms=1000)
+            if message is None:
+                continue
+            meta = {
+                "start_tick": message.meta["tick"],
+                "obs_time": message.meta["time"],
+                "context_tick": message.meta["tick"],
+                "episode": 0,
+            }
+            channel.send(Message("actions", meta, {"actions": chunk}))
+
+
+def ours_round_trips(n: int) -> np.ndarray:
+    from ditvla.deploy.messages import Message
+    from ditvla.deploy.transport import Channel
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = mp.get_context("spawn").Process(target=_ours_server, args=(address,), daemon=True)
+    server.start()
+    arrays = _observation_arrays()
+    times = []
+    with Channel(address, bind=False) as channel:
+        for i in range(n + 20):
+            started = time.perf_counter()
+            channel.send(
+                Message(
+                    "observation",
+                    {"tick": i, "time": started, "episode": 0, "instruction": "close the drawer"},
+                    arrays,
+                )
+            )
+            reply = channel.receive(timeout_ms=30_000)
+            assert reply is not None and reply.arrays["actions"].shape == (HORIZON, ACTION_DIM)
+            times.append(time.perf_counter() - started)
+    server.kill()
+    return np.array(times[20:]) * 1e3
+
+
+def _lerobot_server(port: int) -> None:
+    import grpc
+    import torch
+    from lerobot.async_inference.helpers import TimedAction
+    from lerobot.transport import services_pb2, services_pb2_grpc
+    from lerobot.transport.utils import receive_bytes_in_chunks
+
+    class Servicer(services_pb2_grpc.AsyncInferenceServicer):
+        def __init__(self):
+            self.last = None
+            self.shutdown = mp.get_context("spawn").Event()
+
+        def SendObservations(self, request_iterator, context):
+            data = receive_bytes_in_chunks(request_iterator, None, self.shutdown)
+            self.last = pickle.loads(data)  # lerobot's path (we never do this)
+            return services_pb2.Empty()
+
+        def GetActions(self, request, context):
+            obs = self.last
+            chunk = [
+                TimedAction(
+                    timestamp=obs.get_timestamp(),
+                    timestep=obs.get_timestep() + i,
+                    action=torch.zeros(ACTION_DIM),
+                )
+                for i in range(HORIZON)
+            ]
+            return services_pb2.Actions(data=pickle.dumps(chunk))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    services_pb2_grpc.add_AsyncInferenceServicer_to_server(Servicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def lerobot_round_trips(n: int) -> np.ndarray:
+    import grpc
+    from lerobot.async_inference.helpers import TimedObservation
+    from lerobot.transport import services_pb2, services_pb2_grpc
+    from lerobot.transport.utils import grpc_channel_options, send_bytes_in_chunks
+
+    port = free_port()
+    server = mp.get_context("spawn").Process(target=_lerobot_server, args=(port,), daemon=True)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", grpc_channel_options())
+    grpc.channel_ready_future(channel).result(timeout=60)
+    stub = services_pb2_grpc.AsyncInferenceStub(channel)
+    arrays = _observation_arrays()
+    raw = {k.removeprefix("image."): v for k, v in arrays.items() if k.startswith("image.")}
+    raw.update({f"joint_{j}.pos": float(v) for j, v in enumerate(arrays["state"])})
+    raw["task"] = "close the drawer"
+    times = []
+    for i in range(n + 20):
+        started = time.perf_counter()
+        obs = TimedObservation(timestamp=time.time(), timestep=i, observation=raw)
+        stub.SendObservations(send_bytes_in_chunks(pickle.dumps(obs), services_pb2.Observation))
+        reply = stub.GetActions(services_pb2.Empty())
+        actions = pickle.loads(reply.data)
+        assert len(actions) == HORIZON
+        times.append(time.perf_counter() - started)
+    channel.close()
+    server.kill()
+    return np.array(times[20:]) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=120.0, help="control-loop seconds")
+    parser.add_argument("--round-trips", type=int, default=300)
+    args = parser.parse_args()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+    with tempfile.TemporaryDirectory() as folder:
+        summary = control_loop(args.duration, Path(folder))
+    print(
+        f"control loop: {summary['ticks']} ticks at {summary['control_hz']:.1f} Hz | jitter "
+        f"p50 {summary['jitter_p50_ms']:.3f} ms, p99 {summary['jitter_p99_ms']:.3f} ms, max "
+        f"{summary['jitter_max_ms']:.2f} ms | missed {summary['missed_deadlines']} | "
+        f"obs->action p50 {summary['latency_p50_ms']:.0f} ms | S1 {summary['system1_hz']:.1f} Hz, "
+        f"S2 {summary['system2_hz']:.1f} Hz | held ticks {summary['held_ticks']}"
+    )
+    ours = ours_round_trips(args.round_trips)
+    theirs = lerobot_round_trips(args.round_trips)
+    for name, t in (("ditvla zmq", ours), ("lerobot grpc+pickle", theirs)):
+        print(f"round trip {name}: p50 {np.median(t):.3f} ms, p99 {np.percentile(t, 99):.3f} ms")
+    print(
+        f"50 Hz control: p99 jitter {summary['jitter_p99_ms']:.2f} ms, missed "
+        f"{summary['missed_deadlines']}; transport round trip {np.median(ours):.2f} ms vs "
+        f"lerobot {np.median(theirs):.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
