@@ -101,6 +101,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "horizon": getattr(args, "policy.horizon"),
         "n_action_steps": getattr(args, "policy.n_action_steps"),
         "head": {"conditioning": getattr(args, "policy.conditioning")},
+        "foresight": {
+            "kind": getattr(args, "policy.foresight"),
+            "weight": getattr(args, "policy.foresight_weight"),
+            "k": getattr(args, "policy.foresight_k"),
+            "method": getattr(args, "policy.foresight_method"),
+            "size": getattr(args, "policy.foresight_size"),
+        },
     }
     config = TrainConfig(
         dataset=args.dataset,
@@ -317,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy.conditioning",
         default="cross_attention",
         choices=("cross_attention", "in_context"),
+    )
+    train.add_argument(
+        "--policy.foresight",
+        default="off",
+        choices=("off", "motion"),
+        help="motion: train a motion-foresight head jointly (optical flow t -> t+k; skipped "
+        "at inference)",
+    )
+    train.add_argument(
+        "--policy.foresight-weight", type=float, default=0.1, help="its loss weight (0.1)"
+    )
+    train.add_argument("--policy.foresight-k", type=int, default=4, help="frames ahead (4)")
+    train.add_argument(
+        "--policy.foresight-method", default="dis", choices=("dis", "farneback"), help="(dis)"
+    )
+    train.add_argument(
+        "--policy.foresight-size", type=int, default=16, help="motion image side (16)"
     )
     train.add_argument("--policy.horizon", type=int, default=16, help="action chunk length (16)")
     train.add_argument(

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.training_state import latest_checkpoint, read_checkpoint, write_checkpoint
@@ -150,6 +151,21 @@ class _Batches:
             return batch
 
 
+def _attach_motion_targets(dataset, policy_config, main_process: bool, distributed: bool) -> None:
+    """Optical-flow targets of the foresight head: computed once (and cached in the store)
+    by the main process, attached to the dataset, their scale recorded in the config."""
+    foresight = policy_config.foresight
+    spec = MotionTargetSpec(foresight.camera, foresight.k, foresight.method, foresight.size)
+    if main_process:
+        targets, scale = load_or_compute_motion_targets(dataset.path, spec)
+    if distributed:
+        dist.barrier()
+    if not main_process:
+        targets, scale = load_or_compute_motion_targets(dataset.path, spec, progress=False)
+    dataset.frame_targets["motion"] = targets.astype(np.float16)
+    foresight.scale = scale
+
+
 def train(config: TrainConfig) -> Path:
     """Run training; returns the folder of the final policy (EMA weights when EMA is on)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -182,6 +198,8 @@ def train(config: TrainConfig) -> Path:
     if not main_process:
         stats = dataset.stats()
     policy_config = PolicyConfig.for_dataset(dataset, config.preset, **overrides)
+    if policy_config.foresight.enabled:
+        _attach_motion_targets(dataset, policy_config, main_process, distributed)
     policy = DiTVLAPolicy(policy_config, stats).to(device)
     model = torch.nn.parallel.DistributedDataParallel(policy) if distributed else policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -254,14 +272,17 @@ def train(config: TrainConfig) -> Path:
     for step in range(start_step, config.steps):
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
+        parts: dict[str, float] = {}  # the loss's parts (action, foresight) and metrics
         for micro in range(config.grad_accum):
             batch = batches.next()
             sync = micro == config.grad_accum - 1 or not distributed
             # Gradients are all-reduced once per step, on its last micro-batch.
             with model.no_sync() if not sync else nullcontext(), autocast:
-                loss, _ = model(batch)
+                loss, metrics = model(batch)
             (loss / config.grad_accum).backward()
             loss_sum += loss.item() / config.grad_accum
+            for key, value in metrics.items():
+                parts[key] = parts.get(key, 0.0) + value / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -279,14 +300,16 @@ def train(config: TrainConfig) -> Path:
                 "loss": loss_sum,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
+                **parts,
             }
             metrics_file.write(json.dumps(record) + "\n")
             if done % config.log_every == 0 or done == config.steps:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
                 window_start, window_samples = time.perf_counter(), 0
-                for key in ("loss", "lr", "grad_norm"):
-                    writer.add_scalar(f"train/{key}", record[key], done)
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, done)
                 writer.add_scalar("train/samples_per_s", rate, done)
                 bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{rate:.0f}")
                 metrics_file.flush()

@@ -114,6 +114,9 @@ class ReplayBufferDataset(Dataset):
         self.task_index = buffer.episode_task_index
         self.image_shapes = {cam: buffer.shape(cam) for cam in self.cameras}
         self.fps = buffer.fps
+        # per-frame training targets computed elsewhere (e.g. motion images), by name:
+        # arrays (n_frames, ...) whose row of the current frame is added to each sample
+        self.frame_targets: dict[str, np.ndarray] = {}
         self._buffer: ReplayBuffer | None = buffer
         self._pid = os.getpid()
         self._rng: np.random.Generator | None = None
@@ -171,6 +174,7 @@ class ReplayBufferDataset(Dataset):
         samples = []
         for i in range(len(frames.anchor)):
             episode = int(frames.episode[i])
+            anchor = int(frames.anchor[i])
             sample_images = {}
             for cam, batch in images.items():
                 view = batch[i] if self.augmentation is None else self.augmentation(batch[i], rng)
@@ -185,7 +189,11 @@ class ReplayBufferDataset(Dataset):
                     "instruction": self.instructions[episode],
                     "task_index": int(self.task_index[episode]),
                     "episode_index": episode,
-                    "frame_index": int(frames.anchor[i]),
+                    "frame_index": anchor,
+                    **{
+                        name: torch.from_numpy(values[anchor].astype(np.float32))
+                        for name, values in self.frame_targets.items()
+                    },
                 }
             )
         return samples

@@ -295,10 +295,19 @@ class DiTActionHead(nn.Module):
         return [cond.rows(i * batch, (i + 1) * batch) for i in range(steps)]
 
     def forward(
-        self, noisy_actions: torch.Tensor, cond: Conditioning, cache: ContextCache
+        self,
+        noisy_actions: torch.Tensor,
+        cond: Conditioning,
+        cache: ContextCache,
+        token_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """noisy_actions (B, H, A) -> the denoising target's prediction (B, H, A)."""
+        """noisy_actions (B, H, A) -> the denoising target's prediction (B, H, A).
+
+        ``token_inputs`` (B, H, width), if given, is added to the embedded tokens (the
+        foresight head's path from the current frame)."""
         x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+        if token_inputs is not None:
+            x = x + token_inputs
         n_extra = 0 if cond.tokens is None else cond.tokens.shape[1]
         if n_extra:
             x = torch.cat([cond.tokens, x], dim=1)

@@ -32,6 +32,7 @@ from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
 from ditvla.policies.errors import CheckpointError, PolicyInputError
+from ditvla.policies.foresight_head import ForesightConfig, MotionForesightHead
 from ditvla.policies.noise_schedules import make_schedule
 
 POLICY_FORMAT = "ditvla.policy"
@@ -62,12 +63,21 @@ class PolicyConfig:
     action_norm: NormMode = "mean_std"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    foresight: ForesightConfig = field(default_factory=ForesightConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
         if isinstance(self.head, dict):
             self.head = ActionHeadConfig(**self.head)
+        if isinstance(self.foresight, dict):
+            self.foresight = ForesightConfig(**self.foresight)
+        if self.foresight.enabled and self.cameras:
+            self.foresight.camera = self.foresight.camera or self.cameras[0]
+            if self.foresight.camera not in self.cameras:
+                raise ValueError(
+                    f"foresight camera {self.foresight.camera!r} is not one of {self.cameras}"
+                )
         make_schedule(self.objective)  # validates the name
         if self.n_action_steps == 0:
             self.n_action_steps = max(1, self.horizon // 2)
@@ -91,7 +101,8 @@ class PolicyConfig:
             )
         backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
         head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
-        return cls(backbone=backbone, head=head, **overrides)
+        foresight = ForesightConfig(**overrides.pop("foresight", {}))
+        return cls(backbone=backbone, head=head, foresight=foresight, **overrides)
 
     @classmethod
     def for_dataset(
@@ -177,6 +188,12 @@ class DiTVLAPolicy(nn.Module):
         if config.state_dim:
             modes["state"] = config.state_norm
         self.normalizer = Normalizer(stats, modes)
+        # trained jointly, never run by encode / act / select_action
+        self.foresight = (
+            MotionForesightHead(config.foresight, self.backbone.width)
+            if config.foresight.enabled
+            else None
+        )
         self._queue: deque[torch.Tensor] = deque()
 
     @property
@@ -207,8 +224,9 @@ class DiTVLAPolicy(nn.Module):
         batch, _ = self._as_batch(observation, need_state=False)
         return self._encode(batch)
 
-    def _encode(self, batch: dict[str, Any]) -> Context:
-        images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
+    def _encode(self, batch: dict[str, Any], images: torch.Tensor | None = None) -> Context:
+        if images is None:
+            images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
         ids, text_mask = self.backbone.tokenize(batch["instruction"], self.device)
         tokens, mask = self.backbone(images.to(self.device), ids, text_mask)
         return self.context_from(tokens, mask)
@@ -306,7 +324,8 @@ class DiTVLAPolicy(nn.Module):
         """
         images = {cam: v[:, -1] for cam, v in batch["images"].items()}
         obs = {"images": images, "instruction": batch["instruction"]}
-        context = self._encode(obs)
+        pixels = _image_batch(images, self.config.cameras, self.config.image_size).to(self.device)
+        context = self._encode(obs, pixels)
         actions = batch["action"].to(self.device).float()
         if actions.shape[1:] != (self.config.horizon, self.config.action_dim):
             raise PolicyInputError(
@@ -325,14 +344,31 @@ class DiTVLAPolicy(nn.Module):
         error = (prediction - target) ** 2
         valid = ~batch["action_is_pad"].to(self.device)
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
-        return loss, {"action_loss": loss.item()}
+        metrics = {"action_loss": loss.item()}
+        if self.foresight is not None:
+            if "motion" not in batch:
+                raise PolicyInputError(
+                    "foresight is on but the batch has no 'motion' targets "
+                    "(the trainer attaches them: ditvla.datasets.motion_targets)"
+                )
+            camera = self.config.cameras.index(self.config.foresight.camera)
+            motion_loss, motion_metrics = self.foresight.loss(
+                context.tokens,
+                context.mask,
+                pixels[:, camera],
+                batch["motion"].to(self.device).float(),
+            )
+            loss = loss + self.config.foresight.weight * motion_loss
+            metrics.update(motion_metrics)
+        return loss, metrics
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, *, drop_foresight: bool = False) -> None:
         """Write config.json, model.safetensors and the VLM's config/tokenizer to ``folder``.
 
         Written into a temporary sibling folder and renamed into place, so a crash never
-        leaves a half-written policy under the final name.
+        leaves a half-written policy under the final name. ``drop_foresight`` leaves out
+        the motion-foresight head (inference never runs it): a smaller deployable folder.
         """
         from safetensors.torch import save_file
 
@@ -341,13 +377,13 @@ class DiTVLAPolicy(nn.Module):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        meta = {
-            "format": POLICY_FORMAT,
-            "format_version": POLICY_FORMAT_VERSION,
-            "policy": self.config.to_dict(),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        config = self.config.to_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if drop_foresight:
+            config["foresight"]["kind"] = "off"
+            state = {k: v for k, v in state.items() if not k.startswith("foresight.")}
+        meta = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "policy": config}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
         self.backbone.vlm_config.save_pretrained(tmp / VLM_FOLDER)
         self.backbone.tokenizer.save_pretrained(tmp / VLM_FOLDER)
