@@ -241,6 +241,40 @@ def _cmd_robot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from ditvla.policies.policy import DiTVLAPolicy
+    from ditvla.policies.quantization import (
+        QuantizationConfig,
+        measure,
+        observations_from_store,
+        quantize_policy,
+        report_markdown,
+    )
+
+    config = QuantizationConfig(
+        scheme=args.scheme,
+        backend=args.backend,
+        language_mlp="language_mlp" in args.layout.split(","),
+        head_mlp="head_mlp" in args.layout.split(","),
+        attention_temperature_matching=not args.no_atm,
+        output_head_balancing=not args.no_ohb,
+    )
+    policy = DiTVLAPolicy.from_pretrained(args.policy).eval()
+    calibration = observations_from_store(args.calibration, policy, args.frames)
+    result = quantize_policy(policy, config, calibration)
+    out = Path(args.out)
+    result.save(out)
+    held_out = observations_from_store(args.calibration, policy, args.frames, held_out=True)
+    report = measure(policy, result, held_out)
+    (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quantization_report.md").write_text(report_markdown(report))
+    print(report_markdown(report))
+    print(f"quantized policy: {out}")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from ditvla.deploy.transport import new_key_file
 
@@ -466,6 +500,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask for SCHED_FIFO (by default used where permitted: root/CAP_SYS_NICE)",
     )
     robot.set_defaults(func=_cmd_robot)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="post-training quantization of a saved policy (QuantVLA-style)",
+        description=(
+            "Integerize the language model's and the DiT heads' MLP layers (attention, "
+            "embeddings, norms and the action projection stay float), calibrate attention "
+            "temperature matching and output head balancing on frames of a zarr store, "
+            "and write a policy folder that from_pretrained, eval and serve load like any "
+            "other, with OUT/quantization_report.{md,json} (memory, latency, action error)."
+        ),
+    )
+    quantize.add_argument("--policy", required=True, help="a saved (float) policy folder")
+    quantize.add_argument("--calibration", required=True, help="a zarr store the policy fits")
+    quantize.add_argument("--scheme", default="w8a8", choices=("w8a8", "w8", "w4a8"))
+    quantize.add_argument(
+        "--backend",
+        default="fbgemm",
+        choices=("fbgemm", "torchao"),
+        help="fbgemm: PyTorch's dynamic int8 kernels (w8a8, fastest on CPU here); torchao",
+    )
+    quantize.add_argument(
+        "--layout", default="language_mlp,head_mlp", help="which MLPs to integerize"
+    )
+    quantize.add_argument("--frames", type=int, default=64, help="calibration frames (64)")
+    quantize.add_argument("--no-atm", action="store_true", help="no attention temperature matching")
+    quantize.add_argument("--no-ohb", action="store_true", help="no output head balancing")
+    quantize.add_argument("--out", required=True, help="the quantized policy folder to write")
+    quantize.set_defaults(func=_cmd_quantize)
 
     keygen = commands.add_parser("keygen", help="write a random shared key for serve/robot")
     keygen.add_argument("path", help="the key file to write (mode 600)")

@@ -37,6 +37,9 @@ from ditvla.policies.noise_schedules import make_schedule
 
 POLICY_FORMAT = "ditvla.policy"
 POLICY_FORMAT_VERSION = 1
+# A quantized policy: float weights (corrections folded in) + the recipe that re-quantizes
+# them at load. Format 1 readers refuse it with "upgrade ditvla".
+QUANTIZED_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VLM_FOLDER = "vlm"
@@ -363,12 +366,20 @@ class DiTVLAPolicy(nn.Module):
         return loss, metrics
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, folder: str | Path, *, drop_foresight: bool = False) -> None:
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        *,
+        drop_foresight: bool = False,
+        quantization: dict[str, Any] | None = None,
+    ) -> None:
         """Write config.json, model.safetensors and the VLM's config/tokenizer to ``folder``.
 
         Written into a temporary sibling folder and renamed into place, so a crash never
         leaves a half-written policy under the final name. ``drop_foresight`` leaves out
         the motion-foresight head (inference never runs it): a smaller deployable folder.
+        ``quantization`` (a recipe from :mod:`ditvla.policies.quantization`) marks these
+        float weights to be quantized when loaded.
         """
         from safetensors.torch import save_file
 
@@ -382,7 +393,10 @@ class DiTVLAPolicy(nn.Module):
         if drop_foresight:
             config["foresight"]["kind"] = "off"
             state = {k: v for k, v in state.items() if not k.startswith("foresight.")}
-        meta = {"format": POLICY_FORMAT, "format_version": POLICY_FORMAT_VERSION, "policy": config}
+        version = POLICY_FORMAT_VERSION if quantization is None else QUANTIZED_FORMAT_VERSION
+        meta = {"format": POLICY_FORMAT, "format_version": version, "policy": config}
+        if quantization is not None:
+            meta["quantization"] = quantization
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
         self.backbone.vlm_config.save_pretrained(tmp / VLM_FOLDER)
@@ -421,11 +435,11 @@ class DiTVLAPolicy(nn.Module):
         if meta.get("format") != POLICY_FORMAT:
             raise CheckpointError(f"{folder}: not a ditvla policy (format {meta.get('format')!r})")
         version = meta.get("format_version", 0)
-        if version != POLICY_FORMAT_VERSION:
+        if version not in (POLICY_FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
             raise CheckpointError(
                 f"{folder}: saved by a ditvla with policy format {version}, this version reads "
-                f"format {POLICY_FORMAT_VERSION}"
-                + ("; upgrade ditvla" if version > POLICY_FORMAT_VERSION else "")
+                f"formats {POLICY_FORMAT_VERSION} and {QUANTIZED_FORMAT_VERSION}"
+                + ("; upgrade ditvla" if version > QUANTIZED_FORMAT_VERSION else "")
             )
         config = PolicyConfig(**meta["policy"])
         config.backbone.pretrained_path = None  # the architecture comes from vlm/
@@ -442,7 +456,12 @@ class DiTVLAPolicy(nn.Module):
                 f"{weights_path}: weights do not match the config (missing "
                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
             )
-        return policy.to(map_location)
+        policy = policy.to(map_location)
+        if "quantization" in meta:
+            from ditvla.policies.quantization import QuantizationConfig, apply_recipe
+
+            apply_recipe(policy.eval(), QuantizationConfig(**meta["quantization"]))
+        return policy
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:

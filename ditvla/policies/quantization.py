@@ -1,0 +1,470 @@
+"""Post-training quantization of a trained policy, QuantVLA-style.
+
+**Selective layout** (configurable): integerize the linear layers of the language model's
+MLPs and of the DiT heads' MLPs; keep in floating point the attention projections,
+embeddings, norms, the vision encoder, adaLN modulations and the input/output projections
+of the heads (the final action projection above all).
+
+**Corrections**, calibrated on a small unlabeled buffer of observations, both folded into
+floating-point weights so that they cost nothing at run time:
+
+- *attention temperature matching* (ATM): quantizing the MLPs shifts the residual stream
+  that feeds each attention layer, and with it the spread of the attention logits; a
+  per-head scale (the float model's logit standard deviation over the quantized one's)
+  restores it, folded into the query projection;
+- *output head balancing* (OHB): a per-layer scale that restores the energy (RMS) the
+  residual stream receives from each attention output projection, folded into it.
+
+**Backends**: torchao's ``quantize_`` (the maintained path: ``w8a8`` int8 dynamic
+activations + int8 weights, ``w8`` int8 weight-only, ``w4a8`` int4 weights + int8
+dynamic activations), and for ``w8a8`` on the CPU also PyTorch's FBGEMM dynamic int8
+kernels (``backend="fbgemm"``), measured faster here in eager mode (see the README).
+
+A quantized policy folder holds the float weights (with the corrections folded in) and
+the recipe; loading re-applies the same deterministic quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+SCHEMES = ("w8a8", "w8", "w4a8")
+BACKENDS = ("torchao", "fbgemm")
+
+
+class QuantizationError(ValueError):
+    """A scheme or backend that cannot run here, or a calibration set that does not fit."""
+
+
+@dataclass
+class QuantizationConfig:
+    scheme: str = "w8a8"
+    backend: str = "torchao"
+    language_mlp: bool = True
+    head_mlp: bool = True
+    attention_temperature_matching: bool = True
+    output_head_balancing: bool = True
+    # filled in by calibration: module name -> scale(s)
+    atm_scales: dict[str, list[float]] = field(default_factory=dict)
+    ohb_scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise QuantizationError(f"unknown scheme {self.scheme!r}; choose {', '.join(SCHEMES)}")
+        if self.backend not in BACKENDS:
+            raise QuantizationError(
+                f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
+            )
+        if self.backend == "fbgemm" and self.scheme != "w8a8":
+            raise QuantizationError(
+                f"the fbgemm backend runs w8a8 only; use --backend torchao for {self.scheme}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- layout
+def _is_language_mlp(name: str) -> bool:
+    return name.startswith("backbone.language.") and ".mlp." in name
+
+
+def _is_head_mlp(name: str) -> bool:
+    return name.startswith(("head.blocks.", "foresight.")) and ".mlp." in name
+
+
+def selected_linears(policy: nn.Module, config: QuantizationConfig) -> list[str]:
+    """Names of the nn.Linear modules the layout integerizes."""
+    names = []
+    for name, module in policy.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if (config.language_mlp and _is_language_mlp(name)) or (
+            config.head_mlp and _is_head_mlp(name)
+        ):
+            names.append(name)
+    return names
+
+
+def supported_schemes() -> list[str]:
+    """The schemes whose kernels run on this machine (tried on a small layer)."""
+    ok = []
+    for scheme in SCHEMES:
+        layer = nn.Sequential(nn.Linear(64, 64))
+        try:
+            _quantize(
+                layer, QuantizationConfig(scheme=scheme), lambda m, n: isinstance(m, nn.Linear)
+            )
+            with torch.inference_mode():
+                layer(torch.randn(2, 64))
+            ok.append(scheme)
+        except Exception:  # any failure means the kernel is unusable here
+            pass
+    return ok
+
+
+def _torchao_config(scheme: str):
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    if scheme == "w8a8":
+        return Int8DynamicActivationInt8WeightConfig()
+    if scheme == "w8":
+        return Int8WeightOnlyConfig()
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4)
+
+
+def _quantize(model: nn.Module, config: QuantizationConfig, keep: Callable) -> None:
+    if config.backend == "fbgemm":
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if isinstance(child, nn.Linear) and keep(child, full):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        quantized = torch.ao.nn.quantized.dynamic.Linear.from_float(
+                            _with_qconfig(child)
+                        )
+                    setattr(module, child_name, quantized)
+        return
+    from torchao.quantization import quantize_
+
+    quantize_(model, _torchao_config(config.scheme), filter_fn=keep)
+
+
+def _with_qconfig(linear: nn.Linear) -> nn.Linear:
+    linear.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    return linear
+
+
+# ---------------------------------------------------------------------- calibration
+def _attention_modules(policy: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Attention layers whose query projection ATM scales: (name, module with q_proj)."""
+    return [
+        (name, module)
+        for name, module in policy.named_modules()
+        if name.startswith("backbone.language.")
+        and hasattr(module, "q_proj")
+        and hasattr(module, "o_proj")
+    ]
+
+
+def _logit_and_output_stats(
+    policy: nn.Module, run: Callable[[], None]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Per-head std of attention logits (from q and k) and RMS of each o_proj output."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[float]] = {}
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for name, attention in _attention_modules(policy):
+        heads = attention.config.num_attention_heads
+        kv_heads = getattr(attention.config, "num_key_value_heads", heads)
+
+        def keep(kind, name=name):
+            def hook(module, inputs, output):
+                captured.setdefault(name, {})[kind] = output.detach().float()
+
+            return hook
+
+        def finish(module, inputs, output, name=name, heads=heads, kv_heads=kv_heads):
+            q, k = captured[name]["q"], captured[name]["k"]
+            b, length, _ = q.shape
+            q = q.reshape(b, length, heads, -1).transpose(1, 2)
+            k = k.reshape(b, length, kv_heads, -1).transpose(1, 2)
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            scores = q @ k.transpose(-1, -2)  # (B, heads, L, L)
+            logits.setdefault(name, []).append(scores.std(dim=(0, 2, 3)))
+            outputs.setdefault(name, []).append(output.detach().float().pow(2).mean().sqrt().item())
+
+        hooks += [
+            attention.q_proj.register_forward_hook(keep("q")),
+            attention.k_proj.register_forward_hook(keep("k")),
+            attention.o_proj.register_forward_hook(finish),
+        ]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (
+        {k: torch.stack(v).mean(0) for k, v in logits.items()},
+        {k: sum(v) / len(v) for k, v in outputs.items()},
+    )
+
+
+@dataclass
+class QuantizedPolicy:
+    model: nn.Module  # the quantized policy, ready to run
+    folded: nn.Module  # the float policy with the ATM / OHB corrections folded in
+    config: QuantizationConfig
+    layers: list[str]  # the integerized layers
+
+    def save(self, folder) -> None:
+        """A policy folder that ``DiTVLAPolicy.from_pretrained`` loads quantized."""
+        self.folded.save_pretrained(folder, quantization=self.config.to_dict())
+
+
+def check_calibration(policy: nn.Module, observations: list[dict[str, Any]]) -> None:
+    """Fail before any weight changes when the calibration data does not fit the policy."""
+    if not observations:
+        raise QuantizationError("no calibration observations")
+    config = policy.config
+    for obs in observations:
+        missing = [k for k in ("images", "instruction") if k not in obs]
+        missing += [f"images/{c}" for c in config.cameras if c not in obs.get("images", {})]
+        if missing:
+            raise QuantizationError(
+                f"calibration observation lacks {', '.join(missing)} (the policy reads "
+                f"cameras {config.cameras} and an instruction)"
+            )
+    with torch.inference_mode():
+        policy.encode(observations[0])  # shapes, dtypes, NaN: the policy's own checks
+
+
+def quantize_policy(
+    policy: nn.Module,
+    config: QuantizationConfig,
+    calibration: Iterable[dict[str, Any]] = (),
+) -> QuantizedPolicy:
+    """Quantize a copy of ``policy`` (left as is) with the selective layout; ATM / OHB
+    calibrated on ``calibration`` (batched observation dicts for ``policy.encode``).
+
+    The corrections are measured on a first quantized copy (statistics of the float
+    model vs the quantized one), folded into the float weights, and the folded float
+    model is quantized again: what is saved (folded float weights + recipe) rebuilds
+    exactly the model returned."""
+    available = supported_schemes()
+    if config.scheme not in available:
+        raise QuantizationError(
+            f"scheme {config.scheme} cannot run on this machine; available here: "
+            f"{', '.join(available) or 'none'}"
+        )
+    observations = list(calibration)
+    corrections = config.attention_temperature_matching or config.output_head_balancing
+    if corrections:
+        check_calibration(policy, observations)
+    layers = selected_linears(policy, config)
+    if not layers:
+        raise QuantizationError("the layout selects no layers (enable language_mlp or head_mlp)")
+    keep = set(layers)
+
+    def encode_all(model):
+        return lambda: [model.encode(obs) for obs in observations]
+
+    folded = copy.deepcopy(policy).eval()
+    if corrections:
+        float_logits, float_rms = _logit_and_output_stats(policy, encode_all(policy))
+        probe = copy.deepcopy(policy).eval()
+        _quantize(probe, config, lambda module, fqn: fqn in keep)
+        quant_logits, quant_rms = _logit_and_output_stats(probe, encode_all(probe))
+        del probe
+        _fold_corrections(folded, config, float_logits, quant_logits, float_rms, quant_rms)
+    model = apply_recipe(copy.deepcopy(folded), config)
+    return QuantizedPolicy(model, folded, config, layers)
+
+
+def _fold_corrections(model, config, float_logits, quant_logits, float_rms, quant_rms) -> None:
+    modules = dict(_attention_modules(model))
+    with torch.no_grad():
+        for name, attention in modules.items():
+            if config.attention_temperature_matching:
+                scale = (float_logits[name] / quant_logits[name].clamp(min=1e-8)).clamp(0.5, 2.0)
+                config.atm_scales[name] = scale.tolist()
+                _scale_query_heads(attention, scale)
+            if config.output_head_balancing:
+                scale = min(2.0, max(0.5, float_rms[name] / max(quant_rms[name], 1e-8)))
+                config.ohb_scales[name] = scale
+                attention.o_proj.weight.mul_(scale)
+                if attention.o_proj.bias is not None:
+                    attention.o_proj.bias.mul_(scale)
+
+
+def _scale_query_heads(attention: nn.Module, scale: torch.Tensor) -> None:
+    q = attention.q_proj
+    per_row = scale.repeat_interleave(q.out_features // scale.numel()).to(q.weight.dtype)
+    q.weight.mul_(per_row[:, None])
+    if q.bias is not None:
+        q.bias.mul_(per_row)
+
+
+def apply_recipe(policy: nn.Module, config: QuantizationConfig) -> nn.Module:
+    """Re-create a saved quantized policy: the corrections are already in the float
+    weights; quantize the same layers the same way."""
+    names = set(selected_linears(policy, config))
+    _quantize(policy, config, lambda module, fqn: fqn in names)
+    policy.quantization = config
+    return policy
+
+
+# ---------------------------------------------------------------------- reporting
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own weights: quantized tensors at their stored size (int8 /
+    packed int4 data plus scales), FBGEMM's packed int8 weights likewise."""
+    total = sum(
+        _tensor_bytes(t)
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    )
+    if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+        weight, bias = module._packed_params._weight_bias()
+        scales = (
+            weight.q_per_channel_scales().numel()
+            if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            else 1
+        )
+        total += weight.int_repr().numel() + scales * 12  # int8 data + scale/zero point
+        total += 0 if bias is None else bias.numel() * bias.element_size()
+    return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    inner = getattr(data, "__tensor_flatten__", None)
+    if inner is not None and type(data) is not torch.Tensor:
+        names, _ = data.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(data, n)) for n in names)
+    return data.numel() * data.element_size()
+
+
+def layer_memory(model: nn.Module, names: Iterable[str]) -> int:
+    modules = dict(model.named_modules())
+    return sum(module_bytes(modules[n]) for n in names)
+
+
+# ---------------------------------------------------------------------- from a store
+def observations_from_store(
+    path, policy: nn.Module, frames: int, *, held_out: bool = False, batch: int = 8, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Batched observations of ``frames`` random frames of a store: from the first 80% of
+    its episodes (calibration), or from the rest (``held_out``, for the action error)."""
+    import numpy as np
+
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    cameras = policy.config.cameras
+    probe = ReplayBufferDataset(path, n_obs_steps=1, horizon=1, cameras=None)
+    missing = [c for c in cameras if c not in probe.cameras]
+    if missing:
+        raise QuantizationError(
+            f"{path}: calibration data lacks camera(s) {', '.join(missing)} that the policy "
+            f"reads (store cameras: {', '.join(probe.cameras) or 'none'})"
+        )
+    if probe.state_dim != policy.config.state_dim:
+        raise QuantizationError(
+            f"{path}: state has {probe.state_dim} values, the policy wants "
+            f"{policy.config.state_dim}"
+        )
+    n_episodes = len(probe.instructions)
+    split = max(1, int(n_episodes * 0.8)) if n_episodes > 1 else n_episodes
+    episodes = list(range(split, n_episodes)) if held_out else list(range(split))
+    if not episodes:
+        episodes = list(range(n_episodes))
+    dataset = ReplayBufferDataset(
+        path, n_obs_steps=1, horizon=1, cameras=cameras, episodes=episodes
+    )
+    rng = np.random.default_rng(seed + held_out)
+    picks = rng.choice(len(dataset), size=min(frames, len(dataset)), replace=False)
+    out = []
+    for start in range(0, len(picks), batch):
+        samples = dataset.__getitems__(picks[start : start + batch].tolist())
+        out.append(
+            {
+                "images": {
+                    c: np.stack([s["images"][c][-1].numpy() for s in samples]) for c in cameras
+                },
+                "instruction": [s["instruction"] for s in samples],
+                "state": np.stack([s["state"][-1].numpy() for s in samples]),
+            }
+        )
+    return out
+
+
+def _median_ms(fn, repeats: int = 20) -> float:
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def measure(float_policy: nn.Module, result: QuantizedPolicy, held_out: list[dict]) -> dict:
+    """Memory of the quantized layers, encode/act latency (batch 1), relative action error
+    on held-out frames with the same noise."""
+    quantized = result.model
+    one = {
+        "images": {c: v[:1] for c, v in held_out[0]["images"].items()},
+        "instruction": held_out[0]["instruction"][:1],
+        "state": held_out[0]["state"][:1],
+    }
+    timings = {}
+    for name, model in (("float", float_policy), ("quantized", quantized)):
+        with torch.inference_mode():
+            context = model.encode(one)
+            timings[name] = {
+                "encode_ms": _median_ms(lambda m=model: m.encode(one)),
+                "act_ms": _median_ms(lambda m=model, c=context: m.act(c, one["state"])),
+            }
+    errors = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for obs in held_out:
+            b = len(obs["instruction"])
+            cfg = float_policy.config
+            noise = torch.randn(b, cfg.horizon, cfg.action_dim, generator=generator)
+            ref = float_policy.act(float_policy.encode(obs), obs["state"], noise=noise)
+            out = quantized.act(quantized.encode(obs), obs["state"], noise=noise)
+            errors.append(((out - ref).norm() / ref.norm().clamp(min=1e-8)).item())
+    before = layer_memory(float_policy, result.layers)
+    after = layer_memory(quantized, result.layers)
+    return {
+        "scheme": result.config.scheme,
+        "backend": result.config.backend,
+        "atm": result.config.attention_temperature_matching,
+        "ohb": result.config.output_head_balancing,
+        "layers": result.layers,
+        "memory_bytes": {"before": before, "after": after},
+        "memory_saved": 1 - after / before,
+        "latency": timings,
+        "act_speedup": timings["float"]["act_ms"] / timings["quantized"]["act_ms"],
+        "encode_speedup": timings["float"]["encode_ms"] / timings["quantized"]["encode_ms"],
+        "relative_action_error": sum(errors) / len(errors),
+    }
+
+
+def report_markdown(report: dict) -> str:
+    lat, mem = report["latency"], report["memory_bytes"]
+    f, q = lat["float"], lat["quantized"]
+    rows = [
+        f"| quantized layers' memory | {mem['before'] / 1e6:.2f} MB | "
+        f"{mem['after'] / 1e6:.2f} MB (-{report['memory_saved']:.0%}) |",
+        f"| `encode` (batch 1) | {f['encode_ms']:.1f} ms | "
+        f"{q['encode_ms']:.1f} ms ({report['encode_speedup']:.2f}x) |",
+        f"| `act` (batch 1) | {f['act_ms']:.1f} ms | "
+        f"{q['act_ms']:.1f} ms ({report['act_speedup']:.2f}x) |",
+    ]
+    layers = "\n".join(f"- `{name}`" for name in report["layers"])
+    on = {True: "on", False: "off"}
+    return (
+        f"# Quantization report\n\nScheme **{report['scheme']}** ({report['backend']}), "
+        f"attention temperature matching {on[report['atm']]}, output head balancing "
+        f"{on[report['ohb']]}.\n\n| | float | quantized |\n|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nRelative action error on held-out frames (same noise): "
+        f"{report['relative_action_error']:.4f}.\n\nQuantized layers "
+        f"({len(report['layers'])}):\n\n{layers}\n"
+    )

@@ -1,0 +1,160 @@
+"""Post-training quantization: layout, schemes, ATM / OHB, saving and loading, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_policy import make_policy, write_reaching_store
+from torch import nn
+
+from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.policies.policy import DiTVLAPolicy
+from ditvla.policies.quantization import (
+    QuantizationConfig,
+    QuantizationError,
+    _logit_and_output_stats,
+    layer_memory,
+    measure,
+    observations_from_store,
+    quantize_policy,
+    supported_schemes,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant") / "reach.zarr"
+    write_reaching_store(path, episodes=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy(store):
+    """A policy whose every weight matters: adaLN-Zero and the zero-initialized action
+    projection get random values, as training would give them."""
+    torch.manual_seed(0)
+    policy, _ = make_policy(store, horizon=8)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.05)
+    return policy.eval()
+
+
+@pytest.fixture(scope="module")
+def calibration(store, policy):
+    return observations_from_store(store, policy, 16)
+
+
+@pytest.fixture(scope="module")
+def held_out(store, policy):
+    return observations_from_store(store, policy, 8, held_out=True)
+
+
+def test_layout_integerizes_only_the_mlps(policy, calibration):
+    result = quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
+    modules = dict(result.model.named_modules())
+    assert result.layers and all(".mlp." in name for name in result.layers)
+    assert any(n.startswith("backbone.language.") for n in result.layers)
+    assert any(n.startswith("head.blocks.") for n in result.layers)
+    for name in result.layers:
+        assert not isinstance(modules[name], nn.Linear) or type(modules[name]) is not nn.Linear
+    for name, module in modules.items():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "action_out", "action_in")):
+            assert type(module) is nn.Linear and module.weight.dtype == torch.float32, name
+    # the float policy is left untouched
+    assert all(type(dict(policy.named_modules())[n]) is nn.Linear for n in result.layers)
+
+
+@pytest.mark.parametrize(
+    "scheme, backend, saved",
+    [("w8a8", "fbgemm", 0.65), ("w8a8", "torchao", 0.65), ("w8", "torchao", 0.65), ("w4a8", "torchao", 0.65)],
+)
+def test_schemes_shrink_the_layers_and_keep_the_actions(policy, calibration, held_out, scheme, backend, saved):
+    if scheme not in supported_schemes():
+        pytest.skip(f"{scheme} kernels unavailable here")
+    result = quantize_policy(policy, QuantizationConfig(scheme, backend), calibration)
+    before = layer_memory(policy, result.layers)
+    assert layer_memory(result.model, result.layers) < (1 - saved) * before
+    report = measure(policy, result, held_out)
+    assert report["relative_action_error"] < 0.05
+    assert report["memory_saved"] > saved
+
+
+def test_atm_and_ohb_restore_the_float_statistics(policy, calibration):
+    def stats(model):
+        return _logit_and_output_stats(model, lambda: [model.encode(o) for o in calibration])
+
+    float_logits, float_rms = stats(policy)
+    plain = quantize_policy(
+        policy,
+        QuantizationConfig("w8a8", "fbgemm", attention_temperature_matching=False, output_head_balancing=False),
+        calibration,
+    )
+    corrected = quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
+    assert corrected.config.atm_scales and corrected.config.ohb_scales
+    for model_stats, name in ((stats(plain.model), "plain"), (stats(corrected.model), "corrected")):
+        logits, rms = model_stats
+        gap = max(abs(float_rms[k] / rms[k] - 1) for k in rms)
+        logit_gap = max((float_logits[k] / logits[k] - 1).abs().max().item() for k in logits)
+        if name == "plain":
+            plain_gap, plain_logit_gap = gap, logit_gap
+        else:
+            assert gap <= plain_gap + 1e-4 and logit_gap <= plain_logit_gap + 1e-4
+
+
+def test_saved_quantized_policy_loads_as_the_same_model(policy, calibration, held_out, tmp_path):
+    result = quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
+    result.save(tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert meta["format_version"] == 2 and meta["quantization"]["scheme"] == "w8a8"
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "q")
+    obs = held_out[0]
+    noise = torch.randn(len(obs["instruction"]), 8, policy.config.action_dim)
+    expected = result.model.act(result.model.encode(obs), obs["state"], noise=noise)
+    torch.testing.assert_close(loaded.act(loaded.encode(obs), obs["state"], noise=noise), expected)
+    assert layer_memory(loaded, result.layers) == layer_memory(result.model, result.layers)
+
+
+def test_bad_input_fails_before_any_weight_changes(policy, calibration):
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    wrong = [{"images": {"other": obs["images"]["cam"]}, "instruction": obs["instruction"]} for obs in calibration]
+    with pytest.raises(QuantizationError, match="lacks images/cam"):
+        quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), wrong)
+    with pytest.raises(QuantizationError, match="w8a8, w8, w4a8"):
+        QuantizationConfig("w2")
+    with pytest.raises(QuantizationError, match="fbgemm backend runs w8a8 only"):
+        QuantizationConfig("w4a8", "fbgemm")
+    after = policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
+    policy.save_pretrained(tmp_path / "float")
+    done = subprocess.run(
+        [sys.executable, "-m", "ditvla.cli", "quantize", "--policy", str(tmp_path / "float"),
+         "--calibration", str(store), "--frames", "8", "--out", str(tmp_path / "q")],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    assert report["memory_saved"] > 0.65 and "act_speedup" in report
+    # a store without the policy's camera: one clear line, exit 2, nothing written
+    other = tmp_path / "other.zarr"
+    buffer = ReplayBuffer.create(other, fps=10, cameras=["front"])
+    buffer.append_episode(
+        {"front": np.zeros((4, 32, 32, 3), np.uint8), "state": np.zeros((4, 3)), "action": np.zeros((4, 2))},
+        task="t", instruction="i",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ditvla.cli", "quantize", "--policy", str(tmp_path / "float"),
+         "--calibration", str(other), "--out", str(tmp_path / "q2")],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 2 and "lacks camera(s) cam" in done.stderr
+    assert not (tmp_path / "q2").exists()
