@@ -162,7 +162,7 @@ def _attach_motion_targets(dataset, policy_config, main_process: bool, distribut
         dist.barrier()
     if not main_process:
         targets, scale = load_or_compute_motion_targets(dataset.path, spec, progress=False)
-    dataset.frame_targets["motion"] = targets.astype(np.float16)
+    dataset.frame_targets["motion"] = targets
     foresight.scale = scale
 
 

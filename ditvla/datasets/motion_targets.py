@@ -114,8 +114,8 @@ def compute_motion_targets(
 def load_or_compute_motion_targets(
     path: str | Path, spec: MotionTargetSpec, progress: bool = True
 ) -> tuple[np.ndarray, float]:
-    """Cached targets of the store at ``path`` (computed and saved if missing or stale),
-    and their root-mean-square value (the scale the head normalizes by)."""
+    """Cached targets (float16) of the store at ``path`` (computed and saved if missing or
+    stale), and their root-mean-square value (the scale the head normalizes by)."""
     buffer = ReplayBuffer.open(path)
     name = f"motion.{spec.camera}"
     wanted = {**asdict(spec), "n_frames": buffer.n_frames}
@@ -124,9 +124,11 @@ def load_or_compute_motion_targets(
         cached = root[DERIVED_GROUP][name]
         attrs = dict(cached.attrs)
         if attrs.get("settings") == wanted and "rms" in attrs:
-            return cached[:].astype(np.float32), float(attrs["rms"])
-    targets = compute_motion_targets(buffer, spec, progress)
-    rms = float(np.sqrt(np.nanmean(targets**2))) if np.isfinite(targets).any() else 1.0
+            return cached[:], float(attrs["rms"])
+    computed = compute_motion_targets(buffer, spec, progress)
+    finite = np.isfinite(computed).any()
+    rms = float(np.sqrt(np.nanmean(computed**2))) if finite else 1.0
+    targets = computed.astype(np.float16)
     try:
         root = zarr.open_group(str(path), mode="a")
     except (OSError, PermissionError):  # a read-only store: use the targets uncached
@@ -137,6 +139,6 @@ def load_or_compute_motion_targets(
     array = group.create_array(
         name, shape=targets.shape, dtype="float16", chunks=(1024, *targets.shape[1:])
     )
-    array[:] = targets.astype(np.float16)
+    array[:] = targets
     array.attrs.update({"settings": wanted, "rms": rms})  # last: marks the array complete
-    return targets.astype(np.float16).astype(np.float32), rms
+    return targets, rms

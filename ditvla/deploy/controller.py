@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ditvla.deploy.messages import Message
 from ditvla.deploy.robots import Robot
-from ditvla.deploy.schedule import ActionSchedule
+from ditvla.deploy.schedule import ActionSchedule, safe_actions
 from ditvla.deploy.transport import Channel, TransportError
 
 SPIN_S = 0.002  # without real-time priority a woken process may wait for a busy core
@@ -97,10 +97,6 @@ class ControlSummary:
     rejected_messages: int = 0
     episodes: list[dict] = field(default_factory=list)
 
-    @property
-    def success_rate(self) -> float:
-        return float(np.mean([e["success"] for e in self.episodes])) if self.episodes else 0.0
-
 
 def handshake(channel: Channel, robot_name: str, hz: float, timeout_s: float = 120.0) -> Message:
     """Say hello until the server answers with the policy's spec."""
@@ -147,13 +143,6 @@ class Controller:
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGTERM, self.stop)
 
-    def _safe(self, action: np.ndarray) -> np.ndarray | None:
-        if not np.all(np.isfinite(action)):
-            return None
-        if self.config.action_low is not None or self.config.action_high is not None:
-            action = np.clip(action, self.config.action_low, self.config.action_high)
-        return action.astype(np.float32)
-
     def run_episode(
         self, episode: int, max_ticks: int, *, done=lambda: False, progress: tqdm | None = None
     ) -> int:
@@ -187,7 +176,9 @@ class Controller:
                 executed = "hold"
             elif began - last_chunk_at > self.config.watchdog_s:
                 executed = "watchdog"
-            elif (action := self._safe(action)) is None:
+            elif (
+                action := safe_actions(action, self.config.action_low, self.config.action_high)
+            ) is None:
                 executed = "nan"
             else:
                 executed = "action"
@@ -248,10 +239,9 @@ class Controller:
             return ControlSummary(episodes=episodes)
         jitter = np.array([r.jitter_ms for r in records])
         latencies = [r.chunk_latency_ms for r in records if r.chunk_latency_ms is not None]
-        starts = np.array([r.tick for r in records])
         duration = len(records) * self.period
         return ControlSummary(
-            ticks=len(starts),
+            ticks=len(records),
             control_hz=len(records) / duration if duration else 0.0,
             jitter_p50_ms=float(np.percentile(jitter, 50)),
             jitter_p99_ms=float(np.percentile(jitter, 99)),

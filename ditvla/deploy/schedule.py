@@ -88,6 +88,18 @@ class ActionSchedule:
         return actions, planned
 
 
+def safe_actions(
+    actions: np.ndarray, low: float | None = None, high: float | None = None
+) -> np.ndarray | None:
+    """``actions`` clipped to [low, high] as float32, or None when any value is not finite
+    (the caller then drops the chunk / holds the robot)."""
+    if not np.all(np.isfinite(actions)):
+        return None
+    if low is not None or high is not None:
+        actions = np.clip(actions, low, high)
+    return np.asarray(actions, np.float32)
+
+
 def rtc_weights(horizon: int, delay: int, planned: np.ndarray) -> np.ndarray:
     """Real-time chunking's inpainting weights (Black et al., 2025) for a new chunk.
 

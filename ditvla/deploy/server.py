@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ditvla.deploy.messages import Message
-from ditvla.deploy.schedule import MERGE_RULES, ActionSchedule, rtc_weights
+from ditvla.deploy.schedule import MERGE_RULES, ActionSchedule, rtc_weights, safe_actions
 from ditvla.deploy.transport import DEFAULT_ADDRESS, Channel
 
 SYSTEM2_TIMEOUT_S = 30.0
@@ -305,11 +305,10 @@ class PolicyServer:
         now = time.monotonic()
         self.stats.act_ms.append((now - started) * 1e3)
         del self.stats.act_ms[:-200]
-        if not np.all(np.isfinite(chunk)):
+        chunk = safe_actions(chunk, self.config.action_low, self.config.action_high)
+        if chunk is None:
             self.stats.nan_chunks += 1
             return
-        if self.config.action_low is not None or self.config.action_high is not None:
-            chunk = np.clip(chunk, self.config.action_low, self.config.action_high)
         if self.last_chunk_at:
             self.stats.system1_hz = _rate(self.stats.system1_hz, now - self.last_chunk_at)
         self.last_chunk_at = now
@@ -328,7 +327,7 @@ class PolicyServer:
                     "system2_hz": round(self.stats.system2_hz, 3),
                     "chunk": self.stats.chunks,
                 },
-                {"actions": chunk.astype(np.float32)},
+                {"actions": chunk},
             )
         )
 

@@ -27,6 +27,7 @@ the recipe; loading re-applies the same deterministic quantization.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -93,8 +94,9 @@ def selected_linears(policy: nn.Module, config: QuantizationConfig) -> list[str]
     return names
 
 
-def supported_schemes() -> list[str]:
-    """The schemes whose kernels run on this machine (tried on a small layer)."""
+@functools.cache
+def supported_schemes() -> tuple[str, ...]:
+    """The schemes whose kernels run on this machine (tried once on a small layer)."""
     ok = []
     for scheme in SCHEMES:
         layer = nn.Sequential(nn.Linear(64, 64))
@@ -107,7 +109,7 @@ def supported_schemes() -> list[str]:
             ok.append(scheme)
         except Exception:  # any failure means the kernel is unusable here
             pass
-    return ok
+    return tuple(ok)
 
 
 def _torchao_config(scheme: str):
@@ -304,7 +306,6 @@ def apply_recipe(policy: nn.Module, config: QuantizationConfig) -> nn.Module:
     weights; quantize the same layers the same way."""
     names = set(selected_linears(policy, config))
     _quantize(policy, config, lambda module, fqn: fqn in names)
-    policy.quantization = config
     return policy
 
 
@@ -350,29 +351,27 @@ def observations_from_store(
     its episodes (calibration), or from the rest (``held_out``, for the action error)."""
     import numpy as np
 
+    from ditvla.datasets.replay_buffer import ReplayBuffer
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
 
     cameras = policy.config.cameras
-    probe = ReplayBufferDataset(path, n_obs_steps=1, horizon=1, cameras=None)
-    missing = [c for c in cameras if c not in probe.cameras]
+    buffer = ReplayBuffer.open(path)
+    missing = [c for c in cameras if c not in buffer.cameras]
     if missing:
         raise QuantizationError(
             f"{path}: calibration data lacks camera(s) {', '.join(missing)} that the policy "
-            f"reads (store cameras: {', '.join(probe.cameras) or 'none'})"
+            f"reads (store cameras: {', '.join(buffer.cameras) or 'none'})"
         )
-    if probe.state_dim != policy.config.state_dim:
+    split = max(1, int(buffer.n_episodes * 0.8))
+    episodes = range(split, buffer.n_episodes) if held_out else range(split)
+    dataset = ReplayBufferDataset(
+        path, n_obs_steps=1, horizon=1, cameras=cameras, episodes=list(episodes) or None
+    )
+    if dataset.state_dim != policy.config.state_dim:
         raise QuantizationError(
-            f"{path}: state has {probe.state_dim} values, the policy wants "
+            f"{path}: state has {dataset.state_dim} values, the policy wants "
             f"{policy.config.state_dim}"
         )
-    n_episodes = len(probe.instructions)
-    split = max(1, int(n_episodes * 0.8)) if n_episodes > 1 else n_episodes
-    episodes = list(range(split, n_episodes)) if held_out else list(range(split))
-    if not episodes:
-        episodes = list(range(n_episodes))
-    dataset = ReplayBufferDataset(
-        path, n_obs_steps=1, horizon=1, cameras=cameras, episodes=episodes
-    )
     rng = np.random.default_rng(seed + held_out)
     picks = rng.choice(len(dataset), size=min(frames, len(dataset)), replace=False)
     out = []
