@@ -14,12 +14,13 @@ export MUJOCO_GL ?= egl
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_system_deps.sh
+$(STAMP): pyproject.toml scripts/install_system_deps.sh Makefile
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (e.g. 'pyenv install 3.12') or pass PYTHON312=/path/to/python3.12"; exit 1; }
 	bash scripts/install_system_deps.sh
 	$(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --no-deps rpent-libero==0.2.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,10 +1,10 @@
 """Simulator throughput: env steps/s with two 128x128 cameras, and evaluator episodes/min.
 
-- Meta-World (drawer-close-v3) through MetaWorldEnv: cameras corner + gripperPOV, the
-  fast render settings; also without images.
-- robosuite 1.5 (Lift, Panda, OSC pose control) with agentview + robot0_eye_in_hand, with
-  robosuite's default rendering and with the fast settings (no shadows, reflections,
-  multisampling).
+- Each simulator through our environments (random actions, the fast render settings: no
+  shadows, reflections or multisampling): Meta-World drawer-close-v3 (corner +
+  gripperPOV), the four robosuite tasks and a task of each LIBERO suite (agentview + wrist
+  camera); also without images. robosuite Lift with robosuite's own default rendering,
+  for comparison.
 - `ditvla eval` with Meta-World's experts on MT10-style episodes that render both cameras
   every step (the worst case: a policy reading images at every step), 1 and 2 workers.
 
@@ -20,22 +20,24 @@ import time
 import numpy as np
 
 
-def metaworld_steps(steps: int, cameras: tuple[str, ...]) -> float:
-    from ditvla.envs.metaworld_env import MetaWorldEnv
+def env_steps(spec: str, steps: int, cameras: tuple[str, ...]) -> float:
+    """Random-action steps/s of one task through our env (fast rendering, 128x128)."""
+    from ditvla.envs.registry import parse_env
 
-    env = MetaWorldEnv("drawer-close-v3", cameras=cameras, image_size=128, max_episode_steps=10**6)
+    suite, (task,) = parse_env(spec)
+    env = suite.make(task, cameras=cameras, image_size=128, max_episode_steps=10**6)
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(steps):
-        env.step(rng.uniform(-1, 1, 4).astype(np.float32))
+        env.step(rng.uniform(-1, 1, suite.action_dim).astype(np.float32))
     rate = steps / (time.perf_counter() - start)
     env.close()
     return rate
 
 
-def robosuite_steps(steps: int, fast: bool) -> float:
-    import mujoco
+def robosuite_default_rendering_steps(steps: int) -> float:
+    """robosuite's own camera observations with its default rendering, for comparison."""
     import robosuite
 
     env = robosuite.make(
@@ -47,17 +49,8 @@ def robosuite_steps(steps: int, fast: bool) -> float:
         camera_names=["agentview", "robot0_eye_in_hand"],
         camera_heights=128,
         camera_widths=128,
-        renderer_config=None,
     )
     env.reset()
-    if fast:  # robosuite made its GL context already: remake it with the cheap settings
-        model = env.sim.model._model
-        model.vis.quality.shadowsize = 0
-        model.vis.quality.offsamples = 0
-        context = env.sim._render_context_offscreen
-        context.con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
-            context.scn.flags[flag] = 0
     rng = np.random.default_rng(0)
     low, high = env.action_spec
     start = time.perf_counter()
@@ -68,20 +61,14 @@ def robosuite_steps(steps: int, fast: bool) -> float:
     return rate
 
 
-class ExpertReadingCameras:
+def expert_reading_cameras():
     """Meta-World's experts, declared as reading two 128 px cameras at every step."""
+    from ditvla.envs.evaluate import ExpertPolicy
 
-    cameras = ("corner", "gripperPOV")
-    image_size = 128
-    n_action_steps = 1
-
-    def __init__(self):
-        from ditvla.envs.evaluate import ExpertPolicy
-
-        self._expert = ExpertPolicy()
-
-    def predict_action_chunk(self, observation):
-        return self._expert.predict_action_chunk(observation)
+    expert = ExpertPolicy()
+    expert.cameras = ("corner", "gripperPOV")
+    expert.image_size = 128
+    return expert
 
 
 def evaluator_rate(episodes: int, workers: int) -> float:
@@ -89,7 +76,7 @@ def evaluator_rate(episodes: int, workers: int) -> float:
 
     start = time.perf_counter()
     evaluate(
-        ExpertReadingCameras(),
+        expert_reading_cameras(),
         "metaworld:reach-v3,drawer-close-v3,button-press-topdown-v3",
         episodes_per_task=episodes,
         workers=workers,
@@ -105,14 +92,24 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10, help="per task, 3 tasks")
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    cams = ("corner", "gripperPOV")
-    print(f"metaworld drawer-close, 2 cameras 128x128: {metaworld_steps(args.steps, cams):.1f} steps/s")
-    print(f"metaworld drawer-close, no images: {metaworld_steps(args.steps * 10, ()):.0f} steps/s")
-    print(f"robosuite Lift, 2 cameras 128x128, default rendering: {robosuite_steps(args.steps, False):.1f} steps/s")
-    print(f"robosuite Lift, 2 cameras 128x128, fast rendering: {robosuite_steps(args.steps, True):.1f} steps/s")
+    metaworld_cams = ("corner", "gripperPOV")
+    two_cams = "2 cameras 128x128, fast rendering"
+    print(f"metaworld drawer-close, {two_cams}: {env_steps('metaworld:drawer-close-v3', args.steps, metaworld_cams):.1f} steps/s")
+    print(f"metaworld drawer-close, no images: {env_steps('metaworld:drawer-close-v3', args.steps * 10, ()):.0f} steps/s")
+    robosuite_cams = ("agentview", "robot0_eye_in_hand")
+    print(f"robosuite Lift, 2 cameras 128x128, robosuite's default rendering: {robosuite_default_rendering_steps(args.steps):.1f} steps/s")
+    for task in ("Lift", "Stack", "PickPlaceCan", "NutAssemblySquare"):
+        print(f"robosuite {task}, {two_cams}: {env_steps(f'robosuite:{task}', args.steps, robosuite_cams):.1f} steps/s")
+    print(f"robosuite Lift, no images: {env_steps('robosuite:Lift', args.steps * 2, ()):.0f} steps/s")
+    libero_cams = ("agentview", "eye_in_hand")
+    for suite in ("spatial", "object", "goal", "10", "90"):
+        print(f"libero {suite}/0, {two_cams}: {env_steps(f'libero:{suite}/0', args.steps // 2, libero_cams):.1f} steps/s")
+    print(f"libero goal/0, no images: {env_steps('libero:goal/0', args.steps, ()):.0f} steps/s")
     for workers in (1, 2):
         rate = evaluator_rate(args.episodes, workers)
-        print(f"evaluator, metaworld experts reading 2 cameras every step, {workers} worker(s): {rate:.1f} episodes/min")
+        print(
+            f"evaluator, metaworld experts reading 2 cameras every step, {workers} worker(s): {rate:.1f} episodes/min"
+        )
 
 
 if __name__ == "__main__":

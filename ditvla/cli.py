@@ -77,7 +77,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         args.env,
         args.out,
         episodes_per_task=args.episodes,
-        cameras=args.cameras.split(",") if args.cameras else (),
+        cameras=None if args.cameras is None else [c for c in args.cameras.split(",") if c],
         image_size=args.image_size,
         seed_start=args.seed_start,
         keep_failures=args.keep_failures,
@@ -107,6 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "k": getattr(args, "policy.foresight_k"),
             "method": getattr(args, "policy.foresight_method"),
             "size": getattr(args, "policy.foresight_size"),
+            "grid": getattr(args, "policy.foresight_grid"),
         },
     }
     config = TrainConfig(
@@ -134,8 +135,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ditvla.envs.evaluate import evaluate, load_policy
+    from ditvla.envs.registry import suite_of
 
-    policy = load_policy(args.policy, device=args.device)
+    policy = load_policy(args.policy, device=args.device, action_dim=suite_of(args.env).action_dim)
     report = evaluate(
         policy,
         args.env,
@@ -315,14 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument(
         "--env",
         required=True,
-        help="metaworld:<task>[,<task>...], metaworld:MT10 or metaworld:MT50",
+        help=(
+            "metaworld:<task>[,<task>...], metaworld:MT10, metaworld:MT50, "
+            "robosuite:Lift|Stack|PickPlaceCan[,...]"
+        ),
     )
     collect.add_argument("--episodes", type=int, default=50, help="episodes per task (%(default)s)")
     collect.add_argument("--out", required=True, help="the zarr store to write")
     collect.add_argument(
         "--cameras",
-        default="corner",
-        help="comma-separated camera names, '' for none (%(default)s)",
+        default=None,
+        help=(
+            "comma-separated camera names, '' for none (the suite's: metaworld corner; "
+            "robosuite agentview,robot0_eye_in_hand)"
+        ),
     )
     collect.add_argument(
         "--image-size", type=int, default=64, help="image side in px (%(default)s)"
@@ -362,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--policy.foresight",
         default="off",
-        choices=("off", "motion"),
-        help="motion: train a motion-foresight head jointly (optical flow t -> t+k; skipped "
-        "at inference)",
+        choices=("off", "motion", "latent"),
+        help="train a foresight head jointly, skipped at inference: motion = optical flow "
+        "t -> t+k as a small motion image; latent = the frozen vision encoder's pooled "
+        "features of frame t+k (Mantis-style)",
     )
     train.add_argument(
         "--policy.foresight-weight", type=float, default=0.1, help="its loss weight (0.1)"
@@ -375,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--policy.foresight-size", type=int, default=16, help="motion image side (16)"
+    )
+    train.add_argument(
+        "--policy.foresight-grid", type=int, default=4, help="latent: pooled feature grid side (4)"
     )
     train.add_argument("--policy.horizon", type=int, default=16, help="action chunk length (16)")
     train.add_argument(
@@ -415,7 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--policy", required=True, help="a saved policy folder, or the baselines random / expert"
     )
-    evaluation.add_argument("--env", required=True, help="metaworld:<task>[,...], MT10 or MT50")
+    evaluation.add_argument(
+        "--env",
+        required=True,
+        help=(
+            "metaworld:<task>[,...], metaworld:MT10, metaworld:MT50, "
+            "robosuite:Lift|Stack|PickPlaceCan|NutAssemblySquare[,...] or robosuite:all"
+        ),
+    )
     evaluation.add_argument("--episodes", type=int, default=50, help="episodes per task (50)")
     evaluation.add_argument("--workers", type=int, default=2, help="simulator processes (2)")
     evaluation.add_argument(

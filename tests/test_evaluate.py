@@ -51,7 +51,7 @@ def test_expert_succeeds_random_does_not_and_runs_repeat(tmp_path):
     assert steps(again) == steps(expert)  # the same episodes, whatever the worker count
 
     random = evaluate(
-        RandomPolicy(),
+        RandomPolicy(action_dim=4),
         "metaworld:reach-v3",
         episodes_per_task=3,
         workers=2,
@@ -119,5 +119,7 @@ def test_a_crashed_worker_is_replaced_and_its_episode_retried(tmp_path):
 
 def test_unknown_task_lists_valid_ones():
     with pytest.raises(ValueError, match=r"valid: MT10, MT50, .*reach-v3"):
-        evaluate(RandomPolicy(), "metaworld:fly-v3", episodes_per_task=1, progress=False)
+        evaluate(
+            RandomPolicy(action_dim=4), "metaworld:fly-v3", episodes_per_task=1, progress=False
+        )
     assert np.isfinite(wilson_interval(1, 2)).all()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.envs.collect import collect_demonstrations, parse_env
+from ditvla.envs.collect import collect_demonstrations
 from ditvla.envs.metaworld_env import MetaWorldEnv, task_set
+from ditvla.envs.registry import parse_env
 
 
 def test_task_sets_and_unknown_names():
@@ -16,7 +17,7 @@ def test_task_sets_and_unknown_names():
     with pytest.raises(ValueError, match="unknown metaworld task reach-v9; valid: MT10, MT50"):
         task_set("reach-v9")
     with pytest.raises(ValueError, match="unknown environment"):
-        parse_env("robosuite:Lift")
+        parse_env("isaac:Lift")
 
 
 def test_observation_schema_and_seeded_episodes():

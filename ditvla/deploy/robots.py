@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import mujoco
 import numpy as np
 
-from ditvla.envs.collect import parse_env
 from ditvla.envs.metaworld_env import UPSIDE_DOWN_CAMERAS, MetaWorldEnv
+from ditvla.envs.registry import parse_env
 
 CAMERA_NICE = 10
 
@@ -122,7 +122,9 @@ class SimRobot:
         camera_hz: float = 10.0,
         max_episode_steps: int | None = None,
     ):
-        _, tasks = parse_env(spec)
+        suite, tasks = parse_env(spec)
+        if suite.name != "metaworld":
+            raise ValueError(f"--sim drives metaworld tasks, got {spec!r}")
         if len(tasks) != 1:
             raise ValueError(f"--sim drives one task, got {len(tasks)} from {spec!r}")
         self.task = tasks[0]

@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.envs.metaworld_env import MetaWorldEnv, task_set
-
-METAWORLD_ACTION_SPACE = "metaworld: end-effector xyz delta + gripper effort, each in [-1, 1]"
+from ditvla.envs.registry import parse_env
 
 
 @dataclass
@@ -33,18 +32,7 @@ class CollectionReport:
         return self.kept[task] / max(self.attempts[task], 1)
 
 
-def parse_env(spec: str) -> tuple[str, list[str]]:
-    """``"metaworld:MT10"`` -> ("metaworld", [task, ...]); raises ValueError if unknown."""
-    suite, _, name = spec.partition(":")
-    if suite != "metaworld" or not name:
-        raise ValueError(
-            f"unknown environment {spec!r}; expected metaworld:<task>[,<task>...], "
-            "metaworld:MT10 or metaworld:MT50"
-        )
-    return suite, task_set(name)
-
-
-def run_expert_episode(env: MetaWorldEnv, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+def run_expert_episode(env: Any, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the scripted expert from ``seed``: (arrays by data key, success)."""
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
@@ -70,15 +58,20 @@ def collect_demonstrations(
     out: str | Path,
     *,
     episodes_per_task: int,
-    cameras: Sequence[str] = ("corner",),
+    cameras: Sequence[str] | None = None,
     image_size: int = 64,
     seed_start: int = 0,
     keep_failures: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> CollectionReport:
-    """Run the scripted experts of ``env_spec`` and append their episodes to ``out``."""
-    _, tasks = parse_env(env_spec)
+    """Run the scripted experts of ``env_spec`` and append their episodes to ``out``.
+
+    ``cameras`` defaults to the suite's (metaworld: corner; robosuite: agentview and
+    robot0_eye_in_hand).
+    """
+    suite, tasks = parse_env(env_spec)
+    cameras = suite.default_cameras if cameras is None else tuple(cameras)
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
     report = CollectionReport()
@@ -87,15 +80,15 @@ def collect_demonstrations(
         total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not progress
     )
     for task in tasks:
-        env = MetaWorldEnv(task, cameras=cameras, image_size=image_size)
+        env = suite.make(task, cameras=cameras, image_size=image_size)
         if buffer is None:
             buffer = ReplayBuffer.create(
                 out,
-                fps=round(1.0 / env._env.dt, 3),
+                fps=round(env.fps, 3),
                 cameras=list(cameras),
                 state_keys=["state"],
-                action_space=METAWORLD_ACTION_SPACE,
-                source=f"metaworld scripted experts ({env_spec})",
+                action_space=suite.action_space,
+                source=f"{suite.name} scripted experts ({env_spec})",
                 overwrite=overwrite,
             )
         report.kept[task] = report.attempts[task] = 0

