@@ -198,8 +198,11 @@ def train(config: TrainConfig) -> Path:
     if not main_process:
         stats = dataset.stats()
     policy_config = PolicyConfig.for_dataset(dataset, config.preset, **overrides)
-    if policy_config.foresight.enabled:
+    foresight = policy_config.foresight
+    if foresight.kind == "motion":
         _attach_motion_targets(dataset, policy_config, main_process, distributed)
+    elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
+        dataset.future_frame = (foresight.camera, foresight.k)
     policy = DiTVLAPolicy(policy_config, stats).to(device)
     model = torch.nn.parallel.DistributedDataParallel(policy) if distributed else policy
     trainable = [p for p in policy.parameters() if p.requires_grad]

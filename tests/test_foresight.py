@@ -1,5 +1,5 @@
-"""Motion-foresight head: optical-flow targets, their cache, joint training, and the
-guarantee that inference never runs it."""
+"""Foresight heads: optical-flow targets and their cache, future frames for latent targets,
+joint training of both kinds, and the guarantee that inference never runs them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ditvla.datasets.motion_targets import (
     load_or_compute_motion_targets,
 )
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.train import TrainConfig, train
 
@@ -81,11 +82,10 @@ def test_targets_are_cached_and_recomputed_when_settings_or_frames_change(tmp_pa
     assert ReplayBuffer.open(path).check() == []  # the store itself is untouched
 
 
-@pytest.fixture(scope="module")
-def trained(shifting_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("foresight_run")
+def train_with_foresight(store, out, foresight: dict):
+    """250 steps of a tiny policy with a foresight head on the panning store."""
     config = TrainConfig(
-        dataset=str(shifting_store),
+        dataset=str(store),
         out=str(out),
         steps=250,
         batch_size=16,
@@ -95,9 +95,15 @@ def trained(shifting_store, tmp_path_factory):
         num_workers=0,
         save_every=250,
         progress=False,
-        policy_overrides={"horizon": 4, "foresight": {"kind": "motion", "k": 2, "size": 8, "weight": 1.0}},
+        policy_overrides={"horizon": 4, "foresight": {"k": 2, "weight": 1.0, **foresight}},
     )
     return train(config), out
+
+
+@pytest.fixture(scope="module")
+def trained(shifting_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("foresight_run")
+    return train_with_foresight(shifting_store, out, {"kind": "motion", "size": 8})
 
 
 def test_jointly_trained_head_predicts_the_shift(trained, shifting_store):
@@ -123,8 +129,57 @@ def test_jointly_trained_head_predicts_the_shift(trained, shifting_store):
     assert np.mean(errors) < 0.2, errors
 
 
-def test_inference_never_runs_the_head_and_a_saved_policy_can_drop_it(trained, tmp_path):
-    folder, _ = trained
+def test_samples_carry_the_future_frame_for_latent_targets(shifting_store):
+    dataset = ReplayBufferDataset(shifting_store, n_obs_steps=1, horizon=4, future_frame=("front", 3))
+    frames = ReplayBuffer.open(shifting_store).read_all("front")
+    for index in (0, 10, 16, 17, 19, 20):  # episode 0 is frames 0..19, episode 1 from 20
+        sample = dataset[index]
+        episode_last = 19 if index < 20 else 39
+        wanted = index + 3
+        assert sample["future_is_pad"] == (wanted > episode_last)
+        np.testing.assert_array_equal(sample["future_image"].numpy(), frames[min(wanted, episode_last)])
+    with pytest.raises(Exception, match="future_frame"):
+        ReplayBufferDataset(shifting_store, future_frame=("wrist", 3))
+
+
+@pytest.fixture(scope="module")
+def trained_latent(shifting_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent_run")
+    return train_with_foresight(shifting_store, out, {"kind": "latent", "grid": 2})
+
+
+def test_latent_head_learns_the_future_features(trained_latent):
+    folder, out = trained_latent
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "foresight_cosine_1step" in records[0]
+    early = np.mean([r["foresight_loss"] for r in records[:20]])
+    late = np.mean([r["foresight_loss"] for r in records[-20:]])
+    assert late < 0.5 * early
+
+    policy = DiTVLAPolicy.from_pretrained(folder)
+    head = policy.foresight
+    encoder_before = {k: v.clone() for k, v in head.target_encoder.state_dict().items()}
+    episode = shifting_episode(7)  # an unseen world panned the same way
+    to_pixels = lambda t: torch.from_numpy(episode["front"][t]).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    errors = []
+    for t in (0, 5, 10, 15):
+        obs = {"images": {"front": episode["front"][t]}, "instruction": "pan the view"}
+        context = policy.encode(obs)
+        torch.manual_seed(t)
+        predicted = head.predict(context.tokens, context.mask, to_pixels(t), policy.backbone)
+        truth = head.latents(to_pixels(t + 2), policy.backbone)
+        assert predicted.shape == truth.shape == (1, 4, head.dit.config.action_dim)
+        errors.append(torch.mean((predicted - truth) ** 2).item())
+    # targets are layer-normed per token: predicting their mean (0) would score 1.0
+    assert np.mean(errors) < 0.5, errors
+    for key, value in head.target_encoder.state_dict().items():  # frozen, and saved as trained
+        torch.testing.assert_close(value, encoder_before[key])
+    assert not any(p.requires_grad for p in head.target_encoder.parameters())
+
+
+@pytest.mark.parametrize("run", ["trained", "trained_latent"])
+def test_inference_never_runs_the_head_and_a_saved_policy_can_drop_it(run, request, tmp_path):
+    folder, _ = request.getfixturevalue(run)
     policy = DiTVLAPolicy.from_pretrained(folder)
 
     def forbidden(module, inputs):

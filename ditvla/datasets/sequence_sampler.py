@@ -25,6 +25,7 @@ class SampleFrames:
 
     anchor: np.ndarray  # (B,) the current frame t
     episode: np.ndarray  # (B,)
+    last: np.ndarray  # (B,) the episode's last frame
     obs: np.ndarray  # (B, n_obs_steps)
     obs_is_pad: np.ndarray  # (B, n_obs_steps) bool
     action: np.ndarray  # (B, horizon)
@@ -76,6 +77,7 @@ class SequenceSampler:
         return SampleFrames(
             anchor=anchor,
             episode=self._episode[samples],
+            last=last[:, 0],
             obs=np.maximum(obs, start),
             obs_is_pad=obs < start,
             action=np.minimum(action, last),

@@ -12,6 +12,10 @@ A sample (one anchor frame ``t``)::
      "state": float32 (n_obs_steps, D), "action": float32 (horizon, A),
      "obs_is_pad": bool (n_obs_steps,), "action_is_pad": bool (horizon,),
      "instruction": str, "task_index": int, "episode_index": int, "frame_index": int}
+
+With ``future_frame=(camera, k)`` a sample also holds ``"future_image"``: uint8 (H, W, 3),
+that camera's frame t+k (not augmented), and ``"future_is_pad"``: True where t+k lies
+beyond the episode (the last frame is given then) — the latent-foresight targets.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ditvla.datasets.normalization import Stats, concat_stats, load_or_compute_stats
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
-from ditvla.datasets.sequence_sampler import SequenceSampler
+from ditvla.datasets.sequence_sampler import SampleFrames, SequenceSampler
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ReplayBufferDataset(Dataset):
         action_key: data key of the actions.
         episodes: episode indices to draw from (default: all), e.g. a train/val split.
         augmentation: image augmentation applied to each sample, or None.
+        future_frame: ``(camera, k)`` to add that camera's frame t+k to each sample.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class ReplayBufferDataset(Dataset):
         action_key: str = "action",
         episodes: Sequence[int] | None = None,
         augmentation: ImageAugmentation | None = None,
+        future_frame: tuple[str, int] | None = None,
     ):
         self.path = Path(path)
         buffer = ReplayBuffer.open(self.path)
@@ -95,6 +101,14 @@ class ReplayBufferDataset(Dataset):
             if cam not in buffer.cameras:
                 raise DatasetError(f"{self.path}: data/{cam} is not a camera (uint8 T,H,W,3)")
         self.augmentation = augmentation
+        self.future_frame = future_frame
+        if future_frame is not None and (
+            future_frame[0] not in self.cameras or future_frame[1] < 1
+        ):
+            raise DatasetError(
+                f"{self.path}: future_frame must be (one of {self.cameras}, k >= 1), "
+                f"got {future_frame}"
+            )
         self.sampler = SequenceSampler(
             buffer.episode_ends, n_obs_steps=n_obs_steps, horizon=horizon, episodes=episodes
         )
@@ -171,6 +185,7 @@ class ReplayBufferDataset(Dataset):
             )
             for cam in self.cameras
         }
+        future = self._future_frames(buffer, frames) if self.future_frame else None
         samples = []
         for i in range(len(frames.anchor)):
             episode = int(frames.episode[i])
@@ -196,4 +211,16 @@ class ReplayBufferDataset(Dataset):
                     },
                 }
             )
+            if future is not None:
+                samples[-1]["future_image"] = torch.from_numpy(future[0][i])
+                samples[-1]["future_is_pad"] = bool(future[1][i])
         return samples
+
+    def _future_frames(
+        self, buffer: ReplayBuffer, frames: SampleFrames
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Frames t+k of the future camera (the episode's last where t+k lies beyond it)."""
+        camera, k = self.future_frame
+        wanted = frames.anchor + k
+        rows = np.minimum(wanted, frames.last)
+        return buffer.read_frames(camera, rows), wanted > frames.last

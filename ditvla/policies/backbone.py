@@ -192,14 +192,21 @@ class VLMBackbone(nn.Module):
         )
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device).bool()
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) floats in [0, 1] -> (N, tokens, width) in the language model's space."""
+    def vision_features(
+        self, images: torch.Tensor, vision: nn.Module | None = None
+    ) -> torch.Tensor:
+        """(N, 3, H, W) floats in [0, 1] -> the vision encoder's last hidden state
+        (N, patches, vision width); ``vision``: another encoder of the same architecture
+        (e.g. a frozen copy) instead of the backbone's own."""
         size = self.encoder_image_size
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
         pixels = ((images - self.image_mean) / self.image_std).to(self.projector_dtype)
-        hidden = self.vision(pixel_values=pixels).last_hidden_state
-        features = self.projector(hidden)
+        return (vision or self.vision)(pixel_values=pixels).last_hidden_state
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) floats in [0, 1] -> (N, tokens, width) in the language model's space."""
+        features = self.projector(self.vision_features(images))
         if self.family == "paligemma":  # as PaliGemma scales them before the LM
             features = features / (self.width**0.5)
         return features

@@ -32,7 +32,11 @@ from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
 from ditvla.policies.errors import CheckpointError, PolicyInputError
-from ditvla.policies.foresight_head import ForesightConfig, MotionForesightHead
+from ditvla.policies.foresight_head import (
+    ForesightConfig,
+    LatentForesightHead,
+    MotionForesightHead,
+)
 from ditvla.policies.noise_schedules import make_schedule
 
 POLICY_FORMAT = "ditvla.policy"
@@ -192,11 +196,13 @@ class DiTVLAPolicy(nn.Module):
             modes["state"] = config.state_norm
         self.normalizer = Normalizer(stats, modes)
         # trained jointly, never run by encode / act / select_action
-        self.foresight = (
-            MotionForesightHead(config.foresight, self.backbone.width)
-            if config.foresight.enabled
-            else None
-        )
+        self.foresight: MotionForesightHead | LatentForesightHead | None = None
+        if config.foresight.kind == "motion":
+            self.foresight = MotionForesightHead(config.foresight, self.backbone.width)
+        elif config.foresight.kind == "latent":
+            self.foresight = LatentForesightHead(
+                config.foresight, self.backbone.width, self.backbone
+            )
         self._queue: deque[torch.Tensor] = deque()
 
     @property
@@ -349,21 +355,31 @@ class DiTVLAPolicy(nn.Module):
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         metrics = {"action_loss": loss.item()}
         if self.foresight is not None:
-            if "motion" not in batch:
-                raise PolicyInputError(
-                    "foresight is on but the batch has no 'motion' targets "
-                    "(the trainer attaches them: ditvla.datasets.motion_targets)"
-                )
-            camera = self.config.cameras.index(self.config.foresight.camera)
-            motion_loss, motion_metrics = self.foresight.loss(
-                context.tokens,
-                context.mask,
-                pixels[:, camera],
-                batch["motion"].to(self.device).float(),
-            )
-            loss = loss + self.config.foresight.weight * motion_loss
-            metrics.update(motion_metrics)
+            foresight_loss, foresight_metrics = self._foresight_loss(batch, context, pixels)
+            loss = loss + self.config.foresight.weight * foresight_loss
+            metrics.update(foresight_metrics)
         return loss, metrics
+
+    def _foresight_loss(
+        self, batch: dict[str, Any], context: Context, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        config = self.config.foresight
+        frame = pixels[:, self.config.cameras.index(config.camera)]
+        needed = "motion" if config.kind == "motion" else "future_image"
+        if needed not in batch:
+            raise PolicyInputError(
+                f"foresight is {config.kind!r} but the batch has no {needed!r} "
+                "(the trainer adds it: motion targets from ditvla.datasets.motion_targets, "
+                "future frames from ReplayBufferDataset(future_frame=...))"
+            )
+        if config.kind == "motion":
+            target = batch["motion"].to(self.device).float()
+            return self.foresight.loss(context.tokens, context.mask, frame, target)
+        future = _image_batch({config.camera: batch["future_image"]}, [config.camera], None)
+        valid = ~torch.as_tensor(batch["future_is_pad"], device=self.device).bool()
+        return self.foresight.loss(
+            context.tokens, context.mask, frame, future[:, 0].to(self.device), valid, self.backbone
+        )
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -377,7 +393,7 @@ class DiTVLAPolicy(nn.Module):
 
         Written into a temporary sibling folder and renamed into place, so a crash never
         leaves a half-written policy under the final name. ``drop_foresight`` leaves out
-        the motion-foresight head (inference never runs it): a smaller deployable folder.
+        the foresight head (inference never runs it): a smaller deployable folder.
         ``quantization`` (a recipe from :mod:`ditvla.policies.quantization`) marks these
         float weights to be quantized when loaded.
         """
