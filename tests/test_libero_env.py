@@ -76,3 +76,25 @@ def test_init_states_load_without_unpickling_code(tmp_path):
     bad.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(pickle.UnpicklingError):
         load_init_states(bad)
+
+
+def test_the_evaluator_runs_libero_episodes(tmp_path):
+    from ditvla.envs.evaluate import RandomPolicy, evaluate
+
+    report = evaluate(
+        RandomPolicy(action_dim=7),
+        "libero:goal/0",
+        episodes_per_task=2,
+        workers=2,
+        max_steps=5,
+        out=tmp_path,
+        videos_per_task=1,
+        progress=False,
+    )
+    assert [
+        (e.seed, e.steps, e.success, e.error) for e in sorted(report.episodes, key=lambda e: e.seed)
+    ] == [
+        (100_000, 5, False, None),
+        (100_001, 5, False, None),
+    ]
+    assert (tmp_path / "videos" / "libero_goal_0_seed100000.mp4").stat().st_size > 1000

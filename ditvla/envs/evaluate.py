@@ -355,7 +355,8 @@ def evaluate(
             with (out / "episodes.jsonl").open("a") as f:
                 f.write(json.dumps(asdict(result)) + "\n")
             if slot.frames:
-                _write_video(out / "videos" / f"{task}_seed{seed}.mp4", slot.frames)
+                name = task.replace("/", "_")  # LIBERO tasks are "suite/index"
+                _write_video(out / "videos" / f"{name}_seed{seed}.mp4", slot.frames)
         slot.clear()
         wins = sum(e.success for e in report.episodes)
         bar.update()

@@ -75,10 +75,14 @@ def prepare_libero() -> Path:
             if assets.is_symlink():
                 assets.unlink()  # a dangling link from an older install
             assets.symlink_to(bundled, target_is_directory=True)
+        except FileExistsError:
+            pass  # another process (an evaluator worker) linked it just now
         except OSError as exc:
             raise LiberoUnavailable(
                 f"cannot link LIBERO's assets ({assets} -> {bundled}): {exc}"
             ) from exc
+        if not (assets / "scenes").is_dir():
+            raise LiberoUnavailable(f"{assets} exists but holds no LIBERO scenes")
     config_dir = Path(
         os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".cache" / "ditvla" / "libero")
     )
@@ -94,7 +98,7 @@ def prepare_libero() -> Path:
             "datasets": str(benchmark_root.parent / "datasets"),
             "assets": str(assets),
         }
-        tmp = config.with_suffix(".tmp")
+        tmp = config.with_suffix(f".{os.getpid()}.tmp")  # several processes may race here
         tmp.write_text(yaml.safe_dump(paths))
         tmp.replace(config)
     os.environ["LIBERO_CONFIG_PATH"] = str(config_dir)
