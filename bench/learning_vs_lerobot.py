@@ -11,7 +11,7 @@ same wall-clock training budget, same evaluation episodes.
    default of ``lerobot-train``) until the same wall-clock budget is spent;
 4. both evaluated by ``ditvla eval``'s evaluator on the same seeds (100000 up).
 
-On a CPU the default DiffusionPolicy (a 1-D U-Net of about 260M parameters, 100 DDPM
+On a CPU the default DiffusionPolicy (265M parameters, 254M in its 1-D U-Net; 100 DDPM
 denoising steps) is slow to evaluate: ``--lerobot-inference-steps`` lowers its denoising
 steps at evaluation (training is unchanged), ``--eval-episodes`` the episodes.
 
