@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,23 @@ def test_the_evaluator_runs_libero_episodes(tmp_path):
         (100_001, 5, False, None),
     ]
     assert (tmp_path / "videos" / "libero_goal_0_seed100000.mp4").stat().st_size > 1000
+
+
+def test_our_config_follows_this_install_and_a_users_own_is_kept(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
+    ours = tmp_path / ".cache" / "ditvla" / "libero" / "config.yaml"
+    ours.parent.mkdir(parents=True)
+    ours.write_text(yaml.safe_dump({"bddl_files": "/another/venv/bddl_files"}))  # stale
+    prepare_libero()
+    bddl = yaml.safe_load(ours.read_text())["bddl_files"]
+    assert bddl != "/another/venv/bddl_files" and (Path(bddl) / "libero_goal").is_dir()
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "config.yaml").write_text(yaml.safe_dump({"bddl_files": "/my/bddl", "datasets": "/d"}))
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(users))
+    prepare_libero()
+    assert yaml.safe_load((users / "config.yaml").read_text())["bddl_files"] == "/my/bddl"

