@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ditvla.datasets.replay_buffer import DatasetError
 from ditvla.deploy.transport import TransportError
+from ditvla.envs.registry import SUITES
 from ditvla.policies.errors import CheckpointError
 
 DESCRIPTION = """\
@@ -290,6 +291,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), quick=args.quick)
 
 
+ENV_HELP = "SUITE:TASKS — " + "; ".join(suite.task_names for suite in SUITES.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ditvla", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,10 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument(
         "--env",
         required=True,
-        help=(
-            "metaworld:<task>[,<task>...], metaworld:MT10, metaworld:MT50, "
-            "robosuite:Lift|Stack|PickPlaceCan[,...]"
-        ),
+        help=f"{ENV_HELP}; scripted experts exist for metaworld and robosuite "
+        "Lift, Stack, PickPlaceCan",
     )
     collect.add_argument("--episodes", type=int, default=50, help="episodes per task (%(default)s)")
     collect.add_argument("--out", required=True, help="the zarr store to write")
@@ -430,10 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--env",
         required=True,
-        help=(
-            "metaworld:<task>[,...], metaworld:MT10, metaworld:MT50, "
-            "robosuite:Lift|Stack|PickPlaceCan|NutAssemblySquare[,...] or robosuite:all"
-        ),
+        help=ENV_HELP,
     )
     evaluation.add_argument("--episodes", type=int, default=50, help="episodes per task (50)")
     evaluation.add_argument("--workers", type=int, default=2, help="simulator processes (2)")

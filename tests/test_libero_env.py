@@ -120,3 +120,11 @@ def test_our_config_follows_this_install_and_a_users_own_is_kept(tmp_path, monke
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(users))
     prepare_libero()
     assert yaml.safe_load((users / "config.yaml").read_text())["bddl_files"] == "/my/bddl"
+
+
+def test_collect_refuses_libero_before_writing_anything(tmp_path):
+    from ditvla.envs.collect import collect_demonstrations
+
+    with pytest.raises(ValueError, match="LIBERO has no scripted experts"):
+        collect_demonstrations("libero:goal/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False)
+    assert not (tmp_path / "x.zarr").exists()

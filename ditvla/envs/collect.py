@@ -81,6 +81,8 @@ def collect_demonstrations(
     )
     for task in tasks:
         env = suite.make(task, cameras=cameras, image_size=image_size)
+        env.reset(seed=seed_start, options={"skip_images": True})
+        env.expert_action()  # a task without a scripted expert fails here, before any write
         if buffer is None:
             buffer = ReplayBuffer.create(
                 out,
