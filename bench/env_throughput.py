@@ -94,16 +94,28 @@ def main() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     metaworld_cams = ("corner", "gripperPOV")
     two_cams = "2 cameras 128x128, fast rendering"
-    print(f"metaworld drawer-close, {two_cams}: {env_steps('metaworld:drawer-close-v3', args.steps, metaworld_cams):.1f} steps/s")
-    print(f"metaworld drawer-close, no images: {env_steps('metaworld:drawer-close-v3', args.steps * 10, ()):.0f} steps/s")
+    print(
+        f"metaworld drawer-close, {two_cams}: {env_steps('metaworld:drawer-close-v3', args.steps, metaworld_cams):.1f} steps/s"
+    )
+    print(
+        f"metaworld drawer-close, no images: {env_steps('metaworld:drawer-close-v3', args.steps * 10, ()):.0f} steps/s"
+    )
     robosuite_cams = ("agentview", "robot0_eye_in_hand")
-    print(f"robosuite Lift, 2 cameras 128x128, robosuite's default rendering: {robosuite_default_rendering_steps(args.steps):.1f} steps/s")
+    print(
+        f"robosuite Lift, 2 cameras 128x128, robosuite's default rendering: {robosuite_default_rendering_steps(args.steps):.1f} steps/s"
+    )
     for task in ("Lift", "Stack", "PickPlaceCan", "NutAssemblySquare"):
-        print(f"robosuite {task}, {two_cams}: {env_steps(f'robosuite:{task}', args.steps, robosuite_cams):.1f} steps/s")
-    print(f"robosuite Lift, no images: {env_steps('robosuite:Lift', args.steps * 2, ()):.0f} steps/s")
+        print(
+            f"robosuite {task}, {two_cams}: {env_steps(f'robosuite:{task}', args.steps, robosuite_cams):.1f} steps/s"
+        )
+    print(
+        f"robosuite Lift, no images: {env_steps('robosuite:Lift', args.steps * 2, ()):.0f} steps/s"
+    )
     libero_cams = ("agentview", "eye_in_hand")
     for suite in ("spatial", "object", "goal", "10", "90"):
-        print(f"libero {suite}/0, {two_cams}: {env_steps(f'libero:{suite}/0', args.steps // 2, libero_cams):.1f} steps/s")
+        print(
+            f"libero {suite}/0, {two_cams}: {env_steps(f'libero:{suite}/0', args.steps // 2, libero_cams):.1f} steps/s"
+        )
     print(f"libero goal/0, no images: {env_steps('libero:goal/0', args.steps, ()):.0f} steps/s")
     for workers in (1, 2):
         rate = evaluator_rate(args.episodes, workers)

@@ -59,21 +59,28 @@ def main() -> None:
     def success(model) -> float:
         if args.episodes == 0:
             return float("nan")
-        report = evaluate(model, args.env, episodes_per_task=args.episodes, videos_per_task=0,
-                          progress=False)
+        report = evaluate(
+            model, args.env, episodes_per_task=args.episodes, videos_per_task=0, progress=False
+        )
         return report.summary()["mean_success"]
 
     float_success = success(policy)
     print(f"float policy: success {float_success:.1%} over {args.episodes} episodes ({args.env})")
-    print("| scheme | backend | ATM/OHB | memory saved | encode | act | rel. action error | success |")
+    print(
+        "| scheme | backend | ATM/OHB | memory saved | encode | act | rel. action error | success |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     results = {}
     for scheme, backend, corrections in ARMS:
         if scheme not in supported_schemes():
             print(f"| {scheme} | {backend} | - | unavailable here | | | | |")
             continue
-        config = QuantizationConfig(scheme, backend, attention_temperature_matching=corrections,
-                                    output_head_balancing=corrections)
+        config = QuantizationConfig(
+            scheme,
+            backend,
+            attention_temperature_matching=corrections,
+            output_head_balancing=corrections,
+        )
         result = quantize_policy(policy, config, calibration)
         report = measure(policy, result, held_out)
         rate = success(result.model)
@@ -88,15 +95,23 @@ def main() -> None:
     config = policy.config.to_dict()
     config["head"] = None
     base = DiTVLAPolicy(
-        PolicyConfig.preset("base", **{k: v for k, v in config.items()
-                                       if k in ("cameras", "image_size", "state_dim", "action_dim", "horizon")})
+        PolicyConfig.preset(
+            "base",
+            **{
+                k: v
+                for k, v in config.items()
+                if k in ("cameras", "image_size", "state_dim", "action_dim", "horizon")
+            },
+        )
     ).eval()
     for scheme, backend, _ in ARMS[:1] + ARMS[2:]:
         if scheme not in supported_schemes():
             continue
         result = quantize_policy(
-            base, QuantizationConfig(scheme, backend, attention_temperature_matching=False,
-                                     output_head_balancing=False),
+            base,
+            QuantizationConfig(
+                scheme, backend, attention_temperature_matching=False, output_head_balancing=False
+            ),
         )
         report = measure(base, result, held_out)
         lat = report["latency"]

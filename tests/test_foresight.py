@@ -29,7 +29,10 @@ def shifting_episode(seed: int, length: int = 20, size: int = SIZE) -> dict[str,
     # smooth texture: DIS is accurate on it even at 32 px (0.04 px error in motion images)
     world = cv2.GaussianBlur(rng.integers(0, 256, (160, 160, 3)).astype(np.uint8), (11, 11), 0)
     frames = np.stack(
-        [world[8 + t * DY : 8 + t * DY + size, 8 + t * DX : 8 + t * DX + size] for t in range(length)]
+        [
+            world[8 + t * DY : 8 + t * DY + size, 8 + t * DX : 8 + t * DX + size]
+            for t in range(length)
+        ]
     )
     return {
         "front": frames,
@@ -43,7 +46,9 @@ def shifting_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("foresight") / "shift.zarr"
     buffer = ReplayBuffer.create(path, fps=10, cameras=["front"])
     for seed in range(4):
-        buffer.append_episode(shifting_episode(seed), task="pan", instruction="pan the view", seed=seed)
+        buffer.append_episode(
+            shifting_episode(seed), task="pan", instruction="pan the view", seed=seed
+        )
     return path
 
 
@@ -69,14 +74,18 @@ def test_targets_are_cached_and_recomputed_when_settings_or_frames_change(tmp_pa
     cached[0] = 7.0  # a marker: a cache hit returns it
     assert load_or_compute_motion_targets(path, spec, progress=False)[0][0].max() == 7.0
     # another k: recomputed
-    again, _ = load_or_compute_motion_targets(path, MotionTargetSpec("front", k=3, size=8), progress=False)
+    again, _ = load_or_compute_motion_targets(
+        path, MotionTargetSpec("front", k=3, size=8), progress=False
+    )
     assert np.nanmax(again[0]) != 7.0
     # a half-written cache (its attributes are written last) is recomputed, not trusted
     cached = zarr.open_group(str(path), mode="a")["derived"]["motion.front"]
     cached.attrs.put({})
     assert load_or_compute_motion_targets(path, spec, progress=False)[0].shape == first.shape
     # appended episodes: recomputed for every frame
-    ReplayBuffer.open(path, mode="a").append_episode(shifting_episode(1, 6), task="pan", instruction="pan")
+    ReplayBuffer.open(path, mode="a").append_episode(
+        shifting_episode(1, 6), task="pan", instruction="pan"
+    )
     grown, _ = load_or_compute_motion_targets(path, spec, progress=False)
     assert grown.shape[0] == 14 and rms > 0
     assert ReplayBuffer.open(path).check() == []  # the store itself is untouched
@@ -130,14 +139,18 @@ def test_jointly_trained_head_predicts_the_shift(trained, shifting_store):
 
 
 def test_samples_carry_the_future_frame_for_latent_targets(shifting_store):
-    dataset = ReplayBufferDataset(shifting_store, n_obs_steps=1, horizon=4, future_frame=("front", 3))
+    dataset = ReplayBufferDataset(
+        shifting_store, n_obs_steps=1, horizon=4, future_frame=("front", 3)
+    )
     frames = ReplayBuffer.open(shifting_store).read_all("front")
     for index in (0, 10, 16, 17, 19, 20):  # episode 0 is frames 0..19, episode 1 from 20
         sample = dataset[index]
         episode_last = 19 if index < 20 else 39
         wanted = index + 3
         assert sample["future_is_pad"] == (wanted > episode_last)
-        np.testing.assert_array_equal(sample["future_image"].numpy(), frames[min(wanted, episode_last)])
+        np.testing.assert_array_equal(
+            sample["future_image"].numpy(), frames[min(wanted, episode_last)]
+        )
     with pytest.raises(Exception, match="future_frame"):
         ReplayBufferDataset(shifting_store, future_frame=("wrist", 3))
 
@@ -188,7 +201,11 @@ def test_inference_never_runs_the_head_and_a_saved_policy_can_drop_it(run, reque
     for module in policy.foresight.modules():
         module.register_forward_pre_hook(forbidden)
     episode = shifting_episode(3)
-    obs = {"images": {"front": episode["front"][0]}, "instruction": "pan the view", "state": episode["state"][0]}
+    obs = {
+        "images": {"front": episode["front"][0]},
+        "instruction": "pan the view",
+        "state": episode["state"][0],
+    }
     noise = torch.randn(1, 4, 2)
     context = policy.encode(obs)
     chunk = policy.act(context, obs["state"], noise=noise)

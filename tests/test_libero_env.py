@@ -126,5 +126,7 @@ def test_collect_refuses_libero_before_writing_anything(tmp_path):
     from ditvla.envs.collect import collect_demonstrations
 
     with pytest.raises(ValueError, match="LIBERO has no scripted experts"):
-        collect_demonstrations("libero:goal/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False)
+        collect_demonstrations(
+            "libero:goal/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False
+        )
     assert not (tmp_path / "x.zarr").exists()

@@ -73,9 +73,16 @@ def test_layout_integerizes_only_the_mlps(policy, calibration):
 
 @pytest.mark.parametrize(
     "scheme, backend, saved",
-    [("w8a8", "fbgemm", 0.65), ("w8a8", "torchao", 0.65), ("w8", "torchao", 0.65), ("w4a8", "torchao", 0.65)],
+    [
+        ("w8a8", "fbgemm", 0.65),
+        ("w8a8", "torchao", 0.65),
+        ("w8", "torchao", 0.65),
+        ("w4a8", "torchao", 0.65),
+    ],
 )
-def test_schemes_shrink_the_layers_and_keep_the_actions(policy, calibration, held_out, scheme, backend, saved):
+def test_schemes_shrink_the_layers_and_keep_the_actions(
+    policy, calibration, held_out, scheme, backend, saved
+):
     if scheme not in supported_schemes():
         pytest.skip(f"{scheme} kernels unavailable here")
     result = quantize_policy(policy, QuantizationConfig(scheme, backend), calibration)
@@ -93,7 +100,9 @@ def test_atm_and_ohb_restore_the_float_statistics(policy, calibration):
     float_logits, float_rms = stats(policy)
     plain = quantize_policy(
         policy,
-        QuantizationConfig("w8a8", "fbgemm", attention_temperature_matching=False, output_head_balancing=False),
+        QuantizationConfig(
+            "w8a8", "fbgemm", attention_temperature_matching=False, output_head_balancing=False
+        ),
         calibration,
     )
     corrected = quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
@@ -123,7 +132,10 @@ def test_saved_quantized_policy_loads_as_the_same_model(policy, calibration, hel
 
 def test_bad_input_fails_before_any_weight_changes(policy, calibration):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    wrong = [{"images": {"other": obs["images"]["cam"]}, "instruction": obs["instruction"]} for obs in calibration]
+    wrong = [
+        {"images": {"other": obs["images"]["cam"]}, "instruction": obs["instruction"]}
+        for obs in calibration
+    ]
     with pytest.raises(QuantizationError, match="lacks images/cam"):
         quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), wrong)
     with pytest.raises(QuantizationError, match="w8a8, w8, w4a8"):
@@ -137,9 +149,22 @@ def test_bad_input_fails_before_any_weight_changes(policy, calibration):
 def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
     policy.save_pretrained(tmp_path / "float")
     done = subprocess.run(
-        [sys.executable, "-m", "ditvla.cli", "quantize", "--policy", str(tmp_path / "float"),
-         "--calibration", str(store), "--frames", "8", "--out", str(tmp_path / "q")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ditvla.cli",
+            "quantize",
+            "--policy",
+            str(tmp_path / "float"),
+            "--calibration",
+            str(store),
+            "--frames",
+            "8",
+            "--out",
+            str(tmp_path / "q"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
@@ -148,13 +173,29 @@ def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
     other = tmp_path / "other.zarr"
     buffer = ReplayBuffer.create(other, fps=10, cameras=["front"])
     buffer.append_episode(
-        {"front": np.zeros((4, 32, 32, 3), np.uint8), "state": np.zeros((4, 3)), "action": np.zeros((4, 2))},
-        task="t", instruction="i",
+        {
+            "front": np.zeros((4, 32, 32, 3), np.uint8),
+            "state": np.zeros((4, 3)),
+            "action": np.zeros((4, 2)),
+        },
+        task="t",
+        instruction="i",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "ditvla.cli", "quantize", "--policy", str(tmp_path / "float"),
-         "--calibration", str(other), "--out", str(tmp_path / "q2")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ditvla.cli",
+            "quantize",
+            "--policy",
+            str(tmp_path / "float"),
+            "--calibration",
+            str(other),
+            "--out",
+            str(tmp_path / "q2"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and "lacks camera(s) cam" in done.stderr
     assert not (tmp_path / "q2").exists()
