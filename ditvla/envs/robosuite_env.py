@@ -199,7 +199,7 @@ class _PickPlaceExpert:
 
     Phases: hover over the object with the gripper open, descend, close, lift, carry to
     above the target, lower, open, back off. Position control is proportional on the
-    end-effector error; the orientation is held at the episode's start.
+    end-effector error; no rotation is commanded (the objects need none to be grasped).
     """
 
     GAIN = 10.0  # action per metre of error (1 = 5 cm delta; 10 -> half the error per step)
@@ -211,14 +211,12 @@ class _PickPlaceExpert:
         self,
         object_key: str,
         *,
-        grasp_offset: float = 0.0,
         target: np.ndarray | None = None,
         carry_height: float = 0.12,
         release_height: float = 0.03,
         lift_height: float = 0.15,
     ):
         self.object_key = object_key
-        self.grasp_offset = grasp_offset
         self.target = target
         self.carry_height = carry_height
         self.release_height = release_height
@@ -254,7 +252,7 @@ class _PickPlaceExpert:
     def action(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         eef = raw["robot0_eef_pos"]
         obj = raw[self.object_key]
-        grasp = obj + np.array([0.0, 0.0, self.grasp_offset])
+        grasp = obj  # the object's centre
         open_, closed = -1.0, 1.0
         if self.phase == "hover":
             goal = grasp + np.array([0.0, 0.0, self.HOVER])
