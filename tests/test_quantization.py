@@ -146,26 +146,15 @@ def test_bad_input_fails_before_any_weight_changes(policy, calibration):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def run_quantize(policy_dir, calibration, out, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ditvla.cli", "quantize", "--policy", str(policy_dir)]
+    command += ["--calibration", str(calibration), "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
     policy.save_pretrained(tmp_path / "float")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ditvla.cli",
-            "quantize",
-            "--policy",
-            str(tmp_path / "float"),
-            "--calibration",
-            str(store),
-            "--frames",
-            "8",
-            "--out",
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = run_quantize(tmp_path / "float", store, tmp_path / "q", "--frames", "8")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
     assert report["memory_saved"] > 0.65 and "act_speedup" in report
@@ -181,21 +170,6 @@ def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
         task="t",
         instruction="i",
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ditvla.cli",
-            "quantize",
-            "--policy",
-            str(tmp_path / "float"),
-            "--calibration",
-            str(other),
-            "--out",
-            str(tmp_path / "q2"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = run_quantize(tmp_path / "float", other, tmp_path / "q2")
     assert done.returncode == 2 and "lacks camera(s) cam" in done.stderr
     assert not (tmp_path / "q2").exists()

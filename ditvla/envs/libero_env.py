@@ -226,7 +226,7 @@ class LiberoEnv(SimulatorEnv):
             hard_reset=False,  # the init state sets the whole simulation state anyway
         )
         self._renderer = FastOffscreenRenderer(self._env.sim)
-        self.fps = 20.0
+        self.fps = float(self._env.env.control_freq)
         self._raw: dict[str, np.ndarray] = {}
 
     def render_camera(self, camera: str) -> np.ndarray:

@@ -117,14 +117,6 @@ class RobosuiteEnv(SimulatorEnv):
         self._expert: _PickPlaceExpert | None = None
         self._raw: dict[str, np.ndarray] = {}
 
-    @property
-    def mujoco_model(self) -> mujoco.MjModel:
-        return self._env.sim.model._model
-
-    @property
-    def mujoco_data(self) -> mujoco.MjData:
-        return self._env.sim.data._data
-
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera``."""
         return np.ascontiguousarray(self._renderer.render(camera, self.image_size)[::-1])
