@@ -75,3 +75,27 @@ def test_expert_demonstrations_into_zarr(tmp_path):
         assert success
     finally:
         env.close()
+
+
+def test_parallel_collection_writes_the_same_store(tmp_path):
+    stores = {}
+    for workers in (1, 2):
+        out = tmp_path / f"demos_{workers}.zarr"
+        report = collect_demonstrations(
+            "metaworld:reach-v3,door-open-v3",
+            out,
+            episodes_per_task=3,
+            image_size=16,
+            workers=workers,
+            progress=False,
+        )
+        assert report.kept == {"reach-v3": 3, "door-open-v3": 3}
+        stores[workers] = (ReplayBuffer.open(out), report)
+    (serial, serial_report), (parallel, parallel_report) = stores[1], stores[2]
+    assert parallel_report.attempts == serial_report.attempts
+    assert parallel.episode_seed.tolist() == serial.episode_seed.tolist()
+    for i in range(serial.n_episodes):
+        a, b = serial.get_episode(i), parallel.get_episode(i)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)

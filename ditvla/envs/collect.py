@@ -8,7 +8,11 @@ twice as many attempts as episodes asked for).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.envs.registry import parse_env
+from ditvla.envs.registry import SUITES, parse_env
 
 
 @dataclass
@@ -53,6 +57,23 @@ def run_expert_episode(env: Any, seed: int) -> tuple[dict[str, np.ndarray], bool
     return episode, success
 
 
+# Each worker process keeps one simulator per task (building one takes seconds).
+_worker_envs: dict[tuple, Any] = {}
+
+
+def _worker_setup() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _expert_episode_in_worker(
+    suite_name: str, task: str, cameras: tuple[str, ...], image_size: int, seed: int
+) -> tuple[dict[str, np.ndarray], bool]:
+    key = (suite_name, task, cameras, image_size)
+    if key not in _worker_envs:
+        _worker_envs[key] = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
+    return run_expert_episode(_worker_envs[key], seed)
+
+
 def collect_demonstrations(
     env_spec: str,
     out: str | Path,
@@ -63,54 +84,112 @@ def collect_demonstrations(
     seed_start: int = 0,
     keep_failures: bool = False,
     overwrite: bool = False,
+    workers: int = 1,
     progress: bool = True,
 ) -> CollectionReport:
     """Run the scripted experts of ``env_spec`` and append their episodes to ``out``.
 
     ``cameras`` defaults to the suite's (metaworld: corner; robosuite: agentview and
-    robot0_eye_in_hand).
+    robot0_eye_in_hand). ``workers`` > 1 runs episodes in that many simulator processes;
+    episodes are written in seed order, so the store is the same for any number of workers.
     """
     suite, tasks = parse_env(env_spec)
     cameras = suite.default_cameras if cameras is None else tuple(cameras)
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     report = CollectionReport()
     buffer: ReplayBuffer | None = None
     bar = tqdm(
         total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not progress
     )
-    for task in tasks:
-        env = suite.make(task, cameras=cameras, image_size=image_size)
-        env.reset(seed=seed_start, options={"skip_images": True})
-        env.expert_action()  # a task without a scripted expert fails here, before any write
-        if buffer is None:
-            buffer = ReplayBuffer.create(
-                out,
-                fps=round(env.fps, 3),
-                cameras=list(cameras),
-                state_keys=["state"],
-                action_space=suite.action_space,
-                source=f"{suite.name} scripted experts ({env_spec})",
-                overwrite=overwrite,
-            )
-        report.kept[task] = report.attempts[task] = 0
-        seed = seed_start
-        try:
-            while report.kept[task] < episodes_per_task and (
-                report.attempts[task] < 2 * episodes_per_task
-            ):
-                episode, success = run_expert_episode(env, seed)
-                report.attempts[task] += 1
-                if success or keep_failures:
-                    buffer.append_episode(
-                        episode, task=task, instruction=env.instruction, seed=seed
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_setup)
+        if workers > 1
+        else None
+    )
+    try:
+        for task in tasks:
+            env = suite.make(task, cameras=cameras, image_size=image_size)
+            try:
+                env.reset(seed=seed_start, options={"skip_images": True})
+                env.expert_action()  # a task without a scripted expert fails here, before any write
+                if buffer is None:
+                    buffer = ReplayBuffer.create(
+                        out,
+                        fps=round(env.fps, 3),
+                        cameras=list(cameras),
+                        state_keys=["state"],
+                        action_space=suite.action_space,
+                        source=f"{suite.name} scripted experts ({env_spec})",
+                        overwrite=overwrite,
                     )
-                    report.kept[task] += 1
-                    report.frames += len(episode["action"])
-                    bar.update()
-                bar.set_postfix_str(f"{task} ok {report.kept[task]}/{report.attempts[task]}")
-                seed += 1
-        finally:
-            env.close()
-    bar.close()
+                episodes = _expert_episodes(
+                    env,
+                    pool,
+                    workers,
+                    suite.name,
+                    task,
+                    cameras,
+                    image_size,
+                    seed_start,
+                    episodes_per_task,
+                    report,
+                )
+                for seed, episode, success in episodes:
+                    if success or keep_failures:
+                        buffer.append_episode(
+                            episode, task=task, instruction=env.instruction, seed=seed
+                        )
+                        report.kept[task] += 1
+                        report.frames += len(episode["action"])
+                        bar.update()
+                    bar.set_postfix_str(f"{task} ok {report.kept[task]}/{report.attempts[task]}")
+            finally:
+                env.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
     return report
+
+
+def _expert_episodes(
+    env: Any,
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+    suite_name: str,
+    task: str,
+    cameras: tuple[str, ...],
+    image_size: int,
+    seed_start: int,
+    wanted: int,
+    report: CollectionReport,
+) -> Iterator[tuple[int, dict[str, np.ndarray], bool]]:
+    """(seed, episode, success) in seed order until ``wanted`` successes or 2 x wanted
+    attempts. With a pool, up to ``workers`` episodes run ahead, never more than the
+    successes still missing (so nothing is simulated for nothing when experts succeed)."""
+    report.kept[task] = report.attempts[task] = 0
+    pending: deque[tuple[int, Future]] = deque()
+    next_seed = seed_start
+    limit = seed_start + 2 * wanted
+    while report.kept[task] < wanted and report.attempts[task] < 2 * wanted:
+        if pool is None:
+            episode, success = run_expert_episode(env, next_seed)
+            seed, next_seed = next_seed, next_seed + 1
+        else:
+            while (
+                len(pending) < workers
+                and report.kept[task] + len(pending) < wanted
+                and next_seed < limit
+            ):
+                job = (suite_name, task, cameras, image_size, next_seed)
+                pending.append((next_seed, pool.submit(_expert_episode_in_worker, *job)))
+                next_seed += 1
+            seed, future = pending.popleft()
+            episode, success = future.result()
+        report.attempts[task] += 1
+        yield seed, episode, success
+    for _, future in pending:
+        future.cancel()
