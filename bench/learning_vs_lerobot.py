@@ -3,8 +3,8 @@ same wall-clock training budget, same evaluation episodes.
 
 1. data: the demo's demonstrations (five Meta-World tasks, 50 scripted episodes each,
    64x64 corner camera + 39-D state), collected here or reused with ``--store``;
-2. ditvla: the demo's training run (tiny preset, 1500 steps, batch 32, lr 1e-3); its
-   wall-clock time is the budget;
+2. ditvla: the demo's training run (``ditvla.demo.FULL``: tiny preset, batch 32, lr 1e-3,
+   its step count); its wall-clock time is the budget;
 3. LeRobot: the store converted with ``ditvla convert to-lerobot`` (PNG frames, lossless),
    ``DiffusionPolicy`` with its default config and no pretrained backbone weights, trained
    with lerobot's own optimizer and scheduler presets, processors and batch size (8, the

@@ -83,6 +83,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         seed_start=args.seed_start,
         keep_failures=args.keep_failures,
         overwrite=args.overwrite,
+        workers=args.workers,
     )
     for task in report.kept:
         print(
@@ -99,6 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     policy_overrides = {
         "objective": getattr(args, "policy.objective"),
         "num_inference_steps": getattr(args, "policy.inference_steps"),
+        "noise_samples": getattr(args, "policy.noise_samples"),
         "horizon": getattr(args, "policy.horizon"),
         "n_action_steps": getattr(args, "policy.n_action_steps"),
         "head": {"conditioning": getattr(args, "policy.conditioning")},
@@ -340,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument(
         "--seed-start", type=int, default=0, help="first episode seed (%(default)s)"
     )
+    collect.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="simulator processes; the store is the same for any number (%(default)s)",
+    )
     collect.add_argument("--keep-failures", action="store_true", help="keep failed episodes too")
     collect.add_argument("--overwrite", action="store_true", help="replace an existing store")
     collect.set_defaults(func=_cmd_collect)
@@ -399,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--policy.inference-steps", type=int, default=10, help="denoising steps at inference (10)"
+    )
+    train.add_argument(
+        "--policy.noise-samples",
+        type=int,
+        default=1,
+        help="(noise, time) draws per training observation: the backbone runs once, the "
+        "action head once per draw (1)",
     )
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
     train.add_argument("--batch-size", type=int, default=64, help="samples per step (64)")

@@ -87,6 +87,30 @@ def test_context_is_computed_once_per_chunk(store):
     assert calls == {"context": 1, "head": 20}
 
 
+def test_noise_samples_reuse_one_backbone_pass(store):
+    """noise_samples=n: the backbone reads each observation once, the head trains on n
+    (noise, time) draws of it, each paired with its own observation's state."""
+    torch.manual_seed(0)
+    policy, dataset = make_policy(store, noise_samples=3)
+    seen = {}
+    policy.backbone.register_forward_hook(
+        lambda _m, args, _out: seen.__setitem__("backbone_rows", args[0].shape[0])
+    )
+    policy.head.state_proj.register_forward_hook(
+        lambda _m, args, _out: seen.__setitem__("head_states", args[0].detach())
+    )
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(5)])
+    loss, _ = policy(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert seen["backbone_rows"] == 5
+    states = seen["head_states"].view(5, 3, -1)
+    expected = policy.normalizer.normalize("state", batch["state"][:, -1].float())
+    torch.testing.assert_close(states, expected[:, None].expand(5, 3, -1))
+    with pytest.raises(ValueError, match="noise_samples"):
+        make_policy(store, noise_samples=0)
+
+
 def test_select_action_serves_a_queue_of_chunks(store):
     policy, dataset = make_policy(store, n_action_steps=3)
     obs = observation(dataset)

@@ -212,6 +212,15 @@ class ContextCache:
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor  # (B, L) bool, True where the context token is real
 
+    def repeat_interleave(self, n: int) -> ContextCache:
+        """Each batch row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1)."""
+        return ContextCache(
+            keys_values=[
+                (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.keys_values
+            ],
+            mask=self.mask.repeat_interleave(n, 0),
+        )
+
 
 class DiTActionHead(nn.Module):
     """Predicts the denoising target (velocity or noise) of an action chunk."""

@@ -66,6 +66,10 @@ class PolicyConfig:
     objective: str = "flow_matching"
     num_inference_steps: int = 10
     num_train_timesteps: int = 100
+    # Training: (noise, time) pairs drawn per observation. The backbone runs once per
+    # observation and the head once per pair, so the head (where the state is read) gets
+    # several examples for the price of one backbone pass.
+    noise_samples: int = 1
     state_norm: NormMode = "mean_std"
     action_norm: NormMode = "mean_std"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -92,6 +96,8 @@ class PolicyConfig:
             raise ValueError(
                 f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"
             )
+        if self.noise_samples < 1:
+            raise ValueError(f"noise_samples must be >= 1, got {self.noise_samples}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
 
@@ -347,11 +353,16 @@ class DiTVLAPolicy(nn.Module):
                 "state", batch["state"][:, -1].to(self.device).float()
             )
         target_actions = self.normalizer.normalize("action", actions)
+        valid = ~batch["action_is_pad"].to(self.device)
+        cache, n = context.cache, self.config.noise_samples
+        if n > 1:
+            target_actions, valid = (x.repeat_interleave(n, 0) for x in (target_actions, valid))
+            state = None if state is None else state.repeat_interleave(n, 0)
+            cache = cache.repeat_interleave(n)
         noise = torch.randn_like(target_actions)
         noisy, t, target = self.schedule.training_example(target_actions, noise)
-        prediction = self.head(noisy, self.head.condition(t, state), context.cache)
+        prediction = self.head(noisy, self.head.condition(t, state), cache)
         error = (prediction - target) ** 2
-        valid = ~batch["action_is_pad"].to(self.device)
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         metrics = {"action_loss": loss.item()}
         if self.foresight is not None:
