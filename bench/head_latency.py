@@ -10,10 +10,16 @@ processor; our head has width 384, 8 blocks, 8 heads, MLP ratio 4 (the same para
 count per MLP as the expert's SwiGLU) and self-attention in every other block. Same
 process, same threads, batch 1, fp32; the heads are timed in turn, medians reported.
 
-    python bench/head_latency.py [--repeats 20]
+With ``--compile`` each is also timed with its denoising step (ours:
+``DiTActionHead.forward``, theirs: ``VLAFlowMatching.denoise_step``) through
+``torch.compile`` (TorchInductor, frozen weights, dynamic shapes); compilation (the first
+calls, minutes on this CPU) is printed, not timed.
+
+    python bench/head_latency.py [--repeats 20] [--compile]
 
 Last line: ``action chunk latency: <ours> ms vs lerobot smolvla <theirs> ms (<ratio>x)``
-at 256 context tokens and 10 steps (SmolVLA's default step count).
+at 256 context tokens and 10 steps (SmolVLA's default step count), both eager (the way
+both run in their policies' ``act`` / ``select_action``).
 """
 
 from __future__ import annotations
@@ -111,22 +117,29 @@ def paired_median_ms(fns: list, repeats: int) -> list[float]:
     return [statistics.median(bucket) for bucket in times]
 
 
-def smolvla_chunk(folder: Path, context: int, steps: int):
+def smolvla_model(folder: Path):
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
-    from lerobot.policies.smolvla.modeling_smolvla import VLAFlowMatching, make_att_2d_masks
+    from lerobot.policies.smolvla.modeling_smolvla import VLAFlowMatching
 
     config = SmolVLAConfig(
         vlm_model_name=str(folder),
         load_vlm_weights=False,
         chunk_size=HORIZON,
         n_action_steps=HORIZON,
-        num_steps=steps,
         num_vlm_layers=VLM_LAYERS,
         max_action_dim=ACTION_DIM,
         max_state_dim=STATE_DIM,
         device="cpu",
     )
-    model = VLAFlowMatching(config).eval()
+    return VLAFlowMatching(config).eval()
+
+
+def smolvla_chunk(model, context: int, steps: int, step_fn=None):
+    """One chunk of SmolVLA's expert over a prefix cache computed beforehand; ``step_fn``
+    replaces ``model.denoise_step`` (compiled)."""
+    from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
+
+    step_fn = step_fn or model.denoise_step
     prefix = torch.randn(1, context, VLM_WIDTH)
     pad = torch.ones(1, context, dtype=torch.bool)
     att = make_att_2d_masks(pad, torch.zeros(1, context, dtype=torch.bool))
@@ -157,20 +170,16 @@ def smolvla_chunk(folder: Path, context: int, steps: int):
         x = noise
         for i in range(steps):
             t = torch.tensor([1.0 + i * dt])
-            x = x + dt * model.denoise_step(
-                prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t
-            )
+            x = x + dt * step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t)
         return x
 
-    expert = sum(p.numel() for p in model.vlm_with_expert.lm_expert.parameters())
-    return run, expert
+    return run
 
 
-def ditvla_chunk(context: int, steps: int, conditioning: str):
+def ditvla_head(conditioning: str):
     from ditvla.policies.dit_head import ActionHeadConfig, DiTActionHead
-    from ditvla.policies.noise_schedules import FlowMatching
 
-    head = DiTActionHead(
+    return DiTActionHead(
         ActionHeadConfig(
             conditioning=conditioning,
             width=EXPERT_WIDTH,
@@ -182,6 +191,13 @@ def ditvla_chunk(context: int, steps: int, conditioning: str):
             horizon=HORIZON,
         )
     ).eval()
+
+
+def ditvla_chunk(head, context: int, steps: int, step_fn=None):
+    """One chunk of ``head``; ``step_fn`` replaces the head's denoising step (compiled)."""
+    from ditvla.policies.noise_schedules import FlowMatching
+
+    step_fn = step_fn or head
     tokens = torch.randn(1, context, VLM_WIDTH)
     mask = torch.ones(1, context, dtype=torch.bool)
     state = torch.randn(1, STATE_DIM)
@@ -192,9 +208,14 @@ def ditvla_chunk(context: int, steps: int, conditioning: str):
     def run():
         cache = head.prepare_context(tokens, mask)
         conditions = head.condition_steps(schedule.step_times(steps), state, 1)
-        return schedule.sample(lambda x, i: head(x, conditions[i], cache), noise, steps)
+        return schedule.sample(lambda x, i: step_fn(x, conditions[i], cache), noise, steps)
 
-    return run, sum(p.numel() for p in head.parameters())
+    return run
+
+
+def compiled(fn):
+    """``fn`` through torch.compile: TorchInductor with frozen weights, any shape."""
+    return torch.compile(fn, dynamic=True, options={"freezing": True})
 
 
 def main() -> None:
@@ -202,6 +223,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time both denoising steps compiled"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
@@ -210,23 +234,49 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, fp32, chunk {HORIZON}x{ACTION_DIM}"
     )
+    ours_head, ic_head = ditvla_head("cross_attention"), ditvla_head("in_context")
+    smolvla = smolvla_model(folder)
+    ours_params = sum(p.numel() for p in ours_head.parameters())
+    theirs_params = sum(p.numel() for p in smolvla.vlm_with_expert.lm_expert.parameters())
+    print(
+        f"params: ditvla head {ours_params / 1e6:.1f}M, smolvla expert {theirs_params / 1e6:.1f}M"
+    )
+    ours_compiled = theirs_compiled = None
+    if args.compile:
+        ours_compiled = compiled(ours_head.forward)
+        theirs_compiled = compiled(smolvla.denoise_step)
     headline = None
     for context in (64, 256):
         for steps in (4, 10):
-            ours_run, ours_params = ditvla_chunk(context, steps, "cross_attention")
-            ic_run, _ = ditvla_chunk(context, steps, "in_context")
-            theirs_run, theirs_params = smolvla_chunk(folder, context, steps)
-            ours, in_context, theirs = paired_median_ms(
-                [ours_run, ic_run, theirs_run], args.repeats
+            runs = {
+                "ours": ditvla_chunk(ours_head, context, steps),
+                "in_context": ditvla_chunk(ic_head, context, steps),
+                "theirs": smolvla_chunk(smolvla, context, steps),
+            }
+            if ours_compiled is not None:
+                runs["ours_compiled"] = ditvla_chunk(ours_head, context, steps, ours_compiled)
+                runs["theirs_compiled"] = smolvla_chunk(smolvla, context, steps, theirs_compiled)
+            for name, run in runs.items():  # the first calls compile: not timed
+                start = time.perf_counter()
+                run()
+                if name.endswith("compiled") and context == 64 and steps == 4:
+                    print(f"{name}: first call {time.perf_counter() - start:.1f} s")
+            ms = dict(zip(runs, paired_median_ms(list(runs.values()), args.repeats), strict=True))
+            line = (
+                f"context {context:3d} tokens, {steps:2d} steps: eager: ditvla cross-attn "
+                f"{ms['ours']:7.2f} ms, in-context {ms['in_context']:7.2f} ms | smolvla expert "
+                f"{ms['theirs']:7.2f} ms ({ms['theirs'] / ms['ours']:.2f}x)"
             )
-            print(
-                f"context {context:3d} tokens, {steps:2d} steps: ditvla cross-attn {ours:7.2f} ms, "
-                f"in-context {in_context:7.2f} ms | smolvla expert {theirs:7.2f} ms "
-                f"({theirs / ours:.2f}x) | params {ours_params / 1e6:.1f}M vs {theirs_params / 1e6:.1f}M"
-            )
+            if ours_compiled is not None:
+                line += (
+                    f"; compiled: ditvla {ms['ours_compiled']:7.2f} ms | smolvla "
+                    f"{ms['theirs_compiled']:7.2f} ms "
+                    f"({ms['theirs_compiled'] / ms['ours_compiled']:.2f}x)"
+                )
+            print(line)
             if (context, steps) == (256, 10):
-                headline = (ours, theirs)
-    ours, theirs = headline
+                headline = ms
+    ours, theirs = headline["ours"], headline["theirs"]
     print(
         f"action chunk latency: {ours:.1f} ms vs lerobot smolvla {theirs:.1f} ms ({theirs / ours:.2f}x)"
     )
