@@ -9,11 +9,11 @@ twice as many attempts as episodes asked for).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,6 @@ def run_expert_episode(env: Any, seed: int) -> tuple[dict[str, np.ndarray], bool
 _worker_envs: dict[tuple, Any] = {}
 
 
-def _worker_setup() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-
 def _expert_episode_in_worker(
     suite_name: str, task: str, cameras: tuple[str, ...], image_size: int, seed: int
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -72,6 +68,13 @@ def _expert_episode_in_worker(
     if key not in _worker_envs:
         _worker_envs[key] = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
     return run_expert_episode(_worker_envs[key], seed)
+
+
+def _run_here(env: Any, seed: int) -> Future:
+    """One episode in this process, as a finished future (the serial path)."""
+    future: Future = Future()
+    future.set_result(run_expert_episode(env, seed))
+    return future
 
 
 def collect_demonstrations(
@@ -104,11 +107,7 @@ def collect_demonstrations(
     bar = tqdm(
         total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not progress
     )
-    pool = (
-        ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_setup)
-        if workers > 1
-        else None
-    )
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     try:
         for task in tasks:
             env = suite.make(task, cameras=cameras, image_size=image_size)
@@ -125,19 +124,37 @@ def collect_demonstrations(
                         source=f"{suite.name} scripted experts ({env_spec})",
                         overwrite=overwrite,
                     )
-                episodes = _expert_episodes(
-                    env,
-                    pool,
-                    workers,
-                    suite.name,
-                    task,
-                    cameras,
-                    image_size,
-                    seed_start,
-                    episodes_per_task,
-                    report,
+                submit = (
+                    partial(_run_here, env)
+                    if pool is None
+                    else partial(
+                        pool.submit,
+                        _expert_episode_in_worker,
+                        suite.name,
+                        task,
+                        cameras,
+                        image_size,
+                    )
                 )
-                for seed, episode, success in episodes:
+                # Episodes run ahead in seed order (at most `workers` of them, never more
+                # than the successes still missing) and are written in seed order.
+                report.kept[task] = report.attempts[task] = 0
+                pending: deque[tuple[int, Future]] = deque()
+                next_seed, limit = seed_start, seed_start + 2 * episodes_per_task
+                while (
+                    report.kept[task] < episodes_per_task
+                    and report.attempts[task] < 2 * episodes_per_task
+                ):
+                    while (
+                        len(pending) < workers
+                        and report.kept[task] + len(pending) < episodes_per_task
+                        and next_seed < limit
+                    ):
+                        pending.append((next_seed, submit(next_seed)))
+                        next_seed += 1
+                    seed, future = pending.popleft()
+                    episode, success = future.result()
+                    report.attempts[task] += 1
                     if success or keep_failures:
                         buffer.append_episode(
                             episode, task=task, instruction=env.instruction, seed=seed
@@ -146,6 +163,8 @@ def collect_demonstrations(
                         report.frames += len(episode["action"])
                         bar.update()
                     bar.set_postfix_str(f"{task} ok {report.kept[task]}/{report.attempts[task]}")
+                for _, future in pending:
+                    future.cancel()
             finally:
                 env.close()
     finally:
@@ -153,43 +172,3 @@ def collect_demonstrations(
             pool.shutdown(cancel_futures=True)
         bar.close()
     return report
-
-
-def _expert_episodes(
-    env: Any,
-    pool: ProcessPoolExecutor | None,
-    workers: int,
-    suite_name: str,
-    task: str,
-    cameras: tuple[str, ...],
-    image_size: int,
-    seed_start: int,
-    wanted: int,
-    report: CollectionReport,
-) -> Iterator[tuple[int, dict[str, np.ndarray], bool]]:
-    """(seed, episode, success) in seed order until ``wanted`` successes or 2 x wanted
-    attempts. With a pool, up to ``workers`` episodes run ahead, never more than the
-    successes still missing (so nothing is simulated for nothing when experts succeed)."""
-    report.kept[task] = report.attempts[task] = 0
-    pending: deque[tuple[int, Future]] = deque()
-    next_seed = seed_start
-    limit = seed_start + 2 * wanted
-    while report.kept[task] < wanted and report.attempts[task] < 2 * wanted:
-        if pool is None:
-            episode, success = run_expert_episode(env, next_seed)
-            seed, next_seed = next_seed, next_seed + 1
-        else:
-            while (
-                len(pending) < workers
-                and report.kept[task] + len(pending) < wanted
-                and next_seed < limit
-            ):
-                job = (suite_name, task, cameras, image_size, next_seed)
-                pending.append((next_seed, pool.submit(_expert_episode_in_worker, *job)))
-                next_seed += 1
-            seed, future = pending.popleft()
-            episode, success = future.result()
-        report.attempts[task] += 1
-        yield seed, episode, success
-    for _, future in pending:
-        future.cancel()
