@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--policy.preset",
         default="tiny",
-        help="tiny (tiny Idefics3 VLM, CPU default), tiny-paligemma, small, base, large",
+        help="tiny (tiny Idefics3 VLM, CPU default), tiny-paligemma, tiny-qwen (Qwen2.5-VL), "
+        "small, base, large (head sizes over the tiny Idefics3 VLM)",
     )
     train.add_argument(
         "--policy.objective", default="flow_matching", choices=("flow_matching", "ddpm")

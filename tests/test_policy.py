@@ -221,3 +221,77 @@ def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
     assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
     with pytest.raises(FileNotFoundError):
         VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "nope")))
+
+
+def test_qwen_preset_trains_acts_and_reads_latent_foresight(store):
+    torch.manual_seed(0)
+    policy, dataset = make_policy(
+        store, preset="tiny-qwen", num_inference_steps=2, foresight={"kind": "latent", "k": 2}
+    )
+    assert policy.backbone.family == "qwen2_5_vl"
+    futures = ReplayBufferDataset(store, n_obs_steps=1, horizon=8, future_frame=("cam", 2))
+    batch = torch.utils.data.default_collate([futures[i] for i in range(4)])
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    for _ in range(2):  # the zero-initialized output layers pass gradients from step 2 on
+        optimizer.zero_grad()
+        loss, metrics = policy(batch)
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss) and metrics["foresight_loss"] > 0
+    assert policy.backbone.vision.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
+
+
+def test_qwen_inputs_match_the_models_own_forward(tmp_path, monkeypatch):
+    """Saved Qwen2.5-VL + tokenizer + image processor load offline, and the backbone's
+    context equals the model's forward from token ids and the processor's pixels."""
+    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
+
+    from ditvla.policies.backbone import (
+        BackboneConfig,
+        VLMBackbone,
+        byte_level_tokenizer,
+        tiny_vlm_config,
+    )
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    config = BackboneConfig(family="qwen2_5_vl", image_size=32)
+    tokenizer = byte_level_tokenizer()
+    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(config, len(tokenizer))).eval()
+    folder = tmp_path / "qwen"
+    vlm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    processor = Qwen2VLImageProcessor(
+        patch_size=8,
+        merge_size=2,
+        temporal_patch_size=2,
+        do_resize=False,
+        do_rescale=False,
+        image_mean=mean,
+        image_std=std,
+    )
+    processor.save_pretrained(folder)
+    backbone = VLMBackbone(BackboneConfig(pretrained_path=str(folder), image_size=32)).eval()
+
+    images = torch.rand(2, 2, 3, 32, 32)  # batch 2, two cameras
+    ids, text_mask = backbone.tokenize(["open the drawer", "push"], torch.device("cpu"))
+    with torch.no_grad():
+        context, mask = backbone(images, ids, text_mask)
+
+    cfg = vlm.config
+    per_camera = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+    full_ids = torch.cat([torch.tensor(per_camera * 2).expand(2, -1), ids], dim=1)
+    pixels = processor(images=list(images.flatten(0, 1)), return_tensors="pt")
+    with torch.no_grad():
+        expected = vlm.model(
+            input_ids=full_ids,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            attention_mask=mask.long(),
+            mm_token_type_ids=(full_ids == cfg.image_token_id).int(),
+            use_cache=False,
+        ).last_hidden_state
+    assert context.shape == (2, 12 + ids.shape[1], cfg.text_config.hidden_size)
+    torch.testing.assert_close(context[mask], expected[mask], atol=1e-5, rtol=1e-4)

@@ -8,6 +8,13 @@ sequence ``[camera 1 tokens, camera 2 tokens, ..., instruction tokens]`` through
 the context. Reading a middle layer and dropping the ones above it is how SmolVLA uses
 its VLM: cheaper, and the middle layers carry more spatial detail.
 
+Families: Idefics3 / SmolVLM2 and PaliGemma (vision encoder + projector, 1-D positions),
+and Qwen2.5-VL, whose inputs are built the way its processor and model build them: each
+frame becomes two identical temporal patches of its patch grid in the vision tower's
+merge order, the merged tokens sit between the vision start/end markers, and the
+language model gets Qwen's 3-D (M-RoPE) positions (tested equal to the model's own forward
+from token ids and its image processor's pixels).
+
 - ``tiny`` presets build a small model from a config with random weights and a byte-level
   tokenizer made offline (the CPU default and the tests).
 - ``pretrained_path`` loads a real checkpoint and its tokenizer from a local folder.
@@ -16,6 +23,7 @@ its VLM: cheaper, and the middle layers carry more spatial detail.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Family = Literal["idefics3", "paligemma"]
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
+Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
+FAMILIES = ("idefics3", "paligemma", "qwen2_5_vl")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<vision_start>", "<vision_end>")
 
 
 @dataclass
@@ -74,7 +83,7 @@ def byte_level_tokenizer():
 
 def tiny_vlm_config(config: BackboneConfig, vocab_size: int):
     """A small config of ``config.family`` with random weights, for CPUs and tests."""
-    from transformers import Idefics3Config, PaliGemmaConfig
+    from transformers import Idefics3Config, PaliGemmaConfig, Qwen2_5_VLConfig
 
     image_token_id = SPECIAL_TOKENS.index("<image>")
     heads = max(2, config.tiny_text_width // 64)
@@ -113,7 +122,35 @@ def tiny_vlm_config(config: BackboneConfig, vocab_size: int):
             image_token_id=image_token_id,
             projection_dim=config.tiny_text_width,
         )
-    raise ValueError(f"unknown VLM family {config.family!r}; expected 'idefics3' or 'paligemma'")
+    if config.family == "qwen2_5_vl":
+        half = config.tiny_text_width // heads // 2  # rotary frequencies per head
+        return Qwen2_5_VLConfig(
+            vision_config=dict(
+                depth=config.tiny_vision_layers,
+                hidden_size=config.tiny_vision_width,
+                intermediate_size=2 * config.tiny_vision_width,
+                num_heads=vision["num_attention_heads"],
+                out_hidden_size=config.tiny_text_width,
+                patch_size=config.tiny_patch_size,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=4 * 2 * config.tiny_patch_size,  # Qwen's 112 px at patch 14
+                fullatt_block_indexes=[config.tiny_vision_layers - 1],
+            ),
+            text_config={
+                **text,
+                # Qwen's split of the rotary frequencies: time 1/4, height and width 3/8
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e6,
+                    "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8],
+                },
+            },
+            image_token_id=image_token_id,
+            vision_start_token_id=SPECIAL_TOKENS.index("<vision_start>"),
+            vision_end_token_id=SPECIAL_TOKENS.index("<vision_end>"),
+        )
+    raise ValueError(f"unknown VLM family {config.family!r}; expected one of {', '.join(FAMILIES)}")
 
 
 def _image_mean_std(folder: Path | None) -> tuple[list[float], list[float]]:
@@ -155,21 +192,36 @@ class VLMBackbone(nn.Module):
                 tiny_vlm_config(config, vocab_size=len(self.tokenizer))
             )
         self.family = vlm.config.model_type
-        if self.family not in ("idefics3", "paligemma", "smolvlm"):
+        if self.family not in ("idefics3", "paligemma", "smolvlm", "qwen2_5_vl"):
             raise ValueError(
-                f"VLM family {self.family!r} is not supported; use idefics3/smolvlm or paligemma"
+                f"VLM family {self.family!r} is not supported; use idefics3/smolvlm, "
+                "paligemma or qwen2_5_vl"
             )
         inner = vlm.model
+        self.projector: nn.Module | None
         if self.family == "paligemma":
             self.vision, self.projector = inner.vision_tower, inner.multi_modal_projector
+            self.language = inner.language_model
+        elif self.family == "qwen2_5_vl":  # the projector (merger) is inside the vision tower
+            self.vision, self.projector = inner.visual, None
+            self.language = inner.language_model
         else:
             self.vision, self.projector = inner.vision_model, inner.connector
-        self.language = inner.language_model if self.family == "paligemma" else inner.text_model
+            self.language = inner.text_model
         if config.num_layers:
             self.language.layers = self.language.layers[: config.num_layers]
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
-        self.encoder_image_size = vlm.config.vision_config.image_size
+        vision_config = vlm.config.vision_config
+        if self.family == "qwen2_5_vl":
+            # any multiple of a merged patch; the nearest to the policy's image size
+            unit = vision_config.patch_size * vision_config.spatial_merge_size
+            self.encoder_image_size = max(unit, round(config.image_size / unit) * unit)
+            self.vision_feature_width = vision_config.out_hidden_size
+        else:
+            self.encoder_image_size = vision_config.image_size
+            self.vision_feature_width = vision_config.hidden_size
+        self._positions: dict[tuple[int, int], torch.Tensor] = {}
         mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -178,7 +230,8 @@ class VLMBackbone(nn.Module):
             (self.projector, config.freeze_vision),
             (self.language, config.freeze_language),
         ):
-            module.requires_grad_(not frozen)
+            if module is not None:
+                module.requires_grad_(not frozen)
 
     def tokenize(
         self, instructions: list[str], device: torch.device
@@ -195,25 +248,47 @@ class VLMBackbone(nn.Module):
     def vision_features(
         self, images: torch.Tensor, vision: nn.Module | None = None
     ) -> torch.Tensor:
-        """(N, 3, H, W) floats in [0, 1] -> the vision encoder's last hidden state
-        (N, patches, vision width); ``vision``: another encoder of the same architecture
-        (e.g. a frozen copy) instead of the backbone's own."""
+        """(N, 3, H, W) floats in [0, 1] -> the vision encoder's features (N, patches,
+        ``vision_feature_width``) in raster order: its last hidden state, or for Qwen2.5-VL
+        the merged patches its tower outputs; ``vision``: another encoder of the same
+        architecture (e.g. a frozen copy) instead of the backbone's own."""
         size = self.encoder_image_size
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-        pixels = ((images - self.image_mean) / self.image_std).to(self.projector_dtype)
+        pixels = ((images - self.image_mean) / self.image_std).to(self.vision_dtype)
+        if self.family == "qwen2_5_vl":
+            patches, grid = self._qwen_patches(pixels)
+            merged = (vision or self.vision)(patches, grid_thw=grid).pooler_output
+            return merged.view(images.shape[0], -1, merged.shape[-1])
         return (vision or self.vision)(pixel_values=pixels).last_hidden_state
+
+    def _qwen_patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized frames (N, 3, S, S) -> Qwen2.5-VL's flattened patches
+        (N * S/p * S/p, 3 * T * p * p) in its merge order, and each frame's (1, S/p, S/p)
+        grid: what its image processor makes of a still image (the frame repeated over the
+        T temporal patches)."""
+        vision = self.vlm_config.vision_config
+        p, merge, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        n, c, h, w = pixels.shape
+        gh, gw = h // p, w // p
+        x = pixels[:, None].expand(n, t, c, h, w)
+        x = x.reshape(n, t, c, gh // merge, merge, p, gw // merge, merge, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(n * gh * gw, c * t * p * p)
+        grid = torch.tensor([[1, gh, gw]], device=pixels.device).expand(n, 3)
+        return x, grid
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) floats in [0, 1] -> (N, tokens, width) in the language model's space."""
-        features = self.projector(self.vision_features(images))
+        features = self.vision_features(images)
+        if self.projector is not None:
+            features = self.projector(features)
         if self.family == "paligemma":  # as PaliGemma scales them before the LM
             features = features / (self.width**0.5)
         return features
 
     @property
-    def projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
 
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor
@@ -222,12 +297,60 @@ class VLMBackbone(nn.Module):
         -> tokens (B, cameras * image_tokens + T, width), mask (B, L)."""
         b, n_cams = images.shape[:2]
         image_tokens = self.image_tokens(images.flatten(0, 1))
-        image_tokens = image_tokens.view(b, n_cams * image_tokens.shape[1], -1)
-        text = self.language.get_input_embeddings()(input_ids).to(image_tokens.dtype)
+        per_camera = image_tokens.shape[1]
+        embed = self.language.get_input_embeddings()
+        positions = None
+        if self.family == "qwen2_5_vl":  # each camera's tokens between the vision markers
+            config = self.vlm_config
+            markers = torch.tensor(
+                [config.vision_start_token_id, config.vision_end_token_id], device=images.device
+            )
+            start, end = embed(markers).to(image_tokens.dtype)
+            image_tokens = torch.cat(
+                [
+                    start.expand(b * n_cams, 1, -1),
+                    image_tokens,
+                    end.expand(b * n_cams, 1, -1),
+                ],
+                dim=1,
+            )
+            positions = self._qwen_positions(n_cams, per_camera, input_ids.shape[1])
+            positions = positions.expand(3, b, -1)
+        image_tokens = image_tokens.reshape(b, -1, image_tokens.shape[-1])
+        text = embed(input_ids).to(image_tokens.dtype)
         embeds = torch.cat([image_tokens, text], dim=1)
         mask = torch.cat(
             [torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=embeds.device), text_mask],
             dim=1,
         )
-        out = self.language(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
+        out = self.language(
+            inputs_embeds=embeds,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            use_cache=False,
+        )
         return out.last_hidden_state, mask
+
+    def _qwen_positions(self, n_cams: int, per_camera: int, text_len: int) -> torch.Tensor:
+        """Qwen2.5-VL's 3-D positions (3, 1, L) of ``[start, image, end] * n_cams + text``
+        (the same for every row: text padding comes last and is masked). A text token
+        advances all three by one; an image's tokens share the next time position and
+        take the grid's row and column offsets; the text after it starts past its larger
+        side."""
+        key = (n_cams, text_len)
+        if key not in self._positions:
+            side = math.isqrt(per_camera)
+            rows = torch.arange(side).repeat_interleave(side)
+            cols = torch.arange(side).repeat(side)
+            parts, position = [], 0
+            for _ in range(n_cams):
+                parts.append(torch.full((3, 1), position))  # vision start
+                position += 1
+                image = torch.stack([torch.zeros_like(rows), rows, cols]) + position
+                parts.append(image)
+                position += side
+                parts.append(torch.full((3, 1), position))  # vision end
+                position += 1
+            parts.append(torch.arange(position, position + text_len).expand(3, -1))
+            self._positions[key] = torch.cat(parts, dim=1)[:, None]
+        return self._positions[key].to(self.image_mean.device)

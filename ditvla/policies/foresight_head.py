@@ -183,7 +183,7 @@ class LatentForesightHead(_ForesightDiT):
     """
 
     def __init__(self, config: ForesightConfig, context_dim: int, backbone: Any):
-        vision_width = backbone.vlm_config.vision_config.hidden_size
+        vision_width = backbone.vision_feature_width
         super().__init__(config, context_dim, config.grid**2, vision_width, vision_width)
         self.target_encoder = copy.deepcopy(backbone.vision).requires_grad_(False).eval()
 

@@ -39,6 +39,8 @@ from ditvla.policies.foresight_head import (
 )
 from ditvla.policies.noise_schedules import make_schedule
 
+# tiny presets of the other VLM families: preset name -> family
+TINY_VLM_PRESETS = {"tiny-paligemma": "paligemma", "tiny-qwen": "qwen2_5_vl"}
 POLICY_FORMAT = "ditvla.policy"
 POLICY_FORMAT_VERSION = 1
 # A quantized policy: float weights (corrections folded in) + the recipe that re-quantizes
@@ -104,13 +106,14 @@ class PolicyConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
         """``tiny`` (tiny Idefics3 VLM + tiny head: the CPU default), ``tiny-paligemma``,
-        or a head size (``small``, ``base``, ``large``) over the tiny VLM."""
-        family = "paligemma" if name == "tiny-paligemma" else "idefics3"
-        head_size = "tiny" if name in ("tiny", "tiny-paligemma") else name
+        ``tiny-qwen`` (tiny Qwen2.5-VL), or a head size (``small``, ``base``, ``large``)
+        over the tiny Idefics3 VLM."""
+        family = TINY_VLM_PRESETS.get(name, "idefics3")
+        head_size = "tiny" if name in ("tiny", *TINY_VLM_PRESETS) else name
         if head_size not in HEAD_PRESETS:
             raise ValueError(
-                f"unknown policy preset {name!r}; choose tiny, tiny-paligemma, "
-                + ", ".join(k for k in HEAD_PRESETS if k != "tiny")
+                f"unknown policy preset {name!r}; choose tiny, "
+                + ", ".join([*TINY_VLM_PRESETS, *(k for k in HEAD_PRESETS if k != "tiny")])
             )
         backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
         head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
