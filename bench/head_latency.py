@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from ditvla.timing import paired_median_ms
 
 HORIZON, ACTION_DIM, STATE_DIM = 16, 7, 8
 VLM_WIDTH, VLM_LAYERS, EXPERT_WIDTH = 512, 8, 384
@@ -100,21 +101,6 @@ def save_tiny_smolvlm(
         tokenizer=tokenizer,
         image_seq_len=(image_size // patch_size) ** 2 // 4,
     ).save_pretrained(folder)
-
-
-def paired_median_ms(fns: list, repeats: int) -> list[float]:
-    """Median time of each function, calling them in turn so that load changes on a shared
-    machine hit all of them alike."""
-    for fn in fns:
-        for _ in range(3):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            bucket.append((time.perf_counter() - start) * 1000)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def smolvla_model(folder: Path):

@@ -1,15 +1,19 @@
 """Post-training quantization of a trained policy: memory, speed, action error, success.
 
-For each scheme (w8a8 with and without attention temperature matching / output head
-balancing, w8, w4a8): memory of the quantized layers, `encode` / `act` latency at batch 1
-against the float policy (same process, same threads), relative action error on held-out
-frames of the calibration store, and success in simulation on the same episodes as the
-float policy. A second table times the same layout on a `base`-sized head (width 384,
-8 blocks; random weights: speed and memory only), where the matrix products are large
-enough for int8 kernels to matter.
+For each arm (w8a8 with and without attention temperature matching / output head
+balancing, w8a8 with the DiT head's attention projections integerized too, w8, w4a8):
+memory of the quantized layers, `encode` / `act` latency at batch 1 against the float
+policy (same process, same threads), relative action error on held-out frames of the
+calibration store, and success in simulation on the same episodes as the float policy.
+For a policy whose head is narrower than the `base` preset, a second table times the
+arms on a base-sized head (width 384, 8 blocks; random weights: speed and memory only),
+where the matrix products are large enough for int8 kernels to matter.
 
     python bench/quantize.py --policy runs/x/policy --calibration demos.zarr \
-        --env metaworld:drawer-close-v3 --episodes 20
+        --env metaworld:drawer-close-v3 --episodes 20 [--arms w8a8,w8a8-head-attention]
+
+Last line: ``w8a8: act <x>x faster, quantized-module memory -<y>%, success <float> ->
+<quantized>`` for the layout with the head's attention integerized, and QuantVLA's.
 """
 
 from __future__ import annotations
@@ -30,13 +34,31 @@ from ditvla.policies.quantization import (
     supported_schemes,
 )
 
-ARMS = [
-    ("w8a8", "fbgemm", True),
-    ("w8a8", "fbgemm", False),
-    ("w8a8", "torchao", True),
-    ("w8", "torchao", True),
-    ("w4a8", "torchao", True),
-]
+QUANTVLA = "language_mlp,head_mlp"
+WITH_HEAD_ATTENTION = "language_mlp,head_mlp,head_attention"
+# name: (scheme, backend, layout, ATM/OHB)
+ARMS = {
+    "w8a8": ("w8a8", "fbgemm", QUANTVLA, True),
+    "w8a8-no-corrections": ("w8a8", "fbgemm", QUANTVLA, False),
+    "w8a8-head-attention": ("w8a8", "fbgemm", WITH_HEAD_ATTENTION, True),
+    "w8a8-torchao": ("w8a8", "torchao", QUANTVLA, True),
+    "w8": ("w8", "torchao", QUANTVLA, True),
+    "w4a8": ("w4a8", "torchao", QUANTVLA, True),
+}
+HEADLINE, QUANTVLA_HEADLINE = "w8a8-head-attention", "w8a8"
+
+
+def arm_config(name: str, corrections: bool | None = None) -> QuantizationConfig:
+    """The arm's recipe; ``corrections`` overrides its ATM/OHB switch."""
+    scheme, backend, layout, on = ARMS[name]
+    on = on if corrections is None else corrections
+    return QuantizationConfig.from_layout(
+        layout,
+        scheme=scheme,
+        backend=backend,
+        attention_temperature_matching=on,
+        output_head_balancing=on,
+    )
 
 
 def main() -> None:
@@ -47,7 +69,16 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20, help="0: skip the simulation")
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma-separated, of {', '.join(ARMS)} (all); the last line needs "
+        f"{HEADLINE} and {QUANTVLA_HEADLINE}",
+    )
     args = parser.parse_args()
+    arms = args.arms.split(",")
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
     os.environ.setdefault("MUJOCO_GL", "egl")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -67,33 +98,45 @@ def main() -> None:
     float_success = success(policy)
     print(f"float policy: success {float_success:.1%} over {args.episodes} episodes ({args.env})")
     print(
-        "| scheme | backend | ATM/OHB | memory saved | encode | act | rel. action error | success |"
+        "| scheme | backend | layout | ATM/OHB | memory saved | encode | act | "
+        "rel. action error | success |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = {}
-    for scheme, backend, corrections in ARMS:
+    for name in arms:
+        scheme, backend, layout, corrections = ARMS[name]
         if scheme not in supported_schemes():
-            print(f"| {scheme} | {backend} | - | unavailable here | | | | |")
+            print(f"| {scheme} | {backend} | {layout} | - | unavailable here | | | | |")
             continue
-        config = QuantizationConfig(
-            scheme,
-            backend,
-            attention_temperature_matching=corrections,
-            output_head_balancing=corrections,
-        )
-        result = quantize_policy(policy, config, calibration)
+        result = quantize_policy(policy, arm_config(name), calibration)
         report = measure(policy, result, held_out)
         rate = success(result.model)
-        results[(scheme, backend, corrections)] = (report, rate)
+        results[name] = (report, rate)
         print(
-            f"| {scheme} | {backend} | {'on' if corrections else 'off'} | "
+            f"| {scheme} | {backend} | {layout} | {'on' if corrections else 'off'} | "
             f"{report['memory_saved']:.0%} | {report['encode_speedup']:.2f}x | "
             f"{report['act_speedup']:.2f}x | {report['relative_action_error']:.4f} | {rate:.0%} |"
         )
 
+    if policy.config.head.width < 384:
+        base_sized_head(policy, held_out, arms)
+    if HEADLINE not in results or QUANTVLA_HEADLINE not in results:
+        return
+    report, rate = results[HEADLINE]
+    quantvla, quantvla_rate = results[QUANTVLA_HEADLINE]
+    print(
+        f"w8a8: act {report['act_speedup']:.2f}x faster, quantized-module memory "
+        f"-{report['memory_saved']:.0%}, success {float_success:.0%} -> {rate:.0%} "
+        f"(layout {WITH_HEAD_ATTENTION}; QuantVLA's {QUANTVLA}: act "
+        f"{quantvla['act_speedup']:.2f}x, success {quantvla_rate:.0%})"
+    )
+
+
+def base_sized_head(policy: DiTVLAPolicy, held_out: list[dict], arms: list[str]) -> None:
+    """Speed and memory of the arms on a base-sized head (random weights) for a policy
+    whose head is too small for int8 kernels to matter."""
     print("\nbase-sized head (width 384, 8 blocks), random weights, batch 1:")
     config = policy.config.to_dict()
-    config["head"] = None
     base = DiTVLAPolicy(
         PolicyConfig.preset(
             "base",
@@ -104,30 +147,18 @@ def main() -> None:
             },
         )
     ).eval()
-    for scheme, backend, _ in ARMS[:1] + ARMS[2:]:
-        if scheme not in supported_schemes():
+    for name in arms:
+        scheme, backend, layout, corrections = ARMS[name]
+        if scheme not in supported_schemes() or not corrections:
             continue
-        result = quantize_policy(
-            base,
-            QuantizationConfig(
-                scheme, backend, attention_temperature_matching=False, output_head_balancing=False
-            ),
-        )
-        report = measure(base, result, held_out)
+        # random weights: nothing to calibrate the corrections on
+        report = measure(base, quantize_policy(base, arm_config(name, False)), held_out)
         lat = report["latency"]
         print(
-            f"  {scheme} {backend}: act {lat['float']['act_ms']:.1f} -> {lat['quantized']['act_ms']:.1f} ms "
-            f"({report['act_speedup']:.2f}x), encode {report['encode_speedup']:.2f}x, "
-            f"memory -{report['memory_saved']:.0%}"
+            f"  {scheme} {backend} {layout}: act {lat['float']['act_ms']:.1f} -> "
+            f"{lat['quantized']['act_ms']:.1f} ms ({report['act_speedup']:.2f}x), encode "
+            f"{report['encode_speedup']:.2f}x, memory -{report['memory_saved']:.0%}"
         )
-        results[("base", scheme, backend)] = (report, None)
-
-    report, rate = results[("w8a8", "fbgemm", True)]
-    base_report = results[("base", "w8a8", "fbgemm")][0]
-    print(
-        f"w8a8: act {report['act_speedup']:.2f}x faster (base head {base_report['act_speedup']:.2f}x), "
-        f"quantized-module memory -{report['memory_saved']:.0%}, success {float_success:.0%} -> {rate:.0%}"
-    )
 
 
 if __name__ == "__main__":

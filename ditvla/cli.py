@@ -258,11 +258,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         report_markdown,
     )
 
-    config = QuantizationConfig(
+    config = QuantizationConfig.from_layout(
+        args.layout,
         scheme=args.scheme,
         backend=args.backend,
-        language_mlp="language_mlp" in args.layout.split(","),
-        head_mlp="head_mlp" in args.layout.split(","),
         attention_temperature_matching=not args.no_atm,
         output_head_balancing=not args.no_ohb,
     )
@@ -556,7 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fbgemm: PyTorch's dynamic int8 kernels (w8a8, fastest on CPU here); torchao",
     )
     quantize.add_argument(
-        "--layout", default="language_mlp,head_mlp", help="which MLPs to integerize"
+        "--layout",
+        default="language_mlp,head_mlp",
+        help="what to integerize, comma-separated: language_mlp, head_mlp (QuantVLA's layout, "
+        "the default) and head_attention (the DiT heads' attention projections too: faster "
+        "act on CPU, see the README)",
     )
     quantize.add_argument("--frames", type=int, default=64, help="calibration frames (64)")
     quantize.add_argument("--no-atm", action="store_true", help="no attention temperature matching")

@@ -473,6 +473,14 @@ class DiTVLAPolicy(nn.Module):
             )
         config = PolicyConfig(**meta["policy"])
         config.backbone.pretrained_path = None  # the architecture comes from vlm/
+        recipe = None
+        if "quantization" in meta:
+            from ditvla.policies.quantization import QuantizationConfig, QuantizationError
+
+            try:
+                recipe = QuantizationConfig.from_dict(meta["quantization"])
+            except QuantizationError as exc:
+                raise CheckpointError(f"{folder}: {exc}") from None
         vlm_config = AutoConfig.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
         policy = cls(config, vlm_config=vlm_config, tokenizer=tokenizer)
@@ -487,10 +495,10 @@ class DiTVLAPolicy(nn.Module):
                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
             )
         policy = policy.to(map_location)
-        if "quantization" in meta:
-            from ditvla.policies.quantization import QuantizationConfig, apply_recipe
+        if recipe is not None:
+            from ditvla.policies.quantization import apply_recipe
 
-            apply_recipe(policy.eval(), QuantizationConfig(**meta["quantization"]))
+            apply_recipe(policy.eval(), recipe)
         return policy
 
 

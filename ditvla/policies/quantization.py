@@ -3,7 +3,9 @@
 **Selective layout** (configurable): integerize the linear layers of the language model's
 MLPs and of the DiT heads' MLPs; keep in floating point the attention projections,
 embeddings, norms, the vision encoder, adaLN modulations and the input/output projections
-of the heads (the final action projection above all).
+of the heads (the final action projection above all). ``head_attention`` also integerizes
+the DiT heads' attention projections (queries, keys/values, outputs): a third of the
+weights each denoising step reads, off in QuantVLA's layout.
 
 **Corrections**, calibrated on a small unlabeled buffer of observations, both folded into
 floating-point weights so that they cost nothing at run time:
@@ -30,14 +32,18 @@ import copy
 import functools
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from ditvla.timing import paired_median_ms
+
 SCHEMES = ("w8a8", "w8", "w4a8")
 BACKENDS = ("torchao", "fbgemm")
+# The parts of a policy the layout can integerize (QuantizationConfig's switches).
+LAYOUT_PARTS = ("language_mlp", "head_mlp", "head_attention")
 
 
 class QuantizationError(ValueError):
@@ -50,6 +56,7 @@ class QuantizationConfig:
     backend: str = "torchao"
     language_mlp: bool = True
     head_mlp: bool = True
+    head_attention: bool = False
     attention_temperature_matching: bool = True
     output_head_balancing: bool = True
     # filled in by calibration: module name -> scale(s)
@@ -68,6 +75,29 @@ class QuantizationConfig:
                 f"the fbgemm backend runs w8a8 only; use --backend torchao for {self.scheme}"
             )
 
+    @classmethod
+    def from_layout(cls, layout: str, **options: Any) -> QuantizationConfig:
+        """A config from a comma-separated list of :data:`LAYOUT_PARTS`."""
+        parts = [p.strip() for p in layout.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in LAYOUT_PARTS]
+        if unknown or not parts:
+            raise QuantizationError(
+                f"layout {layout!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(LAYOUT_PARTS)}"
+            )
+        return cls(**{part: part in parts for part in LAYOUT_PARTS}, **options)
+
+    @classmethod
+    def from_dict(cls, recipe: dict[str, Any]) -> QuantizationConfig:
+        """A saved recipe; fields this version does not know mean a newer ditvla wrote it."""
+        unknown = sorted(set(recipe) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantizationError(
+                f"the quantization recipe has fields this ditvla does not know "
+                f"({', '.join(unknown)}): it was written by a newer ditvla; upgrade ditvla"
+            )
+        return cls(**recipe)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -81,14 +111,25 @@ def _is_head_mlp(name: str) -> bool:
     return name.startswith(("head.blocks.", "foresight.")) and ".mlp." in name
 
 
+def _is_head_attention(name: str) -> bool:
+    """The query, key/value and output projections of the DiT heads' attention layers."""
+    return (
+        name.startswith(("head.blocks.", "foresight."))
+        and any(f".{kind}." in name for kind in ("self_attn", "cross_attn", "attn"))
+        and name.endswith((".q", ".kv", ".out"))
+    )
+
+
 def selected_linears(policy: nn.Module, config: QuantizationConfig) -> list[str]:
     """Names of the nn.Linear modules the layout integerizes."""
     names = []
     for name, module in policy.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if (config.language_mlp and _is_language_mlp(name)) or (
-            config.head_mlp and _is_head_mlp(name)
+        if (
+            (config.language_mlp and _is_language_mlp(name))
+            or (config.head_mlp and _is_head_mlp(name))
+            or (config.head_attention and _is_head_attention(name))
         ):
             names.append(name)
     return names
@@ -259,7 +300,9 @@ def quantize_policy(
         check_calibration(policy, observations)
     layers = selected_linears(policy, config)
     if not layers:
-        raise QuantizationError("the layout selects no layers (enable language_mlp or head_mlp)")
+        raise QuantizationError(
+            f"the layout selects no layers (enable one of {', '.join(LAYOUT_PARTS)})"
+        )
     keep = set(layers)
 
     def encode_all(model):
@@ -389,18 +432,6 @@ def observations_from_store(
     return out
 
 
-def _median_ms(fn, repeats: int = 20) -> float:
-    import time
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def measure(float_policy: nn.Module, result: QuantizedPolicy, held_out: list[dict]) -> dict:
     """Memory of the quantized layers, encode/act latency (batch 1), relative action error
     on held-out frames with the same noise."""
@@ -410,14 +441,20 @@ def measure(float_policy: nn.Module, result: QuantizedPolicy, held_out: list[dic
         "instruction": held_out[0]["instruction"][:1],
         "state": held_out[0]["state"][:1],
     }
-    timings = {}
-    for name, model in (("float", float_policy), ("quantized", quantized)):
-        with torch.inference_mode():
-            context = model.encode(one)
-            timings[name] = {
-                "encode_ms": _median_ms(lambda m=model: m.encode(one)),
-                "act_ms": _median_ms(lambda m=model, c=context: m.act(c, one["state"])),
-            }
+    models = {"float": float_policy, "quantized": quantized}
+    with torch.inference_mode():  # each pair timed in turn: same machine load for both
+        encode_ms = paired_median_ms([lambda m=m: m.encode(one) for m in models.values()])
+        contexts = [m.encode(one) for m in models.values()]
+        act_ms = paired_median_ms(
+            [
+                lambda m=m, c=c: m.act(c, one["state"])
+                for m, c in zip(models.values(), contexts, strict=True)
+            ]
+        )
+    timings = {
+        name: {"encode_ms": e, "act_ms": a}
+        for name, e, a in zip(models, encode_ms, act_ms, strict=True)
+    }
     errors = []
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -1,0 +1,25 @@
+"""Latency measurement for reports and benchmarks: alternatives timed in turn."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def paired_median_ms(
+    fns: Sequence[Callable[[], object]], repeats: int = 20, warmup: int = 3
+) -> list[float]:
+    """Median wall time (ms) of each function, calling them in turn ``repeats`` times after
+    ``warmup`` untimed calls each, so that load changes on a shared machine hit all of them
+    alike (timing one after the other lets a busy minute favour whichever ran later)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(bucket) for bucket in times]
