@@ -44,7 +44,8 @@ class BackboneConfig:
     Args:
         family: the model family of the tiny preset (a pretrained folder says its own).
         pretrained_path: local folder of a saved VLM + tokenizer; None builds a tiny VLM.
-        image_size: camera frames are resized to this square side before the encoder.
+        image_size: the tiny encoders' square input side; frames are resized to the
+            encoder's side (for Qwen2.5-VL, the multiple of patch x merge nearest this).
         num_layers: language-model layers kept and run (0 keeps them all); the context is
             the hidden state after the last kept layer.
         max_instruction_tokens: instructions are padded/truncated to this many tokens.
