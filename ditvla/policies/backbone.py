@@ -215,7 +215,7 @@ class VLMBackbone(nn.Module):
         self.width = vlm.config.text_config.hidden_size
         vision_config = vlm.config.vision_config
         if self.family == "qwen2_5_vl":
-            # any multiple of a merged patch; the nearest to the policy's image size
+            # any multiple of a merged patch will do: the nearest to config.image_size
             unit = vision_config.patch_size * vision_config.spatial_merge_size
             self.encoder_image_size = max(unit, round(config.image_size / unit) * unit)
             self.vision_feature_width = vision_config.out_hidden_size
