@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from ditvla.envs.evaluate import evaluate
+from ditvla.policies.dit_head import HEAD_PRESETS
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.policies.quantization import (
     QuantizationConfig,
@@ -118,7 +119,7 @@ def main() -> None:
             f"{report['act_speedup']:.2f}x | {report['relative_action_error']:.4f} | {rate:.0%} |"
         )
 
-    if policy.config.head.width < 384:
+    if policy.config.head.width < HEAD_PRESETS["base"]["width"]:
         base_sized_head(policy, held_out, arms)
     if HEADLINE not in results or QUANTVLA_HEADLINE not in results:
         return

@@ -26,14 +26,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
-FAMILIES = ("idefics3", "paligemma", "qwen2_5_vl")
+FAMILIES = get_args(Family)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<vision_start>", "<vision_end>")
 
 
@@ -193,7 +193,7 @@ class VLMBackbone(nn.Module):
                 tiny_vlm_config(config, vocab_size=len(self.tokenizer))
             )
         self.family = vlm.config.model_type
-        if self.family not in ("idefics3", "paligemma", "smolvlm", "qwen2_5_vl"):
+        if self.family not in (*FAMILIES, "smolvlm"):  # SmolVLM is read as Idefics3
             raise ValueError(
                 f"VLM family {self.family!r} is not supported; use idefics3/smolvlm, "
                 "paligemma or qwen2_5_vl"
@@ -222,7 +222,7 @@ class VLMBackbone(nn.Module):
         else:
             self.encoder_image_size = vision_config.image_size
             self.vision_feature_width = vision_config.hidden_size
-        self._positions: dict[tuple[int, int], torch.Tensor] = {}
+        self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -338,7 +338,8 @@ class VLMBackbone(nn.Module):
         advances all three by one; an image's tokens share the next time position and
         take the grid's row and column offsets; the text after it starts past its larger
         side."""
-        key = (n_cams, text_len)
+        device = self.image_mean.device
+        key = (n_cams, text_len, device)  # kept on the device: no copy per encode
         if key not in self._positions:
             side = math.isqrt(per_camera)
             rows = torch.arange(side).repeat_interleave(side)
@@ -353,5 +354,5 @@ class VLMBackbone(nn.Module):
                 parts.append(torch.full((3, 1), position))  # vision end
                 position += 1
             parts.append(torch.arange(position, position + text_len).expand(3, -1))
-            self._positions[key] = torch.cat(parts, dim=1)[:, None]
-        return self._positions[key].to(self.image_mean.device)
+            self._positions[key] = torch.cat(parts, dim=1)[:, None].to(device)
+        return self._positions[key]
