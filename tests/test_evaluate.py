@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ditvla.envs.evaluate import ExpertPolicy, RandomPolicy, evaluate, wilson_interval
+from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 
 TASKS = "metaworld:reach-v3,drawer-close-v3"
 
@@ -59,6 +60,44 @@ def test_expert_succeeds_random_does_not_and_runs_repeat(tmp_path):
         progress=False,
     )
     assert random.summary()["tasks"]["reach-v3"]["success_rate"] == 0.0
+
+
+class RecordingPolicy(DiTVLAPolicy):
+    """A real (untrained) policy that keeps the chunks it returns, per episode seed."""
+
+    def predict_action_chunk(self, observation, **kwargs):
+        chunks = super().predict_action_chunk(observation, **kwargs)
+        for seed, chunk in zip(observation["seed"], chunks, strict=True):
+            self.chunks.setdefault(seed, []).append(chunk.clone())
+        return chunks
+
+
+def test_a_diffusion_policys_rollouts_do_not_depend_on_batching():
+    config = PolicyConfig.preset(
+        "tiny", cameras=["corner"], image_size=32, state_dim=39, action_dim=4, horizon=8
+    )
+    torch.manual_seed(0)
+    policy = RecordingPolicy(config).eval()
+    torch.nn.init.normal_(policy.head.action_out.weight, std=0.5)  # not the identity map
+    runs = []
+    for workers in (1, 2):
+        policy.chunks = {}
+        evaluate(
+            policy,
+            "metaworld:reach-v3",
+            episodes_per_task=2,
+            workers=workers,
+            max_steps=12,
+            progress=False,
+        )
+        runs.append(policy.chunks)
+    alone, batched = runs
+    assert sorted(alone) == sorted(batched) == [100000, 100001]
+    for seed in alone:  # each episode's chunks: the same with 1 or 2 episodes per call
+        assert len(alone[seed]) == len(batched[seed]) == 3
+        for a, b in zip(alone[seed], batched[seed], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(alone[100000][0], alone[100001][0])  # each its own noise
 
 
 class NaNPolicy:

@@ -7,7 +7,11 @@ policy will read (one in ``n_action_steps``), and for recorded videos.
 
 Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes - 1`` for
 each task (100000 up by default, apart from the demonstration seeds), so two runs of one
-policy see the same episodes.
+policy see the same episodes. A diffusion policy's initial noise is fixed the same way:
+each episode draws its chunks' noise from its own generator, seeded with the episode's
+seed (for policies with a ``noise_shape``). Two runs of one policy then give the same
+rollouts whatever the worker count, and two policies (a float one and its quantized
+copy) are compared on the same noise as well as the same episodes.
 
 Faults stay local: a policy output with NaN or the wrong shape, or an error raised by the
 simulator, fails that episode with the reason recorded; a worker process that dies is
@@ -263,10 +267,11 @@ class _Slot:
     queue: deque = field(default_factory=deque)
     obs: dict | None = None
     frames: list | None = None
+    noise: torch.Generator | None = None  # the episode's own, for a policy's initial noise
 
     def clear(self) -> None:
         """Free the slot for the next episode."""
-        self.job, self.frames, self.queue = None, None, deque()
+        self.job, self.frames, self.queue, self.noise = None, None, deque(), None
 
 
 def _batch(
@@ -317,6 +322,7 @@ def evaluate(
     cameras = tuple(_policy_setting(policy, "cameras", ()))
     image_size = int(_policy_setting(policy, "image_size", 64))
     n_action_steps = int(_policy_setting(policy, "n_action_steps", 1))
+    noise_shape = getattr(policy, "noise_shape", None)
     video_cameras = cameras or suite.default_cameras[:1]
     record_videos = out is not None and videos_per_task > 0
     render_cameras = (
@@ -379,6 +385,8 @@ def evaluate(
                     slot.job = jobs.popleft()
                     tries[slot.job] = tries.get(slot.job, 0) + 1
                     slot.steps, slot.queue = 0, deque()
+                    if noise_shape is not None:
+                        slot.noise = torch.Generator().manual_seed(slot.job[1])
                     task = slot.job[0]
                     slot.frames = [] if videos_left[task] > 0 else None
                     if slot.frames is not None:
@@ -404,9 +412,13 @@ def evaluate(
             needing = [s for s in active if not s.queue]
             if needing:
                 batch = _batch([s.obs for s in needing], [s.job for s in needing], cameras)
+                noise = {}
+                if noise_shape is not None:
+                    rows = [torch.randn(noise_shape, generator=s.noise) for s in needing]
+                    noise["noise"] = torch.stack(rows)
                 try:
                     with torch.inference_mode():
-                        chunks = policy.predict_action_chunk(batch)
+                        chunks = policy.predict_action_chunk(batch, **noise)
                     chunks = torch.as_tensor(chunks).float().cpu().numpy()
                 except Exception as exc:  # a policy bug fails these episodes, not the run
                     for s in needing:

@@ -218,6 +218,12 @@ class DiTVLAPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """One row of ``act``'s initial noise: (horizon, action_dim). The evaluator draws
+        it from a generator per episode, so rollouts do not depend on batching."""
+        return self.config.horizon, self.config.action_dim
+
     # ------------------------------------------------------------------ two halves
     def _as_batch(
         self, observation: dict[str, Any], need_state: bool = True
