@@ -4,7 +4,8 @@ For each arm (w8a8 with and without attention temperature matching / output head
 balancing, w8a8 with the DiT head's attention projections integerized too, w8, w4a8):
 memory of the quantized layers, `encode` / `act` latency at batch 1 against the float
 policy (same process, same threads), relative action error on held-out frames of the
-calibration store, and success in simulation on the same episodes as the float policy.
+calibration store, and success in simulation on the same episodes and the same initial
+noise as the float policy (the evaluator seeds each episode's noise with its seed).
 For a policy whose head is narrower than the `base` preset, a second table times the
 arms on a base-sized head (width 384, 8 blocks; random weights: speed and memory only),
 where the matrix products are large enough for int8 kernels to matter.
@@ -71,6 +72,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="simulator processes: their episodes share each policy call (batched)",
+    )
+    parser.add_argument(
         "--arms",
         default=",".join(ARMS),
         help=f"comma-separated, of {', '.join(ARMS)} (all); the last line needs "
@@ -92,7 +99,12 @@ def main() -> None:
         if args.episodes == 0:
             return float("nan")
         report = evaluate(
-            model, args.env, episodes_per_task=args.episodes, videos_per_task=0, progress=False
+            model,
+            args.env,
+            episodes_per_task=args.episodes,
+            workers=args.workers,
+            videos_per_task=0,
+            progress=False,
         )
         return report.summary()["mean_success"]
 
