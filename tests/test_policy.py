@@ -87,6 +87,36 @@ def test_context_is_computed_once_per_chunk(store):
     assert calls == {"context": 1, "head": 20}
 
 
+@pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
+def test_a_padded_batch_acts_like_its_rows_alone(store, conditioning):
+    policy, dataset = make_policy(store, head={"conditioning": conditioning}, num_inference_steps=3)
+    torch.manual_seed(0)
+    with torch.no_grad():  # away from the zero init, so that the context matters
+        for parameter in policy.head.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    rows = [observation(dataset, 0), observation(dataset, 5)]
+    rows[0]["instruction"], rows[1]["instruction"] = "stay", "go to the far right corner"
+    batch = {
+        "images": {"cam": np.stack([r["images"]["cam"] for r in rows])},
+        "state": np.stack([r["state"] for r in rows]),
+        "instruction": [r["instruction"] for r in rows],
+    }
+    noise = torch.randn(2, *policy.noise_shape)
+    context = policy.encode(batch)
+    assert context.cache.mask is not None and not context.cache.mask.all()  # rows padded
+    together = policy.act(context, batch["state"], noise=noise)
+    for i, row in enumerate(rows):
+        alone = policy.encode(row)
+        assert alone.cache.mask is None  # padding trimmed: attention runs unmasked
+        assert alone.cache.keys_values[0][0].shape[2] < alone.tokens.shape[1]
+        torch.testing.assert_close(
+            policy.act(alone, row["state"][None], noise=noise[i : i + 1])[0],
+            together[i],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
+
 def test_noise_samples_reuse_one_backbone_pass(store):
     """noise_samples=n: the backbone reads each observation once, the head trains on n
     (noise, time) draws of it, each paired with its own observation's state."""

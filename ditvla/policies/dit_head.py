@@ -112,20 +112,23 @@ class Attention(nn.Module):
         self_attend: bool = True,
     ) -> torch.Tensor:
         """Queries from ``x`` (B, N, D); keys/values from the cache, and from ``x`` too when
-        ``self_attend``. ``cached_mask`` (B, L) marks the valid cached positions."""
+        ``self_attend``. ``cached_mask`` (B, L) marks the valid cached positions (None:
+        all are)."""
         b, n, d = x.shape
         q = self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2)
-        if cached is None:  # plain self-attention: nothing to concatenate or mask
+        mask = None  # plain self-attention, or a cache without padding
+        if cached is None:  # plain self-attention: nothing to concatenate
             k, v = self.keys_values(x)
-            mask = None
         elif not self_attend:  # pure cross-attention to the cache
             k, v = cached
-            mask = cached_mask[:, None, None, :]
+            if cached_mask is not None:
+                mask = cached_mask[:, None, None, :]
         else:  # the cached prefix and the tokens themselves
             own_k, own_v = self.keys_values(x)
             k, v = torch.cat([cached[0], own_k], dim=2), torch.cat([cached[1], own_v], dim=2)
-            own_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
-            mask = torch.cat([cached_mask, own_mask], dim=1)[:, None, None, :]
+            if cached_mask is not None:
+                own_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+                mask = torch.cat([cached_mask, own_mask], dim=1)[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
@@ -210,7 +213,7 @@ class ContextCache:
     """Per-layer keys/values of the context, computed once per chunk."""
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor  # (B, L) bool, True where the context token is real
+    mask: torch.Tensor | None  # (B, L) bool, True where the token is real; None: all are
 
     def repeat_interleave(self, n: int) -> ContextCache:
         """Each batch row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1)."""
@@ -218,7 +221,7 @@ class ContextCache:
             keys_values=[
                 (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.keys_values
             ],
-            mask=self.mask.repeat_interleave(n, 0),
+            mask=None if self.mask is None else self.mask.repeat_interleave(n, 0),
         )
 
 
@@ -264,8 +267,23 @@ class DiTActionHead(nn.Module):
         nn.init.zeros_(self.action_out.weight)
         nn.init.zeros_(self.action_out.bias)
 
-    def prepare_context(self, context: torch.Tensor, mask: torch.Tensor) -> ContextCache:
-        """Context tokens (B, L, context_dim) and their mask (B, L) -> the per-layer cache."""
+    def prepare_context(
+        self, context: torch.Tensor, mask: torch.Tensor, *, trim_padding: bool = False
+    ) -> ContextCache:
+        """Context tokens (B, L, context_dim) and their mask (B, L) -> the per-layer cache.
+
+        ``trim_padding``: leave out the positions that are padding in every row (at batch
+        1, all of them: the instruction is padded to a fixed length) and, when no padding
+        is left, attend without a mask. The result is the same; every denoising step then
+        attends over fewer keys and skips the mask. Checking costs a device sync, so
+        inference asks for it (once per chunk) and training does not.
+        """
+        if trim_padding:
+            real = mask.any(dim=0)
+            if not bool(real.all()):
+                context, mask = context[:, real], mask[:, real]
+            if bool(mask.all()):
+                mask = None
         h = self.context_proj(context)
         if self.config.conditioning == "cross_attention":
             kvs = [block.context_keys_values(h) for block in self.blocks]

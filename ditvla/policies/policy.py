@@ -259,7 +259,7 @@ class DiTVLAPolicy(nn.Module):
         """A context from VLM tokens (B, L, width) and mask (B, L) computed elsewhere (the
         runtime's System 2 process): the head's per-layer cache is built here."""
         tokens, mask = tokens.to(self.device), mask.to(self.device).bool()
-        return Context(tokens, mask, self.head.prepare_context(tokens, mask))
+        return Context(tokens, mask, self.head.prepare_context(tokens, mask, trim_padding=True))
 
     @torch.no_grad()
     def act(
