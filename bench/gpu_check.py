@@ -8,7 +8,10 @@ bf16 and under torch.compile.
 2. The DiT action head of ``bench/head_latency.py`` (width 384, 8 blocks, 256 context
    tokens, 10 Euler steps, batch 1): per-chunk latency in fp32, bf16, and fp32 +
    torch.compile of the denoising step.
-3. The trained tiny policy's ``encode`` and ``act`` latency on the GPU.
+3. The trained policy's ``encode`` and ``act`` latency on the GPU.
+4. Post-training quantization on the GPU: the fbgemm recipe is refused by name; torchao's
+   schemes quantize the trained policy on CUDA (calibrated on the store), with ``act``
+   latency against the float policy and the relative action error (same noise).
 Writes ``gpu_check.json`` in --out.
 """
 
@@ -108,6 +111,42 @@ def head_latencies() -> dict[str, float]:
     return results
 
 
+def quantized_on_cuda(policy, store: Path) -> dict:
+    from ditvla.policies.quantization import (
+        QuantizationConfig,
+        QuantizationError,
+        observations_from_store,
+        quantize_policy,
+    )
+
+    results: dict = {}
+    calibration = observations_from_store(store, policy, 16)
+    held_out = observations_from_store(store, policy, 16, held_out=True)
+    try:
+        quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
+        results["fbgemm"] = "accepted on CUDA (expected a refusal)"
+    except QuantizationError as exc:
+        results["fbgemm"] = f"refused: {exc}"
+    obs = held_out[0]
+    noise = torch.randn(len(obs["instruction"]), *policy.noise_shape, device="cuda")
+    context = policy.encode(obs)
+    reference = policy.act(context, obs["state"], noise=noise)
+    results["float_act_ms"] = cuda_ms(lambda: policy.act(context, obs["state"], noise=noise))
+    for scheme in ("w8a8", "w8", "w4a8"):
+        try:
+            model = quantize_policy(policy, QuantizationConfig(scheme, "torchao"), calibration)
+            model = model.model
+            q_context = model.encode(obs)
+            out = model.act(q_context, obs["state"], noise=noise)
+            results[scheme] = {
+                "act_ms": cuda_ms(lambda m=model, c=q_context: m.act(c, obs["state"], noise=noise)),
+                "relative_action_error": float((out - reference).norm() / reference.norm()),
+            }
+        except Exception as exc:  # a scheme without CUDA kernels: record why
+            results[scheme] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +206,9 @@ def main() -> None:
         "encode_ms": cuda_ms(lambda: policy.encode(obs)),
         "act_ms": cuda_ms(lambda: policy.act(context, obs["state"])),
     }
-    print("tiny policy on GPU:", report["tiny_policy"])
+    print("policy on GPU:", report["tiny_policy"])
+    report["quantized_on_cuda"] = quantized_on_cuda(policy, work / "store.zarr")
+    print("quantized on GPU:", report["quantized_on_cuda"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ditvla.policies.quantization import (
     QuantizationConfig,
     QuantizationError,
     _logit_and_output_stats,
+    apply_recipe,
     layer_memory,
     measure,
     observations_from_store,
@@ -164,6 +166,13 @@ def test_saved_quantized_policy_loads_as_the_same_model(policy, calibration, hel
     (tmp_path / "q" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"rotation.*newer ditvla; upgrade ditvla"):
         DiTVLAPolicy.from_pretrained(tmp_path / "q")
+
+
+def test_fbgemm_refuses_a_policy_off_the_cpu(policy):
+    # on a GPU machine the device is CUDA (bench/gpu_check.py); "meta" stands in here
+    off_cpu = copy.deepcopy(policy).to("meta")
+    with pytest.raises(QuantizationError, match=r"CPU only.*on meta.*--backend torchao"):
+        apply_recipe(off_cpu, QuantizationConfig("w8a8", "fbgemm"))
 
 
 def test_bad_input_fails_before_any_weight_changes(policy, calibration):

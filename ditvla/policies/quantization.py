@@ -198,6 +198,12 @@ class FbgemmInt8Linear(nn.Module):
 
 def _quantize(model: nn.Module, config: QuantizationConfig, keep: Callable) -> None:
     if config.backend == "fbgemm":
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise QuantizationError(
+                f"the fbgemm backend runs on the CPU only and this policy is on {device}: "
+                "load it with map_location='cpu', or quantize with --backend torchao"
+            )
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
