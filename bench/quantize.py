@@ -1,7 +1,8 @@
 """Post-training quantization of a trained policy: memory, speed, action error, success.
 
 For each arm (w8a8 with and without attention temperature matching / output head
-balancing, w8a8 with the DiT head's attention projections integerized too, w8, w4a8):
+balancing, w8a8 with the DiT head's attention projections integerized too, and with its
+adaLN modulation layers as well (the whole head), w8, w4a8):
 memory of the quantized layers, `encode` / `act` latency at batch 1 against the float
 policy (same process, same threads), relative action error on held-out frames of the
 calibration store, and success in simulation on the same episodes and the same initial
@@ -38,11 +39,13 @@ from ditvla.policies.quantization import (
 
 QUANTVLA = "language_mlp,head_mlp"
 WITH_HEAD_ATTENTION = "language_mlp,head_mlp,head_attention"
+WHOLE_HEAD = "language_mlp,head_mlp,head_attention,head_modulation"
 # name: (scheme, backend, layout, ATM/OHB)
 ARMS = {
     "w8a8": ("w8a8", "fbgemm", QUANTVLA, True),
     "w8a8-no-corrections": ("w8a8", "fbgemm", QUANTVLA, False),
     "w8a8-head-attention": ("w8a8", "fbgemm", WITH_HEAD_ATTENTION, True),
+    "w8a8-whole-head": ("w8a8", "fbgemm", WHOLE_HEAD, True),
     "w8a8-torchao": ("w8a8", "torchao", QUANTVLA, True),
     "w8": ("w8", "torchao", QUANTVLA, True),
     "w4a8": ("w4a8", "torchao", QUANTVLA, True),

@@ -558,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         default="language_mlp,head_mlp",
         help="what to integerize, comma-separated: language_mlp, head_mlp (QuantVLA's layout, "
-        "the default) and head_attention (the DiT heads' attention projections too: faster "
-        "act on CPU, see the README)",
+        "the default), head_attention (the DiT heads' attention projections too: faster "
+        "act on CPU, see the README) and head_modulation (the heads' adaLN modulation layers)",
     )
     quantize.add_argument("--frames", type=int, default=64, help="calibration frames (64)")
     quantize.add_argument("--no-atm", action="store_true", help="no attention temperature matching")

@@ -142,6 +142,17 @@ def test_head_attention_layout_integerizes_the_heads_attention_too(
     assert all(type(loaded[name]) is not nn.Linear for name in attention)
 
 
+def test_head_modulation_layout_integerizes_the_adaln_layers(policy, calibration, held_out):
+    config = QuantizationConfig.from_layout("head_modulation", scheme="w8a8", backend="fbgemm")
+    result = quantize_policy(policy, config, calibration)
+    blocks = [f"head.blocks.{i}.ada.1" for i in range(policy.config.head.depth)]
+    assert sorted(n for n in result.layers if n.startswith("head.")) == sorted(
+        [*blocks, "head.final_ada.1"]
+    )
+    assert not any(n.startswith("backbone.") for n in result.layers)
+    assert measure(policy, result, held_out)["relative_action_error"] < 0.05
+
+
 def test_layout_names_are_checked():
     assert QuantizationConfig.from_layout("head_mlp").language_mlp is False
     with pytest.raises(QuantizationError, match=r"unknown part.*mlp.*choose from language_mlp"):

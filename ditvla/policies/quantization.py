@@ -5,7 +5,8 @@ MLPs and of the DiT heads' MLPs; keep in floating point the attention projection
 embeddings, norms, the vision encoder, adaLN modulations and the input/output projections
 of the heads (the final action projection above all). ``head_attention`` also integerizes
 the DiT heads' attention projections (queries, keys/values, outputs): a third of the
-weights each denoising step reads, off in QuantVLA's layout.
+weights each denoising step reads, off in QuantVLA's layout. ``head_modulation`` also
+integerizes the heads' adaLN modulation layers (run once per chunk, for all its steps).
 
 **Corrections**, calibrated on a small unlabeled buffer of observations, both folded into
 floating-point weights so that they cost nothing at run time:
@@ -42,7 +43,7 @@ from ditvla.timing import paired_median_ms
 SCHEMES = ("w8a8", "w8", "w4a8")
 BACKENDS = ("torchao", "fbgemm")
 # The parts of a policy the layout can integerize (QuantizationConfig's switches).
-LAYOUT_PARTS = ("language_mlp", "head_mlp", "head_attention")
+LAYOUT_PARTS = ("language_mlp", "head_mlp", "head_attention", "head_modulation")
 
 
 class QuantizationError(ValueError):
@@ -56,6 +57,7 @@ class QuantizationConfig:
     language_mlp: bool = True
     head_mlp: bool = True
     head_attention: bool = False
+    head_modulation: bool = False
     attention_temperature_matching: bool = True
     output_head_balancing: bool = True
     # filled in by calibration: module name -> scale(s)
@@ -119,6 +121,13 @@ def _is_head_attention(name: str) -> bool:
     )
 
 
+def _is_head_modulation(name: str) -> bool:
+    """The adaLN modulation layers of the DiT heads (per block, and the final layer's)."""
+    return name.startswith(("head.", "foresight.")) and (
+        ".ada." in name or name.endswith("final_ada.1")
+    )
+
+
 def selected_linears(policy: nn.Module, config: QuantizationConfig) -> list[str]:
     """Names of the nn.Linear modules the layout integerizes."""
     names = []
@@ -129,6 +138,7 @@ def selected_linears(policy: nn.Module, config: QuantizationConfig) -> list[str]
             (config.language_mlp and _is_language_mlp(name))
             or (config.head_mlp and _is_head_mlp(name))
             or (config.head_attention and _is_head_attention(name))
+            or (config.head_modulation and _is_head_modulation(name))
         ):
             names.append(name)
     return names
