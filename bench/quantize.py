@@ -98,9 +98,10 @@ def main() -> None:
     calibration = observations_from_store(args.calibration, policy, args.frames)
     held_out = observations_from_store(args.calibration, policy, args.frames, held_out=True)
 
-    def success(model) -> float:
+    def success(model) -> tuple[float, dict]:
+        """Mean success, and each episode's outcome by (task, seed)."""
         if args.episodes == 0:
-            return float("nan")
+            return float("nan"), {}
         report = evaluate(
             model,
             args.env,
@@ -109,29 +110,33 @@ def main() -> None:
             videos_per_task=0,
             progress=False,
         )
-        return report.summary()["mean_success"]
+        outcomes = {(e.task, e.seed): e.success for e in report.episodes}
+        return report.summary()["mean_success"], outcomes
 
-    float_success = success(policy)
+    float_success, float_outcomes = success(policy)
     print(f"float policy: success {float_success:.1%} over {args.episodes} episodes ({args.env})")
     print(
         "| scheme | backend | layout | ATM/OHB | memory saved | encode | act | "
-        "rel. action error | success |"
+        "rel. action error | success | episodes flipped |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for name in arms:
         scheme, backend, layout, corrections = ARMS[name]
         if scheme not in supported_schemes():
-            print(f"| {scheme} | {backend} | {layout} | - | unavailable here | | | | |")
+            print(f"| {scheme} | {backend} | {layout} | - | unavailable here | | | | | |")
             continue
         result = quantize_policy(policy, arm_config(name), calibration)
         report = measure(policy, result, held_out)
-        rate = success(result.model)
+        rate, outcomes = success(result.model)
+        # same episodes, same noise: the episodes whose outcome quantization changed
+        flipped = sum(outcomes[key] != float_outcomes[key] for key in outcomes)
         results[name] = (report, rate)
         print(
             f"| {scheme} | {backend} | {layout} | {'on' if corrections else 'off'} | "
             f"{report['memory_saved']:.0%} | {report['encode_speedup']:.2f}x | "
-            f"{report['act_speedup']:.2f}x | {report['relative_action_error']:.4f} | {rate:.0%} |"
+            f"{report['act_speedup']:.2f}x | {report['relative_action_error']:.4f} | {rate:.1%} | "
+            f"{flipped} of {len(outcomes)} |"
         )
 
     if policy.config.head.width < HEAD_PRESETS["base"]["width"]:
