@@ -12,10 +12,11 @@ arms on a base-sized head (width 384, 8 blocks; random weights: speed and memory
 where the matrix products are large enough for int8 kernels to matter.
 
     python bench/quantize.py --policy runs/x/policy --calibration demos.zarr \
-        --env metaworld:drawer-close-v3 --episodes 20 [--arms w8a8,w8a8-head-attention]
+        --env metaworld:drawer-close-v3 --episodes 20 [--arms w8a8,w8a8-whole-head]
 
 Last line: ``w8a8: act <x>x faster, quantized-module memory -<y>%, success <float> ->
-<quantized>`` for the layout with the head's attention integerized, and QuantVLA's.
+<quantized>`` for the layout with the whole DiT head integer (MLPs, attention, adaLN
+modulations), and QuantVLA's.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ ARMS = {
     "w8": ("w8", "torchao", QUANTVLA, True),
     "w4a8": ("w4a8", "torchao", QUANTVLA, True),
 }
-HEADLINE, QUANTVLA_HEADLINE = "w8a8-head-attention", "w8a8"
+HEADLINE, QUANTVLA_HEADLINE = "w8a8-whole-head", "w8a8"
 
 
 def arm_config(name: str, corrections: bool | None = None) -> QuantizationConfig:
@@ -147,9 +148,9 @@ def main() -> None:
     quantvla, quantvla_rate = results[QUANTVLA_HEADLINE]
     print(
         f"w8a8: act {report['act_speedup']:.2f}x faster, quantized-module memory "
-        f"-{report['memory_saved']:.0%}, success {float_success:.0%} -> {rate:.0%} "
-        f"(layout {WITH_HEAD_ATTENTION}; QuantVLA's {QUANTVLA}: act "
-        f"{quantvla['act_speedup']:.2f}x, success {quantvla_rate:.0%})"
+        f"-{report['memory_saved']:.0%}, success {float_success:.1%} -> {rate:.1%} "
+        f"(layout {ARMS[HEADLINE][2]}; QuantVLA's {QUANTVLA}: act "
+        f"{quantvla['act_speedup']:.2f}x, success {quantvla_rate:.1%})"
     )
 
 
