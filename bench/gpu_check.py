@@ -202,11 +202,11 @@ def main() -> None:
         "instruction": "task number 1",
     }
     context = policy.encode(obs)
-    report["tiny_policy"] = {
+    report["trained_policy"] = {
         "encode_ms": cuda_ms(lambda: policy.encode(obs)),
         "act_ms": cuda_ms(lambda: policy.act(context, obs["state"])),
     }
-    print("policy on GPU:", report["tiny_policy"])
+    print("policy on GPU:", report["trained_policy"])
     report["quantized_on_cuda"] = quantized_on_cuda(policy, work / "store.zarr")
     print("quantized on GPU:", report["quantized_on_cuda"])
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -412,13 +412,13 @@ def evaluate(
             needing = [s for s in active if not s.queue]
             if needing:
                 batch = _batch([s.obs for s in needing], [s.job for s in needing], cameras)
-                noise = {}
+                options = {}  # the episodes' own initial noise, for a diffusion policy
                 if noise_shape is not None:
                     rows = [torch.randn(noise_shape, generator=s.noise) for s in needing]
-                    noise["noise"] = torch.stack(rows)
+                    options["noise"] = torch.stack(rows)
                 try:
                     with torch.inference_mode():
-                        chunks = policy.predict_action_chunk(batch, **noise)
+                        chunks = policy.predict_action_chunk(batch, **options)
                     chunks = torch.as_tensor(chunks).float().cpu().numpy()
                 except Exception as exc:  # a policy bug fails these episodes, not the run
                     for s in needing:
