@@ -134,8 +134,8 @@ def quantized_on_cuda(policy, store: Path) -> dict:
     results["float_act_ms"] = cuda_ms(lambda: policy.act(context, obs["state"], noise=noise))
     for scheme in ("w8a8", "w8", "w4a8"):
         try:
-            model = quantize_policy(policy, QuantizationConfig(scheme, "torchao"), calibration)
-            model = model.model
+            config = QuantizationConfig(scheme, "torchao")
+            model = quantize_policy(policy, config, calibration).model
             q_context = model.encode(obs)
             out = model.act(q_context, obs["state"], noise=noise)
             results[scheme] = {

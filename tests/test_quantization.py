@@ -15,7 +15,7 @@ from torch import nn
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.policies.errors import CheckpointError
-from ditvla.policies.policy import DiTVLAPolicy
+from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.policies.quantization import (
     QuantizationConfig,
     QuantizationError,
@@ -25,6 +25,7 @@ from ditvla.policies.quantization import (
     measure,
     observations_from_store,
     quantize_policy,
+    selected_linears,
     supported_schemes,
 )
 
@@ -151,6 +152,18 @@ def test_head_modulation_layout_integerizes_the_adaln_layers(policy, calibration
     )
     assert not any(n.startswith("backbone.") for n in result.layers)
     assert measure(policy, result, held_out)["relative_action_error"] < 0.05
+
+
+def test_layout_reaches_only_into_the_dit_blocks():
+    config = PolicyConfig.preset(
+        "tiny", cameras=["cam"], state_dim=3, action_dim=2, foresight={"kind": "latent"}
+    )
+    everything = QuantizationConfig.from_layout("head_mlp,head_attention,head_modulation")
+    names = selected_linears(DiTVLAPolicy(config), everything)
+    assert any(n.startswith("foresight.dit.blocks.") for n in names)
+    assert "head.final_ada.1" in names and "foresight.dit.final_ada.1" in names
+    # timestep embedders and the latent foresight's target (vision) encoder stay float
+    assert not [n for n in names if "time_embed" in n or "target_encoder" in n]
 
 
 def test_layout_names_are_checked():

@@ -108,23 +108,26 @@ def _is_language_mlp(name: str) -> bool:
     return name.startswith("backbone.language.") and ".mlp." in name
 
 
+# The DiT heads' blocks: the action head's and the foresight head's (trained jointly, never
+# run by act). Matching inside them keeps the heads' timestep embedders and the latent
+# foresight's target encoder (a vision encoder) out of the layout.
+_DIT_BLOCKS = ("head.blocks.", "foresight.dit.blocks.")
+_DIT_FINAL_MODULATION = ("head.final_ada.", "foresight.dit.final_ada.")
+
+
 def _is_head_mlp(name: str) -> bool:
-    return name.startswith(("head.blocks.", "foresight.")) and ".mlp." in name
+    return name.startswith(_DIT_BLOCKS) and ".mlp." in name
 
 
 def _is_head_attention(name: str) -> bool:
     """The query, key/value and output projections of the DiT heads' attention layers."""
-    return (
-        name.startswith(("head.blocks.", "foresight."))
-        and any(f".{kind}." in name for kind in ("self_attn", "cross_attn", "attn"))
-        and name.endswith((".q", ".kv", ".out"))
-    )
+    return name.startswith(_DIT_BLOCKS) and name.endswith((".q", ".kv", ".out"))
 
 
 def _is_head_modulation(name: str) -> bool:
     """The adaLN modulation layers of the DiT heads (per block, and the final layer's)."""
-    return name.startswith(("head.", "foresight.")) and (
-        ".ada." in name or name.endswith("final_ada.1")
+    return (name.startswith(_DIT_BLOCKS) and ".ada." in name) or name.startswith(
+        _DIT_FINAL_MODULATION
     )
 
 
