@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -108,16 +109,17 @@ class Channel:
         """The next valid message, waiting up to ``timeout_ms``; None when none came.
 
         Malformed or unauthenticated messages are dropped, counted in ``rejected`` and
-        described in ``last_error``; receiving goes on with the next one.
+        described in ``last_error``; receiving goes on with the next one until the
+        deadline, so bad messages neither end the wait early nor extend it.
         """
-        while self._socket.poll(max(0, int(timeout_ms))):
+        deadline = time.monotonic() + max(0.0, timeout_ms) / 1000
+        while self._socket.poll(max(0, round((deadline - time.monotonic()) * 1000))):
             frames = self._socket.recv_multipart(copy=False)
             try:
                 return self._recv_codec.decode([f.buffer for f in frames])
             except MessageError as exc:
                 self.rejected += 1
                 self.last_error = str(exc)
-                timeout_ms = 0
         return None
 
     def receive_all(self) -> list[Message]:
