@@ -115,7 +115,10 @@ def main() -> None:
         return report.summary()["mean_success"], outcomes
 
     float_success, float_outcomes = success(policy)
-    print(f"float policy: success {float_success:.1%} over {args.episodes} episodes ({args.env})")
+    print(
+        f"float policy: success {float_success:.1%} over {args.episodes} episodes per task "
+        f"({args.env})"
+    )
     print(
         "| scheme | backend | layout | ATM/OHB | memory saved | encode | act | "
         "rel. action error | success | episodes flipped |"
