@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -128,14 +129,18 @@ def test_channel_survives_garbage_and_delivers_the_next_message():
         # A wait that meets only bad messages returns nothing (ZeroMQ queues the two peers
         # fairly, so the bad ones are drained before the good peer connects).
         assert server.receive(timeout_ms=2000) is None
-        raw.close(linger=0)
         assert server.rejected == 2  # both bad messages dropped, counted, and named
         assert "missing meta field" in server.last_error
         with Channel(address, bind=False) as client:
-            client.send(observation())
+            # garbage now, the good message later: the wait goes on past the garbage
+            raw.send_multipart([b"garbage"])
+            later = threading.Timer(0.3, client.send, [observation()])
+            later.start()
             received = server.receive(timeout_ms=5000)
+            later.join()
+        raw.close(linger=0)
     assert received is not None and received.meta["tick"] == 3
-    assert server.rejected == 2
+    assert server.rejected == 3
 
 
 def test_latest_rule_switches_to_the_newest_chunk_and_holds_past_the_end():
