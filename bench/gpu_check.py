@@ -117,6 +117,7 @@ def quantized_on_cuda(policy, store: Path) -> dict:
         QuantizationError,
         observations_from_store,
         quantize_policy,
+        relative_action_error,
     )
 
     results: dict = {}
@@ -130,17 +131,15 @@ def quantized_on_cuda(policy, store: Path) -> dict:
     obs = held_out[0]
     noise = torch.randn(len(obs["instruction"]), *policy.noise_shape, device="cuda")
     context = policy.encode(obs)
-    reference = policy.act(context, obs["state"], noise=noise)
     results["float_act_ms"] = cuda_ms(lambda: policy.act(context, obs["state"], noise=noise))
     for scheme in ("w8a8", "w8", "w4a8"):
         try:
             config = QuantizationConfig(scheme, "torchao")
             model = quantize_policy(policy, config, calibration).model
             q_context = model.encode(obs)
-            out = model.act(q_context, obs["state"], noise=noise)
             results[scheme] = {
                 "act_ms": cuda_ms(lambda m=model, c=q_context: m.act(c, obs["state"], noise=noise)),
-                "relative_action_error": float((out - reference).norm() / reference.norm()),
+                "relative_action_error": relative_action_error(policy, model, held_out),
             }
         except Exception as exc:  # a scheme without CUDA kernels: record why
             results[scheme] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"

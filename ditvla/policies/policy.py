@@ -290,7 +290,7 @@ class DiTVLAPolicy(nn.Module):
             norm_state = self.normalizer.normalize(
                 "state", _float_batch(raw, "state", self.config.state_dim).to(self.device)
             )
-        shape = (b, self.config.horizon, self.config.action_dim)
+        shape = (b, *self.noise_shape)
         if noise is None:
             noise = torch.randn(shape, device=self.device)
         elif tuple(noise.shape) != shape:
