@@ -63,7 +63,7 @@ def robosuite_default_rendering_steps(steps: int) -> float:
 
 def expert_reading_cameras():
     """Meta-World's experts, declared as reading two 128 px cameras at every step."""
-    from ditvla.envs.evaluate import ExpertPolicy
+    from ditvla.envs.baselines import ExpertPolicy
 
     expert = ExpertPolicy()
     expert.cameras = ("corner", "gripperPOV")

@@ -14,12 +14,14 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from ditvla.contract import load_policy
 from ditvla.demo import DEMO_TASKS, FULL
 from ditvla.envs.collect import collect_demonstrations
-from ditvla.envs.evaluate import evaluate, load_policy
-from ditvla.train import TrainConfig, train
+from ditvla.envs.evaluate import evaluate
+from ditvla.training.trainer import train
 
 
 def main() -> None:
@@ -31,35 +33,29 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     out = Path(args.out)
-    env_spec = "metaworld:" + ",".join(DEMO_TASKS)
+    env_spec = FULL.env
     store = out / "demos.zarr"
     if not store.exists():
-        collect_demonstrations(
-            env_spec, store, episodes_per_task=FULL.episodes, image_size=FULL.image_size
-        )
+        collect_demonstrations(env_spec, store, FULL.collect)
     rows = {}
     for kind in ("off", "motion"):
         started = time.perf_counter()
         final = train(
-            TrainConfig(
+            replace(
+                FULL.train,
                 dataset=str(store),
                 out=str(out / kind),
-                preset="tiny",
-                steps=FULL.train_steps,
-                batch_size=FULL.batch_size,
-                lr=FULL.lr,
-                seed=0,
-                save_every=FULL.train_steps,
+                save_every=FULL.train.steps,
                 policy_overrides={"foresight": {"kind": kind, "weight": args.weight}},
             )
         )
         train_minutes = (time.perf_counter() - started) / 60
         report = evaluate(
-            load_policy(str(final)),
+            load_policy(final),
             env_spec,
+            FULL.evaluate,
             episodes_per_task=args.eval_episodes,
-            workers=FULL.workers,
-            out=out / kind / "eval",
+            out=str(out / kind / "eval"),
             videos_per_task=0,
         )
         rows[kind] = (report.summary(), train_minutes)
@@ -68,8 +64,9 @@ def main() -> None:
         "# Motion-foresight ablation on the demo tasks",
         "",
         f"`python bench/foresight_ablation.py --eval-episodes {args.eval_episodes}` on the 2-core "
-        f"CPU: {FULL.episodes} demonstrations per task at {FULL.image_size}x{FULL.image_size}, "
-        f"tiny preset, {FULL.train_steps} steps at batch {FULL.batch_size}, lr {FULL.lr:g}, seed 0; "
+        f"CPU: {FULL.collect.episodes_per_task} demonstrations per task at "
+        f"{FULL.collect.image_size}x{FULL.collect.image_size}, tiny preset, {FULL.train.steps} "
+        f"steps at batch {FULL.train.batch_size}, lr {FULL.train.lr:g}, seed 0; "
         f"foresight: DIS flow of the corner camera, k=4, 16x16 motion image, weight {args.weight}. "
         f"{args.eval_episodes} episodes per task on seeds 100000 and up (95% Wilson intervals).",
         "",

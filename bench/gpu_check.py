@@ -112,17 +112,17 @@ def head_latencies() -> dict[str, float]:
 
 
 def quantized_on_cuda(policy, store: Path) -> dict:
+    from ditvla.datasets.observations import observations_from_store
     from ditvla.policies.quantization import (
         QuantizationConfig,
         QuantizationError,
-        observations_from_store,
         quantize_policy,
         relative_action_error,
     )
 
     results: dict = {}
-    calibration = observations_from_store(store, policy, 16)
-    held_out = observations_from_store(store, policy, 16, held_out=True)
+    calibration = observations_from_store(store, policy.spec, 16)
+    held_out = observations_from_store(store, policy.spec, 16, held_out=True)
     try:
         quantize_policy(policy, QuantizationConfig("w8a8", "fbgemm"), calibration)
         results["fbgemm"] = "accepted on CUDA (expected a refusal)"
@@ -156,7 +156,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs on a GPU machine")
     from ditvla.policies.policy import DiTVLAPolicy
-    from ditvla.train import TrainConfig, train
+    from ditvla.training.trainer import TrainConfig, train
 
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(report)

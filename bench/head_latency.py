@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ditvla.timing import paired_median_ms
+from ditvla.policies.timing import paired_median_ms
 
 HORIZON, ACTION_DIM, STATE_DIM = 16, 7, 8
 VLM_WIDTH, VLM_LAYERS, EXPERT_WIDTH = 512, 8, 384

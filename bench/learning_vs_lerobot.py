@@ -30,6 +30,7 @@ import json
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +42,28 @@ class LeRobotAdapter:
     history kept per episode (the evaluator names each row's task and seed)."""
 
     def __init__(self, policy, preprocessor, postprocessor, camera: str, n_action_steps: int):
+        from ditvla.contract import PolicySpec
+
         self.policy = policy.eval()
         self.preprocessor = preprocessor
         self.postprocessor = postprocessor
         self.camera = camera
-        self.cameras = (camera,)
-        self.image_size = 64
-        self.n_action_steps = n_action_steps
-        self.n_obs_steps = policy.config.n_obs_steps
+        config = policy.config
+        self.spec = PolicySpec(
+            cameras=(camera,),
+            image_size=config.input_features[f"observation.images.{camera}"].shape[-1],
+            state_dim=config.input_features["observation.state"].shape[0],
+            action_dim=config.output_features["action"].shape[0],
+            horizon=config.horizon,
+            n_action_steps=n_action_steps,
+        )
+        self.n_obs_steps = config.n_obs_steps
         self._history: dict[tuple[str, int], deque] = {}
 
-    def predict_action_chunk(self, observation):
+    def reset(self) -> None:
+        self._history.clear()
+
+    def predict_action_chunk(self, observation, **_):
         images, states = [], []
         for i, key in enumerate(zip(observation["task"], observation["seed"], strict=True)):
             history = self._history.setdefault(key, deque(maxlen=self.n_obs_steps))
@@ -133,23 +145,16 @@ def train_lerobot(
 
 def train_ditvla(store: Path, out: Path) -> tuple[Path, float]:
     from ditvla.demo import FULL
-    from ditvla.train import TrainConfig, train
+    from ditvla.training.trainer import train
 
     start = time.perf_counter()
     policy_dir = train(
-        TrainConfig(
-            dataset=str(store),
-            out=str(out / "ditvla"),
-            preset="tiny",
-            steps=FULL.train_steps,
-            batch_size=FULL.batch_size,
-            lr=FULL.lr,
-            save_every=FULL.train_steps,
-            seed=0,
+        replace(
+            FULL.train, dataset=str(store), out=str(out / "ditvla"), save_every=FULL.train.steps
         )
     )
     budget = time.perf_counter() - start
-    print(f"ditvla: {FULL.train_steps} steps in {budget / 60:.1f} min (the budget)")
+    print(f"ditvla: {FULL.train.steps} steps in {budget / 60:.1f} min (the budget)")
     return policy_dir, budget
 
 
@@ -171,18 +176,17 @@ def main() -> None:
     if bool(args.ditvla_policy) != bool(args.budget_s):
         parser.error("--ditvla-policy and --budget-s go together")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from ditvla.demo import DEMO_TASKS, FULL
+    from ditvla.contract import load_policy
+    from ditvla.demo import FULL
     from ditvla.envs.collect import collect_demonstrations
-    from ditvla.envs.evaluate import evaluate, load_policy
+    from ditvla.envs.evaluate import evaluate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = "metaworld:" + ",".join(DEMO_TASKS)
+    env = FULL.env
     store = Path(args.store) if args.store else out / "demos.zarr"
     if not store.exists():
-        collect_demonstrations(
-            env, store, episodes_per_task=FULL.episodes, image_size=FULL.image_size
-        )
+        collect_demonstrations(env, store, FULL.collect)
 
     if args.ditvla_policy:  # a finished run of the same settings, and what it took
         policy_dir, budget = Path(args.ditvla_policy), args.budget_s
@@ -195,9 +199,10 @@ def main() -> None:
         report = evaluate(
             policy,
             env,
+            FULL.evaluate,
             episodes_per_task=args.eval_episodes,
             workers=args.workers,
-            out=out / "eval" / name.replace(" ", "_"),
+            out=str(out / "eval" / name.replace(" ", "_")),
             videos_per_task=1,
         )
         results[name] = report.summary()

@@ -27,13 +27,13 @@ import warnings
 
 import torch
 
+from ditvla.datasets.observations import observations_from_store
 from ditvla.envs.evaluate import evaluate
 from ditvla.policies.dit_head import HEAD_PRESETS
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.policies.quantization import (
     QuantizationConfig,
     measure,
-    observations_from_store,
     quantize_policy,
     supported_schemes,
 )
@@ -96,8 +96,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     policy = DiTVLAPolicy.from_pretrained(args.policy).eval()
-    calibration = observations_from_store(args.calibration, policy, args.frames)
-    held_out = observations_from_store(args.calibration, policy, args.frames, held_out=True)
+    calibration = observations_from_store(args.calibration, policy.spec, args.frames)
+    held_out = observations_from_store(args.calibration, policy.spec, args.frames, held_out=True)
 
     def success(model) -> tuple[float, dict]:
         """Mean success, and each episode's outcome by (task, seed)."""

@@ -69,7 +69,7 @@ def control_loop(duration: float, folder: Path) -> dict:
                 address,
                 "--hz",
                 "50",
-                "--duration",
+                "--duration-s",
                 str(duration),
                 "--max-steps",
                 "500",

@@ -116,7 +116,10 @@ def main() -> None:
     )
     batches = [b for _, b in zip(range(args.steps + 3), loader, strict=False)]
 
-    ours = DiTVLAPolicy(PolicyConfig.for_dataset(dataset, "tiny"), dataset.stats())
+    ours = DiTVLAPolicy(
+        PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=dataset.sampler.horizon),
+        dataset.stats(),
+    )
     folder = work / "smolvlm"
     save_tiny_smolvlm(
         folder,

@@ -1,27 +1,175 @@
 """The ``ditvla`` command: train, benchmark and deploy VLA policies with DiT heads.
 
-Each subcommand's ``--help`` explains it. Errors in user input (a damaged store, a wrong
-path) print one line and exit with status 2 instead of a traceback.
+Each subcommand's ``--help`` explains it. Options that set a config field are derived
+from the config dataclass (:mod:`ditvla.config_options`), so every default and its
+description has one home. Errors in user input (a damaged store, a wrong path, an
+unknown task) print one line and exit with status 2 instead of a traceback.
+
+Only the light parts are imported here; a command imports what it runs (``ditvla keygen``
+loads neither zarr, h5py nor MuJoCo).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from ditvla.datasets.replay_buffer import DatasetError
-from ditvla.deploy.transport import TransportError
+from ditvla.config_options import add_config_options, field_docs, given_options
+from ditvla.contract import CheckpointError
+from ditvla.datasets.errors import DatasetError
+from ditvla.deploy.errors import TransportError
+from ditvla.envs.errors import SimulatorUnavailable
 from ditvla.envs.registry import SUITES
-from ditvla.policies.errors import CheckpointError
 
 DESCRIPTION = """\
 ditvla: a vision-language backbone feeding Diffusion-Transformer heads, for robot policies.
 
-Data: LIBERO-style zarr replay buffers (diffusion-policy layout, zarr v3), converted from
-LIBERO HDF5 files and LeRobot datasets.
+Three jobs: train a policy on demonstrations (collect, train), benchmark it in simulators
+(eval), deploy it to a robot controller process (serve, robot). Data are LIBERO-style
+zarr replay buffers, converted from LIBERO HDF5 files and LeRobot datasets. Start with
+`ditvla demo`.
 """
+ENV_HELP = "SUITE:TASKS — " + "; ".join(suite.task_names for suite in SUITES.values())
+USER_ERRORS = (
+    DatasetError,
+    CheckpointError,
+    TransportError,
+    SimulatorUnavailable,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+# ---------------------------------------------------------------------- commands
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ditvla.demo import run_demo
+
+    return run_demo(Path(args.out), quick=args.quick)
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from ditvla.datasets.dataset_info import describe
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+    from ditvla.envs.collect import CollectConfig, collect_demonstrations
+
+    config = CollectConfig(**given_options(args, CollectConfig))
+    report = collect_demonstrations(args.env, args.out, config)
+    for task in report.kept:
+        print(
+            f"{task}: kept {report.kept[task]} of {report.attempts[task]} episodes "
+            f"(expert success {report.success_rate(task):.0%})"
+        )
+    print(describe(ReplayBuffer.open(args.out), with_stats=False))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ditvla.policies.policy import PolicyConfig
+    from ditvla.training.trainer import TrainConfig, train
+
+    overrides = given_options(args, PolicyConfig, prefix="policy.")
+    config = TrainConfig(**given_options(args, TrainConfig), policy_overrides=overrides)
+    print(f"policy: {train(config)}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ditvla.envs.baselines import policy_from_argument
+    from ditvla.envs.evaluate import EvalConfig, evaluate
+    from ditvla.envs.registry import suite_of
+
+    policy = policy_from_argument(
+        args.policy, action_dim=suite_of(args.env).action_dim, device=args.device
+    )
+    report = evaluate(policy, args.env, EvalConfig(**given_options(args, EvalConfig)))
+    print(report.markdown())
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from ditvla.deploy.keys import read_key
+    from ditvla.deploy.server import PolicyServer, ServeConfig
+
+    config = ServeConfig(**given_options(args, ServeConfig), key=read_key(args.key_file))
+    server = PolicyServer(config)
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    print(f"serving {config.policy} on {config.address} (merge: {config.merge}); Ctrl-C stops")
+
+    def status(stats, last_error) -> None:
+        line = (
+            f"chunks {stats.chunks} | contexts {stats.contexts} | S1 {stats.system1_hz:.1f} Hz "
+            f"| S2 {stats.system2_hz:.1f} Hz | stale {stats.stale_skips} | "
+            f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages}"
+        )
+        print(line + (f" (last: {last_error})" if last_error else ""), file=sys.stderr)
+
+    server.serve(duration_s=args.duration_s, on_status=None if args.quiet else status)
+    return 0
+
+
+def _cmd_robot(args: argparse.Namespace) -> int:
+    from ditvla.deploy.controller import ControllerConfig, RunConfig, run_lerobot, run_sim
+    from ditvla.deploy.keys import read_key
+    from ditvla.deploy.transport import Channel
+
+    config = ControllerConfig(**given_options(args, ControllerConfig))
+    run = RunConfig(**given_options(args, RunConfig))
+    out = Path(args.out)
+    with Channel(args.server, bind=False, key=read_key(args.key_file)) as channel:
+        if args.sim:
+            summary = run_sim(channel, args.sim, config=config, run=run, out=out)
+        else:
+            options = dict(item.split("=", 1) for item in args.robot_arg)
+            summary = run_lerobot(
+                channel, args.robot, options, args.instruction, config=config, run=run, out=out
+            )
+    report = asdict(summary)
+    episodes = report.pop("episodes")
+    print(json.dumps(report, indent=2))
+    if episodes:
+        print(f"success: {sum(e['success'] for e in episodes)}/{len(episodes)} episodes")
+    print(f"metrics: {out}/ticks.csv, {out}/summary.json")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from ditvla.contract import load_policy
+    from ditvla.datasets.observations import observations_from_store
+    from ditvla.policies.quantization import (
+        QuantizationConfig,
+        measure,
+        quantize_policy,
+        report_markdown,
+    )
+
+    config = QuantizationConfig.from_layout(args.layout, **given_options(args, QuantizationConfig))
+    policy = load_policy(args.policy)
+    calibration = observations_from_store(args.calibration, policy.spec, args.frames)
+    result = quantize_policy(policy, config, calibration)
+    out = Path(args.out)
+    result.save(out)
+    held_out = observations_from_store(args.calibration, policy.spec, args.frames, held_out=True)
+    report = measure(policy, result, held_out)
+    (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quantization_report.md").write_text(report_markdown(report))
+    print(report_markdown(report))
+    print(f"quantized policy: {out}")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from ditvla.deploy.keys import new_key_file
+
+    print(f"wrote {new_key_file(args.path)} (give the server and the robot the same file)")
+    return 0
 
 
 def _cmd_dataset_info(args: argparse.Namespace) -> int:
@@ -69,441 +217,151 @@ def _cmd_convert_to_lerobot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_collect(args: argparse.Namespace) -> int:
-    from ditvla.datasets.dataset_info import describe
-    from ditvla.datasets.replay_buffer import ReplayBuffer
-    from ditvla.envs.collect import collect_demonstrations
-
-    report = collect_demonstrations(
-        args.env,
-        args.out,
-        episodes_per_task=args.episodes,
-        cameras=None if args.cameras is None else [c for c in args.cameras.split(",") if c],
-        image_size=args.image_size,
-        seed_start=args.seed_start,
-        keep_failures=args.keep_failures,
-        overwrite=args.overwrite,
-        workers=args.workers,
+# ---------------------------------------------------------------------- parser
+def _command(commands, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for task in report.kept:
-        print(
-            f"{task}: kept {report.kept[task]} of {report.attempts[task]} episodes "
-            f"(expert success {report.success_rate(task):.0%})"
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _config_classes():
+    """The config dataclasses whose fields are options (imported on demand: they pull in
+    torch, simulators or ZeroMQ, which ``--help`` of another command does not need)."""
+    from ditvla.deploy.controller import ControllerConfig, RunConfig
+    from ditvla.deploy.server import ServeConfig
+    from ditvla.envs.collect import CollectConfig
+    from ditvla.envs.evaluate import EvalConfig
+    from ditvla.policies.policy import PolicyConfig
+    from ditvla.policies.quantization import QuantizationConfig
+    from ditvla.training.trainer import TrainConfig
+
+    return {
+        cls.__name__: cls
+        for cls in (
+            CollectConfig,
+            ControllerConfig,
+            EvalConfig,
+            PolicyConfig,
+            QuantizationConfig,
+            RunConfig,
+            ServeConfig,
+            TrainConfig,
         )
-    print(describe(ReplayBuffer.open(args.out), with_stats=False))
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ditvla.train import TrainConfig, train
-
-    policy_overrides = {
-        "objective": getattr(args, "policy.objective"),
-        "num_inference_steps": getattr(args, "policy.inference_steps"),
-        "noise_samples": getattr(args, "policy.noise_samples"),
-        "horizon": getattr(args, "policy.horizon"),
-        "n_action_steps": getattr(args, "policy.n_action_steps"),
-        "head": {"conditioning": getattr(args, "policy.conditioning")},
-        "foresight": {
-            "kind": getattr(args, "policy.foresight"),
-            "weight": getattr(args, "policy.foresight_weight"),
-            "k": getattr(args, "policy.foresight_k"),
-            "method": getattr(args, "policy.foresight_method"),
-            "size": getattr(args, "policy.foresight_size"),
-            "grid": getattr(args, "policy.foresight_grid"),
-        },
     }
-    config = TrainConfig(
-        dataset=args.dataset,
-        out=args.out,
-        preset=getattr(args, "policy.preset"),
-        policy_overrides=policy_overrides,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        augment=args.augment,
-        save_every=args.save_every,
-        device=args.device,
-        resume=args.resume,
-    )
-    final = train(config)
-    print(f"policy: {final}")
-    return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from ditvla.envs.evaluate import evaluate, load_policy
-    from ditvla.envs.registry import suite_of
-
-    policy = load_policy(args.policy, device=args.device, action_dim=suite_of(args.env).action_dim)
-    report = evaluate(
-        policy,
-        args.env,
-        episodes_per_task=args.episodes,
-        workers=args.workers,
-        seed_start=args.seed_start,
-        max_steps=args.max_steps,
-        out=args.out,
-        videos_per_task=args.videos,
-    )
-    print(report.markdown())
-    print(f"results: {args.out}/results.json")
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-
-    from ditvla.deploy.server import PolicyServer, ServeConfig
-    from ditvla.deploy.transport import read_key
-
-    server = PolicyServer(
-        ServeConfig(
-            policy=args.policy,
-            address=args.address,
-            key=read_key(args.key_file),
-            merge=args.merge,
-            system1_hz=args.system1_hz,
-            system2_hz=args.system2_hz,
-            system1_threads=args.system1_threads,
-            system2_threads=args.system2_threads,
-            max_context_age_s=args.max_context_age,
-            action_low=args.action_low,
-            action_high=args.action_high,
-            num_inference_steps=args.inference_steps,
-        )
-    )
-    signal.signal(signal.SIGTERM, server.stop)
-    signal.signal(signal.SIGINT, server.stop)
-    print(f"serving {args.policy} on {args.address} (merge: {args.merge}); Ctrl-C stops")
-
-    def status(stats, last_error) -> None:
-        line = (
-            f"chunks {stats.chunks} | contexts {stats.contexts} | S1 {stats.system1_hz:.1f} Hz "
-            f"| S2 {stats.system2_hz:.1f} Hz | stale {stats.stale_skips} | "
-            f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages}"
-        )
-        print(line + (f" (last: {last_error})" if last_error else ""), file=sys.stderr)
-
-    server.serve(duration_s=args.duration, on_status=None if args.quiet else status)
-    return 0
-
-
-def _cmd_robot(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
-
-    from ditvla.deploy.controller import Controller, ControllerConfig, handshake, run_sim
-    from ditvla.deploy.transport import Channel, read_key
-
-    config = ControllerConfig(
-        hz=args.hz,
-        merge=args.merge,
-        watchdog_s=args.watchdog,
-        action_low=args.action_low,
-        action_high=args.action_high,
-        realtime=not args.no_realtime,
-    )
-    with Channel(args.server, bind=False, key=read_key(args.key_file)) as channel:
-        if args.sim:
-            summary = run_sim(
-                channel,
-                args.sim,
-                config=config,
-                episodes=args.episodes,
-                seed_start=args.seed_start,
-                max_steps=args.max_steps,
-                duration_s=args.duration,
-                camera_hz=args.camera_hz,
-                out=Path(args.out),
-            )
-        else:
-            from ditvla.deploy.robots import LeRobotRobot
-
-            options = dict(item.split("=", 1) for item in args.robot_arg)
-            robot = LeRobotRobot(args.robot, options, instruction=args.instruction)
-            handshake(channel, f"lerobot:{args.robot}", config.hz)
-            controller = Controller(channel, robot, config)
-            controller.install_signal_handlers()
-            controller.prepare_clock()
-            try:
-                controller.run_episode(0, int((args.duration or 60) * args.hz))
-            finally:
-                robot.close()
-            summary = controller.summary([])
-            controller.write(Path(args.out), summary)
-    report = asdict(summary)
-    episodes = report.pop("episodes")
-    print(json.dumps(report, indent=2))
-    if episodes:
-        print(f"success: {sum(e['success'] for e in episodes)}/{len(episodes)} episodes")
-    print(f"metrics: {args.out}/ticks.csv, {args.out}/summary.json")
-    return 0
-
-
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    import json
-
-    from ditvla.policies.policy import DiTVLAPolicy
-    from ditvla.policies.quantization import (
-        QuantizationConfig,
-        measure,
-        observations_from_store,
-        quantize_policy,
-        report_markdown,
-    )
-
-    config = QuantizationConfig.from_layout(
-        args.layout,
-        scheme=args.scheme,
-        backend=args.backend,
-        attention_temperature_matching=not args.no_atm,
-        output_head_balancing=not args.no_ohb,
-    )
-    policy = DiTVLAPolicy.from_pretrained(args.policy).eval()
-    calibration = observations_from_store(args.calibration, policy, args.frames)
-    result = quantize_policy(policy, config, calibration)
-    out = Path(args.out)
-    result.save(out)
-    held_out = observations_from_store(args.calibration, policy, args.frames, held_out=True)
-    report = measure(policy, result, held_out)
-    (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "quantization_report.md").write_text(report_markdown(report))
-    print(report_markdown(report))
-    print(f"quantized policy: {out}")
-    return 0
-
-
-def _cmd_keygen(args: argparse.Namespace) -> int:
-    from ditvla.deploy.transport import new_key_file
-
-    print(f"wrote {new_key_file(args.path)} (give the server and the robot the same file)")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ditvla.demo import run_demo
-
-    return run_demo(Path(args.out), quick=args.quick)
-
-
-ENV_HELP = "SUITE:TASKS — " + "; ".join(suite.task_names for suite in SUITES.values())
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ditvla`` parser; ``command`` (the one being run, if known) limits the
+    options derived from configs to that command's, so other parts are not imported."""
     parser = argparse.ArgumentParser(
         prog="ditvla", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    configured = (None, "collect", "train", "eval", "serve", "robot", "quantize")
+    configs = _config_classes() if command in configured else {}
 
-    demo = commands.add_parser(
+    def options(sub: argparse.ArgumentParser, name: str, **kwargs) -> None:
+        if configs:
+            add_config_options(sub, configs[name], **kwargs)
+
+    demo = _command(
+        commands,
         "demo",
-        help="run the whole mission on its embedded default, on this CPU",
-        description="Run the main job end to end on its embedded default and write a report.",
+        _cmd_demo,
+        "collect, train and evaluate on five Meta-World tasks (15-25 min on a laptop CPU)",
+        "The main job end to end on this machine: scripted demonstrations of five Meta-World "
+        "tasks, a tiny VLA trained on them, evaluated on unseen seeds; writes report.md, "
+        "report.json, loss.png and a rollout video per task to --out.",
     )
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="a small smoke run (about 2 minutes)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.add_argument("--out", default="outputs/demo", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 min)")
 
-    collect = commands.add_parser(
+    collect = _command(
+        commands,
         "collect",
-        help="scripted demonstrations from a simulator into a zarr store",
-        description=(
-            "Run a simulator's scripted experts and write their episodes to a zarr replay "
-            "buffer. Only successful episodes are kept unless --keep-failures; each "
-            "episode's seed is recorded in the store."
-        ),
+        _cmd_collect,
+        "scripted demonstrations from a simulator into a zarr store",
+        "Run a simulator's scripted experts and write their episodes to a zarr replay "
+        "buffer. Only successful episodes are kept unless --keep-failures; each episode's "
+        "seed is recorded in the store.",
     )
     collect.add_argument(
         "--env",
         required=True,
-        help=f"{ENV_HELP}; scripted experts exist for metaworld and robosuite "
-        "Lift, Stack, PickPlaceCan",
+        help=f"{ENV_HELP}; scripted experts exist for metaworld and robosuite Lift, Stack, "
+        "PickPlaceCan",
     )
-    collect.add_argument("--episodes", type=int, default=50, help="episodes per task (%(default)s)")
     collect.add_argument("--out", required=True, help="the zarr store to write")
-    collect.add_argument(
-        "--cameras",
-        default=None,
-        help=(
-            "comma-separated camera names, '' for none (the suite's: metaworld corner; "
-            "robosuite agentview,robot0_eye_in_hand)"
-        ),
-    )
-    collect.add_argument(
-        "--image-size", type=int, default=64, help="image side in px (%(default)s)"
-    )
-    collect.add_argument(
-        "--seed-start", type=int, default=0, help="first episode seed (%(default)s)"
-    )
-    collect.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="simulator processes; the store is the same for any number (%(default)s)",
-    )
-    collect.add_argument("--keep-failures", action="store_true", help="keep failed episodes too")
-    collect.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    collect.set_defaults(func=_cmd_collect)
+    options(collect, "CollectConfig", exclude=("progress",))
 
-    train = commands.add_parser(
+    train = _command(
+        commands,
         "train",
-        help="train a policy on a zarr replay buffer",
-        description=(
-            "Train a VLM + DiT policy. Writes OUT/policy (the final, EMA weights), "
-            "OUT/checkpoints/step_N (every --save-every steps, atomically), "
-            "OUT/metrics.jsonl and OUT/tensorboard. Several GPUs or nodes: launch with "
-            "torchrun --nproc_per_node N -m ditvla.cli train ..."
-        ),
+        _cmd_train,
+        "train a policy on a zarr replay buffer",
+        "Train a VLM + DiT policy. Writes OUT/policy (the final, EMA weights), "
+        "OUT/checkpoints/step_N (every --save-every steps, atomically), OUT/metrics.jsonl and "
+        "OUT/tensorboard. Several GPUs or nodes: torchrun --nproc_per_node N -m ditvla.cli "
+        "train ... Policy options (--policy.*) override the preset's.",
     )
-    train.add_argument("--dataset", required=True, help="the zarr replay buffer")
-    train.add_argument("--out", default="outputs/train", help="output folder (outputs/train)")
-    train.add_argument(
-        "--policy.preset",
-        default="tiny",
-        help="tiny (tiny Idefics3 VLM, CPU default), tiny-paligemma, tiny-qwen (Qwen2.5-VL), "
-        "small, base, large (head sizes over the tiny Idefics3 VLM)",
-    )
-    train.add_argument(
-        "--policy.objective", default="flow_matching", choices=("flow_matching", "ddpm")
-    )
-    train.add_argument(
-        "--policy.conditioning",
-        default="cross_attention",
-        choices=("cross_attention", "in_context"),
-    )
-    train.add_argument(
-        "--policy.foresight",
-        default="off",
-        choices=("off", "motion", "latent"),
-        help="train a foresight head jointly, skipped at inference: motion = optical flow "
-        "t -> t+k as a small motion image; latent = the frozen vision encoder's pooled "
-        "features of frame t+k (Mantis-style)",
-    )
-    train.add_argument(
-        "--policy.foresight-weight", type=float, default=0.1, help="its loss weight (0.1)"
-    )
-    train.add_argument("--policy.foresight-k", type=int, default=4, help="frames ahead (4)")
-    train.add_argument(
-        "--policy.foresight-method", default="dis", choices=("dis", "farneback"), help="(dis)"
-    )
-    train.add_argument(
-        "--policy.foresight-size", type=int, default=16, help="motion image side (16)"
-    )
-    train.add_argument(
-        "--policy.foresight-grid", type=int, default=4, help="latent: pooled feature grid side (4)"
-    )
-    train.add_argument("--policy.horizon", type=int, default=16, help="action chunk length (16)")
-    train.add_argument(
-        "--policy.n-action-steps",
-        type=int,
-        default=0,
-        help="actions executed per chunk (0: half the horizon)",
-    )
-    train.add_argument(
-        "--policy.inference-steps", type=int, default=10, help="denoising steps at inference (10)"
-    )
-    train.add_argument(
-        "--policy.noise-samples",
-        type=int,
-        default=1,
-        help="(noise, time) draws per training observation: the backbone runs once, the "
-        "action head once per draw (1)",
-    )
-    train.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
-    train.add_argument("--batch-size", type=int, default=64, help="samples per step (64)")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (1)")
-    train.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (3e-4)")
-    train.add_argument("--warmup-steps", type=int, default=100, help="linear warmup (100)")
-    train.add_argument("--ema-decay", type=float, default=0.999, help="0 turns EMA off (0.999)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (2)")
-    train.add_argument("--augment", action="store_true", help="random shift + color jitter")
-    train.add_argument("--save-every", type=int, default=500, help="checkpoint period (500)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    train.add_argument(
-        "--resume", action="store_true", help="continue from OUT's latest checkpoint"
-    )
-    train.set_defaults(func=_cmd_train)
+    if configs:
+        add_config_options(train, configs["TrainConfig"], exclude=("preset", "policy_overrides"))
+        trainer = configs["TrainConfig"]
+        train.add_argument(
+            "--policy.preset",
+            dest="preset",
+            default=argparse.SUPPRESS,
+            help=f"{field_docs(trainer)['preset']} (default: {trainer.preset})",
+        )
+        add_config_options(train, configs["PolicyConfig"], prefix="policy.")
 
-    evaluation = commands.add_parser(
+    evaluation = _command(
+        commands,
         "eval",
-        help="success rates of a policy in a simulator",
-        description=(
-            "Roll a policy out in simulator episodes fixed by seed, in parallel worker "
-            "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, "
-            "ci95}}, mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end) "
-            "and OUT/videos/."
-        ),
+        _cmd_eval,
+        "success rates of a policy in a simulator",
+        "Roll a policy out in simulator episodes fixed by seed, in parallel worker "
+        "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, ci95}}, "
+        "mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end) and "
+        "OUT/videos/.",
     )
     evaluation.add_argument(
         "--policy", required=True, help="a saved policy folder, or the baselines random / expert"
     )
-    evaluation.add_argument(
-        "--env",
-        required=True,
-        help=ENV_HELP,
-    )
-    evaluation.add_argument("--episodes", type=int, default=50, help="episodes per task (50)")
-    evaluation.add_argument("--workers", type=int, default=2, help="simulator processes (2)")
-    evaluation.add_argument(
-        "--seed-start", type=int, default=100_000, help="first episode seed (100000)"
-    )
-    evaluation.add_argument("--max-steps", type=int, help="episode step limit (the task's own)")
-    evaluation.add_argument("--videos", type=int, default=1, help="videos per task (1)")
-    evaluation.add_argument("--device", default="cpu", help="where the policy runs (cpu)")
-    evaluation.add_argument("--out", default="outputs/eval", help="output folder (outputs/eval)")
-    evaluation.set_defaults(func=_cmd_eval)
+    evaluation.add_argument("--env", required=True, help=ENV_HELP)
+    evaluation.add_argument("--device", default="cpu", help="where the policy runs")
+    evaluation.add_argument("--out", default="outputs/eval", help="output folder")
+    options(evaluation, "EvalConfig", exclude=("out", "progress"))
 
-    serve = commands.add_parser(
+    serve = _command(
+        commands,
         "serve",
-        help="run a policy as the slow/fast dual-system server for a robot controller",
-        description=(
-            "System 2 (the VLM, its own process) refreshes the context from the newest "
-            "camera frames; System 1 (the DiT head) denoises action chunks from the newest "
-            "context and state and streams them to the controller (`ditvla robot`). "
-            "Loopback only unless --key-file is given."
-        ),
+        _cmd_serve,
+        "run a policy as the slow/fast dual-system server for a robot controller",
+        "System 2 (the VLM, its own process) refreshes the context from the newest camera "
+        "frames; System 1 (the DiT head) denoises action chunks from the newest context and "
+        "state and streams them to the controller (`ditvla robot`). Loopback only unless "
+        "--key-file is given.",
     )
-    serve.add_argument("--policy", required=True, help="a saved policy folder")
-    serve.add_argument("--address", default="tcp://127.0.0.1:5555", help="where to listen")
-    serve.add_argument("--key-file", help="shared key: authenticates every message")
-    serve.add_argument(
-        "--merge",
-        default="latest",
-        choices=("latest", "ensemble", "rtc"),
-        help="rtc: real-time chunking inpaints new chunks towards the executing plan",
-    )
-    serve.add_argument(
-        "--system1-hz", type=float, default=0, help="chunks/s (0: 2 per n_action_steps)"
-    )
-    serve.add_argument("--system2-hz", type=float, default=0, help="contexts/s (0: as fast)")
-    serve.add_argument("--system1-threads", type=int, default=1, help="torch threads (1)")
-    serve.add_argument("--system2-threads", type=int, default=1, help="torch threads (1)")
-    serve.add_argument(
-        "--max-context-age", type=float, default=1.0, help="s; older: no new chunks (1.0)"
-    )
-    serve.add_argument("--action-low", type=float, help="clip actions below")
-    serve.add_argument("--action-high", type=float, help="clip actions above")
-    serve.add_argument("--inference-steps", type=int, help="denoising steps (the policy's)")
-    serve.add_argument("--duration", type=float, help="stop after this many seconds")
+    options(serve, "ServeConfig", exclude=("key",))
+    serve.add_argument("--key-file", help="shared key file (ditvla keygen)")
+    serve.add_argument("--duration-s", type=float, help="stop after this many seconds")
     serve.add_argument("--quiet", action="store_true", help="no status line every second")
-    serve.set_defaults(func=_cmd_serve)
 
-    robot = commands.add_parser(
+    robot = _command(
+        commands,
         "robot",
-        help="the robot controller process: a fixed-rate loop fed by `ditvla serve`",
-        description=(
-            "Run the control loop at --hz: execute the action due at each tick, hold the "
-            "robot when none is due (or the watchdog fires), send observations. --sim runs "
-            "a simulator in real time as the robot; --robot drives a LeRobot robot through "
-            "its own API. Writes OUT/ticks.csv and OUT/summary.json."
-        ),
+        _cmd_robot,
+        "the robot controller process: a fixed-rate loop fed by `ditvla serve`",
+        "Run the control loop at --hz: execute the action due at each tick, hold the robot "
+        "when none is due (or the watchdog fires), send observations. --sim runs a simulator "
+        "in real time as the robot; --robot drives a LeRobot robot through its own API. "
+        "Writes OUT/ticks.csv and OUT/summary.json.",
     )
     target = robot.add_mutually_exclusive_group(required=True)
     target.add_argument("--sim", help="metaworld:<task>, stepped in real time")
@@ -513,94 +371,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     robot.add_argument("--instruction", default="", help="the task instruction (--robot)")
     robot.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy server")
-    robot.add_argument("--key-file", help="the server's shared key")
-    robot.add_argument("--hz", type=float, default=50.0, help="control rate (50)")
-    robot.add_argument(
-        "--merge", default="latest", choices=("latest", "ensemble", "rtc"), help="chunk merging"
-    )
-    robot.add_argument("--watchdog", type=float, default=0.5, help="s without chunks: hold (0.5)")
-    robot.add_argument("--action-low", type=float, help="clip actions below")
-    robot.add_argument("--action-high", type=float, help="clip actions above")
-    robot.add_argument("--episodes", type=int, default=1, help="episodes (--sim) (1)")
-    robot.add_argument("--seed-start", type=int, default=100_000, help="first seed (100000)")
-    robot.add_argument("--max-steps", type=int, default=500, help="ticks per episode (500)")
-    robot.add_argument("--duration", type=float, help="run for this many seconds instead")
-    robot.add_argument("--camera-hz", type=float, default=10.0, help="sim camera rate (10)")
-    robot.add_argument("--out", default="outputs/robot", help="metrics folder (outputs/robot)")
-    robot.add_argument(
-        "--no-realtime",
-        action="store_true",
-        help="do not ask for SCHED_FIFO (by default used where permitted: root/CAP_SYS_NICE)",
-    )
-    robot.set_defaults(func=_cmd_robot)
+    robot.add_argument("--key-file", help="the server's shared key file")
+    robot.add_argument("--out", default="outputs/robot", help="metrics folder")
+    options(robot, "ControllerConfig")
+    options(robot, "RunConfig")
 
-    quantize = commands.add_parser(
+    quantize = _command(
+        commands,
         "quantize",
-        help="post-training quantization of a saved policy (QuantVLA-style)",
-        description=(
-            "Integerize the language model's and the DiT heads' MLP layers (attention, "
-            "embeddings, norms and the action projection stay float), calibrate attention "
-            "temperature matching and output head balancing on frames of a zarr store, "
-            "and write a policy folder that from_pretrained, eval and serve load like any "
-            "other, with OUT/quantization_report.{md,json} (memory, latency, action error)."
-        ),
+        _cmd_quantize,
+        "post-training quantization of a saved policy (QuantVLA-style)",
+        "Integerize the layers --layout names (by default QuantVLA's: the language model's "
+        "and the DiT heads' MLPs), calibrate attention temperature matching and output head "
+        "balancing on frames of a zarr store, and write a policy folder that eval and serve "
+        "load like any other, with OUT/quantization_report.{md,json} (memory, latency, "
+        "action error).",
     )
     quantize.add_argument("--policy", required=True, help="a saved (float) policy folder")
     quantize.add_argument("--calibration", required=True, help="a zarr store the policy fits")
-    quantize.add_argument("--scheme", default="w8a8", choices=("w8a8", "w8", "w4a8"))
-    quantize.add_argument(
-        "--backend",
-        default="fbgemm",
-        choices=("fbgemm", "torchao"),
-        help="fbgemm: PyTorch's dynamic int8 kernels (w8a8, fastest on CPU here); torchao",
-    )
-    quantize.add_argument(
-        "--layout",
-        default="language_mlp,head_mlp",
-        help="what to integerize, comma-separated: language_mlp, head_mlp (QuantVLA's layout, "
-        "the default), head_attention (the DiT heads' attention projections too: faster "
-        "act on CPU, see the README) and head_modulation (the heads' adaLN modulation layers)",
-    )
-    quantize.add_argument("--frames", type=int, default=64, help="calibration frames (64)")
-    quantize.add_argument("--no-atm", action="store_true", help="no attention temperature matching")
-    quantize.add_argument("--no-ohb", action="store_true", help="no output head balancing")
     quantize.add_argument("--out", required=True, help="the quantized policy folder to write")
-    quantize.set_defaults(func=_cmd_quantize)
+    quantize.add_argument("--frames", type=int, default=64, help="calibration frames")
+    if configs:
+        recipe = configs["QuantizationConfig"]
+        quantize.add_argument(
+            "--layout",
+            default=recipe().layout,
+            help="what to integerize, comma-separated: language_mlp, head_mlp, head_attention "
+            "(the DiT heads' attention projections: faster act on CPU, see docs/quantization.md), "
+            "head_modulation (the heads' adaLN modulation layers)",
+        )
+        add_config_options(quantize, recipe)
 
-    keygen = commands.add_parser("keygen", help="write a random shared key for serve/robot")
-    keygen.add_argument("path", help="the key file to write (mode 600)")
-    keygen.set_defaults(func=_cmd_keygen)
+    keygen = _command(
+        commands,
+        "keygen",
+        _cmd_keygen,
+        "write a random shared key for serve/robot",
+        "Write a fresh random key readable by its owner only (mode 600).",
+    )
+    keygen.add_argument("path", help="the key file to write")
 
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(
         dest="dataset_command", metavar="ACTION", required=True
     )
-    info = dataset_commands.add_parser(
+    info = _command(
+        dataset_commands,
         "info",
-        help="episodes, frames, arrays, tasks and normalization stats of a store",
-        description=(
-            "Print the number of episodes and frames, every array with its shape and dtype, "
-            "the tasks with their instructions, and the normalization statistics (computed "
-            "once and saved in the store)."
-        ),
+        _cmd_dataset_info,
+        "episodes, frames, arrays, tasks and normalization stats of a store",
+        "Print the number of episodes and frames, every array with its shape and dtype, the "
+        "tasks with their instructions, and the normalization statistics (computed once and "
+        "saved in the store).",
     )
     info.add_argument("path", help="a zarr replay buffer (v3, or a v2 diffusion-policy store)")
     info.add_argument("--check", action="store_true", help="read every chunk; exit 1 on damage")
     info.add_argument("--no-stats", action="store_true", help="do not compute/print statistics")
-    info.set_defaults(func=_cmd_dataset_info)
 
     convert = commands.add_parser("convert", help="convert datasets to and from zarr")
     convert_commands = convert.add_subparsers(
         dest="convert_command", metavar="FORMAT", required=True
     )
-    libero = convert_commands.add_parser(
+    libero = _command(
+        convert_commands,
         "libero",
-        help="LIBERO HDF5 demonstrations -> zarr",
-        description=(
-            "Convert LIBERO HDF5 files (official layout: data/demo_N/obs/{agentview_rgb, "
-            "eye_in_hand_rgb, ee_pos, ee_ori, gripper_states, joint_states}, actions, and "
-            "the instruction in data.attrs['problem_info']) into one zarr replay buffer."
-        ),
+        _cmd_convert_libero,
+        "LIBERO HDF5 demonstrations -> zarr",
+        "Convert LIBERO HDF5 files (official layout: data/demo_N/obs/{agentview_rgb, "
+        "eye_in_hand_rgb, ee_pos, ee_ori, gripper_states, joint_states}, actions, and the "
+        "instruction in data.attrs['problem_info']) into one zarr replay buffer.",
     )
     libero.add_argument("inputs", nargs="+", help="HDF5 files or folders of them")
     libero.add_argument("--out", required=True, help="the zarr store to write")
@@ -608,23 +447,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-flip", action="store_true", help="keep images as stored (LIBERO's are upside down)"
     )
     libero.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    libero.set_defaults(func=_cmd_convert_libero)
 
-    from_lerobot = convert_commands.add_parser(
+    from_lerobot = _command(
+        convert_commands,
         "from-lerobot",
-        help="LeRobot dataset (v3, local folder) -> zarr",
-        description="Convert a LeRobot v3 dataset on disk into a zarr replay buffer.",
+        _cmd_convert_from_lerobot,
+        "LeRobot dataset (v3, local folder) -> zarr",
+        "Convert a LeRobot v3 dataset on disk into a zarr replay buffer.",
     )
     from_lerobot.add_argument("root", help="the LeRobot dataset folder (holds meta/info.json)")
     from_lerobot.add_argument("--out", required=True, help="the zarr store to write")
     from_lerobot.add_argument("--repo-id", help="repo id to open it under (default: local/<name>)")
     from_lerobot.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    from_lerobot.set_defaults(func=_cmd_convert_from_lerobot)
 
-    to_lerobot = convert_commands.add_parser(
+    to_lerobot = _command(
+        convert_commands,
         "to-lerobot",
-        help="zarr -> LeRobot dataset (v3)",
-        description="Write a zarr replay buffer as a LeRobot v3 dataset with lerobot's own API.",
+        _cmd_convert_to_lerobot,
+        "zarr -> LeRobot dataset (v3)",
+        "Write a zarr replay buffer as a LeRobot v3 dataset with lerobot's own API.",
     )
     to_lerobot.add_argument("store", help="the zarr replay buffer")
     to_lerobot.add_argument("--out", required=True, help="the LeRobot dataset folder to create")
@@ -635,15 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="video",
         help="cameras as mp4 videos (lossy, lerobot's default) or PNG images (lossless)",
     )
-    to_lerobot.set_defaults(func=_cmd_convert_to_lerobot)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, CheckpointError, TransportError, FileNotFoundError, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"ditvla: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""``ditvla demo``: the main job end to end on its embedded default, on a CPU.
+"""``ditvla demo``: the main job end to end on this machine's CPU.
 
 1. collect: Meta-World's scripted experts on five tasks -> a zarr replay buffer;
 2. train: one language-conditioned multi-task policy (tiny VLM + DiT action head);
@@ -11,14 +11,17 @@ Each stage is a command of its own; the demo prints them. It writes ``report.md`
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ditvla.envs.collect import collect_demonstrations
-from ditvla.envs.evaluate import evaluate, load_policy
-from ditvla.train import TrainConfig, train
+from ditvla.config_options import option_flags, override_flags
+from ditvla.contract import load_policy
+from ditvla.envs.collect import CollectConfig, collect_demonstrations
+from ditvla.envs.evaluate import EvalConfig, evaluate
+from ditvla.training.trainer import TrainConfig, train
 
 DEMO_TASKS = (
     "reach-v3",
@@ -30,30 +33,62 @@ DEMO_TASKS = (
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    episodes: int  # demonstrations per task
-    image_size: int
-    train_steps: int
-    batch_size: int
-    eval_episodes: int  # per task
-    eval_max_steps: int | None
-    lr: float = 1e-3  # the tiny preset learns twice as well as at 3e-4 in this budget
-    workers: int = 2  # simulator processes (collect, eval)
-    # Batches are read in the training process: loader processes would compete with the
-    # training threads for the two cores (100 steps ran 8% faster without them).
-    loader_workers: int = 0
+class DemoRecipe:
+    """The demo's three stages as the configs of their commands (benches that compare
+    against the demo reuse it). ``train.dataset`` and ``train.out`` are set per run."""
+
+    env: str
+    collect: CollectConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+
+    def commands(self, store: Path, run: Path, evaluation: Path) -> list[str]:
+        """The ``ditvla`` command lines equivalent to :func:`run_demo`'s calls."""
+        train = self.train
+        train_skip = ("dataset", "out", "preset", "policy_overrides", "progress")
+        lines = [
+            [
+                *("ditvla", "collect", "--env", self.env, "--out", str(store)),
+                *option_flags(self.collect, skip=("progress",)),
+            ],
+            [
+                *("ditvla", "train", "--dataset", str(store), "--out", str(run)),
+                *("--policy.preset", train.preset),
+                *option_flags(train, skip=train_skip),
+                *override_flags(train.policy_overrides, prefix="policy."),
+            ],
+            [
+                *("ditvla", "eval", "--policy", str(run / "policy"), "--env", self.env),
+                *("--out", str(evaluation)),
+                *option_flags(self.evaluate, skip=("out", "progress")),
+            ],
+        ]
+        return [shlex.join(line) for line in lines]
 
 
-FULL = DemoSettings(
-    episodes=50,
-    image_size=64,
-    train_steps=4000,  # 1500 gave 66% (reach 8%), 3000 gave 79.2% (reach 30%)
-    batch_size=32,
-    eval_episodes=50,
-    eval_max_steps=None,
+FULL = DemoRecipe(
+    env="metaworld:" + ",".join(DEMO_TASKS),
+    collect=CollectConfig(episodes_per_task=50, image_size=64, overwrite=True),
+    # 4000 steps: 1500 gave 66% (reach 8%), 3000 gave 79.2% (reach 30%). lr 1e-3: the tiny
+    # preset learns twice as well as at 3e-4 in this budget. Batches are read in the
+    # training process: loader processes would compete with the training threads for
+    # two cores (100 steps ran 8% faster without them).
+    train=TrainConfig(
+        dataset="",
+        preset="tiny",
+        steps=4000,
+        batch_size=32,
+        lr=1e-3,
+        num_workers=0,
+        save_every=4000 // 3,
+    ),
+    evaluate=EvalConfig(episodes_per_task=50),
 )
-QUICK = DemoSettings(
-    episodes=2, image_size=64, train_steps=30, batch_size=16, eval_episodes=2, eval_max_steps=60
+QUICK = DemoRecipe(
+    env=FULL.env,
+    collect=replace(FULL.collect, episodes_per_task=2),
+    train=replace(FULL.train, steps=30, batch_size=16, save_every=10),
+    evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60),
 )
 
 
@@ -83,54 +118,19 @@ def _plot_loss(metrics: Path, png: Path) -> None:
 
 
 def run_demo(out: Path, *, quick: bool = False) -> int:
-    s = QUICK if quick else FULL
+    recipe = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
-    env_spec = "metaworld:" + ",".join(DEMO_TASKS)
     store, run, evaluation = out / "demos.zarr", out / "train", out / "eval"
-    commands = [
-        f"ditvla collect --env {env_spec} --episodes {s.episodes} --image-size {s.image_size} "
-        f"--workers {s.workers} --out {store} --overwrite",
-        f"ditvla train --dataset {store} --out {run} --policy.preset tiny --steps "
-        f"{s.train_steps} --batch-size {s.batch_size} --lr {s.lr:g} "
-        f"--num-workers {s.loader_workers}",
-        f"ditvla eval --policy {run / 'policy'} --env {env_spec} --episodes {s.eval_episodes} "
-        f"--workers {s.workers} --out {evaluation}"
-        + (f" --max-steps {s.eval_max_steps}" if s.eval_max_steps else ""),
-    ]
+    commands = recipe.commands(store, run, evaluation)
     print("The demo runs these commands:\n  " + "\n  ".join(commands), flush=True)
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
 
-    collection = collect_demonstrations(
-        env_spec,
-        store,
-        episodes_per_task=s.episodes,
-        image_size=s.image_size,
-        overwrite=True,
-        workers=s.workers,
-    )
+    collection = collect_demonstrations(recipe.env, store, recipe.collect)
     t_collect = time.perf_counter()
-    final = train(
-        TrainConfig(
-            dataset=str(store),
-            out=str(run),
-            preset="tiny",
-            steps=s.train_steps,
-            batch_size=s.batch_size,
-            lr=s.lr,
-            num_workers=s.loader_workers,
-            save_every=max(1, s.train_steps // 3),
-        )
-    )
+    final = train(replace(recipe.train, dataset=str(store), out=str(run)))
     t_train = time.perf_counter()
-    report = evaluate(
-        load_policy(str(final)),
-        env_spec,
-        episodes_per_task=s.eval_episodes,
-        workers=s.workers,
-        max_steps=s.eval_max_steps,
-        out=evaluation,
-    )
+    report = evaluate(load_policy(final), recipe.env, replace(recipe.evaluate, out=str(evaluation)))
     t_eval = time.perf_counter()
 
     _plot_loss(run / "metrics.jsonl", out / "loss.png")
@@ -148,13 +148,17 @@ def run_demo(out: Path, *, quick: bool = False) -> int:
         "mean_success": summary["mean_success"],
         "minutes": round(minutes, 2),
         "stage_minutes": stage_minutes,
-        "settings": s.__dict__,
+        "settings": {
+            "collect": asdict(recipe.collect),
+            "train": asdict(recipe.train),
+            "evaluate": asdict(recipe.evaluate),
+        },
         "expert_success_during_collection": {
             t: collection.success_rate(t) for t in collection.kept
         },
     }
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(_report_markdown(s, quick, report, result, commands))
+    (out / "report.md").write_text(_report_markdown(recipe, quick, report, result, commands))
     print(report.markdown())
     print(
         f"mean success {summary['mean_success']:.1%} in {minutes:.1f} minutes; "
@@ -164,8 +168,9 @@ def run_demo(out: Path, *, quick: bool = False) -> int:
 
 
 def _report_markdown(
-    s: DemoSettings, quick: bool, report, result: dict, commands: list[str]
+    recipe: DemoRecipe, quick: bool, report, result: dict, commands: list[str]
 ) -> str:
+    c, t, e = recipe.collect, recipe.train, recipe.evaluate
     stages = result["stage_minutes"]
     return f"""# ditvla demo report
 
@@ -175,9 +180,9 @@ train {stages["train"]:.1f}, eval {stages["eval"]:.1f}.
 
 ## What was run
 
-- **Demonstrations**: Meta-World v3 scripted experts, {s.episodes} successful episodes per
+- **Demonstrations**: Meta-World v3 scripted experts, {c.episodes_per_task} successful episodes per
   task ({", ".join(DEMO_TASKS)}), seeds 0 and up.
-- **Observations the policy gets**: one `corner` camera at {s.image_size}x{s.image_size},
+- **Observations the policy gets**: one `corner` camera at {c.image_size}x{c.image_size},
   the task's instruction, **and Meta-World's 39-D low-dimensional simulator state** (hand
   position, gripper opening, object poses, their previous values and the goal position).
   The state alone identifies the task and the goal, so this demo does not show that the
@@ -185,8 +190,8 @@ train {stages["train"]:.1f}, eval {stages["eval"]:.1f}.
 - **Policy**: the `tiny` preset — a tiny Idefics3-architecture VLM with random initial
   weights and a byte-level tokenizer, and a DiT action head (cross-attention + adaLN,
   flow matching, 16-step chunks, 8 executed per chunk, 10 denoising steps), trained from
-  scratch for {s.train_steps} steps at batch {s.batch_size}, peak learning rate {s.lr:g}.
-- **Evaluation**: {s.eval_episodes} episodes per task on seeds 100000 and up (goals the
+  scratch for {t.steps} steps at batch {t.batch_size}, peak learning rate {t.lr:g}.
+- **Evaluation**: {e.episodes_per_task} episodes per task on seeds {e.seed_start} and up (goals the
   demonstrations never saw), success as Meta-World reports it.
 
 ## Success

@@ -120,14 +120,14 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
 
         # 3. SIGTERM to the controller: it stops at once with the robot held, summary written
         fourth = tmp_path / "fourth"
-        controller = robot(address, fourth, "--duration", "60")
+        controller = robot(address, fourth, "--duration-s", "60")
         time.sleep(4)
         controller.send_signal(signal.SIGTERM)
         finished(controller, timeout=30)
         assert json.loads((fourth / "summary.json").read_text())["ticks"] < 60 * 50
         # 4. the server dies mid-run: the robot holds (watchdog), ends cleanly, keeps its metrics
         third = tmp_path / "third"
-        controller = robot(address, third, "--duration", "8", "--max-steps", "1000")
+        controller = robot(address, third, "--duration-s", "8", "--max-steps", "1000")
         time.sleep(5)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ditvla.envs.evaluate import ExpertPolicy, RandomPolicy, evaluate, wilson_interval
+from ditvla.contract import PolicySpec
+from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
+from ditvla.envs.evaluate import evaluate, wilson_interval
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 
 TASKS = "metaworld:reach-v3,drawer-close-v3"
@@ -101,7 +103,10 @@ def test_a_diffusion_policys_rollouts_do_not_depend_on_batching():
 
 
 class NaNPolicy:
-    n_action_steps = 4
+    spec = PolicySpec(cameras=(), image_size=0, state_dim=0, action_dim=4, n_action_steps=4)
+
+    def reset(self):
+        pass
 
     def predict_action_chunk(self, observation):
         return torch.full((len(observation["instruction"]), 4, 4), float("nan"))

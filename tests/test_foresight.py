@@ -19,7 +19,7 @@ from ditvla.datasets.motion_targets import (
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
-from ditvla.train import TrainConfig, train
+from ditvla.training.trainer import TrainConfig, train
 
 SIZE, DX, DY = 32, 2, 1  # the view moves DX, DY pixels per frame: content moves -DX, -DY
 

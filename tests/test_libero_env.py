@@ -81,7 +81,8 @@ def test_init_states_load_without_unpickling_code(tmp_path):
 
 
 def test_the_evaluator_runs_libero_episodes(tmp_path):
-    from ditvla.envs.evaluate import RandomPolicy, evaluate
+    from ditvla.envs.baselines import RandomPolicy
+    from ditvla.envs.evaluate import evaluate
 
     report = evaluate(
         RandomPolicy(action_dim=7),

@@ -39,8 +39,11 @@ def store(tmp_path_factory):
 
 
 def make_policy(store, **overrides) -> tuple[DiTVLAPolicy, ReplayBufferDataset]:
-    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=overrides.pop("horizon", 8))
-    config = PolicyConfig.for_dataset(dataset, overrides.pop("preset", "tiny"), **overrides)
+    horizon = overrides.pop("horizon", 8)
+    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=horizon)
+    config = PolicyConfig.for_data(
+        dataset.data_spec(), overrides.pop("preset", "tiny"), horizon=horizon, **overrides
+    )
     return DiTVLAPolicy(config, dataset.stats()), dataset
 
 

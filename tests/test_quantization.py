@@ -13,8 +13,9 @@ import torch
 from test_policy import make_policy, write_reaching_store
 from torch import nn
 
+from ditvla.contract import CheckpointError
+from ditvla.datasets.observations import observations_from_store
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.policies.errors import CheckpointError
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.policies.quantization import (
     QuantizationConfig,
@@ -23,7 +24,6 @@ from ditvla.policies.quantization import (
     apply_recipe,
     layer_memory,
     measure,
-    observations_from_store,
     quantize_policy,
     selected_linears,
     supported_schemes,
@@ -52,12 +52,12 @@ def policy(store):
 
 @pytest.fixture(scope="module")
 def calibration(store, policy):
-    return observations_from_store(store, policy, 16)
+    return observations_from_store(store, policy.spec, 16)
 
 
 @pytest.fixture(scope="module")
 def held_out(store, policy):
-    return observations_from_store(store, policy, 8, held_out=True)
+    return observations_from_store(store, policy.spec, 8, held_out=True)
 
 
 def test_layout_integerizes_only_the_mlps(policy, calibration):

@@ -47,7 +47,7 @@ def test_read_frames_matches_slices_and_orders_as_asked(small_store):
 
 
 def test_append_after_reopen_and_stats_invalidated(small_store):
-    from ditvla.datasets.normalization import load_or_compute_stats
+    from ditvla.datasets.statistics import load_or_compute_stats
 
     buffer = ReplayBuffer.open(small_store, mode="a")
     load_or_compute_stats(buffer)

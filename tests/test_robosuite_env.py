@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
 from ditvla.envs.collect import collect_demonstrations
-from ditvla.envs.evaluate import ExpertPolicy, RandomPolicy, evaluate
+from ditvla.envs.evaluate import evaluate
 from ditvla.envs.registry import parse_env
 from ditvla.envs.robosuite_env import RobosuiteEnv
 

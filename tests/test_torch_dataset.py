@@ -11,9 +11,10 @@ import torch
 from conftest import make_episode
 from torch.utils.data import DataLoader
 
-from ditvla.datasets.normalization import Normalizer, compute_stats, load_or_compute_stats
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.policies.normalizer import Normalizer
 
 
 def test_sample_content_matches_the_store(small_store):
@@ -126,7 +127,7 @@ def test_normalizer_round_trip_and_range(mode):
 
 
 def compute_stats_of(values: np.ndarray) -> dict:
-    from ditvla.datasets.normalization import _array_stats
+    from ditvla.datasets.statistics import _array_stats
 
     return _array_stats(values)
 

@@ -16,7 +16,7 @@ from test_policy import observation, write_reaching_store
 
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
-from ditvla.train import EpochSampler, TrainConfig, lr_factor, train
+from ditvla.training.trainer import EpochSampler, TrainConfig, lr_factor, train
 
 SMALL_HEAD = {"horizon": 4, "num_inference_steps": 8}
 

@@ -1,10 +1,4 @@
-"""Datasets: the zarr replay buffer, the sequence sampler, normalization, converters.
-
-The torch-facing parts live in ``ditvla.datasets.torch_dataset`` and
-``ditvla.datasets.normalization`` (imported on demand: they pull in torch).
-"""
-
-from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer, Task
-from ditvla.datasets.sequence_sampler import SampleFrames, SequenceSampler
-
-__all__ = ["DatasetError", "ReplayBuffer", "SampleFrames", "SequenceSampler", "Task"]
+"""Datasets: the zarr replay buffer (``replay_buffer``), the sequence sampler, the torch
+dataset over them, normalization statistics, motion-foresight targets, and the LIBERO
+and LeRobot converters. Nothing is imported here: each module pulls in only what it needs
+(zarr, torch, h5py, lerobot)."""

@@ -5,9 +5,9 @@ the fill value and Blosc-decodes a truncated one into garbage without complaint,
 :func:`chunk_file_problems` checks the files behind a range of rows before they are
 trusted. Second, random access to single frames:
 
-zarr-python 3 routes every read through its asyncio event loop and a thread pool: about
-1.3 ms per chunk on this 2-core machine, against 0.08 ms to read the chunk file and
-Blosc-decode it directly (measured with 128x128x3 frames, one frame per chunk). The
+zarr-python 3 routes every read through its asyncio event loop and a thread pool, which
+costs an order of magnitude more per chunk than reading the chunk file and Blosc-decoding
+it directly (measured in docs/benchmarks.md). The
 sampler reads a few frames per sample, so for the layout :class:`ReplayBuffer` writes
 (one frame per chunk, no sharding, Blosc or no compressor, on a local directory, zarr v2
 or v3) :class:`FrameReader` reads chunk files itself. Any other layout goes through zarr.
@@ -134,15 +134,9 @@ class FrameReader:
             raise ChunkReadError(f"chunk file {path} is missing") from None
         try:
             if self._codec == "blosc":
-                # Blosc does not notice a truncated buffer itself: compare with its header
-                # (16 bytes; bytes 12:16 hold the compressed size, little-endian uint32).
-                if len(raw) < 16:
-                    raise ValueError(f"{len(raw)} bytes is shorter than a Blosc header")
-                (compressed_bytes,) = struct.unpack_from("<I", raw, 12)
-                if compressed_bytes != len(raw):
-                    raise ValueError(
-                        f"{len(raw)} bytes on disk, the header says {compressed_bytes}"
-                    )
+                problem = _blosc_size_problem(raw[:16], len(raw))
+                if problem:
+                    raise ValueError(problem)
                 decoded = blosc.decompress(raw)
             else:
                 decoded = raw

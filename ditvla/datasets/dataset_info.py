@@ -6,8 +6,9 @@ from collections import Counter
 
 import numpy as np
 
-from ditvla.datasets.normalization import load_or_compute_stats
+from ditvla.contract import STAT_NAMES
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.statistics import load_or_compute_stats
 
 
 def _fmt(values: list[float], limit: int = 8) -> str:
@@ -58,6 +59,6 @@ def describe(buffer: ReplayBuffer, *, with_stats: bool = True) -> str:
         lines.append("stats:")
         for key, stats in load_or_compute_stats(buffer).items():
             lines.append(f"  {key}:")
-            for name in ("mean", "std", "min", "max", "q01", "q99"):
+            for name in STAT_NAMES:
                 lines.append(f"    {name:<4} {_fmt(stats[name])}")
     return "\n".join(lines)

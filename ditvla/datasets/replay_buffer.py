@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ditvla.datasets.chunk_files import ChunkReadError, FrameReader, chunk_file_problems
+from ditvla.datasets.errors import DatasetError
 
 FORMAT_NAME = "ditvla.replay_buffer"
 FORMAT_VERSION = 1
@@ -47,10 +48,6 @@ PENDING_APPEND = "pending_append"
 # read whole into memory by the sampler, so they get large chunks.
 LOW_DIM_CHUNK_ROWS = 4096
 META_CHUNK_ROWS = 4096
-
-
-class DatasetError(ValueError):
-    """A store that is not a valid replay buffer, or input that cannot be written to one."""
 
 
 def _blosc_zstd() -> BloscCodec:
@@ -143,8 +140,8 @@ class ReplayBuffer:
             ) from None
         if mode == "a" and root.metadata.zarr_format != 3:
             raise DatasetError(
-                f"{path}: zarr v{root.metadata.zarr_format} stores open read-only; convert it "
-                "with `ditvla dataset copy` to append episodes"
+                f"{path}: zarr v{root.metadata.zarr_format} stores open read-only; to append "
+                "episodes, write them into a new store (ReplayBuffer.create)"
             )
         return cls(root, path, writable=mode == "a")
 

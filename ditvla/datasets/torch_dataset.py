@@ -3,7 +3,7 @@
 Low-dimensional arrays (state parts, actions) are read into memory once: they are small
 next to the images, which stay on disk and are read frame by frame for each sample, so
 memory stays bounded for stores larger than RAM. DataLoader workers read frames through
-:class:`~ditvla.datasets.frame_reader.FrameReader`; the store is reopened in each process
+:class:`~ditvla.datasets.chunk_files.FrameReader`; the store is reopened in each process
 that uses the dataset, so forked and spawned workers both work.
 
 A sample (one anchor frame ``t``)::
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditvla.datasets.normalization import Stats, concat_stats, load_or_compute_stats
+from ditvla.contract import DataSpec, Stats
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.sequence_sampler import SampleFrames, SequenceSampler
+from ditvla.datasets.statistics import concat_stats, load_or_compute_stats
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class ReplayBufferDataset(Dataset):
     Args:
         path: the zarr store.
         n_obs_steps: observation history length (current frame included).
-        horizon: action chunk length H.
+        horizon: action chunk length H (a policy's own, e.g. ``PolicyConfig.horizon``).
         cameras: cameras to return (default: all of the store's).
         state_keys: data keys concatenated into ``state`` (default: the store's).
         action_key: data key of the actions.
@@ -82,7 +83,7 @@ class ReplayBufferDataset(Dataset):
         path: str | Path,
         *,
         n_obs_steps: int = 2,
-        horizon: int = 16,
+        horizon: int = 1,
         cameras: Sequence[str] | None = None,
         state_keys: Sequence[str] | None = None,
         action_key: str = "action",
@@ -168,6 +169,23 @@ class ReplayBufferDataset(Dataset):
             stats["state"] = concat_stats([stored[k] for k in self.state_keys])
         stats.update({cam: stored[cam] for cam in self.cameras})
         return stats
+
+    def data_spec(self) -> DataSpec:
+        """The description of this data that a policy is configured from."""
+        sizes = {shape[:2] for shape in self.image_shapes.values()}
+        if len(sizes) > 1 or any(h != w for h, w in sizes):
+            raise DatasetError(
+                f"{self.path}: a policy needs cameras of one square image size, the store has "
+                + ", ".join(f"{cam} {h}x{w}" for cam, (h, w, _) in self.image_shapes.items())
+            )
+        return DataSpec(
+            cameras=tuple(self.cameras),
+            image_size=next(iter(sizes))[0] if sizes else 0,
+            state_dim=self.state_dim,
+            action_dim=self.action_dim,
+            state_keys=tuple(self.state_keys),
+            stats=self.stats(),
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)

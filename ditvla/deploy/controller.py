@@ -28,28 +28,39 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditvla.deploy.errors import ServerUnavailable
 from ditvla.deploy.messages import Message
 from ditvla.deploy.robots import Robot
-from ditvla.deploy.schedule import ActionSchedule, safe_actions
-from ditvla.deploy.transport import Channel, TransportError
+from ditvla.deploy.schedule import ActionSchedule, MergeRule, safe_actions
+from ditvla.deploy.transport import Channel
+from ditvla.envs.schema import EVAL_SEED_START
 
 SPIN_S = 0.002  # without real-time priority a woken process may wait for a busy core
 REALTIME_SPIN_S = 0.0005
 
 
-class ServerUnavailable(TransportError):
-    pass
-
-
 @dataclass
 class ControllerConfig:
+    """How ``ditvla robot`` runs its control loop.
+
+    Args:
+        hz: control rate (ticks per second).
+        merge: how overlapping chunks merge: latest, ensemble (ACT's temporal ensembling)
+            or rtc (real-time chunking: the server inpaints; executed as latest).
+        ensemble_decay: ensemble: weight exp(-decay * i) of the i-th oldest chunk.
+        watchdog_s: hold the robot when the newest chunk arrived longer ago than this.
+        action_low / action_high: clip every action to these bounds.
+        realtime: run the loop under SCHED_FIFO where the OS permits it (root,
+            CAP_SYS_NICE or an rtprio limit).
+    """
+
     hz: float = 50.0
-    merge: str = "latest"
+    merge: MergeRule = "latest"
     ensemble_decay: float = 0.01
-    watchdog_s: float = 0.5  # hold when the newest chunk arrived longer ago than this
+    watchdog_s: float = 0.5
     action_low: float | None = None
     action_high: float | None = None
-    realtime: bool = True  # SCHED_FIFO for the control loop where the OS permits it
+    realtime: bool = True
 
 
 REALTIME_PRIORITY = 50
@@ -268,22 +279,74 @@ class Controller:
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """How long ``ditvla robot`` runs, and the simulated robot's episodes.
+
+    Args:
+        episodes: --sim: episodes to run.
+        seed_start: --sim: the first episode's seed (then +1 per episode).
+        max_steps: ticks per episode.
+        duration_s: run for this many seconds instead (--sim: new episodes as they end;
+            --robot: one run of this length, 60 s when not given).
+        camera_hz: --sim: the simulated cameras' frame rate.
+    """
+
+    episodes: int = 1
+    seed_start: int = EVAL_SEED_START
+    max_steps: int = 500
+    duration_s: float | None = None
+    camera_hz: float = 10.0
+
+
+LEROBOT_DEFAULT_DURATION_S = 60.0
+
+
+def run_lerobot(
+    channel: Channel,
+    robot_type: str,
+    options: dict[str, str],
+    instruction: str,
+    *,
+    config: ControllerConfig,
+    run: RunConfig,
+    out: Path | None = None,
+) -> ControlSummary:
+    """Drive a LeRobot robot for ``run.duration_s`` seconds (one run, no episodes)."""
+    from ditvla.deploy.robots import LeRobotRobot
+
+    robot = LeRobotRobot(robot_type, options, instruction=instruction)
+    try:
+        handshake(channel, f"lerobot:{robot_type}", config.hz)
+        controller = Controller(channel, robot, config)
+        controller.install_signal_handlers()
+        controller.prepare_clock()
+        duration = run.duration_s or LEROBOT_DEFAULT_DURATION_S
+        controller.run_episode(0, int(duration * config.hz))
+    finally:
+        robot.close()
+    summary = controller.summary([])
+    if out is not None:
+        controller.write(out, summary)
+    return summary
+
+
 def run_sim(
     channel: Channel,
     sim: str,
     *,
     config: ControllerConfig,
-    episodes: int = 1,
-    seed_start: int = 100_000,
-    max_steps: int = 500,
-    duration_s: float | None = None,
-    camera_hz: float = 10.0,
+    run: RunConfig | None = None,
     out: Path | None = None,
     install_signals: bool = True,
 ) -> ControlSummary:
-    """Drive a simulated robot for ``episodes`` episodes (or ``duration_s`` seconds,
-    starting new episodes as they end)."""
+    """Drive a simulated robot for ``run.episodes`` episodes (or ``run.duration_s``
+    seconds, starting new episodes as they end)."""
     from ditvla.deploy.robots import SimRobot
+
+    run = run or RunConfig()
+    episodes, seed_start, max_steps = run.episodes, run.seed_start, run.max_steps
+    duration_s, camera_hz = run.duration_s, run.camera_hz
 
     sys.setswitchinterval(0.0005)  # the control thread gets the GIL back from the cameras fast
     spec = handshake(channel, f"sim:{sim}", config.hz)
@@ -294,8 +357,11 @@ def run_sim(
         camera_hz=camera_hz,
         max_episode_steps=max_steps,
     )
-    if spec.meta["state_dim"] not in (0, robot.env.observation_space["state"].shape[0]):
-        raise ValueError(f"policy wants state_dim {spec.meta['state_dim']}, {sim} has 39")
+    state_dim = robot.env.observation_space["state"].shape[0]
+    if spec.meta["state_dim"] not in (0, state_dim):
+        raise ValueError(
+            f"the policy reads a {spec.meta['state_dim']}-D state, {sim} gives {state_dim}"
+        )
     controller = Controller(channel, robot, config)
     if install_signals:
         controller.install_signal_handlers()

@@ -4,10 +4,10 @@ Both give the controller the same four calls: ``observe() -> (state, images or N
 ``send_action(action)``, ``hold()`` (no motion), ``close()``.
 
 The simulated robot behaves like a real one where timing matters: physics advances one
-control step per tick in the control loop (about 0.4 ms for metaworld), and its cameras
+control step per tick in the control loop (well under a millisecond for metaworld), and its cameras
 run in their own process at ``camera_hz``, rendering a snapshot of the robot's state —
 frames arrive asynchronously, one rendering time old, as from real cameras, and
-rendering (about 10 ms per 64 px frame on a CPU) never delays a control tick.
+rendering (milliseconds per frame on a CPU) never delays a control tick.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import mujoco
 import numpy as np
 
-from ditvla.envs.metaworld_env import UPSIDE_DOWN_CAMERAS, MetaWorldEnv
+from ditvla.envs.metaworld_env import MetaWorldEnv, upright
 from ditvla.envs.registry import parse_env
+from ditvla.envs.rendering import fast_scene
 
 CAMERA_NICE = 10
 
@@ -44,12 +45,7 @@ def _camera_main(conn, task: str, cameras: list[str], size: int) -> None:
     model = MetaWorldEnv(task, cameras=()).mujoco_model
     data = mujoco.MjData(model)
     renderer = mujoco.Renderer(model, size, size)
-    for flag in (
-        mujoco.mjtRndFlag.mjRND_SHADOW,
-        mujoco.mjtRndFlag.mjRND_REFLECTION,
-        mujoco.mjtRndFlag.mjRND_SKYBOX,
-    ):
-        renderer.scene.flags[flag] = 0
+    fast_scene(renderer.scene, skybox=False)
     try:
         while (snapshot := conn.recv()) is not None:
             data.qpos[:], data.qvel[:], data.mocap_pos[:], data.mocap_quat[:] = snapshot
@@ -57,10 +53,7 @@ def _camera_main(conn, task: str, cameras: list[str], size: int) -> None:
             frames = {}
             for cam in cameras:
                 renderer.update_scene(data, camera=cam)
-                frame = renderer.render()
-                if cam in UPSIDE_DOWN_CAMERAS:
-                    frame = frame[::-1, ::-1]
-                frames[cam] = np.ascontiguousarray(frame)
+                frames[cam] = upright(cam, renderer.render())
             conn.send(frames)
     except (EOFError, KeyboardInterrupt):
         pass

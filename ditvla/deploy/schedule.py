@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-MERGE_RULES = ("latest", "ensemble", "rtc")
+MergeRule = Literal["latest", "ensemble", "rtc"]
+MERGE_RULES = get_args(MergeRule)
 
 
 @dataclass

@@ -30,8 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditvla.contract import load_policy
 from ditvla.deploy.messages import Message
-from ditvla.deploy.schedule import MERGE_RULES, ActionSchedule, rtc_weights, safe_actions
+from ditvla.deploy.schedule import (
+    MERGE_RULES,
+    ActionSchedule,
+    MergeRule,
+    rtc_weights,
+    safe_actions,
+)
 from ditvla.deploy.transport import DEFAULT_ADDRESS, Channel
 
 SYSTEM2_TIMEOUT_S = 30.0
@@ -42,12 +49,28 @@ SYSTEM2_NICE = 10
 
 @dataclass
 class ServeConfig:
+    """How ``ditvla serve`` runs a policy for a robot controller.
+
+    Args:
+        policy: a saved policy folder.
+        address: where to listen (tcp://HOST:PORT or ipc://PATH).
+        key: the shared key that authenticates every message (required off loopback).
+        merge: latest, ensemble, or rtc (real-time chunking: new chunks are inpainted
+            towards the actions already planned).
+        system1_hz: chunks per second (0: two per n_action_steps of control ticks).
+        system2_hz: contexts per second (0: as fast as System 2 can).
+        system1_threads / system2_threads: torch threads of each system.
+        max_context_age_s: no new chunks from a context older than this (the robot holds).
+        action_low / action_high: clip every action to these bounds.
+        num_inference_steps: denoising steps per chunk (default: the policy's own).
+    """
+
     policy: str
     address: str = DEFAULT_ADDRESS
     key: bytes | None = None
-    merge: str = "latest"
-    system1_hz: float = 0.0  # 0: control rate / n_action_steps * 2
-    system2_hz: float = 0.0  # 0: as fast as System 2 can
+    merge: MergeRule = "latest"
+    system1_hz: float = 0.0
+    system2_hz: float = 0.0
     system1_threads: int = 1
     system2_threads: int = 1
     max_context_age_s: float = 1.0
@@ -86,13 +109,9 @@ def _system2_main(policy_dir: str, address: str, key: bytes, threads: int, hz: f
     os.nice(SYSTEM2_NICE - SYSTEM1_NICE)  # the server's niceness is inherited
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us
-    from ditvla.policies.policy import DiTVLAPolicy
-
-    policy = DiTVLAPolicy.from_pretrained(policy_dir)
-    policy.eval()
-    config = policy.config
-    cameras = config.cameras
-    size = (config.image_size, config.image_size, 3)
+    policy = load_policy(policy_dir)
+    cameras = policy.spec.cameras
+    size = (policy.spec.image_size, policy.spec.image_size, 3)
     with Channel(address, bind=False, key=key) as channel:
         # warm-up: the first context (tick -1) tells the server that System 2 is ready
         warmup = Message(
@@ -190,13 +209,11 @@ class System2:
 # ---------------------------------------------------------------------- the server
 class PolicyServer:
     def __init__(self, config: ServeConfig):
-        from ditvla.policies.policy import DiTVLAPolicy
-
         self.config = config
         os.nice(SYSTEM1_NICE)
         torch.set_num_threads(config.system1_threads)
-        self.policy = DiTVLAPolicy.from_pretrained(config.policy)
-        self.policy.eval()
+        self.policy = load_policy(config.policy)
+        self.spec = self.policy.spec
         self.stats = ServerStats()
         self.channel = Channel(config.address, bind=True, key=config.key)
         self.system2 = System2(config)
@@ -219,15 +236,15 @@ class PolicyServer:
 
     # -------------------------------------------------------------- messages
     def _spec(self, hello: Message) -> Message:
-        config = self.policy.config
+        spec = self.spec
         self.control_hz = float(hello.meta["control_hz"])
         return Message(
             "spec",
             {
-                "cameras": list(config.cameras),
-                "image_size": config.image_size,
-                "state_dim": config.state_dim,
-                "action_dim": config.action_dim,
+                "cameras": list(spec.cameras),
+                "image_size": spec.image_size,
+                "state_dim": spec.state_dim,
+                "action_dim": spec.action_dim,
                 "policy": str(self.config.policy),
             },
         )
@@ -242,12 +259,12 @@ class PolicyServer:
             if message.meta["episode"] != self.episode:
                 self._reset_episode(message.meta["episode"])
             state = message.arrays["state"]
-            if state.shape != (self.policy.config.state_dim,):
+            if state.shape != (self.spec.state_dim,):
                 self.stats.bad_observations += 1
                 return
             meta = message.meta
             self.state = (meta["tick"], meta["time"], time.monotonic(), state)
-            cameras = self.policy.config.cameras
+            cameras = self.spec.cameras
             if all(f"image.{cam}" in message.arrays for cam in cameras):
                 self.frames = message
 
@@ -278,7 +295,7 @@ class PolicyServer:
     def _system1_interval(self) -> float:
         if self.config.system1_hz > 0:
             return 1.0 / self.config.system1_hz
-        return self.policy.config.n_action_steps / self.control_hz / 2
+        return self.spec.n_action_steps / self.control_hz / 2
 
     def _act(self) -> None:
         context, context_tick = self.context
@@ -287,7 +304,7 @@ class PolicyServer:
             self.stats.stale_skips += 1
             return
         started = time.monotonic()
-        horizon = self.policy.config.horizon
+        horizon = self.spec.horizon
         inpaint = None
         if self.config.merge == "rtc":
             planned = self._sent.planned(tick, horizon)

@@ -13,21 +13,15 @@ message is authenticated (HMAC-SHA256, see :mod:`ditvla.deploy.messages`).
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import zmq
 
+from ditvla.deploy.errors import TransportError
 from ditvla.deploy.messages import MAX_MESSAGE_BYTES, Codec, Message, MessageError
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-MIN_KEY_BYTES = 16
-
-
-class TransportError(RuntimeError):
-    """A channel that cannot be opened as asked (address, key)."""
 
 
 def is_loopback(address: str) -> bool:
@@ -44,25 +38,6 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name or "*": not provably local
-
-
-def read_key(path: str | Path | None) -> bytes | None:
-    """The shared key in ``path`` (at least 16 bytes; whitespace around it ignored)."""
-    if path is None:
-        return None
-    key = Path(path).read_bytes().strip()
-    if len(key) < MIN_KEY_BYTES:
-        raise TransportError(f"key file {path} holds {len(key)} bytes; use >= {MIN_KEY_BYTES}")
-    return key
-
-
-def new_key_file(path: str | Path) -> Path:
-    """Write a fresh random key (hex) readable only by its owner."""
-    path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(os.urandom(32).hex())
-    return path
 
 
 class Channel:

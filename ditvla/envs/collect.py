@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,42 +76,66 @@ def _run_here(env: Any, seed: int) -> Future:
     return future
 
 
-def collect_demonstrations(
-    env_spec: str,
-    out: str | Path,
-    *,
-    episodes_per_task: int,
-    cameras: Sequence[str] | None = None,
-    image_size: int = 64,
-    seed_start: int = 0,
-    keep_failures: bool = False,
-    overwrite: bool = False,
-    workers: int = 1,
-    progress: bool = True,
-) -> CollectionReport:
-    """Run the scripted experts of ``env_spec`` and append their episodes to ``out``.
+@dataclass(frozen=True)
+class CollectConfig:
+    """What ``ditvla collect`` records.
 
-    ``cameras`` defaults to the suite's (metaworld: corner; robosuite: agentview and
-    robot0_eye_in_hand). ``workers`` > 1 runs episodes in that many simulator processes;
-    episodes are written in seed order, so the store is the same for any number of workers.
+    Args:
+        episodes_per_task: successful episodes to keep per task.
+        cameras: camera names to record, comma-separated; empty for none (default: the
+            suite's: metaworld corner, robosuite agentview + robot0_eye_in_hand).
+        image_size: square camera side in pixels.
+        seed_start: first episode seed (each task uses seed_start, seed_start + 1, ...).
+        workers: simulator processes; the store is the same for any number.
+        keep_failures: keep failed episodes too.
+        overwrite: replace an existing store.
+        progress: show a progress bar.
     """
+
+    episodes_per_task: int = 50
+    cameras: tuple[str, ...] | None = None
+    image_size: int = 64
+    seed_start: int = 0
+    workers: int = 2
+    keep_failures: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_task < 1:
+            raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+def collect_demonstrations(
+    env_spec: str, out: str | Path, config: CollectConfig | None = None, **settings: Any
+) -> CollectionReport:
+    """Run the scripted experts of ``env_spec`` and append their episodes to ``out``;
+    ``settings`` are :class:`CollectConfig` fields set over ``config``.
+
+    Episodes run in ``workers`` simulator processes and are written in seed order, so
+    the store is the same for any number of workers.
+    """
+    config = replace(config or CollectConfig(), **settings)
     suite, tasks = parse_env(env_spec)
-    cameras = suite.default_cameras if cameras is None else tuple(cameras)
-    if episodes_per_task < 1:
-        raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    cameras = suite.default_cameras if config.cameras is None else tuple(config.cameras)
+    episodes_per_task, image_size, workers = (
+        config.episodes_per_task,
+        config.image_size,
+        config.workers,
+    )
     report = CollectionReport()
     buffer: ReplayBuffer | None = None
     bar = tqdm(
-        total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not progress
+        total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not config.progress
     )
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     try:
         for task in tasks:
             env = suite.make(task, cameras=cameras, image_size=image_size)
             try:
-                env.reset(seed=seed_start, options={"skip_images": True})
+                env.reset(seed=config.seed_start, options={"skip_images": True})
                 env.expert_action()  # a task without a scripted expert fails here, before any write
                 if buffer is None:
                     buffer = ReplayBuffer.create(
@@ -122,7 +145,7 @@ def collect_demonstrations(
                         state_keys=["state"],
                         action_space=suite.action_space,
                         source=f"{suite.name} scripted experts ({env_spec})",
-                        overwrite=overwrite,
+                        overwrite=config.overwrite,
                     )
                 submit = (
                     partial(_run_here, env)
@@ -140,7 +163,7 @@ def collect_demonstrations(
                 # than the successes still missing) and are written in seed order.
                 report.kept[task] = report.attempts[task] = 0
                 pending: deque[tuple[int, Future]] = deque()
-                next_seed, limit = seed_start, seed_start + 2 * episodes_per_task
+                next_seed, limit = config.seed_start, config.seed_start + 2 * episodes_per_task
                 while (
                     report.kept[task] < episodes_per_task
                     and report.attempts[task] < 2 * episodes_per_task
@@ -155,7 +178,7 @@ def collect_demonstrations(
                     seed, future = pending.popleft()
                     episode, success = future.result()
                     report.attempts[task] += 1
-                    if success or keep_failures:
+                    if success or config.keep_failures:
                         buffer.append_episode(
                             episode, task=task, instruction=env.instruction, seed=seed
                         )

@@ -32,7 +32,7 @@ import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,43 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ditvla.contract import ChunkPolicy
 from ditvla.envs.registry import SUITES, parse_env
+from ditvla.envs.schema import EVAL_SEED_START
 
-DEFAULT_SEED_START = 100_000
 WORKER_TIMEOUT_S = 120.0
+VIDEO_SIZE_PX = 64  # rollout videos of policies that read no camera
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How many episodes of which seeds ``ditvla eval`` runs, and what it writes.
+
+    Args:
+        episodes_per_task: episodes per task, on seeds seed_start, seed_start + 1, ...
+        workers: simulator processes stepped in lockstep.
+        seed_start: first episode seed (evaluation seeds start apart from the
+            demonstration seeds 0, 1, ...).
+        max_steps: episode step limit (default: the task's own).
+        videos_per_task: mp4 rollouts recorded per task (with out).
+        out: folder for results.json, results.md, episodes.jsonl and videos/ (None: none).
+        progress: show a progress bar.
+    """
+
+    episodes_per_task: int = 50
+    workers: int = 2
+    seed_start: int = EVAL_SEED_START
+    max_steps: int | None = None
+    videos_per_task: int = 1
+    out: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_task < 1 or self.workers < 1:
+            raise ValueError(
+                f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
+                f"and {self.workers}"
+            )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -105,61 +138,6 @@ class EvaluationReport:
             )
         rows.append(f"| **mean** | **{self.summary()['mean_success']:.1%}** | | | |")
         return "\n".join(rows)
-
-
-# ---------------------------------------------------------------------- baselines
-class RandomPolicy:
-    """Uniform random actions in [-1, 1]: the floor any policy must clear."""
-
-    n_action_steps = 1
-    cameras: Sequence[str] = ()
-    image_size = 64
-
-    def __init__(self, action_dim: int, seed: int = 0):
-        self.action_dim = action_dim
-        self.rng = np.random.default_rng(seed)
-
-    def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
-        batch = len(observation["instruction"])
-        actions = self.rng.uniform(-1, 1, (batch, 1, self.action_dim)).astype(np.float32)
-        return torch.from_numpy(actions)
-
-
-class ExpertPolicy:
-    """The simulators' scripted experts (Meta-World's own; ours for robosuite).
-
-    Experts read privileged simulator state (object poses), so the evaluator's workers
-    compute their actions next to the simulator and hand them over in each observation
-    (``needs_expert_action``); this policy passes them on.
-    """
-
-    n_action_steps = 1
-    cameras: Sequence[str] = ()
-    image_size = 64
-    needs_expert_action = True
-
-    def predict_action_chunk(self, observation: dict[str, Any]) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(observation["expert_action"], np.float32)[:, None])
-
-
-def load_policy(spec: str, device: str = "cpu", *, action_dim: int = 4):
-    """``random``, ``expert``, or a folder written by ``save_pretrained``."""
-    if spec == "random":
-        return RandomPolicy(action_dim)
-    if spec == "expert":
-        return ExpertPolicy()
-    from ditvla.policies.policy import DiTVLAPolicy
-
-    policy = DiTVLAPolicy.from_pretrained(spec, map_location=device)
-    policy.eval()
-    return policy
-
-
-def _policy_setting(policy, name: str, default: Any) -> Any:
-    config = getattr(policy, "config", None)
-    if config is not None and hasattr(config, name):
-        return getattr(config, name)
-    return getattr(policy, name, default)
 
 
 # ---------------------------------------------------------------------- workers
@@ -303,37 +281,29 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
 
 
 def evaluate(
-    policy,
-    env_spec: str,
-    *,
-    episodes_per_task: int,
-    workers: int = 1,
-    seed_start: int = DEFAULT_SEED_START,
-    max_steps: int | None = None,
-    out: str | Path | None = None,
-    videos_per_task: int = 1,
-    progress: bool = True,
+    policy: ChunkPolicy, env_spec: str, config: EvalConfig | None = None, **settings: Any
 ) -> EvaluationReport:
-    """Run ``episodes_per_task`` episodes of every task of ``env_spec`` with ``policy``."""
+    """Run every task of ``env_spec`` with ``policy``; ``settings`` are
+    :class:`EvalConfig` fields set over ``config`` (e.g. ``episodes_per_task=20``)."""
+    config = replace(config or EvalConfig(), **settings)
     suite, tasks = parse_env(env_spec)
     action_dim = suite.action_dim
-    if episodes_per_task < 1 or workers < 1:
-        raise ValueError("episodes_per_task and workers must be >= 1")
-    cameras = tuple(_policy_setting(policy, "cameras", ()))
-    image_size = int(_policy_setting(policy, "image_size", 64))
-    n_action_steps = int(_policy_setting(policy, "n_action_steps", 1))
-    noise_shape = getattr(policy, "noise_shape", None)
+    spec = policy.spec
+    cameras, n_action_steps, noise_shape = spec.cameras, spec.n_action_steps, spec.noise_shape
+    policy.reset()
     video_cameras = cameras or suite.default_cameras[:1]
-    record_videos = out is not None and videos_per_task > 0
+    out = Path(config.out) if config.out is not None else None
+    record_videos = out is not None and config.videos_per_task > 0
     render_cameras = (
         cameras if not record_videos else tuple(dict.fromkeys((*cameras, *video_cameras)))
     )
-    out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "episodes.jsonl").write_text("")
-    jobs = deque((task, seed_start + i) for task in tasks for i in range(episodes_per_task))
-    videos_left = {task: videos_per_task if record_videos else 0 for task in tasks}
+    jobs = deque(
+        (task, config.seed_start + i) for task in tasks for i in range(config.episodes_per_task)
+    )
+    videos_left = {task: config.videos_per_task if record_videos else 0 for task in tasks}
     context = mp.get_context("spawn")
     slots = [
         _Slot(
@@ -341,16 +311,16 @@ def evaluate(
                 context,
                 suite.name,
                 render_cameras,
-                image_size,
-                max_steps,
-                bool(getattr(policy, "needs_expert_action", False)),
+                spec.image_size or VIDEO_SIZE_PX,
+                config.max_steps,
+                spec.reads_expert_action,
             )
         )
-        for _ in range(min(workers, len(jobs)))
+        for _ in range(min(config.workers, len(jobs)))
     ]
     tries: dict[tuple[str, int], int] = {}
     report = EvaluationReport()
-    bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not config.progress)
     start = time.perf_counter()
 
     def finish(slot: _Slot, success: bool, error: str | None = None) -> None:
@@ -376,6 +346,16 @@ def evaluate(
         else:
             finish(slot, False, f"simulator worker failed twice: {type(exc).__name__}: {exc}")
 
+    def receive(slot: _Slot) -> tuple[dict, bool, bool] | None:
+        """The worker's answer, or None when the episode ended (failed or queued again)."""
+        try:
+            return slot.worker.response()
+        except SimulatorError as exc:
+            finish(slot, False, f"simulator raised {exc}")
+        except (EOFError, OSError, TimeoutError) as exc:
+            crashed(slot, exc)
+        return None
+
     try:
         while jobs or any(s.job for s in slots):
             # Start episodes on idle workers.
@@ -397,14 +377,9 @@ def evaluate(
                     except (BrokenPipeError, OSError) as exc:
                         crashed(slot, exc)
             for slot in started:
-                try:
-                    slot.obs, _, _ = slot.worker.response()
-                except SimulatorError as exc:
-                    finish(slot, False, f"simulator raised {exc}")
+                if (answer := receive(slot)) is None:
                     continue
-                except (EOFError, OSError, TimeoutError) as exc:
-                    crashed(slot, exc)
-                    continue
+                slot.obs = answer[0]
                 if slot.frames is not None:
                     slot.frames.append(slot.obs["images"][video_cameras[0]])
             active = [s for s in slots if s.job is not None and s.obs is not None]
@@ -446,16 +421,9 @@ def evaluate(
                 except (BrokenPipeError, OSError) as exc:
                     crashed(s, exc)
             for s in stepping:
-                if s.job is None:
+                if s.job is None or (answer := receive(s)) is None:
                     continue
-                try:
-                    s.obs, success, truncated = s.worker.response()
-                except SimulatorError as exc:
-                    finish(s, False, f"simulator raised {exc}")
-                    continue
-                except (EOFError, OSError, TimeoutError) as exc:
-                    crashed(s, exc)
-                    continue
+                s.obs, success, truncated = answer
                 s.steps += 1
                 if s.frames is not None:
                     s.frames.append(s.obs["images"][video_cameras[0]])

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
+from ditvla.envs.errors import SimulatorUnavailable
 from ditvla.envs.schema import SimulatorEnv
 
 SUITE_STEPS = {
@@ -48,9 +50,11 @@ NO_OP = np.array([0, 0, 0, 0, 0, 0, -1], np.float64)
 CAMERAS = {"agentview": "agentview", "eye_in_hand": "robot0_eye_in_hand"}
 STATE_DIM = 8
 ACTION_DIM = 7
+ACTION_SPACE = LIBERO_ACTION_SPACE  # as in converted LIBERO datasets
+DEFAULT_CAMERAS = tuple(CAMERAS)
 
 
-class LiberoUnavailable(RuntimeError):
+class LiberoUnavailable(SimulatorUnavailable):
     """LIBERO's packages are missing or cannot be set up offline."""
 
 
@@ -191,11 +195,11 @@ class LiberoEnv(SimulatorEnv):
         self,
         task: str,
         *,
-        cameras: Sequence[str] = tuple(CAMERAS),
+        cameras: Sequence[str] = DEFAULT_CAMERAS,
         image_size: int = 128,
         max_episode_steps: int | None = None,
     ):
-        from ditvla.envs.robosuite_env import FastOffscreenRenderer
+        from ditvla.envs.rendering import FastOffscreenRenderer
 
         (self.task,) = task_set(task)
         unknown = [c for c in cameras if c not in CAMERAS]
@@ -268,3 +272,6 @@ class LiberoEnv(SimulatorEnv):
 
     def close(self) -> None:
         self._env.close()
+
+
+ENV_CLASS = LiberoEnv

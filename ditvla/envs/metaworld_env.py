@@ -11,8 +11,8 @@ Each episode is fixed by an integer seed: the seed draws the goal and object pos
 seed see the same episode, and seeds from disjoint ranges give disjoint episodes
 (demonstrations on 0..N-1, evaluation from 100000 up).
 
-Rendering uses the fast settings measured on this machine (no shadows, no multisampling,
-no reflections or skybox): about 10x faster frames. The corner cameras are mounted
+Rendering uses the fast settings of :mod:`ditvla.envs.rendering` (no shadows,
+multisampling, reflections or skybox). The corner cameras are mounted
 upside down in Meta-World's model; their frames are turned upright here.
 """
 
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import mujoco
 import numpy as np
 
+from ditvla.envs.rendering import fast_model, fast_scene
 from ditvla.envs.schema import SimulatorEnv
 
 # Plain-language instructions for the tasks users meet first; the rest are derived from
@@ -41,8 +42,19 @@ INSTRUCTIONS = {
 }
 MT10 = tuple(INSTRUCTIONS)
 UPSIDE_DOWN_CAMERAS = ("corner", "corner2", "corner3", "corner4")
+
+
+def upright(camera: str, frame: np.ndarray) -> np.ndarray:
+    """A frame of ``camera`` turned upright (the corner cameras are mounted upside down)."""
+    if camera in UPSIDE_DOWN_CAMERAS:
+        frame = frame[::-1, ::-1]
+    return np.ascontiguousarray(frame)
+
+
 STATE_DIM = 39
 ACTION_DIM = 4
+ACTION_SPACE = "metaworld: end-effector xyz delta + gripper effort, each in [-1, 1]"
+DEFAULT_CAMERAS = ("corner",)
 
 
 def all_tasks() -> list[str]:
@@ -87,7 +99,7 @@ class MetaWorldEnv(SimulatorEnv):
         self,
         task: str,
         *,
-        cameras: Sequence[str] = ("corner",),
+        cameras: Sequence[str] = DEFAULT_CAMERAS,
         image_size: int = 64,
         max_episode_steps: int | None = None,
     ):
@@ -110,8 +122,7 @@ class MetaWorldEnv(SimulatorEnv):
         if "sawyer_observation_space" in env.__dict__:  # cached with the goal hidden
             del env.sawyer_observation_space
         env._set_task_inner(**kwargs)
-        env.model.vis.quality.shadowsize = 0
-        env.model.vis.quality.offsamples = 0
+        fast_model(env.model)
         self._env = env
         self._scene_flags_set = False
         self.fps = 1.0 / env.dt
@@ -134,26 +145,14 @@ class MetaWorldEnv(SimulatorEnv):
         return self._env.data
 
     # ------------------------------------------------------------------ rendering
-    def _fast_scene(self) -> None:
-        viewer = self._env.mujoco_renderer._get_viewer("rgb_array")
-        for flag in (
-            mujoco.mjtRndFlag.mjRND_SHADOW,
-            mujoco.mjtRndFlag.mjRND_REFLECTION,
-            mujoco.mjtRndFlag.mjRND_SKYBOX,
-        ):
-            viewer.scn.flags[flag] = 0
-        self._scene_flags_set = True
-
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera``."""
         renderer = self._env.mujoco_renderer
         renderer.camera_id = mujoco.mj_name2id(self._env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
         if not self._scene_flags_set:
-            self._fast_scene()
-        frame = renderer.render("rgb_array")
-        if camera in UPSIDE_DOWN_CAMERAS:
-            frame = frame[::-1, ::-1]
-        return np.ascontiguousarray(frame)
+            fast_scene(renderer._get_viewer("rgb_array").scn, skybox=False)
+            self._scene_flags_set = True
+        return upright(camera, renderer.render("rgb_array"))
 
     # ------------------------------------------------------------------ simulator
     def _reset_simulator(self, seed: int) -> None:
@@ -180,3 +179,6 @@ class MetaWorldEnv(SimulatorEnv):
 
     def close(self) -> None:
         self._env.close()
+
+
+ENV_CLASS = MetaWorldEnv

@@ -1,6 +1,6 @@
 """The simulators behind ``--env SUITE:TASKS``: names, task sets, and how to build one.
 
-Every environment speaks the observation schema of DESIGN.md (images by camera name,
+Every environment speaks the observation schema of ``envs/schema.py`` (images by camera name,
 ``state``, ``instruction``) and has ``reset(seed=, options={"skip_images": ...})``,
 ``step(action, render=)``, ``expert_action()``, ``instruction``, ``cameras``, ``fps``.
 Simulator packages are imported only when their suite is used.
@@ -8,29 +8,37 @@ Simulator packages are imported only when their suite is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
-
-from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
 
 
 @dataclass(frozen=True)
 class Suite:
-    """One simulator family."""
+    """One simulator family. Its facts (action width and meaning, default cameras, task
+    sets, the environment class) live in its module and are read from there on use."""
 
     name: str
-    action_dim: int
-    default_cameras: tuple[str, ...]
-    action_space: str  # stored in a dataset's attributes
     task_names: str  # for help texts
     _module: str
-    _env_class: str
 
-    def _load(self) -> Any:
-        import importlib
-
+    def _load(self) -> ModuleType:
         return importlib.import_module(self._module)
+
+    @property
+    def action_dim(self) -> int:
+        return self._load().ACTION_DIM
+
+    @property
+    def action_space(self) -> str:
+        """What the actions mean (stored in a dataset's attributes)."""
+        return self._load().ACTION_SPACE
+
+    @property
+    def default_cameras(self) -> tuple[str, ...]:
+        return self._load().DEFAULT_CAMERAS
 
     def tasks(self, name: str) -> list[str]:
         """The tasks ``name`` stands for; ValueError naming the valid ones if unknown."""
@@ -44,10 +52,10 @@ class Suite:
         image_size: int = 64,
         max_episode_steps: int | None = None,
     ) -> Any:
-        env_class: Callable[..., Any] = getattr(self._load(), self._env_class)
-        return env_class(
+        module = self._load()
+        return module.ENV_CLASS(
             task,
-            cameras=self.default_cameras if cameras is None else tuple(cameras),
+            cameras=module.DEFAULT_CAMERAS if cameras is None else tuple(cameras),
             image_size=image_size,
             max_episode_steps=max_episode_steps,
         )
@@ -56,33 +64,18 @@ class Suite:
 SUITES = {
     "metaworld": Suite(
         "metaworld",
-        action_dim=4,
-        default_cameras=("corner",),
-        action_space="metaworld: end-effector xyz delta + gripper effort, each in [-1, 1]",
         task_names="metaworld:<task>[,<task>...], metaworld:MT10, metaworld:MT50",
         _module="ditvla.envs.metaworld_env",
-        _env_class="MetaWorldEnv",
     ),
     "robosuite": Suite(
         "robosuite",
-        action_dim=7,
-        default_cameras=("agentview", "robot0_eye_in_hand"),
-        action_space=(
-            "robosuite OSC_POSE delta: end-effector xyz (1 = 5 cm), axis-angle (1 = 0.5 rad), "
-            "gripper (-1 open, +1 closed), each in [-1, 1]"
-        ),
         task_names="robosuite:Lift|Stack|PickPlaceCan|NutAssemblySquare[,...], robosuite:all",
         _module="ditvla.envs.robosuite_env",
-        _env_class="RobosuiteEnv",
     ),
     "libero": Suite(
         "libero",
-        action_dim=7,
-        default_cameras=("agentview", "eye_in_hand"),
-        action_space=LIBERO_ACTION_SPACE,  # as in converted LIBERO datasets
         task_names="libero:spatial|object|goal|10|90[/<task index>][,...]",
         _module="ditvla.envs.libero_env",
-        _env_class="LiberoEnv",
     ),
 }
 

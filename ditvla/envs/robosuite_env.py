@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
-import mujoco
 import numpy as np
 
+from ditvla.envs.rendering import FastOffscreenRenderer
 from ditvla.envs.schema import SimulatorEnv
 
 INSTRUCTIONS = {
@@ -38,6 +37,10 @@ TASKS = tuple(INSTRUCTIONS)
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
 STATE_DIM = 9
 ACTION_DIM = 7
+ACTION_SPACE = (
+    "robosuite OSC_POSE delta: end-effector xyz (1 = 5 cm), axis-angle (1 = 0.5 rad), "
+    "gripper (-1 open, +1 closed), each in [-1, 1]"
+)
 MAX_EPISODE_STEPS = 500
 # Position delta that an action of 1 asks for (robosuite's OSC_POSE output_max).
 POSITION_SCALE = 0.05
@@ -152,39 +155,6 @@ class RobosuiteEnv(SimulatorEnv):
         self._env.close()
 
 
-class FastOffscreenRenderer:
-    """Renders a robosuite simulation's cameras with the fast settings, on demand.
-
-    robosuite builds its GL context from the model's quality settings when the
-    environment is made, so the context is remade once the model has no shadow map and
-    no multisampling; shadows and reflections are switched off in the scene. Frames come
-    back as robosuite gives them: bottom-up (OpenGL's row order).
-    """
-
-    def __init__(self, sim: Any):
-        self.sim = sim
-        self._ready = False
-
-    def _prepare(self) -> None:
-        model = self.sim.model._model
-        model.vis.quality.shadowsize = 0
-        model.vis.quality.offsamples = 0
-        if self.sim._render_context_offscreen is None:
-            from robosuite.utils.binding_utils import MjRenderContextOffscreen
-
-            MjRenderContextOffscreen(self.sim, device_id=-1)
-        context = self.sim._render_context_offscreen
-        context.con = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
-            context.scn.flags[flag] = 0
-        self._ready = True
-
-    def render(self, camera: str, size: int) -> np.ndarray:
-        if not self._ready:
-            self._prepare()
-        return self.sim.render(camera_name=camera, width=size, height=size)
-
-
 # ---------------------------------------------------------------------- scripted expert
 class _PickPlaceExpert:
     """Pick an object and (optionally) put it down at a target, from privileged poses.
@@ -293,3 +263,6 @@ class _PickPlaceExpert:
             return self._move(eef, eef, open_)
         # retreat: straight up, open
         return self._move(eef, eef + np.array([0.0, 0.0, 0.05]), open_)
+
+
+ENV_CLASS = RobosuiteEnv

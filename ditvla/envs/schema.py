@@ -3,8 +3,10 @@
 Observation: ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
 "instruction": str}``; action: float32 (A,) in [-1, 1], checked for shape and finiteness
 (a bad action raises, it never reaches the simulator). ``reset(seed=s)`` starts the
-episode that ``s`` fixes; ``reset(options={"skip_images": True})`` and
-``step(action, render=False)`` skip the cameras (their entry is empty). An episode ends
+episode that ``s`` fixes (demonstrations use seeds 0, 1, ...; evaluations start at
+``EVAL_SEED_START``, so the two never share an episode);
+``reset(options={"skip_images": True})`` and ``step(action, render=False)`` skip the
+cameras (their entry is empty). An episode ends
 when the task succeeds (``terminated``) or after ``max_episode_steps`` (``truncated``).
 
 A simulator subclass implements ``_reset_simulator(seed)``, ``_step_simulator(action) ->
@@ -19,6 +21,8 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+EVAL_SEED_START = 100_000
 
 
 class SimulatorEnv(gym.Env):

@@ -42,7 +42,8 @@ class BackboneConfig:
     """Which VLM, and how it is read.
 
     Args:
-        family: the model family of the tiny preset (a pretrained folder says its own).
+        family: the tiny preset's model family, idefics3, paligemma or qwen2_5_vl (a
+            pretrained folder says its own).
         pretrained_path: local folder of a saved VLM + tokenizer; None builds a tiny VLM.
         image_size: the tiny encoders' square input side; frames are resized to the
             encoder's side (for Qwen2.5-VL, the multiple of patch x merge nearest this).
@@ -50,7 +51,8 @@ class BackboneConfig:
             the hidden state after the last kept layer.
         max_instruction_tokens: instructions are padded/truncated to this many tokens.
         freeze_vision / freeze_language: keep those weights fixed during training.
-        tiny_*: sizes of the tiny preset.
+        tiny_text_width / tiny_text_layers: the tiny preset's language model.
+        tiny_vision_width / tiny_vision_layers / tiny_patch_size: its vision encoder.
     """
 
     family: Family = "idefics3"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +32,29 @@ ConditioningKind = Literal["cross_attention", "in_context"]
 
 @dataclass
 class ActionHeadConfig:
-    """Size and kind of the action head. ``context_dim``, ``state_dim``, ``action_dim``
-    and ``horizon`` are filled in from the backbone and the dataset."""
+    """Size and kind of the action head (``filled_in``: from the backbone and the data).
+
+    Args:
+        conditioning: cross_attention (GR00T / SmolVLA: action tokens attend to the
+            context, adaLN-Zero conditioning) or in_context (Dita: one sequence).
+        width / depth / num_heads: the DiT's width, blocks and attention heads.
+        mlp_ratio: MLP width over the DiT width.
+        self_attention_every: cross_attention: blocks 0, k, 2k, ... also self-attend among
+            the action tokens (GR00T N1 alternates with k = 2).
+    """
+
+    filled_in: ClassVar[tuple[str, ...]] = ("context_dim", "state_dim", "action_dim", "horizon")
 
     conditioning: ConditioningKind = "cross_attention"
     width: int = 256
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    # cross_attention only: blocks 0, k, 2k, ... self-attend among the action tokens, the
-    # others only cross-attend (GR00T N1 alternates the same way with k = 2).
     self_attention_every: int = 2
     context_dim: int = 0
     state_dim: int = 0
     action_dim: int = 0
-    horizon: int = 16
+    horizon: int = 0
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("cross_attention", "in_context"):

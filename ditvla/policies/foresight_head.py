@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +33,29 @@ from torch import nn
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, DiTActionHead
 from ditvla.policies.noise_schedules import FlowMatching
 
-KINDS = ("off", "motion", "latent")
+ForesightKind = Literal["off", "motion", "latent"]
+KINDS = get_args(ForesightKind)
 
 
 @dataclass
 class ForesightConfig:
-    """``kind``: off | motion | latent; ``camera``/``k``: the camera and how many frames
-    ahead. motion: ``size``/``patch`` the motion image and its patches, ``method`` the
-    optical flow, ``scale`` the targets' root-mean-square (filled in from the dataset)
-    that the head normalizes by. latent: ``grid`` the side of the pooled feature map."""
+    """The foresight head, trained jointly with the action head and skipped at inference.
 
-    kind: str = "off"
+    Args:
+        kind: off, motion (optical flow t -> t+k as a small motion image) or latent (the
+            frozen vision encoder's pooled features of frame t+k, Mantis-style).
+        weight: its loss weight beside the action loss.
+        k: frames ahead.
+        method: motion: the optical flow, dis or farneback.
+        camera: the camera it predicts (default: the policy's first).
+        size / patch: motion: the motion image's side and its patches' side.
+        grid: latent: the side of the pooled feature map.
+        head_size: its DiT's size preset (tiny, small, base, large).
+    """
+
+    filled_in: ClassVar[tuple[str, ...]] = ("scale",)
+
+    kind: ForesightKind = "off"
     weight: float = 0.1
     k: int = 4
     method: str = "dis"
@@ -52,7 +64,7 @@ class ForesightConfig:
     patch: int = 4
     grid: int = 4
     head_size: str = "tiny"
-    scale: float = 1.0
+    scale: float = 1.0  # motion: the targets' root-mean-square, from the data
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,6 +1,6 @@
 """Training targets and samplers for the action head: flow matching and DDPM/DDIM.
 
-Both expose the same two calls:
+Both expose the same three calls:
 
 - ``training_example(actions, noise) -> (noisy, time, target)``: what the head is given
   and what it must predict, for a batch of clean action chunks (B, H, A); random draws
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -125,6 +126,9 @@ class DDPM:
 
 
 NoiseSchedule = FlowMatching | DDPM
+
+
+Objective = Literal["flow_matching", "ddpm"]
 
 
 def make_schedule(objective: str, num_train_timesteps: int = 100) -> NoiseSchedule:

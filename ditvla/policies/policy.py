@@ -21,23 +21,29 @@ import shutil
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ditvla.datasets.normalization import Normalizer, NormMode, Stats
-from ditvla.datasets.torch_dataset import ReplayBufferDataset
+from ditvla.contract import (
+    STAT_NAMES,
+    CheckpointError,
+    DataSpec,
+    PolicyInputError,
+    PolicySpec,
+    Stats,
+)
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
-from ditvla.policies.errors import CheckpointError, PolicyInputError
 from ditvla.policies.foresight_head import (
     ForesightConfig,
     LatentForesightHead,
     MotionForesightHead,
 )
-from ditvla.policies.noise_schedules import make_schedule
+from ditvla.policies.noise_schedules import Objective, make_schedule
+from ditvla.policies.normalizer import Normalizer, NormMode
 
 # tiny presets of the other VLM families: preset name -> family
 TINY_VLM_PRESETS = {"tiny-paligemma": "paligemma", "tiny-qwen": "qwen2_5_vl"}
@@ -55,22 +61,42 @@ VLM_FOLDER = "vlm"
 class PolicyConfig:
     """Everything needed to rebuild a policy (saved as config.json).
 
-    ``cameras``, ``image_size``, ``state_dim``, ``action_dim`` describe the inputs and are
-    filled in from the dataset by :func:`PolicyConfig.for_dataset`.
+    The inputs (``filled_in``) come from the data: :func:`PolicyConfig.for_data` sets them
+    from a :class:`~ditvla.contract.DataSpec`.
+
+    Args:
+        cameras: camera names the policy reads.
+        image_size: square side of the camera frames.
+        state_dim / action_dim: widths of the state and the actions.
+        state_keys: the data arrays that make up the state, in order.
+        horizon: actions per chunk.
+        n_action_steps: actions executed per chunk before the next (0: half the horizon).
+        objective: flow_matching (Euler sampling) or ddpm (DDIM sampling).
+        num_inference_steps: denoising steps per chunk at inference.
+        num_train_timesteps: ddpm: the training noise levels.
+        noise_samples: (noise, time) draws per training observation: the backbone runs
+            once per observation, the action head once per draw.
+        state_norm / action_norm: mean_std, min_max, quantile or identity.
     """
+
+    filled_in: ClassVar[tuple[str, ...]] = (
+        "cameras",
+        "image_size",
+        "state_dim",
+        "action_dim",
+        "state_keys",
+    )
 
     cameras: list[str] = field(default_factory=list)
     image_size: int = 64
     state_dim: int = 0
     action_dim: int = 0
+    state_keys: list[str] = field(default_factory=lambda: ["state"])
     horizon: int = 16
-    n_action_steps: int = 0  # 0: half the horizon
-    objective: str = "flow_matching"
+    n_action_steps: int = 0
+    objective: Objective = "flow_matching"
     num_inference_steps: int = 10
     num_train_timesteps: int = 100
-    # Training: (noise, time) pairs drawn per observation. The backbone runs once per
-    # observation and the head once per pair, so the head (where the state is read) gets
-    # several examples for the price of one backbone pass.
     noise_samples: int = 1
     state_norm: NormMode = "mean_std"
     action_norm: NormMode = "mean_std"
@@ -121,21 +147,15 @@ class PolicyConfig:
         return cls(backbone=backbone, head=head, foresight=foresight, **overrides)
 
     @classmethod
-    def for_dataset(
-        cls, dataset: ReplayBufferDataset, preset: str = "tiny", **overrides: Any
-    ) -> PolicyConfig:
-        """A preset sized to a dataset: its cameras, image size, state/action dims, horizon."""
-        sizes = {shape[:2] for shape in dataset.image_shapes.values()}
-        if len(sizes) > 1 or any(h != w for h, w in sizes):
-            raise ValueError(f"cameras must share one square image size, got {sorted(sizes)}")
-        image_size = next(iter(sizes))[0] if sizes else 0
+    def for_data(cls, data: DataSpec, preset: str = "tiny", **overrides: Any) -> PolicyConfig:
+        """A preset sized to the data: its cameras, image size and state/action widths."""
         return cls.preset(
             preset,
-            cameras=list(dataset.cameras),
-            image_size=image_size,
-            state_dim=dataset.state_dim,
-            action_dim=dataset.action_dim,
-            horizon=dataset.sampler.horizon,
+            cameras=list(data.cameras),
+            image_size=data.image_size,
+            state_dim=data.state_dim,
+            action_dim=data.action_dim,
+            state_keys=list(data.state_keys),
             **overrides,
         )
 
@@ -223,6 +243,21 @@ class DiTVLAPolicy(nn.Module):
         """One row of ``act``'s initial noise: (horizon, action_dim). The evaluator draws
         it from a generator per episode, so rollouts do not depend on batching."""
         return self.config.horizon, self.config.action_dim
+
+    @property
+    def spec(self) -> PolicySpec:
+        """What this policy reads and returns (the contract the evaluator and runtime use)."""
+        c = self.config
+        return PolicySpec(
+            cameras=tuple(c.cameras),
+            image_size=c.image_size,
+            state_dim=c.state_dim,
+            action_dim=c.action_dim,
+            horizon=c.horizon,
+            n_action_steps=c.n_action_steps,
+            state_keys=tuple(c.state_keys),
+            noise_shape=self.noise_shape,
+        )
 
     # ------------------------------------------------------------------ two halves
     def _as_batch(
@@ -509,14 +544,10 @@ class DiTVLAPolicy(nn.Module):
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:
+    """Statistics that normalize nothing: centre 0, scale 1 in every mode."""
+    unit = dict(zip(STAT_NAMES, (0.0, 1.0, -1.0, 1.0, -1.0, 1.0), strict=True))
+
     def stats(dim: int) -> dict[str, list[float]]:
-        return {
-            "mean": [0.0] * dim,
-            "std": [1.0] * dim,
-            "min": [-1.0] * dim,
-            "max": [1.0] * dim,
-            "q01": [-1.0] * dim,
-            "q99": [1.0] * dim,
-        }
+        return {name: [value] * dim for name, value in unit.items()}
 
     return {"action": stats(config.action_dim), "state": stats(config.state_dim)}

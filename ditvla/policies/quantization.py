@@ -33,12 +33,12 @@ import copy
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ditvla.timing import paired_median_ms
+from ditvla.policies.timing import paired_median_ms
 
 SCHEMES = ("w8a8", "w8", "w4a8")
 BACKENDS = ("torchao", "fbgemm")
@@ -52,29 +52,52 @@ class QuantizationError(ValueError):
 
 @dataclass
 class QuantizationConfig:
+    """A quantization recipe: which layers become integer, how, and the corrections.
+
+    ``filled_in``: the layout's switches (set from ``--layout``) and the calibrated scales.
+
+    Args:
+        scheme: w8a8 (int8 weights, int8 dynamic activations), w8 (int8 weights) or
+            w4a8 (int4 weights, int8 dynamic activations).
+        backend: fbgemm (PyTorch's dynamic int8 kernels: w8a8 only, CPU only, the fastest
+            here), torchao (its quantize_), or auto: fbgemm for w8a8, else torchao.
+        attention_temperature_matching: calibrate per attention head the float model's
+            logit spread over the quantized one's and fold it into the query projection.
+        output_head_balancing: calibrate per layer the RMS ratio of the attention output
+            and fold it into the output projection.
+    """
+
+    filled_in: ClassVar[tuple[str, ...]] = (*LAYOUT_PARTS, "atm_scales", "ohb_scales")
+
     scheme: str = "w8a8"
-    backend: str = "torchao"
+    backend: str = "auto"
     language_mlp: bool = True
     head_mlp: bool = True
     head_attention: bool = False
     head_modulation: bool = False
     attention_temperature_matching: bool = True
     output_head_balancing: bool = True
-    # filled in by calibration: module name -> scale(s)
     atm_scales: dict[str, list[float]] = field(default_factory=dict)
     ohb_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantizationError(f"unknown scheme {self.scheme!r}; choose {', '.join(SCHEMES)}")
+        if self.backend == "auto":
+            self.backend = "fbgemm" if self.scheme == "w8a8" else "torchao"
         if self.backend not in BACKENDS:
             raise QuantizationError(
-                f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}"
+                f"unknown backend {self.backend!r}; choose auto, {', '.join(BACKENDS)}"
             )
         if self.backend == "fbgemm" and self.scheme != "w8a8":
             raise QuantizationError(
                 f"the fbgemm backend runs w8a8 only; use --backend torchao for {self.scheme}"
             )
+
+    @property
+    def layout(self) -> str:
+        """The integer parts, comma-separated (``--layout``)."""
+        return ",".join(part for part in LAYOUT_PARTS if getattr(self, part))
 
     @classmethod
     def from_layout(cls, layout: str, **options: Any) -> QuantizationConfig:
@@ -155,7 +178,9 @@ def supported_schemes() -> tuple[str, ...]:
         layer = nn.Sequential(nn.Linear(64, 64))
         try:
             _quantize(
-                layer, QuantizationConfig(scheme=scheme), lambda m, n: isinstance(m, nn.Linear)
+                layer,
+                QuantizationConfig(scheme=scheme, backend="torchao"),
+                lambda m, n: isinstance(m, nn.Linear),
             )
             with torch.inference_mode():
                 layer(torch.randn(2, 64))
@@ -417,52 +442,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 def layer_memory(model: nn.Module, names: Iterable[str]) -> int:
     modules = dict(model.named_modules())
     return sum(module_bytes(modules[n]) for n in names)
-
-
-# ---------------------------------------------------------------------- from a store
-def observations_from_store(
-    path, policy: nn.Module, frames: int, *, held_out: bool = False, batch: int = 8, seed: int = 0
-) -> list[dict[str, Any]]:
-    """Batched observations of ``frames`` random frames of a store: from the first 80% of
-    its episodes (calibration), or from the rest (``held_out``, for the action error)."""
-    import numpy as np
-
-    from ditvla.datasets.replay_buffer import ReplayBuffer
-    from ditvla.datasets.torch_dataset import ReplayBufferDataset
-
-    cameras = policy.config.cameras
-    buffer = ReplayBuffer.open(path)
-    missing = [c for c in cameras if c not in buffer.cameras]
-    if missing:
-        raise QuantizationError(
-            f"{path}: calibration data lacks camera(s) {', '.join(missing)} that the policy "
-            f"reads (store cameras: {', '.join(buffer.cameras) or 'none'})"
-        )
-    split = max(1, int(buffer.n_episodes * 0.8))
-    episodes = range(split, buffer.n_episodes) if held_out else range(split)
-    dataset = ReplayBufferDataset(
-        path, n_obs_steps=1, horizon=1, cameras=cameras, episodes=list(episodes) or None
-    )
-    if dataset.state_dim != policy.config.state_dim:
-        raise QuantizationError(
-            f"{path}: state has {dataset.state_dim} values, the policy wants "
-            f"{policy.config.state_dim}"
-        )
-    rng = np.random.default_rng(seed + held_out)
-    picks = rng.choice(len(dataset), size=min(frames, len(dataset)), replace=False)
-    out = []
-    for start in range(0, len(picks), batch):
-        samples = dataset.__getitems__(picks[start : start + batch].tolist())
-        out.append(
-            {
-                "images": {
-                    c: np.stack([s["images"][c][-1].numpy() for s in samples]) for c in cameras
-                },
-                "instruction": [s["instruction"] for s in samples],
-                "state": np.stack([s["state"][-1].numpy() for s in samples]),
-            }
-        )
-    return out
 
 
 def measure(

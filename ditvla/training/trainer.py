@@ -32,11 +32,40 @@ from tqdm.auto import tqdm
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
-from ditvla.training_state import latest_checkpoint, read_checkpoint, write_checkpoint
+from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 
 
 @dataclass
 class TrainConfig:
+    """How ``ditvla train`` fits a policy to a zarr replay buffer.
+
+    Args:
+        dataset: the zarr replay buffer to train on.
+        out: output folder: policy/ (the final, EMA weights), checkpoints/, metrics.jsonl,
+            tensorboard/.
+        preset: tiny (tiny Idefics3 VLM + tiny head, the CPU default), tiny-paligemma,
+            tiny-qwen (Qwen2.5-VL), or small / base / large (head sizes over the tiny
+            Idefics3 VLM).
+        policy_overrides: PolicyConfig fields to set over the preset, nested like the
+            config ({"head": {"width": 384}}).
+        steps: optimizer steps.
+        batch_size: samples per optimizer step, over all processes and micro-batches.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warmup, then cosine decay to 0.
+        grad_clip: gradient norm clip.
+        ema_decay: EMA of the weights (the final policy is the EMA); 0 turns it off.
+        seed: seeds the data order, the noise and the initial weights.
+        num_workers: DataLoader worker processes (0: read batches in the training process).
+        augment: random shift + brightness/contrast jitter of the camera frames.
+        save_every: checkpoint period in steps (and at the end).
+        log_every: TensorBoard / progress-bar period in steps (metrics.jsonl gets every step).
+        device: auto, cpu, cuda, cuda:1, ...
+        resume: continue from the latest checkpoint in out.
+        progress: show a progress bar.
+    """
+
     dataset: str
     out: str = "outputs/train"
     preset: str = "tiny"
@@ -183,27 +212,28 @@ def train(config: TrainConfig) -> Path:
     checkpoints = out / "checkpoints"
     _seed_everything(config.seed + rank)
 
-    overrides = dict(config.policy_overrides)
-    horizon = overrides.pop("horizon", 16)
-    dataset = ReplayBufferDataset(
-        config.dataset,
-        n_obs_steps=1,
-        horizon=horizon,
-        augmentation=ImageAugmentation() if config.augment else None,
-    )
+    # The store's statistics are computed once (by the main process) and saved with it.
     if main_process:
-        stats = dataset.stats()  # computed once and saved with the store
+        data = ReplayBufferDataset(config.dataset).data_spec()
     if distributed:
         dist.barrier()
     if not main_process:
-        stats = dataset.stats()
-    policy_config = PolicyConfig.for_dataset(dataset, config.preset, **overrides)
+        data = ReplayBufferDataset(config.dataset).data_spec()
+    policy_config = PolicyConfig.for_data(data, config.preset, **config.policy_overrides)
+    dataset = ReplayBufferDataset(
+        config.dataset,
+        n_obs_steps=1,
+        horizon=policy_config.horizon,
+        cameras=policy_config.cameras,
+        state_keys=policy_config.state_keys,
+        augmentation=ImageAugmentation() if config.augment else None,
+    )
     foresight = policy_config.foresight
     if foresight.kind == "motion":
         _attach_motion_targets(dataset, policy_config, main_process, distributed)
     elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
         dataset.future_frame = (foresight.camera, foresight.k)
-    policy = DiTVLAPolicy(policy_config, stats).to(device)
+    policy = DiTVLAPolicy(policy_config, data.stats).to(device)
     model = torch.nn.parallel.DistributedDataParallel(policy) if distributed else policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

@@ -1,4 +1,4 @@
-"""Normalization statistics of a replay buffer, and the module that applies them.
+"""Normalization statistics of a replay buffer.
 
 Statistics per data key: ``mean``, ``std``, ``min``, ``max``, ``q01``, ``q99`` over every
 frame (per channel for cameras, in [0, 1] units, from an evenly spaced subsample of
@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
-import torch
-from torch import nn
 
+from ditvla.contract import STAT_NAMES, Stats
 from ditvla.datasets.replay_buffer import ReplayBuffer
 
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 MAX_IMAGE_FRAMES_FOR_STATS = 512
-
-Stats = dict[str, dict[str, list[float]]]
-NormMode = Literal["mean_std", "min_max", "quantile", "identity"]
 
 
 def _array_stats(values: np.ndarray) -> dict[str, list[float]]:
@@ -85,57 +79,3 @@ def load_or_compute_stats(buffer: ReplayBuffer) -> Stats:
 def concat_stats(parts: Sequence[Mapping[str, list[float]]]) -> dict[str, list[float]]:
     """Statistics of features concatenated along the last axis (e.g. a composed state)."""
     return {name: [v for part in parts for v in part[name]] for name in STAT_NAMES}
-
-
-class Normalizer(nn.Module):
-    """Maps features to a normalized range and back, with statistics kept as buffers.
-
-    Modes: ``mean_std`` (zero mean, unit variance), ``min_max`` and ``quantile`` (the
-    [min, max] or [q01, q99] range to [-1, 1]; ``quantile`` clips outliers to [-1.5, 1.5]
-    on the way in), ``identity``. Features whose spread is ~0 pass through centred.
-    The buffers travel with ``state_dict``, so a saved policy carries its statistics.
-    """
-
-    def __init__(
-        self, stats: Mapping[str, Mapping[str, Sequence[float]]], modes: Mapping[str, NormMode]
-    ):
-        super().__init__()
-        self.modes = dict(modes)
-        for key, mode in self.modes.items():
-            if mode == "identity":
-                continue
-            if key not in stats:
-                raise KeyError(f"no statistics for {key!r} (have: {', '.join(stats)})")
-            s = {name: torch.tensor(stats[key][name], dtype=torch.float32) for name in STAT_NAMES}
-            if mode == "mean_std":
-                center, scale = s["mean"], s["std"]
-            elif mode == "min_max":
-                center, scale = (s["max"] + s["min"]) / 2, (s["max"] - s["min"]) / 2
-            elif mode == "quantile":
-                center, scale = (s["q99"] + s["q01"]) / 2, (s["q99"] - s["q01"]) / 2
-            else:
-                raise ValueError(f"unknown normalization mode {mode!r} for {key!r}")
-            scale = torch.where(scale < 1e-6, torch.ones_like(scale), scale)
-            self.register_buffer(self._name(key, "center"), center)
-            self.register_buffer(self._name(key, "scale"), scale)
-
-    @staticmethod
-    def _name(key: str, what: str) -> str:
-        return f"{key.replace('.', '__')}__{what}"
-
-    def _center_scale(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, self._name(key, "center")), getattr(self, self._name(key, "scale"))
-
-    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        mode = self.modes.get(key, "identity")
-        if mode == "identity":
-            return x
-        center, scale = self._center_scale(key)
-        y = (x - center) / scale
-        return y.clamp(-1.5, 1.5) if mode == "quantile" else y
-
-    def unnormalize(self, key: str, y: torch.Tensor) -> torch.Tensor:
-        if self.modes.get(key, "identity") == "identity":
-            return y
-        center, scale = self._center_scale(key)
-        return y * scale + center

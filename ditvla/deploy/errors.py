@@ -1,0 +1,9 @@
+"""The deploy part's errors (importable without ZeroMQ, for the command line)."""
+
+
+class TransportError(RuntimeError):
+    """A channel that cannot be opened as asked (address, key)."""
+
+
+class ServerUnavailable(TransportError):
+    """No policy server answered the controller's handshake."""

@@ -1,0 +1,2 @@
+"""Training: the loop (``trainer``: ``TrainConfig``, ``train``) and its checkpoints
+(``checkpoints``: safetensors + JSON, written atomically, resumable exactly)."""

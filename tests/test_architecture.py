@@ -1,0 +1,107 @@
+"""The house rules a user (and the next maintainer) relies on: parts that stand alone,
+and a command line that offers every setting from its one home."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ditvla.cli import build_parser
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ditvla"
+HEAVY = ("zarr", "h5py", "mujoco", "zmq")
+
+
+def imported_modules(part: str) -> dict[str, set[str]]:
+    """Every ``ditvla.*`` module each file of a part imports (at any depth of the file)."""
+    found = {}
+    for path in (PACKAGE / part).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[path.name] = {n for n in names if n.startswith("ditvla.")}
+    return found
+
+
+def test_policies_import_no_other_part():
+    for name, modules in imported_modules("policies").items():
+        other = [m for m in modules if m.split(".")[1] in ("datasets", "envs", "deploy")]
+        assert not other, f"policies/{name} imports {other}"
+
+
+@pytest.mark.parametrize("part", ["envs", "deploy"])
+def test_envs_and_deploy_reach_a_policy_only_through_the_contract(part):
+    for name, modules in imported_modules(part).items():
+        policies = [m for m in modules if m.startswith("ditvla.policies")]
+        assert not policies, f"{part}/{name} imports {policies}"
+
+
+def test_deploy_reads_no_dataset():
+    for name, modules in imported_modules("deploy").items():
+        assert not [m for m in modules if m.startswith("ditvla.datasets")], name
+
+
+def loaded_after(code: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [m for m in HEAVY if m in out]
+
+
+def test_a_policy_loads_without_data_simulator_or_transport_libraries():
+    assert loaded_after("import ditvla.policies.policy") == []
+
+
+def test_keygen_help_needs_no_data_or_simulator_library():
+    code = "from ditvla.cli import main\ntry:\n    main(['keygen', '--help'])\nexcept SystemExit:\n    pass"
+    assert loaded_after(code) == []
+
+
+def subcommand(name: str):
+    return build_parser(name)._subparsers._group_actions[0].choices[name]
+
+
+def option_strings(name: str) -> set[str]:
+    return {s for action in subcommand(name)._actions for s in action.option_strings}
+
+
+def test_train_offers_every_field_of_the_training_and_policy_configs():
+    from ditvla.policies.policy import PolicyConfig
+    from ditvla.training.trainer import TrainConfig
+
+    offered = option_strings("train")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "policy_overrides":
+            continue  # the --policy.* options
+        flag = "--policy.preset" if field.name == "preset" else f"--{field.name.replace('_', '-')}"
+        assert flag in offered, flag
+
+    def policy_flags(cls, prefix):
+        for field in dataclasses.fields(cls):
+            if field.name in getattr(cls, "filled_in", ()):
+                continue
+            value = getattr(cls(), field.name)
+            if dataclasses.is_dataclass(value):
+                yield from policy_flags(type(value), f"{prefix}{field.name}.")
+            else:
+                yield f"--{prefix}{field.name.replace('_', '-')}"
+
+    for flag in policy_flags(PolicyConfig, "policy."):
+        assert flag in offered, flag
+    assert "--policy.head.width" in offered and "--policy.foresight.kind" in offered
+
+
+def test_option_help_shows_the_config_default():
+    help_text = subcommand("train").format_help()
+    assert "optimizer steps (default: 2000)" in " ".join(help_text.split())
