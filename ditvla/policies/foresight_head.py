@@ -7,7 +7,7 @@ Their loss reaches the backbone, which so learns dynamics. The policy never runs
 ``encode`` / ``act``: they cost nothing at inference.
 
 - ``motion`` (joint motion-image diffusion): the target is a small motion image — the
-  optical flow of one camera from frame t to t+k (:mod:`ditvla.datasets.motion_targets`)
+  optical flow of one camera from frame t to t+k (computed on the data side)
   — cut into patches, one token per patch; the residual path embeds the current frame's
   pixel patches. Metric: end-point error of the one-step estimate.
 - ``latent`` (Mantis-style future visual state): the target is the frozen vision

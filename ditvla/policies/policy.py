@@ -424,8 +424,8 @@ class DiTVLAPolicy(nn.Module):
         if needed not in batch:
             raise PolicyInputError(
                 f"foresight is {config.kind!r} but the batch has no {needed!r} "
-                "(the trainer adds it: motion targets from ditvla.datasets.motion_targets, "
-                "future frames from ReplayBufferDataset(future_frame=...))"
+                "(a training batch carries it: 'motion', the optical flow from frame t to "
+                "t + k as a motion image; 'future_image', the camera's frame t + k)"
             )
         if config.kind == "motion":
             target = batch["motion"].to(self.device).float()
