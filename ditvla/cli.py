@@ -187,6 +187,17 @@ def _cmd_dataset_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dataset_split_state(args: argparse.Namespace) -> int:
+    from ditvla.envs.metaworld_env import split_state
+
+    added = split_state(args.path)
+    if added:
+        print(f"{args.path}: added {', '.join(added)} beside data/state (proprio: {added[0]})")
+    else:
+        print(f"{args.path}: proprioception and privileged state are already apart")
+    return 0
+
+
 def _cmd_convert_libero(args: argparse.Namespace) -> int:
     from ditvla.datasets.convert_libero import convert_libero_hdf5
     from ditvla.datasets.dataset_info import describe
@@ -427,6 +438,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_argument("path", help="a zarr replay buffer (v3, or a v2 diffusion-policy store)")
     info.add_argument("--check", action="store_true", help="read every chunk; exit 1 on damage")
     info.add_argument("--no-stats", action="store_true", help="do not compute/print statistics")
+    split = _command(
+        dataset_commands,
+        "split-state",
+        _cmd_dataset_split_state,
+        "split a Meta-World store's 39-D state into proprio, objects and goal arrays",
+        "Meta-World stores written before proprioception and privileged state were recorded "
+        "apart hold one 39-D state. This adds proprio (hand and gripper, now and one frame "
+        "earlier: 8-D, what a real robot has), objects (28-D) and goal (3-D) arrays beside "
+        "it, for every frame; data/state stays, so nothing is lost.",
+    )
+    split.add_argument("path", help="a Meta-World zarr replay buffer")
 
     convert = commands.add_parser("convert", help="convert datasets to and from zarr")
     convert_commands = convert.add_subparsers(

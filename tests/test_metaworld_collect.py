@@ -26,14 +26,25 @@ def test_observation_schema_and_seeded_episodes():
         obs, _ = env.reset(seed=7)
         assert set(obs) == {"images", "state", "instruction"}
         assert obs["instruction"] == "close the drawer"
-        assert obs["state"].shape == (39,) and obs["state"].dtype == np.float32
+        # the state is what a real robot has: hand and gripper, now and a frame earlier
+        assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+        parts = env.state_parts()
+        assert {k: v.shape for k, v in parts.items()} == {
+            "proprio": (8,),
+            "objects": (28,),
+            "goal": (3,),
+            "state": (39,),
+        }
+        np.testing.assert_array_equal(obs["state"], parts["proprio"])
+        np.testing.assert_array_equal(parts["proprio"][:3], parts["state"][:3])
+        np.testing.assert_array_equal(parts["goal"], parts["state"][36:])
         for cam in ("corner", "topview"):
             assert obs["images"][cam].shape == (32, 32, 3) and obs["images"][cam].dtype == np.uint8
         assert obs["images"]["corner"].std() > 10  # a rendered scene, not a blank frame
         again, _ = env.reset(seed=7)
         np.testing.assert_array_equal(obs["state"], again["state"])
-        other, _ = env.reset(seed=8)
-        assert not np.array_equal(obs["state"][36:], other["state"][36:])  # another goal
+        env.reset(seed=8)
+        assert not np.array_equal(parts["goal"], env.state_parts()["goal"])  # another goal
         with pytest.raises(ValueError, match="shape"):
             env.step(np.zeros(3))
         with pytest.raises(ValueError, match="NaN"):
@@ -62,8 +73,13 @@ def test_expert_demonstrations_into_zarr(tmp_path):
         "drawer-close-v3"
     ] * 2
     assert buffer.fps == pytest.approx(80.0)
+    # proprioception and privileged state are recorded apart; the default state is proprio
+    assert buffer.state_keys == ["proprio"] and buffer.privileged_keys == ["objects", "goal"]
+    assert buffer.shape("proprio") == (8,) and buffer.shape("goal") == (3,)
+    assert buffer.resolve_state("full") == ["proprio", "objects", "goal"]
     # Replaying a stored episode's actions from its recorded seed reproduces its states.
     episode = buffer.get_episode(2)
+    episode["state"] = episode["proprio"]
     env = MetaWorldEnv("drawer-close-v3", cameras=(), image_size=32)
     try:
         obs, _ = env.reset(seed=int(buffer.episode_seed[2]))

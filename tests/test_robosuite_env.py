@@ -100,7 +100,7 @@ def test_collect_writes_expert_episodes_to_a_store(tmp_path):
     buffer = ReplayBuffer.open(tmp_path / "lift.zarr")
     assert buffer.n_episodes == 2 and buffer.cameras == ["agentview"]
     assert buffer.shape("agentview") == (32, 32, 3)
-    assert buffer.shape("action") == (7,) and buffer.shape("state") == (9,)
+    assert buffer.shape("action") == (7,) and buffer.shape("proprio") == (9,)
     assert buffer.fps == pytest.approx(20.0)
     assert buffer.attrs["action_space"].startswith("robosuite OSC_POSE")
     assert buffer.episode_seed.tolist() == [0, 1]

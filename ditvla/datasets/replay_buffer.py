@@ -42,6 +42,7 @@ from ditvla.datasets.errors import DatasetError
 FORMAT_NAME = "ditvla.replay_buffer"
 FORMAT_VERSION = 1
 PENDING_APPEND = "pending_append"
+PENDING_ARRAYS = "pending_arrays"
 
 # Images: one frame per chunk, the layout FrameReader reads fastest (sharded frames read
 # 1.6x slower through zarr and cannot take the direct path). Low-dimensional arrays are
@@ -90,11 +91,16 @@ class ReplayBuffer:
         fps: float,
         cameras: Sequence[str] = (),
         state_keys: Sequence[str] = ("state",),
+        privileged_keys: Sequence[str] = (),
         action_space: str = "",
         source: str = "",
         overwrite: bool = False,
     ) -> ReplayBuffer:
-        """Make an empty store at ``path`` (zarr v3). Arrays appear with the first episode."""
+        """Make an empty store at ``path`` (zarr v3). Arrays appear with the first episode.
+
+        ``state_keys``: the arrays that make up the state a real robot has (proprioception),
+        in order; ``privileged_keys``: state only a simulator knows (object poses, goals),
+        recorded apart so that a policy reads it only when asked (``--state full``)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise DatasetError(f"{path}: already exists (pass overwrite=True to replace it)")
@@ -108,6 +114,7 @@ class ReplayBuffer:
                 "fps": float(fps),
                 "cameras": list(cameras),
                 "state_keys": list(state_keys),
+                "privileged_keys": list(privileged_keys),
                 "action_space": action_space,
                 "source": source,
             }
@@ -186,7 +193,10 @@ class ReplayBuffer:
         data = root["data"]
         self._arrays: dict[str, zarr.Array] = {}
         self._frame_readers: dict[str, FrameReader] = {}
+        unfinished = set(attrs.get(PENDING_ARRAYS, ()))  # an interrupted add_arrays
         for key, array in sorted(data.arrays()):
+            if key in unfinished:
+                continue
             rows = array.shape[0] if array.ndim else 0
             if rows < n_frames or (pending is None and rows != n_frames):
                 raise self._fail(
@@ -276,10 +286,51 @@ class ReplayBuffer:
 
     @property
     def state_keys(self) -> list[str]:
+        """The arrays that make up the default state, in order."""
         keys = self.attrs.get("state_keys")
         if keys is None:
             keys = ["state"] if "state" in self._arrays else []
         return [k for k in keys if k in self._arrays] if self._arrays else list(keys)
+
+    @property
+    def privileged_keys(self) -> list[str]:
+        """State arrays only a simulator knows (object poses, goals), recorded apart."""
+        keys = self.attrs.get("privileged_keys", [])
+        return [k for k in keys if k in self._arrays] if self._arrays else list(keys)
+
+    @property
+    def state_is_split(self) -> bool:
+        """Whether proprioception and privileged state are told apart in this store.
+        Meta-World stores written before they were hold one 39-D ``state`` of both."""
+        source = str(self.attrs.get("source", ""))
+        return bool(self.attrs.get("privileged_keys")) or not source.startswith("metaworld")
+
+    def resolve_state(self, selection: str) -> list[str]:
+        """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
+        store's ``state_keys``), ``full`` (with the privileged arrays) or ``KEY[,KEY...]``."""
+        if selection == "full":
+            return [*self.state_keys, *self.privileged_keys]
+        if selection == "proprio":
+            if not self.state_is_split:
+                raise self._fail(
+                    "its state mixes proprioception and privileged simulator state (written "
+                    "before they were recorded apart); split it with `ditvla dataset "
+                    "split-state`, or train on it as it is with --state full"
+                )
+            return self.state_keys
+        keys = [key.strip() for key in selection.split(",") if key.strip()]
+        named = [*self.state_keys, *self.privileged_keys]
+        others = [k for k in self._arrays if k not in (*named, *self.cameras, "action")]
+        state_arrays = [*named, *others]
+        missing = [key for key in keys if key not in self._arrays or key in self.cameras]
+        if missing or not keys:
+            raise self._fail(
+                f"--state {selection!r}: no state array {', '.join(missing) or '(none given)'}; "
+                f"the store has {', '.join(state_arrays) or 'none'} (proprio = "
+                f"{' + '.join(self.state_keys) or 'none'}, full adds "
+                f"{' + '.join(self.privileged_keys) or 'nothing'})"
+            )
+        return keys
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Per-frame shape of ``data/<key>`` (without the time axis)."""
@@ -468,6 +519,41 @@ class ReplayBuffer:
         self.episode_seed = np.append(self.episode_seed, -1 if seed is None else int(seed))
         self.n_frames = n_frames + length
         self.interrupted_append = False
+
+    def add_arrays(self, arrays: Mapping[str, np.ndarray], **attrs: Any) -> None:
+        """Add whole arrays (T, ...) beside the existing ones, then set ``attrs``.
+
+        Atomic like an append: the names are marked pending in the root attributes before
+        any is written and the mark is cleared (with ``attrs`` set) after the last, so an
+        interrupted call leaves the store as it was and can simply be run again."""
+        if not self.writable:
+            raise self._fail("opened read-only; open with mode='a' to add arrays")
+        for key, value in arrays.items():
+            if len(value) != self.n_frames:
+                raise self._fail(f"array {key!r} has {len(value)} rows, the store {self.n_frames}")
+            if key in self._arrays:
+                raise self._fail(f"data/{key} exists already")
+        root = self._root
+        root.attrs[PENDING_ARRAYS] = list(arrays)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for key, value in arrays.items():
+                if key in root["data"]:  # left by an interrupted call
+                    del root["data"][key]
+                array = root["data"].create_array(
+                    key,
+                    shape=value.shape,
+                    dtype=value.dtype,
+                    chunks=(LOW_DIM_CHUNK_ROWS, *value.shape[1:]),
+                    compressors=_blosc_zstd(),
+                )
+                array[:] = value
+                self._arrays[key] = array
+        current = dict(root.attrs)
+        current.pop(PENDING_ARRAYS)
+        current.pop("stats", None)  # computed again with the new arrays
+        current.update(attrs)
+        root.attrs.put(current)
+        self.attrs = current
 
     def set_attrs(self, **values: Any) -> None:
         """Update dataset attributes (JSON-serialisable values)."""

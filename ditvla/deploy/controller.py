@@ -33,6 +33,7 @@ from ditvla.deploy.messages import Message
 from ditvla.deploy.robots import Robot
 from ditvla.deploy.schedule import ActionSchedule, MergeRule, safe_actions
 from ditvla.deploy.transport import Channel
+from ditvla.envs.registry import parse_env
 from ditvla.envs.schema import EVAL_SEED_START
 
 SPIN_S = 0.002  # without real-time priority a woken process may wait for a busy core
@@ -350,12 +351,20 @@ def run_sim(
 
     sys.setswitchinterval(0.0005)  # the control thread gets the GIL back from the cameras fast
     spec = handshake(channel, f"sim:{sim}", config.hz)
+    state_keys = spec.meta.get("state_keys", ["state"]) if spec.meta["state_dim"] else None
+    try:
+        parse_env(sim)[0].env_class.check_state_keys(state_keys or ())
+    except ValueError as exc:
+        raise ValueError(
+            f"the policy served at {channel.address} reads state {' + '.join(state_keys)}: {exc}"
+        ) from None
     robot = SimRobot(
         sim,
         cameras=spec.meta["cameras"],
         image_size=spec.meta["image_size"],
         camera_hz=camera_hz,
         max_episode_steps=max_steps,
+        state_keys=state_keys,
     )
     state_dim = robot.env.observation_space["state"].shape[0]
     if spec.meta["state_dim"] not in (0, state_dim):

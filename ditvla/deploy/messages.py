@@ -60,7 +60,7 @@ SCHEMAS: dict[str, MessageSchema] = {
     # server -> controller: what the policy needs, or why it refuses the robot
     "spec": MessageSchema(
         meta={"cameras": list, "image_size": int, "state_dim": int, "action_dim": int},
-        optional_meta={"refused": str, "policy": str},
+        optional_meta={"refused": str, "policy": str, "state_keys": list},
     ),
     # controller -> server: one control tick's observation; images only when new frames
     "observation": MessageSchema(

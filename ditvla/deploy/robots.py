@@ -114,6 +114,7 @@ class SimRobot:
         image_size: int,
         camera_hz: float = 10.0,
         max_episode_steps: int | None = None,
+        state_keys: list[str] | None = None,
     ):
         suite, tasks = parse_env(spec)
         if suite.name != "metaworld":
@@ -122,7 +123,9 @@ class SimRobot:
             raise ValueError(f"--sim drives one task, got {len(tasks)} from {spec!r}")
         self.task = tasks[0]
         # the env renders nothing itself: the camera process does
-        self.env = MetaWorldEnv(self.task, cameras=(), max_episode_steps=max_episode_steps)
+        self.env = MetaWorldEnv(
+            self.task, cameras=(), max_episode_steps=max_episode_steps, state_keys=state_keys
+        )
         self.instruction = self.env.instruction
         self.cameras = list(cameras)
         self.success = False

@@ -244,6 +244,7 @@ class PolicyServer:
                 "cameras": list(spec.cameras),
                 "image_size": spec.image_size,
                 "state_dim": spec.state_dim,
+                "state_keys": list(spec.state_keys),
                 "action_dim": spec.action_dim,
                 "policy": str(self.config.policy),
             },

@@ -35,23 +35,32 @@ class CollectionReport:
         return self.kept[task] / max(self.attempts[task], 1)
 
 
+def recorded_state_keys(env: Any) -> tuple[str, ...]:
+    """The state parts a store records, each as its own array: proprioception, then the
+    privileged parts."""
+    return (*env.proprio_keys, *env.privileged_keys)
+
+
 def run_expert_episode(env: Any, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the scripted expert from ``seed``: (arrays by data key, success)."""
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
-    states, actions = [], []
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
+    actions = []
     success = False
     while True:
         action = env.expert_action()
         for cam in env.cameras:
             frames[cam].append(obs["images"][cam])
-        states.append(obs["state"])
+        state = env.state_parts()
+        for key, values in parts.items():
+            values.append(state[key])
         actions.append(action)
         obs, _, success, truncated, _ = env.step(action)
         if success or truncated:
             break
     episode = {cam: np.stack(f) for cam, f in frames.items()}
-    episode["state"] = np.stack(states)
+    episode.update({key: np.stack(values) for key, values in parts.items()})
     episode["action"] = np.stack(actions)
     return episode, success
 
@@ -142,7 +151,8 @@ def collect_demonstrations(
                         out,
                         fps=round(env.fps, 3),
                         cameras=list(cameras),
-                        state_keys=["state"],
+                        state_keys=list(env.proprio_keys),
+                        privileged_keys=list(env.privileged_keys),
                         action_space=suite.action_space,
                         source=f"{suite.name} scripted experts ({env_spec})",
                         overwrite=config.overwrite,

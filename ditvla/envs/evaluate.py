@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from ditvla.contract import ChunkPolicy
 from ditvla.envs.registry import SUITES, parse_env
 from ditvla.envs.schema import EVAL_SEED_START
 
+Probe = Literal["none", "blank_images", "shuffled_instructions"]
 WORKER_TIMEOUT_S = 120.0
 VIDEO_SIZE_PX = 64  # rollout videos of policies that read no camera
 
@@ -60,6 +61,9 @@ class EvalConfig:
         max_steps: episode step limit (default: the task's own).
         videos_per_task: mp4 rollouts recorded per task (with out).
         out: folder for results.json, results.md, episodes.jsonl and videos/ (None: none).
+        probe: none, or what to take from the policy to see whether it uses it:
+            blank_images (every camera frame black), shuffled_instructions (each episode
+            gets the instruction of another of the evaluated tasks, fixed by its seed).
         progress: show a progress bar.
     """
 
@@ -69,6 +73,7 @@ class EvalConfig:
     max_steps: int | None = None
     videos_per_task: int = 1
     out: str | None = None
+    probe: Probe = "none"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -101,8 +106,12 @@ class EpisodeResult:
 
 @dataclass
 class EvaluationReport:
+    """Episodes, and what the policy read: ``observation`` = {"cameras", "state_keys",
+    "privileged_state", "probe"} (every report says which state the policy read)."""
+
     episodes: list[EpisodeResult] = field(default_factory=list)
     seconds: float = 0.0
+    observation: dict[str, Any] = field(default_factory=dict)
 
     def per_task(self) -> dict[str, dict[str, Any]]:
         tasks: dict[str, list[EpisodeResult]] = {}
@@ -124,7 +133,12 @@ class EvaluationReport:
     def summary(self) -> dict[str, Any]:
         tasks = self.per_task()
         mean = float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else 0.0
-        return {"tasks": tasks, "mean_success": mean, "seconds": round(self.seconds, 1)}
+        return {
+            "tasks": tasks,
+            "mean_success": mean,
+            "observation": self.observation,
+            "seconds": round(self.seconds, 1),
+        }
 
     def markdown(self) -> str:
         rows = [
@@ -137,7 +151,24 @@ class EvaluationReport:
                 f"{t['episodes']} | {t['mean_length']:.0f} |"
             )
         rows.append(f"| **mean** | **{self.summary()['mean_success']:.1%}** | | | |")
-        return "\n".join(rows)
+        return "\n".join([*rows, "", f"The policy read: {describe_observation(self.observation)}."])
+
+
+def describe_observation(observation: dict[str, Any]) -> str:
+    """``cameras corner (64 px), state proprio (proprioception only), instruction``."""
+    if not observation:
+        return "unknown"
+    cameras = ", ".join(observation["cameras"]) or "no camera"
+    state = " + ".join(observation["state_keys"]) or "no state"
+    kind = (
+        "with privileged simulator state"
+        if observation["privileged_state"]
+        else ("proprioception only")
+    )
+    probe = observation.get("probe", "none")
+    return f"cameras {cameras}, state {state} ({kind}), instruction" + (
+        f"; probe: {probe.replace('_', ' ')}" if probe != "none" else ""
+    )
 
 
 # ---------------------------------------------------------------------- workers
@@ -152,6 +183,7 @@ def _worker_main(
     image_size: int,
     max_steps: int | None,
     with_expert: bool,
+    state_keys: tuple[str, ...] | None,
 ) -> None:
     """One simulator process: answers reset/step/close commands over a pipe."""
     import os
@@ -180,6 +212,7 @@ def _worker_main(
                             cameras=cameras,
                             image_size=image_size,
                             max_episode_steps=max_steps,
+                            state_keys=state_keys,
                         )
                     env = envs[task]
                     obs, _ = env.reset(seed=seed, options={"skip_images": not render})
@@ -253,14 +286,29 @@ class _Slot:
 
 
 def _batch(
-    observations: list[dict], jobs: list[tuple[str, int]], cameras: Sequence[str]
+    observations: list[dict],
+    jobs: list[tuple[str, int]],
+    cameras: Sequence[str],
+    probe: Probe,
+    instructions: dict[str, str],
 ) -> dict[str, Any]:
     """The policy's batch; ``task`` and ``seed`` name each row's episode (for policies
-    that keep per-episode history)."""
+    that keep per-episode history). ``probe`` blanks the frames or swaps each episode's
+    instruction for another of ``instructions`` (by task), chosen by the episode's seed."""
+    images = {cam: np.stack([o["images"][cam] for o in observations]) for cam in cameras}
+    said = [o["instruction"] for o in observations]
+    if probe == "blank_images":
+        images = {cam: np.zeros_like(frames) for cam, frames in images.items()}
+    elif probe == "shuffled_instructions":
+        others = [sorted(set(instructions.values()) - {text}) for text in said]
+        said = [
+            choices[seed % len(choices)] if choices else text
+            for choices, text, (_, seed) in zip(others, said, jobs, strict=True)
+        ]
     batch = {
-        "images": {cam: np.stack([o["images"][cam] for o in observations]) for cam in cameras},
+        "images": images,
         "state": np.stack([o["state"] for o in observations]),
-        "instruction": [o["instruction"] for o in observations],
+        "instruction": said,
         "task": [task for task, _ in jobs],
         "seed": [seed for _, seed in jobs],
     }
@@ -290,6 +338,22 @@ def evaluate(
     action_dim = suite.action_dim
     spec = policy.spec
     cameras, n_action_steps, noise_shape = spec.cameras, spec.n_action_steps, spec.noise_shape
+    state_keys = tuple(spec.state_keys) if spec.state_dim else None
+    if state_keys is not None:
+        try:
+            suite.env_class.check_state_keys(state_keys)
+        except ValueError as exc:
+            raise ValueError(f"the policy reads state {' + '.join(state_keys)}: {exc}") from None
+    report = EvaluationReport(
+        observation={
+            "cameras": list(cameras),
+            "state_keys": list(state_keys or ()),
+            "privileged_state": spec.reads_expert_action
+            or suite.env_class.reads_privileged_state(state_keys or ()),
+            "probe": config.probe,
+        }
+    )
+    instructions = {task: suite.instruction(task) for task in tasks}
     policy.reset()
     video_cameras = cameras or suite.default_cameras[:1]
     out = Path(config.out) if config.out is not None else None
@@ -314,12 +378,12 @@ def evaluate(
                 spec.image_size or VIDEO_SIZE_PX,
                 config.max_steps,
                 spec.reads_expert_action,
+                state_keys,
             )
         )
         for _ in range(min(config.workers, len(jobs)))
     ]
     tries: dict[tuple[str, int], int] = {}
-    report = EvaluationReport()
     bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not config.progress)
     start = time.perf_counter()
 
@@ -386,7 +450,15 @@ def evaluate(
             # One batched policy call for the episodes that need a new chunk.
             needing = [s for s in active if not s.queue]
             if needing:
-                batch = _batch([s.obs for s in needing], [s.job for s in needing], cameras)
+                observations = [s.obs for s in needing]
+                if spec.state_dim and observations[0]["state"].shape != (spec.state_dim,):
+                    raise ValueError(
+                        f"the policy reads a {spec.state_dim}-D state ({' + '.join(state_keys)}), "
+                        f"{suite.name} gives {observations[0]['state'].shape[0]}-D"
+                    )
+                batch = _batch(
+                    observations, [s.job for s in needing], cameras, config.probe, instructions
+                )
                 options = {}  # the episodes' own initial noise, for a diffusion policy
                 if noise_shape is not None:
                     rows = [torch.randn(noise_shape, generator=s.noise) for s in needing]

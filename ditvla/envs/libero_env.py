@@ -28,7 +28,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,7 +48,7 @@ NUM_WAIT_STEPS = 10
 NO_OP = np.array([0, 0, 0, 0, 0, 0, -1], np.float64)
 # Our camera names (as in converted datasets) -> LIBERO's.
 CAMERAS = {"agentview": "agentview", "eye_in_hand": "robot0_eye_in_hand"}
-STATE_DIM = 8
+STATE_DIMS = {"ee_pos": 3, "ee_ori": 3, "gripper_states": 2, "joint_states": 7, "state": 8}
 ACTION_DIM = 7
 ACTION_SPACE = LIBERO_ACTION_SPACE  # as in converted LIBERO datasets
 DEFAULT_CAMERAS = tuple(CAMERAS)
@@ -160,6 +160,12 @@ def task_set(name: str) -> list[str]:
     return tasks
 
 
+def instruction_for(task: str) -> str:
+    """The language instruction of ``"libero_goal/3"``."""
+    suite, index = task.split("/")
+    return _benchmark(suite).get_task(int(index)).language
+
+
 def load_init_states(path: str | Path) -> np.ndarray:
     """A task's stored init states (float64 (N, D)), unpickling nothing but NumPy arrays."""
     import torch
@@ -189,7 +195,15 @@ def _quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 
 class LiberoEnv(SimulatorEnv):
-    """One LIBERO task (``"libero_goal/3"``) with camera images, state and instruction."""
+    """One LIBERO task (``"libero_goal/3"``) with camera images, state and instruction.
+
+    State parts (named as ``ditvla convert libero`` names the arrays): ``ee_pos``,
+    ``ee_ori`` (axis-angle), ``gripper_states`` — the proprioception, 8-D, the default —
+    and ``joint_states`` (7-D); ``state`` is the 8-D proprioception in one part.
+    """
+
+    proprio_keys = ("ee_pos", "ee_ori", "gripper_states")
+    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": False, "joint_states": False}
 
     def __init__(
         self,
@@ -198,6 +212,7 @@ class LiberoEnv(SimulatorEnv):
         cameras: Sequence[str] = DEFAULT_CAMERAS,
         image_size: int = 128,
         max_episode_steps: int | None = None,
+        state_keys: Sequence[str] | None = None,
     ):
         from ditvla.envs.rendering import FastOffscreenRenderer
 
@@ -211,7 +226,8 @@ class LiberoEnv(SimulatorEnv):
         self._declare(
             cameras=cameras,
             image_size=image_size,
-            state_dim=STATE_DIM,
+            state_dims=STATE_DIMS,
+            state_keys=state_keys,
             action_dim=ACTION_DIM,
             max_episode_steps=max_episode_steps or SUITE_STEPS[suite],
         )
@@ -254,15 +270,17 @@ class LiberoEnv(SimulatorEnv):
         self._raw, reward, _, _ = self._env.step(action.astype(np.float64))
         return reward, self.success()
 
-    def _state(self) -> np.ndarray:
+    def state_parts(self) -> dict[str, np.ndarray]:
         raw = self._raw
-        return np.concatenate(
-            [
-                raw["robot0_eef_pos"],
-                _quat_to_axis_angle(raw["robot0_eef_quat"]),
-                raw["robot0_gripper_qpos"],
-            ]
-        ).astype(np.float32)
+        parts = {
+            "ee_pos": raw["robot0_eef_pos"],
+            "ee_ori": _quat_to_axis_angle(raw["robot0_eef_quat"]),
+            "gripper_states": raw["robot0_gripper_qpos"],
+            "joint_states": raw["robot0_joint_pos"],
+        }
+        parts = {key: np.asarray(value, np.float32) for key, value in parts.items()}
+        parts["state"] = np.concatenate([parts[key] for key in self.proprio_keys])
+        return parts
 
     def expert_action(self) -> np.ndarray:
         raise ValueError(

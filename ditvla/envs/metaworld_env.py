@@ -1,10 +1,13 @@
 """Meta-World v3 tasks behind the ditvla observation schema.
 
-Observation: ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (39,),
+Observation: ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
 "instruction": str}``; action: float32 (4,) in [-1, 1] (end-effector xyz delta and
-gripper). The 39-D state is Meta-World's own: hand position and gripper opening, object
-poses, the previous frame's copy of those 18 values, and the goal position (shown, as in
-the MT benchmarks).
+gripper). The state is proprioception by default (hand position and gripper opening, now
+and one frame earlier: 8-D); Meta-World's privileged object poses and goal are parts of
+their own (see :class:`MetaWorldEnv`).
+
+Besides Meta-World's 50 tasks, the ``colour-reach`` set is a suite where the instruction
+decides: three tasks ("reach the green / blue / yellow ball") share one scene per seed.
 
 Each episode is fixed by an integer seed: the seed draws the goal and object positions
 (Meta-World's own sampling, through the env's seeded generator), so two runs with one
@@ -19,6 +22,8 @@ upside down in Meta-World's model; their frames are turned upright here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
 
 import mujoco
 import numpy as np
@@ -51,10 +56,27 @@ def upright(camera: str, frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-STATE_DIM = 39
+# Meta-World's 39-D observation: hand xyz (0:3), gripper opening (3), object poses (4:18),
+# the previous frame's copy of those 18 values (18:36), the goal (36:39).
+PROPRIO_INDEX = np.r_[0:4, 18:22]  # hand and gripper, now and one frame earlier: 8-D
+OBJECTS_INDEX = np.r_[4:18, 22:36]  # object poses, now and one frame earlier: 28-D
+GOAL_INDEX = np.r_[36:39]
+STATE_DIMS = {"proprio": 8, "objects": 28, "goal": 3, "state": 39}
 ACTION_DIM = 4
 ACTION_SPACE = "metaworld: end-effector xyz delta + gripper effort, each in [-1, 1]"
 DEFAULT_CAMERAS = ("corner",)
+
+
+# The instruction-decides tasks: one scene — Meta-World's reach table with three coloured
+# balls at positions the seed draws — and three instructions; only the instruction says
+# which ball to reach (the robot itself is red, so no ball is).
+BALL_COLOURS = {
+    "green": (0.1, 0.75, 0.1, 1.0),
+    "blue": (0.1, 0.3, 1.0, 1.0),
+    "yellow": (1.0, 0.85, 0.05, 1.0),
+}
+COLOUR_REACH = tuple(f"reach-{colour}-ball" for colour in BALL_COLOURS)
+TASK_SETS = {"MT10": MT10, "colour-reach": COLOUR_REACH}
 
 
 def all_tasks() -> list[str]:
@@ -64,28 +86,115 @@ def all_tasks() -> list[str]:
 
 
 def instruction_for(task: str) -> str:
+    if task in COLOUR_REACH:
+        return f"reach the {task.split('-')[1]} ball"
     return INSTRUCTIONS.get(task, task.removesuffix("-v3").replace("-", " "))
 
 
 def task_set(name: str) -> list[str]:
-    """Task names of a set ("MT10", "MT50") or of one task / a comma-separated list."""
-    if name == "MT10":
-        return list(MT10)
+    """Task names of a set ("MT10", "MT50", "colour-reach") or of tasks, comma-separated
+    (sets may be among them: "colour-reach,drawer-close-v3")."""
     if name == "MT50":
         return all_tasks()
-    tasks = [t.strip() for t in name.split(",") if t.strip()]
-    known = set(all_tasks())
+    tasks: list[str] = []
+    for item in (t.strip() for t in name.split(",") if t.strip()):
+        tasks.extend(TASK_SETS.get(item, (item,)))
+    known = {*all_tasks(), *COLOUR_REACH}
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise ValueError(
             f"unknown metaworld task {', '.join(unknown) or repr(name)}; valid: MT10, MT50, "
-            + ", ".join(sorted(known))
+            f"colour-reach ({', '.join(COLOUR_REACH)}), " + ", ".join(sorted(all_tasks()))
         )
     return tasks
 
 
+def split_state(store: str | Path) -> list[str]:
+    """Split the 39-D ``state`` of a Meta-World store written before proprioception and
+    privileged state were recorded apart: adds ``proprio``, ``objects`` and ``goal`` beside
+    it (every frame; ``state`` stays). Returns the arrays added (none if already split)."""
+    from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+
+    buffer = ReplayBuffer.open(store, mode="a")
+    if buffer.state_is_split:
+        return []
+    if buffer.shape("state") != (STATE_DIMS["state"],):
+        raise DatasetError(
+            f"{store}: data/state has frames of shape {buffer.shape('state')}, Meta-World's "
+            f"is ({STATE_DIMS['state']},)"
+        )
+    raw = buffer.read_all("state").astype(np.float32)
+    parts = {"proprio": raw[:, PROPRIO_INDEX], "objects": raw[:, OBJECTS_INDEX]}
+    parts["goal"] = raw[:, GOAL_INDEX]
+    buffer.add_arrays(
+        parts, state_keys=list(MetaWorldEnv.proprio_keys), privileged_keys=["objects", "goal"]
+    )
+    return list(parts)
+
+
+def colour_reach_class():
+    """Meta-World's reach task with three coloured balls; the instructed one is the goal."""
+    from metaworld.envs.sawyer_reach_v3 import SawyerReachEnvV3
+
+    class ColourReachEnv(SawyerReachEnvV3):
+        BALL_RADIUS = 0.035
+        MIN_BALL_DISTANCE = 0.15  # success is within 0.05 of the instructed ball
+        BALL_LOW = np.array([-0.25, 0.7, 0.08])
+        BALL_HIGH = np.array([0.25, 0.9, 0.3])
+
+        def __init__(self, colour: str, **kwargs):
+            from gymnasium.spaces import Box
+
+            self.colour = colour
+            super().__init__(**kwargs)
+            # the observation clips the goal to this space: the balls' whole range
+            self.goal_space = Box(self.BALL_LOW, self.BALL_HIGH, dtype=np.float64)
+
+        def _initialize_simulation(self):
+            spec = mujoco.MjSpec.from_file(self.fullpath)
+            for site in spec.sites:
+                if site.name == "goal":
+                    site.rgba = [0, 0, 0, 0]  # the task's own goal marker, hidden
+            for geom in spec.geoms:
+                if geom.name == "objGeom":  # the red puck of reach-v3: out of the way, grey
+                    geom.rgba = [0.5, 0.5, 0.5, 1]
+            for name, rgba in BALL_COLOURS.items():
+                spec.worldbody.add_site(
+                    name=f"ball_{name}",
+                    type=mujoco.mjtGeom.mjGEOM_SPHERE,
+                    size=[self.BALL_RADIUS, 0, 0],
+                    rgba=list(rgba),
+                    pos=[0, 0.8, 0.2],
+                )
+            model = spec.compile()
+            model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+            model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+            return model, mujoco.MjData(model)
+
+        def reset_model(self):
+            super().reset_model()
+            while True:  # three balls far enough apart that reaching one is unambiguous
+                balls = self.np_random.uniform(self.BALL_LOW, self.BALL_HIGH, size=(3, 3))
+                gaps = np.linalg.norm(balls[:, None] - balls[None], axis=-1)
+                if gaps[np.triu_indices(3, 1)].min() >= self.MIN_BALL_DISTANCE:
+                    break
+            for name, position in zip(BALL_COLOURS, balls, strict=True):
+                self.model.site(f"ball_{name}").pos = position
+            self._target_pos = balls[list(BALL_COLOURS).index(self.colour)].copy()
+            self.model.site("goal").pos = self._target_pos
+            self.maxReachDist = np.linalg.norm(self.init_tcp - self._target_pos)
+            return self._get_obs()
+
+    return ColourReachEnv
+
+
 class MetaWorldEnv(SimulatorEnv):
     """One Meta-World v3 task with camera images, its state and an instruction.
+
+    State parts: ``proprio`` (hand position and gripper opening, now and one frame
+    earlier, as Meta-World stacks them: 8-D; the default), ``objects`` (object poses, now
+    and one frame earlier: 28-D) and ``goal`` (3-D), privileged; ``state`` is Meta-World's
+    own 39-D vector, as stores and policies from before the split hold it.
 
     Args:
         task: e.g. "door-open-v3".
@@ -93,7 +202,12 @@ class MetaWorldEnv(SimulatorEnv):
             "gripperPOV"); empty for state-only episodes (no rendering cost).
         image_size: square image side in pixels.
         max_episode_steps: truncation limit (Meta-World's own 500 by default).
+        state_keys: the state parts that make up ``observation["state"]``.
     """
+
+    proprio_keys = ("proprio",)
+    privileged_keys = ("objects", "goal")
+    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": True}
 
     def __init__(
         self,
@@ -102,20 +216,27 @@ class MetaWorldEnv(SimulatorEnv):
         cameras: Sequence[str] = DEFAULT_CAMERAS,
         image_size: int = 64,
         max_episode_steps: int | None = None,
+        state_keys: Sequence[str] | None = None,
     ):
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
 
         task_set(task)  # validates the name
         self.task = task
         self.instruction = instruction_for(task)
-        env = ALL_V3_ENVIRONMENTS[task](
+        options = dict(
             render_mode="rgb_array" if cameras else None,
             camera_name=cameras[0] if cameras else None,
             width=image_size,
             height=image_size,
         )
+        if task in COLOUR_REACH:
+            env = colour_reach_class()(task.split("-")[1], **options)
+            self._meta_task = "reach-v3"
+        else:
+            env = ALL_V3_ENVIRONMENTS[task](**options)
+            self._meta_task = task
         # What metaworld.MT1 does to set up a task, with the goal left visible in the state.
-        kwargs = dict(ML1_ARGS_KWARGS[task]["kwargs"])
+        kwargs = dict(ML1_ARGS_KWARGS[self._meta_task]["kwargs"])
         kwargs.pop("task_id", None)
         env._set_task_called = True
         env._partially_observable = False
@@ -129,7 +250,8 @@ class MetaWorldEnv(SimulatorEnv):
         self._declare(
             cameras=cameras,
             image_size=image_size,
-            state_dim=STATE_DIM,
+            state_dims=STATE_DIMS,
+            state_keys=state_keys,
             action_dim=ACTION_DIM,
             max_episode_steps=max_episode_steps or env.max_path_length,
         )
@@ -166,15 +288,21 @@ class MetaWorldEnv(SimulatorEnv):
         self._raw_obs, reward, _, _, info = self._env.step(action)
         return reward, bool(info.get("success", 0.0))
 
-    def _state(self) -> np.ndarray:
-        return self._raw_obs.astype(np.float32)
+    def state_parts(self) -> dict[str, np.ndarray]:
+        raw = self._raw_obs.astype(np.float32)
+        return {
+            "proprio": raw[PROPRIO_INDEX],
+            "objects": raw[OBJECTS_INDEX],
+            "goal": raw[GOAL_INDEX],
+            "state": raw,
+        }
 
     def expert_action(self) -> np.ndarray:
         """Meta-World's scripted expert's action for the current state."""
         if not hasattr(self, "_expert"):
             from metaworld.policies import ENV_POLICY_MAP
 
-            self._expert = ENV_POLICY_MAP[self.task]()
+            self._expert = ENV_POLICY_MAP[self._meta_task]()
         return np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
 
     def close(self) -> None:

@@ -40,6 +40,16 @@ class Suite:
     def default_cameras(self) -> tuple[str, ...]:
         return self._load().DEFAULT_CAMERAS
 
+    @property
+    def env_class(self) -> Any:
+        """The environment class; its state parts (``proprio_keys``, ``privileged_keys``,
+        ``check_state_keys``, ``reads_privileged_state``) are known before one is built."""
+        return self._load().ENV_CLASS
+
+    def instruction(self, task: str) -> str:
+        """The language instruction an episode of ``task`` gives."""
+        return self._load().instruction_for(task)
+
     def tasks(self, name: str) -> list[str]:
         """The tasks ``name`` stands for; ValueError naming the valid ones if unknown."""
         return self._load().task_set(name)
@@ -51,13 +61,16 @@ class Suite:
         cameras: Sequence[str] | None = None,
         image_size: int = 64,
         max_episode_steps: int | None = None,
+        state_keys: Sequence[str] | None = None,
     ) -> Any:
+        """One task's environment; ``state_keys`` default to its proprioception."""
         module = self._load()
         return module.ENV_CLASS(
             task,
             cameras=module.DEFAULT_CAMERAS if cameras is None else tuple(cameras),
             image_size=image_size,
             max_episode_steps=max_episode_steps,
+            state_keys=state_keys,
         )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -35,7 +36,7 @@ INSTRUCTIONS = {
 }
 TASKS = tuple(INSTRUCTIONS)
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
-STATE_DIM = 9
+PROPRIO_DIM = 9
 ACTION_DIM = 7
 ACTION_SPACE = (
     "robosuite OSC_POSE delta: end-effector xyz (1 = 5 cm), axis-angle (1 = 0.5 rad), "
@@ -60,6 +61,10 @@ def task_set(name: str) -> list[str]:
     return tasks
 
 
+def instruction_for(task: str) -> str:
+    return INSTRUCTIONS[task]
+
+
 def _quiet_robosuite() -> None:
     """robosuite logs every controller file it loads (at INFO) for each environment."""
     from robosuite.utils.log_utils import ROBOSUITE_DEFAULT_LOGGER
@@ -76,7 +81,15 @@ class RobosuiteEnv(SimulatorEnv):
             "frontview"); empty for state-only episodes.
         image_size: square image side in pixels.
         max_episode_steps: truncation limit (500 control steps = 25 s by default).
+        state_keys: the state parts that make up ``observation["state"]``: ``proprio``
+            (eef position, quaternion, fingers: 9-D; the default), ``objects`` (robosuite's
+            object observations, privileged), ``state`` (the same as proprio, as older stores
+            name it).
     """
+
+    proprio_keys = ("proprio",)
+    privileged_keys = ("objects",)
+    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": False}
 
     def __init__(
         self,
@@ -85,6 +98,7 @@ class RobosuiteEnv(SimulatorEnv):
         cameras: Sequence[str] = DEFAULT_CAMERAS,
         image_size: int = 64,
         max_episode_steps: int | None = None,
+        state_keys: Sequence[str] | None = None,
     ):
         task_set(task)  # validates the name
         import robosuite
@@ -92,13 +106,9 @@ class RobosuiteEnv(SimulatorEnv):
         _quiet_robosuite()
         self.task = task
         self.instruction = INSTRUCTIONS[task]
-        self._declare(
-            cameras=cameras,
-            image_size=image_size,
-            state_dim=STATE_DIM,
-            action_dim=ACTION_DIM,
-            max_episode_steps=max_episode_steps or MAX_EPISODE_STEPS,
-        )
+        self.check_state_keys(self.proprio_keys if state_keys is None else state_keys)
+        self.cameras = tuple(cameras)
+        self.max_episode_steps = max_episode_steps or MAX_EPISODE_STEPS
         self._env = robosuite.make(
             task,
             robots="Panda",
@@ -110,6 +120,15 @@ class RobosuiteEnv(SimulatorEnv):
             horizon=self.max_episode_steps,
             ignore_done=True,
             hard_reset=False,  # keeps the model (and the fast render context) across resets
+        )
+        objects = self._env.observation_spec()["object-state"].shape[0]
+        self._declare(
+            cameras=cameras,
+            image_size=image_size,
+            state_dims={"proprio": PROPRIO_DIM, "state": PROPRIO_DIM, "objects": objects},
+            state_keys=state_keys,
+            action_dim=ACTION_DIM,
+            max_episode_steps=self.max_episode_steps,
         )
         known = set(self._env.sim.model.camera_names)
         unknown = [c for c in self.cameras if c not in known]
@@ -139,11 +158,13 @@ class RobosuiteEnv(SimulatorEnv):
         self._raw, reward, _, _ = self._env.step(action.astype(np.float64))
         return reward, bool(self._env._check_success())
 
-    def _state(self) -> np.ndarray:
+    def state_parts(self) -> dict[str, np.ndarray]:
         raw = self._raw
-        return np.concatenate(
+        proprio = np.concatenate(
             [raw["robot0_eef_pos"], raw["robot0_eef_quat"], raw["robot0_gripper_qpos"]]
         ).astype(np.float32)
+        objects = np.asarray(raw["object-state"], np.float32)
+        return {"proprio": proprio, "state": proprio, "objects": objects}
 
     def expert_action(self) -> np.ndarray:
         """The scripted expert's action for the current state (privileged object poses)."""

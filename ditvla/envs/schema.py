@@ -10,7 +10,9 @@ cameras (their entry is empty). An episode ends
 when the task succeeds (``terminated``) or after ``max_episode_steps`` (``truncated``).
 
 A simulator subclass implements ``_reset_simulator(seed)``, ``_step_simulator(action) ->
-(reward, success)``, ``_state()``, ``render_camera(camera)`` and ``expert_action()``.
+(reward, success)``, ``state_parts()``, ``render_camera(camera)`` and ``expert_action()``.
+``observation["state"]`` is the parts named by ``state_keys`` (proprioception by default),
+concatenated.
 """
 
 from __future__ import annotations
@@ -26,20 +28,56 @@ EVAL_SEED_START = 100_000
 
 
 class SimulatorEnv(gym.Env):
+    """Subclasses name their state parts: ``proprio_keys`` (what a real robot has: joint or
+    end-effector pose, gripper; the default state), ``privileged_keys`` (what only the
+    simulator knows: object poses, goals), and ``legacy_state_keys`` (older names a saved
+    policy may read, each marked privileged or not). ``state_keys`` picks the parts,
+    in order, that make up ``observation["state"]``."""
+
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
+    proprio_keys: ClassVar[tuple[str, ...]] = ()
+    privileged_keys: ClassVar[tuple[str, ...]] = ()
+    legacy_state_keys: ClassVar[dict[str, bool]] = {}
 
     instruction: str
     fps: float
+
+    @classmethod
+    def offered_state_keys(cls) -> tuple[str, ...]:
+        return (*cls.proprio_keys, *cls.privileged_keys, *cls.legacy_state_keys)
+
+    @classmethod
+    def reads_privileged_state(cls, state_keys: Sequence[str]) -> bool:
+        """Whether a state made of ``state_keys`` holds anything a real robot lacks."""
+        return any(
+            key in cls.privileged_keys or cls.legacy_state_keys.get(key, False)
+            for key in state_keys
+        )
+
+    @classmethod
+    def check_state_keys(cls, state_keys: Sequence[str]) -> None:
+        """ValueError naming the parts this environment offers, if it lacks one asked for."""
+        missing = [key for key in state_keys if key not in cls.offered_state_keys()]
+        if missing:
+            raise ValueError(
+                f"{cls.__name__} cannot build the state part(s) {', '.join(missing)}; it offers "
+                f"{', '.join(cls.offered_state_keys())} (proprioception: "
+                f"{', '.join(cls.proprio_keys)})"
+            )
 
     def _declare(
         self,
         *,
         cameras: Sequence[str],
         image_size: int,
-        state_dim: int,
+        state_dims: dict[str, int],
+        state_keys: Sequence[str] | None,
         action_dim: int,
         max_episode_steps: int,
     ) -> None:
+        self.state_keys = tuple(self.proprio_keys if state_keys is None else state_keys)
+        self.check_state_keys(self.state_keys)
+        state_dim = sum(state_dims[key] for key in self.state_keys)
         self.cameras = tuple(cameras)
         self.image_size = image_size
         self.max_episode_steps = max_episode_steps
@@ -61,8 +99,13 @@ class SimulatorEnv(gym.Env):
     def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
         raise NotImplementedError
 
-    def _state(self) -> np.ndarray:
+    def state_parts(self) -> dict[str, np.ndarray]:
+        """Every state part this environment offers, for the current step."""
         raise NotImplementedError
+
+    def _state(self) -> np.ndarray:
+        parts = self.state_parts()
+        return np.concatenate([parts[key] for key in self.state_keys]).astype(np.float32)
 
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera``."""

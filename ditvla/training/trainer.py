@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
+from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
@@ -48,6 +49,11 @@ class TrainConfig:
             Idefics3 VLM).
         policy_overrides: PolicyConfig fields to set over the preset, nested like the
             config ({"head": {"width": 384}}).
+        cameras: the cameras the policy reads, comma-separated (default: every camera of the
+            store).
+        state: the state the policy reads: proprio (what a real robot has: the store's
+            state_keys), full (with the simulator's privileged object poses and goals), or
+            arrays by name, KEY[,KEY...].
         steps: optimizer steps.
         batch_size: samples per optimizer step, over all processes and micro-batches.
         grad_accum: micro-batches per optimizer step.
@@ -70,6 +76,8 @@ class TrainConfig:
     out: str = "outputs/train"
     preset: str = "tiny"
     policy_overrides: dict[str, Any] = field(default_factory=dict)
+    cameras: tuple[str, ...] | None = None
+    state: str = "proprio"
     steps: int = 2000
     batch_size: int = 64
     grad_accum: int = 1
@@ -212,13 +220,18 @@ def train(config: TrainConfig) -> Path:
     checkpoints = out / "checkpoints"
     _seed_everything(config.seed + rank)
 
+    state_keys = ReplayBuffer.open(config.dataset).resolve_state(config.state)
     # The store's statistics are computed once (by the main process) and saved with it.
     if main_process:
-        data = ReplayBufferDataset(config.dataset).data_spec()
+        data = ReplayBufferDataset(
+            config.dataset, cameras=config.cameras, state_keys=state_keys
+        ).data_spec()
     if distributed:
         dist.barrier()
     if not main_process:
-        data = ReplayBufferDataset(config.dataset).data_spec()
+        data = ReplayBufferDataset(
+            config.dataset, cameras=config.cameras, state_keys=state_keys
+        ).data_spec()
     policy_config = PolicyConfig.for_data(data, config.preset, **config.policy_overrides)
     dataset = ReplayBufferDataset(
         config.dataset,
