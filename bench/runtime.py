@@ -12,7 +12,15 @@ async-inference gRPC/pickle path, on loopback, in the same run.
    its AsyncInference gRPC service with its own chunked-bytes helpers and pickle, as
    lerobot's robot_client / policy_server do (SendObservations, then GetActions).
 
-    python bench/runtime.py [--duration 120] [--round-trips 300]
+3. ``--hostile``: the control loop of 1 with CURVE keys on loopback while three local
+   peers without an admitted key — one plain, one with a CURVE key pair of its own, one
+   that only listens and asks for the session — flood the server with garbage, huge,
+   many-framed, deeply nested and replayed messages and count what they receive.
+
+    python bench/runtime.py [--duration 120] [--round-trips 300] [--hostile]
+
+Last line: ``50 Hz control: ...`` or, with --hostile, ``hostile 50 Hz: p99 jitter <x> ms,
+missed <n>; robot got <a>/<b> chunks, intruders got <c>``.
 """
 
 from __future__ import annotations
@@ -43,9 +51,14 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------- 1. control loop
-def control_loop(duration: float, folder: Path) -> dict:
+def control_loop(duration: float, folder: Path, hostile: bool = False) -> dict:
+    """`ditvla serve` + `ditvla robot --sim` for ``duration`` seconds; with ``hostile``,
+    keyed (CURVE on loopback) while three local peers without admitted keys flood the
+    server and try to read chunks. Returns the controller's summary, the server's counters
+    and the intruders'."""
     import torch
 
+    from ditvla.deploy.keys import generate_keypair
     from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 
     torch.manual_seed(0)
@@ -55,18 +68,33 @@ def control_loop(duration: float, folder: Path) -> dict:
     DiTVLAPolicy(config).save_pretrained(folder / "policy")
     address = f"tcp://127.0.0.1:{free_port()}"
     cli = [sys.executable, "-m", "ditvla.cli"]
+    keys = []
+    if hostile:
+        for name in ("server", "robot"):
+            generate_keypair(folder / "keys", name)
+        generate_keypair(folder / "outsider", "robot")  # a key pair the server never admitted
+        keys = ["--keys", str(folder / "keys")]
+    serve = [*cli, "serve", "--policy", str(folder / "policy"), "--address", address]
     server = subprocess.Popen(
-        [*cli, "serve", "--policy", str(folder / "policy"), "--address", address, "--quiet"]
+        [*serve, "--quiet", "--stats-json", str(folder / "server.json"), *keys]
     )
+    intruders = []
+    if hostile:
+        context = mp.get_context("spawn")
+        for kind in ("plain", "curve", "reader"):
+            intruders.append(
+                context.Process(
+                    target=_intruder,
+                    args=(address, kind, duration + 10, folder, folder / f"{kind}.json"),
+                )
+            )
+            intruders[-1].start()
     try:
+        robot = [*cli, "robot", "--sim", "metaworld:drawer-close-v3", "--server", address]
         subprocess.run(
             [
-                *cli,
-                "robot",
-                "--sim",
-                "metaworld:drawer-close-v3",
-                "--server",
-                address,
+                *robot,
+                *keys,
                 "--hz",
                 "50",
                 "--duration-s",
@@ -82,7 +110,74 @@ def control_loop(duration: float, folder: Path) -> dict:
     finally:
         server.terminate()
         server.wait()
-    return json.loads((folder / "robot" / "summary.json").read_text())
+        for process in intruders:
+            process.join(30)
+    summary = json.loads((folder / "robot" / "summary.json").read_text())
+    summary["server"] = json.loads((folder / "server.json").read_text())
+    summary["intruders"] = {
+        kind: json.loads((folder / f"{kind}.json").read_text())
+        for kind in ("plain", "curve", "reader")
+        if hostile
+    }
+    return summary
+
+
+def _hostile_frames(rng) -> list[list[bytes]]:
+    """Garbage, oversized, many-framed, deeply nested, huge-number and replayed messages."""
+    from ditvla.deploy.messages import Message, encode
+
+    hello = encode(Message("hello", {"robot": "intruder", "control_hz": 50.0, "nonce": "x"}))
+    observation = encode(
+        Message("observation", {"tick": 1, "time": 1.0, "episode": 0}, _observation_arrays())
+    )
+    nested = b"[" * 100_000 + b"]" * 100_000
+    return [
+        [rng.bytes(64)],
+        [rng.bytes(4 * 1024 * 1024)],  # oversized for the frame cap? no: 4 MB, under it
+        [b"x" * 1024] * 200,  # many frames
+        [len(nested).to_bytes(4, "little") + nested],
+        [b'\x20\x00\x00\x00{"v": 2, "seq": ' + b"9" * 5000 + b"}"],
+        [hello],  # an attempt to take over the session
+        [observation],  # and replays of a valid message
+        [observation],
+    ]
+
+
+def _intruder(address: str, kind: str, seconds: float, folder: Path, out: Path) -> None:
+    """A local peer without an admitted key: floods (plain, curve) or tries to read (reader),
+    and counts every message it receives."""
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    if kind != "plain":  # CURVE with a key pair of its own and the server's public key
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(folder / "outsider" / "robot.key_secret")
+        server_public, _ = zmq.auth.load_certificate(folder / "keys" / "server.key")
+        socket.curve_publickey, socket.curve_secretkey = public, secret
+        socket.curve_serverkey = server_public
+    socket.connect(address)
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    frames = _hostile_frames(rng)
+    sent = received = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if kind == "reader":
+            time.sleep(0.2)
+            message = frames[5]  # keeps asking for the session
+        else:
+            message = frames[sent % len(frames)]
+        try:
+            socket.send_multipart(message, flags=zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            time.sleep(0.001)
+        while socket.poll(0):
+            socket.recv_multipart()
+            received += 1
+    socket.close()
+    out.write_text(json.dumps({"sent": sent, "received": received}))
 
 
 # ---------------------------------------------------------------------- 2. round trips
@@ -98,13 +193,20 @@ def _observation_arrays() -> dict[str, np.ndarray]:
 
 def _ours_server(address: str) -> None:
     from ditvla.deploy.messages import Message
-    from ditvla.deploy.transport import Channel
+    from ditvla.deploy.transport import ServerChannel
 
     chunk = np.zeros((HORIZON, ACTION_DIM), np.float32)
-    with Channel(address, bind=True) as channel:
+    spec = {"cameras": list(OBS_IMAGES), "image_size": 128, "state_dim": STATE_DIM}
+    with ServerChannel(address) as channel:
         while True:
-            message = channel.receive(timeout_ms=1000)
-            if message is None:
+            received = channel.receive(timeout_ms=1000)
+            if received is None:
+                continue
+            peer, message = received
+            if message.type == "hello":
+                channel.accept(peer, "bench")
+                meta = {**spec, "action_dim": ACTION_DIM, "nonce": message.meta["nonce"]}
+                channel.send(Message("spec", meta))
                 continue
             meta = {
                 "start_tick": message.meta["tick"],
@@ -116,15 +218,17 @@ def _ours_server(address: str) -> None:
 
 
 def ours_round_trips(n: int) -> np.ndarray:
+    from ditvla.deploy.controller import handshake
     from ditvla.deploy.messages import Message
-    from ditvla.deploy.transport import Channel
+    from ditvla.deploy.transport import ClientChannel
 
     address = f"tcp://127.0.0.1:{free_port()}"
     server = mp.get_context("spawn").Process(target=_ours_server, args=(address,), daemon=True)
     server.start()
     arrays = _observation_arrays()
     times = []
-    with Channel(address, bind=False) as channel:
+    with ClientChannel(address) as channel:
+        handshake(channel, "bench", 50.0)
         for i in range(n + 20):
             started = time.perf_counter()
             channel.send(
@@ -211,8 +315,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=120.0, help="control-loop seconds")
     parser.add_argument("--round-trips", type=int, default=300)
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="keyed server; three local peers without admitted keys flood it and try to "
+        "read chunks (no round trips then)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
+    if args.hostile:
+        with tempfile.TemporaryDirectory() as folder:
+            summary = control_loop(args.duration, Path(folder), hostile=True)
+        print(json.dumps({k: v for k, v in summary.items() if k != "episodes"}, indent=1))
+        got, sent = summary["chunks_received"], summary["server"]["chunks"]
+        stolen = sum(i["received"] for i in summary["intruders"].values())
+        print(
+            f"hostile 50 Hz: p99 jitter {summary['jitter_p99_ms']:.2f} ms, missed "
+            f"{summary['missed_deadlines']}; robot got {got}/{sent} chunks, intruders got {stolen}"
+        )
+        return
 
     with tempfile.TemporaryDirectory() as folder:
         summary = control_loop(args.duration, Path(folder))

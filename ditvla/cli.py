@@ -94,10 +94,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from ditvla.deploy.keys import read_key
+    from ditvla.deploy.keys import server_keys
     from ditvla.deploy.server import PolicyServer, ServeConfig
 
-    config = ServeConfig(**given_options(args, ServeConfig), key=read_key(args.key_file))
+    keys = server_keys(args.keys) if args.keys else None
+    config = ServeConfig(**{**given_options(args, ServeConfig), "keys": keys})
     server = PolicyServer(config)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
@@ -107,23 +108,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         line = (
             f"chunks {stats.chunks} | contexts {stats.contexts} | S1 {stats.system1_hz:.1f} Hz "
             f"| S2 {stats.system2_hz:.1f} Hz | stale {stats.stale_skips} | "
-            f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages}"
+            f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages} | "
+            f"bad observations {stats.bad_observations}"
         )
         print(line + (f" (last: {last_error})" if last_error else ""), file=sys.stderr)
 
-    server.serve(duration_s=args.duration_s, on_status=None if args.quiet else status)
+    stats = server.serve(duration_s=args.duration_s, on_status=None if args.quiet else status)
+    if args.stats_json:
+        report = {k: v for k, v in asdict(stats).items() if k != "act_ms"}
+        Path(args.stats_json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
 def _cmd_robot(args: argparse.Namespace) -> int:
     from ditvla.deploy.controller import ControllerConfig, RunConfig, run_lerobot, run_sim
-    from ditvla.deploy.keys import read_key
-    from ditvla.deploy.transport import Channel
+    from ditvla.deploy.keys import client_keys
+    from ditvla.deploy.transport import ClientChannel
 
     config = ControllerConfig(**given_options(args, ControllerConfig))
     run = RunConfig(**given_options(args, RunConfig))
     out = Path(args.out)
-    with Channel(args.server, bind=False, key=read_key(args.key_file)) as channel:
+    keys = client_keys(args.keys, args.key_name) if args.keys else None
+    with ClientChannel(args.server, keys=keys) as channel:
         if args.sim:
             summary = run_sim(channel, args.sim, config=config, run=run, out=out)
         else:
@@ -166,9 +172,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from ditvla.deploy.keys import new_key_file
+    from ditvla.deploy.keys import generate_keypair
 
-    print(f"wrote {new_key_file(args.path)} (give the server and the robot the same file)")
+    secret = generate_keypair(args.folder, args.name, force=args.force)
+    print(
+        f"wrote {secret} (secret, mode 600) and {secret.with_suffix('.key')} (public). The "
+        "server needs server.key_secret and the robots' *.key; a robot needs its own "
+        "NAME.key_secret and server.key."
+    )
     return 0
 
 
@@ -359,10 +370,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "state and streams them to the controller (`ditvla robot`). Loopback only unless "
         "--key-file is given.",
     )
-    options(serve, "ServeConfig", exclude=("key",))
-    serve.add_argument("--key-file", help="shared key file (ditvla keygen)")
+    options(serve, "ServeConfig", exclude=("keys",))
+    serve.add_argument(
+        "--keys",
+        help="a key folder (ditvla keygen): server.key_secret, and the public keys of the "
+        "robots it admits (CURVE: authenticated, encrypted); required off loopback",
+    )
     serve.add_argument("--duration-s", type=float, help="stop after this many seconds")
     serve.add_argument("--quiet", action="store_true", help="no status line every second")
+    serve.add_argument("--stats-json", help="write the server's final counters here on exit")
 
     robot = _command(
         commands,
@@ -382,7 +398,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     robot.add_argument("--instruction", default="", help="the task instruction (--robot)")
     robot.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy server")
-    robot.add_argument("--key-file", help="the server's shared key file")
+    robot.add_argument(
+        "--keys", help="a key folder (ditvla keygen): this robot's NAME.key_secret and server.key"
+    )
+    robot.add_argument("--key-name", default="robot", help="NAME of this robot's key pair")
     robot.add_argument("--out", default="outputs/robot", help="metrics folder")
     options(robot, "ControllerConfig")
     options(robot, "RunConfig")
@@ -417,10 +436,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         commands,
         "keygen",
         _cmd_keygen,
-        "write a random shared key for serve/robot",
-        "Write a fresh random key readable by its owner only (mode 600).",
+        "write a CURVE key pair for serve/robot",
+        "Write FOLDER/NAME.key (public) and FOLDER/NAME.key_secret (mode 600, never through a "
+        "link). Make one pair named server and one per robot; give the server its secret "
+        "and the robots' public keys, each robot its secret and server.key.",
     )
-    keygen.add_argument("path", help="the key file to write")
+    keygen.add_argument("folder", help="the key folder")
+    keygen.add_argument("--name", default="server", help="the key pair's name: server, robot, ...")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
 
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     dataset_commands = dataset.add_subparsers(

@@ -81,6 +81,8 @@ class PolicySpec:
             be seeded per episode; None for policies that draw no noise.
         reads_expert_action: the policy needs the simulator's scripted-expert action in
             each observation (``"expert_action"``): the expert baseline.
+        action_low / action_high: per action dimension, the smallest and largest action
+            of the training data (None when unknown): a controller's default limits.
     """
 
     cameras: tuple[str, ...]
@@ -92,6 +94,8 @@ class PolicySpec:
     state_keys: tuple[str, ...] = ("state",)
     noise_shape: tuple[int, int] | None = None
     reads_expert_action: bool = False
+    action_low: tuple[float, ...] | None = None
+    action_high: tuple[float, ...] | None = None
 
 
 @runtime_checkable

@@ -10,12 +10,19 @@ import pytest
 import torch
 import zmq
 
-from ditvla.deploy.messages import MAX_MESSAGE_BYTES, Codec, Message, MessageError
+from ditvla.deploy.errors import TransportError
+from ditvla.deploy.keys import client_keys, generate_keypair, server_keys
+from ditvla.deploy.messages import (
+    MAX_MESSAGE_BYTES,
+    Codec,
+    Message,
+    MessageError,
+    decode,
+    encode,
+)
 from ditvla.deploy.schedule import ActionSchedule, rtc_weights
-from ditvla.deploy.transport import Channel, TransportError, is_loopback
+from ditvla.deploy.transport import ClientChannel, ServerChannel, is_loopback
 from ditvla.policies.noise_schedules import DDPM, FlowMatching
-
-KEY = b"0123456789abcdef0123456789abcdef"
 
 
 def observation(state=None, **meta) -> Message:
@@ -31,41 +38,43 @@ def observation(state=None, **meta) -> Message:
     )
 
 
-def frames_of(message: Message, key=None) -> list[bytes]:
-    return [bytes(f) for f in Codec(key).encode(message)]
-
-
 def test_round_trip_keeps_every_array_and_field():
     sent = observation()
-    received = Codec().decode(frames_of(sent))
+    received = decode(encode(sent))
     assert received.type == "observation" and received.meta == sent.meta
     for name, array in sent.arrays.items():
         np.testing.assert_array_equal(received.arrays[name], array)
         assert received.arrays[name].dtype == array.dtype
 
 
-def _header(frames):
-    return json.loads(frames[0])
+def _parts(frame: bytes) -> tuple[dict, bytes]:
+    length = int.from_bytes(frame[:4], "little")
+    return json.loads(frame[4 : 4 + length]), frame[4 + length :]
 
 
-def _with_header(frames, **changes):
-    header = {**_header(frames), **changes}
-    return [json.dumps(header).encode(), *frames[1:]]
+def _with_header(frame: bytes, **changes) -> bytes:
+    header, body = _parts(frame)
+    raw = json.dumps({**header, **changes}).encode()
+    return len(raw).to_bytes(4, "little") + raw + body
+
+
+def _header(frame: bytes) -> dict:
+    return _parts(frame)[0]
 
 
 @pytest.mark.parametrize(
     "corrupt, reason",
     [
-        (lambda f: [b"\xff not json", *f[1:]], "not JSON"),
+        (lambda f: f[:4] + b"\xff not json" + f[4:], "not JSON|exceeds the message"),
         (lambda f: _with_header(f, type="shell"), "unknown message type"),
         (lambda f: _with_header(f, v=99), "wire version"),
-        (lambda f: f[:-1], "arrays, message has"),
-        (lambda f: [f[0], f[1][:-4], *f[2:]], "bytes for shape"),
+        (lambda f: f[:-4], "bytes for shape"),
+        (lambda f: f + b"xx", "bytes after the last array"),
         (
             lambda f: _with_header(
                 f, arrays=[{**a, "dtype": "object"} for a in _header(f)["arrays"]]
             ),
-            "dtype 'object'",
+            "dtype not one of",
         ),
         (lambda f: _with_header(f, meta={"tick": 1, "time": 0.0}), "missing meta field 'episode'"),
         (
@@ -73,74 +82,126 @@ def _with_header(frames, **changes):
             "'tick' has type str",
         ),
         (lambda f: _with_header(f, meta={**_header(f)["meta"], "cmd": "rm"}), "unexpected meta"),
-        (lambda f: [*f, b"x" * (MAX_MESSAGE_BYTES + 1)], "exceeds"),
+        (lambda f: f + b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
     ],
 )
 def test_malformed_messages_are_refused_with_the_reason(corrupt, reason):
     with pytest.raises(MessageError, match=reason):
-        Codec().decode(corrupt(frames_of(observation())))
+        decode(corrupt(encode(observation())))
 
 
 def test_nan_and_wrong_rank_arrays_are_refused():
     state = np.arange(39, dtype=np.float32)
+    frame = bytearray(encode(Message("observation", observation().meta, {"state": state})))
+    frame[-4:] = np.array([np.nan], np.float32).tobytes()  # the last state value
+    with pytest.raises(MessageError, match="NaN"):
+        decode(bytes(frame))
     state[4] = np.nan
     with pytest.raises(MessageError, match="NaN"):
-        Codec().decode(frames_of(Message("observation", observation().meta, {"state": state})))
+        encode(Message("observation", observation().meta, {"state": state}))
     chunk = Message(
         "actions",
         {"start_tick": 0, "obs_time": 0.0, "context_tick": 0, "episode": 0},
         {"actions": np.zeros(7, np.float32)},
     )
     with pytest.raises(MessageError, match="expected float32 with 2"):
-        Codec().encode(chunk)
+        encode(chunk)
 
 
-def test_keyed_messages_are_authenticated_and_not_replayable():
-    sender, receiver = Codec(KEY), Codec(KEY)
-    first = [bytes(f) for f in sender.encode(observation())]
-    assert receiver.decode(first).meta["tick"] == 3
+def test_sessions_refuse_replays_old_sessions_and_reflected_messages():
+    server, controller = Codec(("controller",)), Codec(("server",))
+    server.start_session("s1")
+    controller.start_session("s1")
+    first = controller.encode(observation())
+    assert server.decode(first).meta["tick"] == 3
     with pytest.raises(MessageError, match="replayed"):
-        receiver.decode(first)
-    tampered = [bytes(f) for f in sender.encode(observation())]
-    tampered[1] = b"\x00" * len(tampered[1])
-    with pytest.raises(MessageError, match="authentication failed"):
-        receiver.decode(tampered)
-    with pytest.raises(MessageError, match="authentication failed"):
-        Codec(KEY).decode(frames_of(observation(), key=b"another key of 32 bytes........."))
-    with pytest.raises(MessageError):  # unsigned message to a keyed receiver
-        Codec(KEY).decode(frames_of(observation()))
+        server.decode(first)
+    # the server restarts: a new session; the old traffic is refused
+    server.start_session("s2")
+    with pytest.raises(MessageError, match="another session"):
+        server.decode(controller.encode(observation()))
+    # a chunk the server sent, reflected back to it, is not taken
+    chunk = Message(
+        "actions",
+        {"start_tick": 0, "obs_time": 0.0, "context_tick": 0, "episode": 0},
+        {"actions": np.zeros((4, 7), np.float32)},
+    )
+    with pytest.raises(MessageError, match="do not come from this side"):
+        server.decode(server.encode(chunk))
 
 
-def test_binding_beyond_loopback_needs_a_key():
+def test_binding_beyond_loopback_needs_keys(tmp_path):
     assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1")
     assert not is_loopback("tcp://0.0.0.0:5555") and not is_loopback("tcp://*:5555")
-    with pytest.raises(TransportError, match="requires a shared key"):
-        Channel("tcp://0.0.0.0:0", bind=True)
-    Channel("tcp://0.0.0.0:0", bind=True, key=KEY).close()
+    with pytest.raises(TransportError, match="requires keys"):
+        ServerChannel("tcp://0.0.0.0:0")
+    generate_keypair(tmp_path, "server")
+    ServerChannel("tcp://0.0.0.0:0", keys=server_keys(tmp_path)).close()
+
+
+def test_key_files_are_private_never_overwritten_and_checked(tmp_path):
+    secret = generate_keypair(tmp_path, "server")
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(TransportError, match="exists; pass --force"):
+        generate_keypair(tmp_path, "server")
+    generate_keypair(tmp_path, "server", force=True)
+    secret.chmod(0o644)
+    with pytest.raises(TransportError, match="readable by others"):
+        server_keys(tmp_path)
+    secret.chmod(0o600)
+    link = tmp_path / "elsewhere"
+    link.write_text("x")
+    (tmp_path / "robot.key_secret").symlink_to(link)
+    with pytest.raises(TransportError, match="exists"):  # the link is not followed
+        generate_keypair(tmp_path, "robot")
+    assert link.read_text() == "x"
+    with pytest.raises(TransportError, match="not a regular file"):
+        client_keys(tmp_path)
+
+
+def test_curve_admits_the_robot_and_keeps_others_out(tmp_path):
+    generate_keypair(tmp_path, "server")
+    generate_keypair(tmp_path, "robot")
+    other = tmp_path / "other"
+    generate_keypair(other, "robot")
+    (other / "server.key").write_bytes((tmp_path / "server.key").read_bytes())
+    with ServerChannel("tcp://127.0.0.1:0", keys=server_keys(tmp_path)) as server:
+        stranger = ClientChannel(server.address, keys=client_keys(other))
+        plain = zmq.Context.instance().socket(zmq.DEALER)
+        plain.connect(server.address)
+        stranger.send(Message("hello", {"robot": "x", "control_hz": 50.0}))
+        plain.send(b"garbage")
+        with ClientChannel(server.address, keys=client_keys(tmp_path)) as robot:
+            robot.send(Message("hello", {"robot": "sim", "control_hz": 50.0, "nonce": "n1"}))
+            received = server.receive(timeout_ms=5000)
+            assert received is not None and received[1].meta["nonce"] == "n1"
+            assert server.receive(timeout_ms=500) is None  # nothing of the others got through
+        assert server.rejected["handshake refused"] >= 1
+        stranger.close()
+        plain.close(linger=0)
 
 
 def test_channel_survives_garbage_and_delivers_the_next_message():
-    with Channel("tcp://127.0.0.1:0", bind=True) as server:
-        address = server._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    with ServerChannel("tcp://127.0.0.1:0") as server:
         raw = zmq.Context.instance().socket(zmq.DEALER)
-        raw.connect(address)
+        raw.connect(server.address)
         raw.send_multipart([b"garbage", b"\x00" * 10])
-        raw.send_multipart([b'{"v": 1, "type": "observation", "seq": 0, "meta": {}, "arrays": []}'])
+        raw.send(b"\x05\x00\x00\x00{}")
         # A wait that meets only bad messages returns nothing (ZeroMQ queues the two peers
         # fairly, so the bad ones are drained before the good peer connects).
         assert server.receive(timeout_ms=2000) is None
-        assert server.rejected == 2  # both bad messages dropped, counted, and named
-        assert "missing meta field" in server.last_error
-        with Channel(address, bind=False) as client:
+        assert server.rejected_total == 2  # both bad messages dropped, counted, and named
+        with ClientChannel(server.address) as client:
             # garbage now, the good message later: the wait goes on past the garbage
-            raw.send_multipart([b"garbage"])
-            later = threading.Timer(0.3, client.send, [observation()])
+            raw.send(b"garbage")
+            hello = Message("hello", {"robot": "sim", "control_hz": 50.0})
+            later = threading.Timer(0.3, client.send, [hello])
             later.start()
             received = server.receive(timeout_ms=5000)
             later.join()
         raw.close(linger=0)
-    assert received is not None and received.meta["tick"] == 3
-    assert server.rejected == 3
+    assert received is not None and received[1].meta["robot"] == "sim"
+    assert server.rejected_total == 3
 
 
 def test_latest_rule_switches_to_the_newest_chunk_and_holds_past_the_end():

@@ -139,3 +139,253 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+# ---------------------------------------------------------------------- hostile and broken input
+def keyed_folder(tmp_path):
+    from ditvla.deploy.keys import generate_keypair
+
+    keys = tmp_path / "keys"
+    for name in ("server", "robot", "buggy"):
+        generate_keypair(keys, name)
+    return keys
+
+
+def framed(header: bytes) -> bytes:
+    return len(header).to_bytes(4, "little") + header
+
+
+HOSTILE_FRAMES = [
+    b"\x00",
+    framed(b"[" * 50_000 + b"]" * 50_000),  # nesting beyond Python's recursion limit
+    framed(b'{"v": 2, "seq": ' + b"9" * 6000 + b"}"),  # beyond Python's integer digit limit
+    framed(
+        b'{"v": 2, "type": "hello", "session": "", "seq": 0, "arrays": [], '
+        b'"meta": {"robot": "x", "control_hz": 0}}'
+    ),  # schema-valid in type, not in range
+    framed(
+        b'{"v": 2, "type": "observation", "session": "", "seq": 0, "meta": {"tick": 1, '
+        b'"time": 0, "episode": 0}, "arrays": [{"name": "state", "dtype": [1], "shape": '
+        b"[true, 2]}]}"
+    ),
+    framed(
+        b'{"v": 2, "type": "observation", "session": "", "seq": 0, "meta": {"tick": 1, '
+        b'"time": 0, "episode": 0}, "arrays": [{"name": "state", "dtype": "uint8", "shape": '
+        + str([1] * 65).encode()
+        + b"}]}"
+    ),
+]
+
+
+@pytest.mark.slow
+def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_path):
+    """A keyed server on loopback: peers without an admitted key are refused at the
+    handshake; an admitted but buggy peer's garbage is counted; the robot is served."""
+    import zmq
+
+    from ditvla.deploy.keys import client_keys, generate_keypair
+    from ditvla.deploy.messages import Message
+    from ditvla.deploy.transport import ClientChannel
+
+    keys = keyed_folder(tmp_path)
+    outsider = tmp_path / "outsider"
+    generate_keypair(outsider, "robot")
+    (outsider / "server.key").write_bytes((keys / "server.key").read_bytes())
+    address = free_address()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--policy", str(policy_dir), "--address", address, "--keys", str(keys)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    plain = zmq.Context.instance().socket(zmq.DEALER)
+    plain.connect(address)
+    stranger = ClientChannel(address, keys=client_keys(outsider))
+    buggy = ClientChannel(address, keys=client_keys(keys, "buggy"))
+    try:
+        for frame in HOSTILE_FRAMES:
+            plain.send(frame)
+            buggy._socket.send(frame)
+        buggy._socket.send_multipart([b"x"] * 50)  # many frames
+        stranger.send(Message("hello", {"robot": "intruder", "control_hz": 50.0}))
+        out = tmp_path / "robot"
+        robot_process = robot(
+            address, out, "--keys", str(keys), "--episodes", "1", "--max-steps", "150"
+        )
+        finished(robot_process)
+        rows = ticks(out)
+        assert sum(r["executed"] == "action" for r in rows) > len(rows) // 3
+        # nobody else got anything: the stranger never passed the handshake
+        assert stranger.receive(timeout_ms=200) is None and plain.poll(200) == 0
+        assert server.poll() is None, "the server died"
+    finally:
+        plain.close(linger=0)
+        stranger.close()
+        buggy.close()
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    status = [line for line in err.splitlines() if line.startswith("chunks")][-1]
+    rejected = int(status.split("rejected ")[1].split()[0])
+    assert rejected >= len(HOSTILE_FRAMES) + 1 + 2  # garbage, many frames, refused handshakes
+    assert "S2 restarts 0" in status
+
+
+class FakeServer:
+    """A server that speaks the protocol but sends only chunks a robot must not run."""
+
+    def __init__(self):
+        import secrets
+
+        from ditvla.deploy.transport import ServerChannel
+
+        self.channel = ServerChannel("tcp://127.0.0.1:0")
+        self.session = secrets.token_hex(4)
+
+    def serve(self, process, seconds: float = 120) -> int:
+        """Until ``process`` (the robot) ends; returns the chunks sent."""
+        from ditvla.deploy.messages import Message
+
+        end, sent = time.monotonic() + seconds, 0
+        while time.monotonic() < end and process.poll() is None:
+            received = self.channel.receive(timeout_ms=20)
+            if received is None:
+                continue
+            peer, message = received
+            if message.type == "hello":
+                self.channel.accept(peer, self.session)
+                limits = {
+                    "action_low": -np.ones(4, np.float32),
+                    "action_high": np.ones(4, np.float32),
+                }
+                spec = {"cameras": ["corner"], "image_size": 32, "state_dim": 8, "action_dim": 4}
+                spec.update(state_keys=["proprio"], nonce=message.meta["nonce"])
+                self.channel.send(Message("spec", spec, limits))
+            elif message.type == "observation":
+                tick, episode = message.meta["tick"], message.meta["episode"]
+                for start, episode_of, actions in (  # all but the third fail at once
+                    (tick, episode, np.zeros((8, 3), np.float32)),  # 3 wide, the robot has 4
+                    (tick + 10_000, episode, np.zeros((8, 4), np.float32)),  # far future
+                    (
+                        max(0, tick - 20),
+                        episode,
+                        np.zeros((8, 4), np.float32),
+                    ),  # over once tick > 7
+                    (tick, episode, np.full((8, 4), 5.0, np.float32)),  # beyond the limits
+                    (tick, episode + 7, np.zeros((8, 4), np.float32)),  # another episode
+                ):
+                    meta = {"start_tick": start, "obs_time": message.meta["time"]}
+                    meta.update(context_tick=tick, episode=episode_of)
+                    sent += self.channel.send(Message("actions", meta, {"actions": actions}))
+        return sent
+
+
+@pytest.mark.slow
+def test_the_controller_holds_on_chunks_that_do_not_fit_its_robot(tmp_path):
+    fake = FakeServer()
+    try:
+        out = tmp_path / "robot"
+        process = robot(fake.channel.address, out, "--episodes", "1", "--max-steps", "100")
+        sent = fake.serve(process)
+    finally:
+        fake.channel.close()
+    finished(process)
+    rows = ticks(out)
+    summary = json.loads((out / "summary.json").read_text())
+    # held throughout, but for the first 8 ticks, which the third kind of chunk covers
+    assert sent > 0 and all(r["executed"] != "action" for r in rows[8:])
+    assert set(summary["refused_chunks"]) >= {
+        "wrong width or length",
+        "outside the tick window",
+        "beyond the action limits",
+        "other episode",
+    }
+
+
+@pytest.mark.slow
+def test_a_server_restart_starts_a_new_session_and_chunks_flow_again(policy_dir, tmp_path):
+    address = free_address()
+    serve = [*CLI, "serve", "--policy", str(policy_dir), "--address", address, "--quiet"]
+    first = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "robot"
+    controller = robot(address, out, "--duration-s", "30", "--max-steps", "5000")
+    second = None
+    try:
+        time.sleep(10)
+        first.kill()  # no goodbye: the robot holds, then says hello to whoever answers
+        first.wait()
+        second = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finished(controller)
+    finally:
+        for process in (first, second):
+            if process is not None:
+                process.kill()
+                process.wait()
+    rows = ticks(out)
+    assert any(r["executed"] == "action" for r in rows[: len(rows) // 3])  # the first server
+    assert any(r["executed"] != "action" for r in rows)  # held while none answered
+    assert sum(r["executed"] == "action" for r in rows[-250:]) > 100  # the second one drives
+
+
+def test_a_robot_reading_nan_holds_and_the_loop_goes_on():
+    """A test double at the boundary we cannot reach here (a physical robot's sensors)."""
+    from ditvla.deploy.controller import Controller, ControllerConfig
+    from ditvla.deploy.transport import ClientChannel
+
+    class NaNRobot:
+        instruction, action_dim = "", 4
+
+        def __init__(self):
+            self.held = self.moved = 0
+
+        def observe(self):
+            return np.full(8, np.nan, np.float32), None
+
+        def send_action(self, action):
+            self.moved += 1
+
+        def hold(self):
+            self.held += 1
+
+        def close(self):
+            pass
+
+    device = NaNRobot()
+    with ClientChannel(free_address()) as channel:  # nobody listens: sends are dropped
+        controller = Controller(channel, device, ControllerConfig(hz=200, realtime=False))
+        assert controller.run_episode(0, 20) == 20
+    assert device.moved == 0 and device.held >= 20
+    assert controller.refused["robot state not finite"] == 20
+
+
+@pytest.mark.slow
+def test_an_observation_that_does_not_fit_is_refused_at_the_server(policy_dir):
+    """A frame of the wrong size never reaches System 2 (which would die on it)."""
+    from ditvla.deploy.controller import handshake
+    from ditvla.deploy.messages import Message
+    from ditvla.deploy.transport import ClientChannel
+
+    address = free_address()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--policy", str(policy_dir), "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    chunks = 0
+    try:
+        with ClientChannel(address) as channel:
+            handshake(channel, "test", 50.0, timeout_s=120)
+            for tick in range(200):
+                size = 31 if tick < 100 else 32  # first the wrong size, then the right one
+                frame = np.zeros((size, size, 3), np.uint8)
+                meta = {"tick": tick, "time": time.monotonic(), "episode": 0}
+                arrays = {"state": np.zeros(39, np.float32), "image.corner": frame}
+                channel.send(Message("observation", {**meta, "instruction": "x"}, arrays))
+                reply = channel.receive(timeout_ms=20)
+                chunks += reply is not None and reply.type == "actions"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    status = [line for line in err.splitlines() if line.startswith("chunks")][-1]
+    assert chunks > 0 and "S2 restarts 0" in status
+    assert int(status.split("bad observations ")[1].split()[0]) >= 100

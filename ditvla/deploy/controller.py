@@ -19,9 +19,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,10 +34,17 @@ from ditvla.deploy.errors import ServerUnavailable
 from ditvla.deploy.messages import Message
 from ditvla.deploy.robots import Robot
 from ditvla.deploy.schedule import ActionSchedule, MergeRule, safe_actions
-from ditvla.deploy.transport import Channel
+from ditvla.deploy.transport import ClientChannel
 from ditvla.envs.registry import parse_env
 from ditvla.envs.schema import EVAL_SEED_START
 
+# A chunk may start at most this many ticks in the future (1 s at 50 Hz), and must still
+# have an action at most this many ticks ago; outside, it is refused.
+AHEAD_TICKS = 50
+PAST_TICKS = 0
+MAX_CHUNK = 1024  # actions per chunk
+REHELLO_S = 2.0  # nothing from the server for this long: say hello again (it may have restarted)
+DRAIN_S = 1.5  # longer than the server's max_context_age_s: it has stopped sending by then
 SPIN_S = 0.002  # without real-time priority a woken process may wait for a busy core
 REALTIME_SPIN_S = 0.0005
 
@@ -107,27 +116,82 @@ class ControlSummary:
     system1_hz: float = 0.0
     system2_hz: float = 0.0
     rejected_messages: int = 0
+    chunks_received: int = 0
+    refused_chunks: dict[str, int] = field(default_factory=dict)
     episodes: list[dict] = field(default_factory=list)
 
 
-def handshake(channel: Channel, robot_name: str, hz: float, timeout_s: float = 120.0) -> Message:
-    """Say hello until the server answers with the policy's spec."""
+def hello(channel: ClientChannel, robot_name: str, hz: float) -> str:
+    """Send a hello with a fresh nonce (the spec that answers it names it); returns it."""
+    nonce = secrets.token_hex(8)
+    channel.send(Message("hello", {"robot": robot_name, "control_hz": hz, "nonce": nonce}))
+    return nonce
+
+
+def adopt_spec(channel: ClientChannel, spec: Message, nonce: str) -> bool:
+    """Start the session ``spec`` names if it answers our hello of ``nonce``."""
+    if spec.type != "spec" or spec.meta.get("nonce") != nonce or "refused" in spec.meta:
+        return False
+    channel.codec.start_session(spec.session)
+    return True
+
+
+def handshake(
+    channel: ClientChannel, robot_name: str, hz: float, timeout_s: float = 120.0
+) -> Message:
+    """Say hello until the server answers with the policy's spec; a session starts."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        channel.send(Message("hello", {"robot": robot_name, "control_hz": hz}))
+        nonce = hello(channel, robot_name, hz)
         reply = channel.receive(timeout_ms=500)
-        if reply is not None and reply.type == "spec":
+        if reply is not None and reply.type == "spec" and "refused" in reply.meta:
+            raise ServerUnavailable(
+                f"the policy server refused this robot: {reply.meta['refused']}"
+            )
+        if reply is not None and adopt_spec(channel, reply, nonce):
             return reply
     raise ServerUnavailable(
         f"no policy server answered at {channel.address} within {timeout_s:.0f} s "
-        "(start one with `ditvla serve --policy DIR`; same --key-file on both sides)"
+        "(start one with `ditvla serve --policy DIR`; the same --keys folder on both sides)"
     )
 
 
+def check_spec(spec: Message, robot: Robot) -> None:
+    """ValueError unless the robot can serve the policy: its action width, and limits of
+    that width."""
+    if spec.meta["action_dim"] != robot.action_dim:
+        raise ValueError(
+            f"the policy acts in {spec.meta['action_dim']} dimensions, the robot in "
+            f"{robot.action_dim}"
+        )
+    for name in ("action_low", "action_high"):
+        if name in spec.arrays and spec.arrays[name].shape != (robot.action_dim,):
+            raise ValueError(f"the server's {name} has shape {spec.arrays[name].shape}")
+
+
 class Controller:
-    def __init__(self, channel: Channel, robot: Robot, config: ControllerConfig):
+    """The fixed-rate loop. Every chunk is checked against the robot before it is
+    scheduled — its width, a window of ticks around now (:data:`PAST_TICKS` behind,
+    :data:`AHEAD_TICKS` ahead), the action limits (``--action-low/--action-high``, else
+    the server's, from the policy's training range) — and one that fails is dropped and
+    counted by reason in :attr:`refused`; with nothing valid due, the robot holds."""
+
+    def __init__(
+        self,
+        channel: ClientChannel,
+        robot: Robot,
+        config: ControllerConfig,
+        spec: Message | None = None,
+        name: str = "robot",
+    ):
         self.channel, self.robot, self.config = channel, robot, config
+        self.name = name
         self.period = 1.0 / config.hz
+        self.low, self.high = self._limits(spec)
+        self.refused: Counter[str] = Counter()
+        self.chunks_received = 0
+        self._nonce: str | None = None
+        self._heard_at = time.monotonic()
         self.schedule = ActionSchedule(
             "latest" if config.merge == "rtc" else config.merge, config.ensemble_decay
         )
@@ -139,6 +203,54 @@ class Controller:
 
     def stop(self, *_: object) -> None:
         self._stop = True
+
+    def _limits(self, spec: Message | None) -> tuple[np.ndarray, np.ndarray]:
+        dim = self.robot.action_dim
+        low, high = np.full(dim, -np.inf, np.float32), np.full(dim, np.inf, np.float32)
+        if spec is not None:
+            low = spec.arrays.get("action_low", low)
+            high = spec.arrays.get("action_high", high)
+        if self.config.action_low is not None:
+            low = np.full(dim, self.config.action_low, np.float32)
+        if self.config.action_high is not None:
+            high = np.full(dim, self.config.action_high, np.float32)
+        return low, high
+
+    def _chunk_problem(self, message: Message, episode: int) -> str | None:
+        """Why a message from the server must not drive the robot, or None."""
+        if message.type == "spec":
+            if self._nonce is not None and adopt_spec(self.channel, message, self._nonce):
+                self._nonce = None  # the server restarted: a new session
+                return "new session"
+            return "unasked spec"
+        if message.meta["episode"] != episode:
+            return "other episode"
+        actions, start = message.arrays["actions"], message.meta["start_tick"]
+        if actions.shape[1] != self.robot.action_dim or not 0 < len(actions) <= MAX_CHUNK:
+            return "wrong width or length"
+        if start + len(actions) <= self.tick - PAST_TICKS or start > self.tick + AHEAD_TICKS:
+            return "outside the tick window"
+        if np.any(actions < self.low) or np.any(actions > self.high):
+            return "beyond the action limits"
+        return None
+
+    def _take_in(self, episode: int, now: float) -> tuple[float | None, Message | None]:
+        """Schedule the valid chunks waiting (a bounded number); (latency, last chunk)."""
+        latency, last = None, None
+        for message in self.channel.receive_all():
+            self._heard_at = now
+            self.chunks_received += message.type == "actions"
+            problem = self._chunk_problem(message, episode)
+            if problem is not None:
+                self.refused[problem] += problem != "new session"
+                continue
+            self.schedule.add(message.meta["start_tick"], message.arrays["actions"])
+            latency = (now - message.meta["obs_time"]) * 1e3
+            last = message
+        if now - self._heard_at > REHELLO_S:  # the server may have restarted: ask again
+            self._nonce = hello(self.channel, self.name, self.config.hz)
+            self._heard_at = now
+        return latency, last
 
     def prepare_clock(self) -> None:
         """Real-time priority for this process if configured and permitted."""
@@ -174,23 +286,17 @@ class Controller:
             while time.monotonic() < deadline:
                 pass
             began = time.monotonic()
-            latency = None
-            for message in self.channel.receive_all():
-                if message.type != "actions" or message.meta["episode"] != episode:
-                    continue
-                self.schedule.add(message.meta["start_tick"], message.arrays["actions"])
-                latency = (began - message.meta["obs_time"]) * 1e3
+            latency, chunk = self._take_in(episode, began)
+            if chunk is not None:
                 last_chunk_at = began
-                s1, s2 = message.meta.get("system1_hz"), message.meta.get("system2_hz")
+                s1, s2 = chunk.meta.get("system1_hz"), chunk.meta.get("system2_hz")
             self.schedule.prune(self.tick)
             action = self.schedule.action_at(self.tick)
             if action is None:
                 executed = "hold"
             elif began - last_chunk_at > self.config.watchdog_s:
                 executed = "watchdog"
-            elif (
-                action := safe_actions(action, self.config.action_low, self.config.action_high)
-            ) is None:
+            elif (action := safe_actions(action)) is None:
                 executed = "nan"
             else:
                 executed = "action"
@@ -198,14 +304,7 @@ class Controller:
                 self.robot.send_action(action)
             else:
                 self.robot.hold()
-            state, frames = self.robot.observe()
-            arrays = {"state": np.asarray(state, np.float32)}
-            for cam, frame in (frames or {}).items():
-                arrays[f"image.{cam}"] = frame
-            meta = {"tick": self.tick, "time": began, "episode": episode}
-            if frames:
-                meta["instruction"] = self.robot.instruction
-            self.channel.send(Message("observation", meta, arrays))
+            self._send_observation(episode, began)
             finished = time.monotonic()
             if finished > deadline + self.period:
                 self.missed += 1
@@ -230,6 +329,29 @@ class Controller:
                 break
         self.robot.hold()
         return self.tick - first_tick
+
+    def drain(self, seconds: float = DRAIN_S) -> None:
+        """After the last tick: take in (and count, not run) what is still on its way."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            message = self.channel.receive(timeout_ms=50)
+            self.chunks_received += message is not None and message.type == "actions"
+
+    def _send_observation(self, episode: int, now: float) -> None:
+        """The tick's state (and new frames); a robot reading NaN sends nothing (and holds
+        next tick, when no fresh chunk follows)."""
+        state, frames = self.robot.observe()
+        state = np.asarray(state, np.float32)
+        if not np.all(np.isfinite(state)):
+            self.refused["robot state not finite"] += 1
+            return
+        arrays = {"state": state}
+        for cam, frame in (frames or {}).items():
+            arrays[f"image.{cam}"] = frame
+        meta = {"tick": self.tick, "time": now, "episode": episode}
+        if frames:
+            meta["instruction"] = self.robot.instruction
+        self.channel.send(Message("observation", meta, arrays))
 
     def live_line(self) -> str:
         recent = self.records[-250:]
@@ -265,7 +387,9 @@ class Controller:
             latency_p99_ms=float(np.percentile(latencies, 99)) if latencies else 0.0,
             system1_hz=float(next((r.system1_hz for r in reversed(records) if r.system1_hz), 0)),
             system2_hz=float(next((r.system2_hz for r in reversed(records) if r.system2_hz), 0)),
-            rejected_messages=self.channel.rejected,
+            rejected_messages=self.channel.rejected_total,
+            chunks_received=self.chunks_received,
+            refused_chunks=dict(self.refused),
             episodes=episodes,
         )
 
@@ -304,7 +428,7 @@ LEROBOT_DEFAULT_DURATION_S = 60.0
 
 
 def run_lerobot(
-    channel: Channel,
+    channel: ClientChannel,
     robot_type: str,
     options: dict[str, str],
     instruction: str,
@@ -318,14 +442,17 @@ def run_lerobot(
 
     robot = LeRobotRobot(robot_type, options, instruction=instruction)
     try:
-        handshake(channel, f"lerobot:{robot_type}", config.hz)
-        controller = Controller(channel, robot, config)
+        name = f"lerobot:{robot_type}"
+        spec = handshake(channel, name, config.hz)
+        check_spec(spec, robot)
+        controller = Controller(channel, robot, config, spec, name)
         controller.install_signal_handlers()
         controller.prepare_clock()
         duration = run.duration_s or LEROBOT_DEFAULT_DURATION_S
         controller.run_episode(0, int(duration * config.hz))
     finally:
         robot.close()
+    controller.drain()
     summary = controller.summary([])
     if out is not None:
         controller.write(out, summary)
@@ -333,7 +460,7 @@ def run_lerobot(
 
 
 def run_sim(
-    channel: Channel,
+    channel: ClientChannel,
     sim: str,
     *,
     config: ControllerConfig,
@@ -350,7 +477,8 @@ def run_sim(
     duration_s, camera_hz = run.duration_s, run.camera_hz
 
     sys.setswitchinterval(0.0005)  # the control thread gets the GIL back from the cameras fast
-    spec = handshake(channel, f"sim:{sim}", config.hz)
+    name = f"sim:{sim}"
+    spec = handshake(channel, name, config.hz)
     state_keys = spec.meta.get("state_keys", ["state"]) if spec.meta["state_dim"] else None
     try:
         parse_env(sim)[0].env_class.check_state_keys(state_keys or ())
@@ -366,12 +494,17 @@ def run_sim(
         max_episode_steps=max_steps,
         state_keys=state_keys,
     )
-    state_dim = robot.env.observation_space["state"].shape[0]
-    if spec.meta["state_dim"] not in (0, state_dim):
-        raise ValueError(
-            f"the policy reads a {spec.meta['state_dim']}-D state, {sim} gives {state_dim}"
-        )
-    controller = Controller(channel, robot, config)
+    try:
+        state_dim = robot.env.observation_space["state"].shape[0]
+        if spec.meta["state_dim"] not in (0, state_dim):
+            raise ValueError(
+                f"the policy reads a {spec.meta['state_dim']}-D state, {sim} gives {state_dim}"
+            )
+        check_spec(spec, robot)
+    except ValueError:
+        robot.close()
+        raise
+    controller = Controller(channel, robot, config, spec, name)
     if install_signals:
         controller.install_signal_handlers()
     controller.prepare_clock()
@@ -404,6 +537,7 @@ def run_sim(
     finally:
         robot.hold()
         robot.close()
+    controller.drain()
     summary = controller.summary(results)
     if out is not None:
         controller.write(out, summary)

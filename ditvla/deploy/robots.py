@@ -28,10 +28,12 @@ from ditvla.envs.registry import parse_env
 from ditvla.envs.rendering import fast_scene
 
 CAMERA_NICE = 10
+MAX_IMAGE_SIZE = 1024
 
 
 class Robot(Protocol):
     instruction: str
+    action_dim: int
 
     def observe(self) -> tuple[np.ndarray, dict[str, np.ndarray] | None]: ...
     def send_action(self, action: np.ndarray) -> None: ...
@@ -127,6 +129,16 @@ class SimRobot:
             self.task, cameras=(), max_episode_steps=max_episode_steps, state_keys=state_keys
         )
         self.instruction = self.env.instruction
+        self.action_dim = self.env.action_space.shape[0]
+        model = self.env.mujoco_model
+        known = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+        unknown = [cam for cam in cameras if cam not in known]
+        if unknown or not 0 < image_size <= MAX_IMAGE_SIZE:
+            self.env.close()
+            raise ValueError(
+                f"the policy asks for camera(s) {unknown} at {image_size} px; {spec} has "
+                f"{', '.join(known)}, up to {MAX_IMAGE_SIZE} px"
+            )
         self.cameras = list(cameras)
         self.success = False
         self.truncated = False
@@ -193,6 +205,7 @@ class LeRobotRobot:
         self.state_keys = [k for k, v in features.items() if v is float]
         self.camera_keys = [k for k, v in features.items() if isinstance(v, tuple)]
         self.action_keys = list(self.robot.action_features)
+        self.action_dim = len(self.action_keys)
         self._last: dict[str, Any] = {}
 
     def observe(self) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:

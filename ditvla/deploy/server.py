@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ditvla.contract import load_policy
+from ditvla.deploy.keys import ServerKeys
 from ditvla.deploy.messages import Message
 from ditvla.deploy.schedule import (
     MERGE_RULES,
@@ -39,9 +40,11 @@ from ditvla.deploy.schedule import (
     rtc_weights,
     safe_actions,
 )
-from ditvla.deploy.transport import DEFAULT_ADDRESS, Channel
+from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel
 
 SYSTEM2_TIMEOUT_S = 30.0
+ACTION_LIMIT_MARGIN = 0.1  # of the training range's width, on each side
+MAX_MESSAGES_PER_TICK = 16
 # Below the controller's priority when they share a machine: System 1 a little, System 2 more.
 SYSTEM1_NICE = 5
 SYSTEM2_NICE = 10
@@ -54,7 +57,8 @@ class ServeConfig:
     Args:
         policy: a saved policy folder.
         address: where to listen (tcp://HOST:PORT or ipc://PATH).
-        key: the shared key that authenticates every message (required off loopback).
+        keys: the server's CURVE key pair and the folder of admitted robots' public keys
+            (required off loopback; see ditvla.deploy.keys).
         merge: latest, ensemble, or rtc (real-time chunking: new chunks are inpainted
             towards the actions already planned).
         system1_hz: chunks per second (0: two per n_action_steps of control ticks).
@@ -67,7 +71,7 @@ class ServeConfig:
 
     policy: str
     address: str = DEFAULT_ADDRESS
-    key: bytes | None = None
+    keys: ServerKeys | None = None
     merge: MergeRule = "latest"
     system1_hz: float = 0.0
     system2_hz: float = 0.0
@@ -91,6 +95,7 @@ class ServerStats:
     nan_chunks: int = 0
     system2_restarts: int = 0
     rejected_messages: int = 0
+    dropped_sends: int = 0
     bad_observations: int = 0
     system1_hz: float = 0.0
     system2_hz: float = 0.0
@@ -104,7 +109,7 @@ def _rate(previous: float, interval: float) -> float:
 
 
 # ---------------------------------------------------------------------- System 2
-def _system2_main(policy_dir: str, address: str, key: bytes, threads: int, hz: float) -> None:
+def _system2_main(policy_dir: str, address: str, session: str, threads: int, hz: float) -> None:
     """System 2 process: observations with images in, context tokens out."""
     os.nice(SYSTEM2_NICE - SYSTEM1_NICE)  # the server's niceness is inherited
     torch.set_num_threads(threads)
@@ -112,7 +117,8 @@ def _system2_main(policy_dir: str, address: str, key: bytes, threads: int, hz: f
     policy = load_policy(policy_dir)
     cameras = policy.spec.cameras
     size = (policy.spec.image_size, policy.spec.image_size, 3)
-    with Channel(address, bind=False, key=key) as channel:
+    with PairChannel(address, bind=False, accepts_from=("controller",)) as channel:
+        channel.codec.start_session(session)
         # warm-up: the first context (tick -1) tells the server that System 2 is ready
         warmup = Message(
             "observation",
@@ -149,14 +155,14 @@ def _system2_main(policy_dir: str, address: str, key: bytes, threads: int, hz: f
 
 
 class System2:
-    """The System 2 process and its private, authenticated ipc channel."""
+    """The System 2 process and its private channel: a PAIR socket (one peer) on an ipc
+    path in a folder only this user can open (mode 0700), one session per process."""
 
     def __init__(self, config: ServeConfig):
         self.config = config
         self._folder = tempfile.mkdtemp(prefix="ditvla-s2-")
         self._address = f"ipc://{self._folder}/context"
-        self._key = secrets.token_bytes(32)
-        self.channel = Channel(self._address, bind=True, key=self._key)
+        self.channel = self._channel()
         self._process: mp.process.BaseProcess | None = None
         self.busy_since: float | None = None
         self.ready = False
@@ -167,16 +173,16 @@ class System2:
         if self._process is not None:
             self._process.kill()
             self._process.join()
-            # a fresh process counts its messages from 0: a fresh channel too
+            # a fresh process, a fresh session: nothing of the old one is taken
             self.channel.close()
-            self.channel = Channel(self._address, bind=True, key=self._key)
+            self.channel = self._channel()
         config = self.config
         self._process = mp.get_context("spawn").Process(
             target=_system2_main,
             args=(
                 config.policy,
                 self._address,
-                self._key,
+                self.channel.codec.session,
                 config.system2_threads,
                 config.system2_hz,
             ),
@@ -186,6 +192,11 @@ class System2:
         self._process.start()
         self.busy_since = None
         self.restarts += 1
+
+    def _channel(self) -> PairChannel:
+        channel = PairChannel(self._address, bind=True, accepts_from=("system2",))
+        channel.codec.start_session(secrets.token_hex(8))
+        return channel
 
     def healthy(self) -> bool:
         if not self._process.is_alive():
@@ -215,7 +226,7 @@ class PolicyServer:
         self.policy = load_policy(config.policy)
         self.spec = self.policy.spec
         self.stats = ServerStats()
-        self.channel = Channel(config.address, bind=True, key=config.key)
+        self.channel = ServerChannel(config.address, keys=config.keys)
         self.system2 = System2(config)
         self._stop = False
         self._sent = ActionSchedule("latest")
@@ -229,6 +240,7 @@ class PolicyServer:
         self.state: tuple[int, float, float, np.ndarray] | None = None
         self.frames: Message | None = None  # newest observation with images, not yet encoded
         self.last_chunk_at = 0.0
+        self.next_act_at = 0.0
         self._sent.clear()
 
     def stop(self, *_: object) -> None:
@@ -237,34 +249,67 @@ class PolicyServer:
     # -------------------------------------------------------------- messages
     def _spec(self, hello: Message) -> Message:
         spec = self.spec
-        self.control_hz = float(hello.meta["control_hz"])
-        return Message(
-            "spec",
-            {
-                "cameras": list(spec.cameras),
-                "image_size": spec.image_size,
-                "state_dim": spec.state_dim,
-                "state_keys": list(spec.state_keys),
-                "action_dim": spec.action_dim,
-                "policy": str(self.config.policy),
-            },
+        meta = {
+            "cameras": list(spec.cameras),
+            "image_size": spec.image_size,
+            "state_dim": spec.state_dim,
+            "state_keys": list(spec.state_keys),
+            "action_dim": spec.action_dim,
+            "policy": str(self.config.policy)[-1024:],
+        }
+        if "nonce" in hello.meta:
+            meta["nonce"] = hello.meta["nonce"]
+        return Message("spec", meta, self.action_limits())
+
+    def action_limits(self) -> dict[str, np.ndarray]:
+        """The limits a controller holds actions to unless told others: the server's
+        clipping bounds if set, else the policy's training range widened by
+        :data:`ACTION_LIMIT_MARGIN` of its width on each side."""
+        spec, config = self.spec, self.config
+        if spec.action_low is None:
+            low = np.full(spec.action_dim, -np.inf)
+            high = np.full(spec.action_dim, np.inf)
+        else:
+            low, high = np.asarray(spec.action_low), np.asarray(spec.action_high)
+            margin = ACTION_LIMIT_MARGIN * (high - low) + 1e-3
+            low, high = low - margin, high + margin
+        if config.action_low is not None:
+            low = np.full(spec.action_dim, config.action_low)
+        if config.action_high is not None:
+            high = np.full(spec.action_dim, config.action_high)
+        finite = np.isfinite(low) & np.isfinite(high)
+        if not finite.all():
+            return {}
+        return {"action_low": low.astype(np.float32), "action_high": high.astype(np.float32)}
+
+    def _observation_fits(self, message: Message) -> bool:
+        """State of the policy's width; camera frames (S, S, 3) of the policy's cameras."""
+        if message.arrays["state"].shape != (self.spec.state_dim,):
+            return False
+        size = (self.spec.image_size, self.spec.image_size, 3)
+        images = {k: v for k, v in message.arrays.items() if k.startswith("image.")}
+        return all(
+            name.removeprefix("image.") in self.spec.cameras and frame.shape == size
+            for name, frame in images.items()
         )
 
-    def _handle(self, message: Message) -> None:
+    def _handle(self, peer: bytes, message: Message) -> None:
         if message.type == "hello":
             if self.system2.ready:  # else the controller asks again
+                self.control_hz = float(message.meta["control_hz"])
+                self.channel.accept(peer, secrets.token_hex(8))  # a new session
+                self._reset_episode(0)
                 self.channel.send(self._spec(message))
         elif message.type == "reset":
             self._reset_episode(message.meta["episode"])
         elif message.type == "observation":
             if message.meta["episode"] != self.episode:
                 self._reset_episode(message.meta["episode"])
-            state = message.arrays["state"]
-            if state.shape != (self.spec.state_dim,):
+            if not self._observation_fits(message):  # never reaches System 2
                 self.stats.bad_observations += 1
                 return
             meta = message.meta
-            self.state = (meta["tick"], meta["time"], time.monotonic(), state)
+            self.state = (meta["tick"], meta["time"], time.monotonic(), message.arrays["state"])
             cameras = self.spec.cameras
             if all(f"image.{cam}" in message.arrays for cam in cameras):
                 self.frames = message
@@ -301,10 +346,13 @@ class PolicyServer:
     def _act(self) -> None:
         context, context_tick = self.context
         tick, obs_time, received_at, state = self.state
-        if (tick - context_tick) / self.control_hz > self.config.max_context_age_s:
+        started = time.monotonic()
+        self.next_act_at = started + self._system1_interval()
+        context_age_s = (tick - context_tick) / self.control_hz
+        state_age_s = started - received_at  # the robot stopped sending: no chunks for it
+        if max(context_age_s, state_age_s) > self.config.max_context_age_s:
             self.stats.stale_skips += 1
             return
-        started = time.monotonic()
         horizon = self.spec.horizon
         inpaint = None
         if self.config.merge == "rtc":
@@ -357,17 +405,19 @@ class PolicyServer:
             while not self._stop and time.monotonic() < end:
                 wait_ms = 2
                 if self.state is not None and self.context is not None:
-                    due = self.last_chunk_at + self._system1_interval() - time.monotonic()
-                    wait_ms = max(0, min(wait_ms, due * 1e3))
-                message = self.channel.receive(timeout_ms=wait_ms)
-                while message is not None:
-                    self._handle(message)
-                    message = self.channel.receive(0)
+                    wait_ms = max(0, min(wait_ms, (self.next_act_at - time.monotonic()) * 1e3))
+                received = self.channel.receive(timeout_ms=wait_ms)
+                for _ in range(MAX_MESSAGES_PER_TICK):  # a flood cannot hold System 1
+                    if received is None:
+                        break
+                    self._handle(*received)
+                    received = self.channel.receive(0)
                 self._pump_system2()
-                due = self.last_chunk_at + self._system1_interval() <= time.monotonic()
+                due = self.next_act_at <= time.monotonic()
                 if self.state is not None and self.context is not None and due:
                     self._act()
-                self.stats.rejected_messages = self.channel.rejected
+                self.stats.rejected_messages = self.channel.rejected_total
+                self.stats.dropped_sends = self.channel.dropped_sends
                 if on_status is not None and time.monotonic() >= next_status:
                     on_status(self.stats, self.channel.last_error)
                     next_status = time.monotonic() + 1.0

@@ -1,27 +1,43 @@
-"""ZeroMQ channel between the policy server and the robot controller.
+"""ZeroMQ channels between the policy server, its System 2 process and the robot controller.
 
-One DEALER socket on each side (the server binds, the controller connects): either side
-sends whenever it has something, nothing waits for a reply, and ZeroMQ reconnects by
-itself when the other process restarts. Sends never block the caller: when the peer is
-gone or its queue is full the message is dropped (a real-time loop must not stall on a
-socket) and counted.
+The server binds a ROUTER socket and talks to one peer: the robot whose ``hello`` opened
+the current session (ZeroMQ names each connection; a chunk goes to that connection and
+nowhere else). A controller or System 2 connects a DEALER socket. Either side sends
+whenever it has something, nothing waits for a reply, and ZeroMQ reconnects by itself.
+Sends never block: when the peer is gone or its queue is full the message is dropped
+(a real-time loop must not stall on a socket) and counted.
 
-Loopback by default. Binding to any other address requires a shared key, and then every
-message is authenticated (HMAC-SHA256, see :mod:`ditvla.deploy.messages`).
+Security is ZeroMQ's own (CURVE): with keys, the server has a key pair and admits only
+clients whose public key is in its allow-list (a folder of public keys, checked by
+ZeroMQ's ZAP handler before any message of theirs is read); traffic is encrypted and
+each connection has its own session keys. Loopback without keys is the default for a
+laptop; binding beyond loopback requires keys.
+
+Every frame that arrives ends as a delivered message or a counted rejection named by
+its reason (:attr:`rejected`); refused handshakes are counted too. A receive call looks
+at a bounded number of messages, so a flood cannot hold its caller.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections import Counter
 from urllib.parse import urlsplit
 
 import zmq
 
 from ditvla.deploy.errors import TransportError
+from ditvla.deploy.keys import ClientKeys, ServerKeys
 from ditvla.deploy.messages import MAX_MESSAGE_BYTES, Codec, Message, MessageError
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+MAX_MESSAGES_PER_RECEIVE = 64
+_REFUSED_HANDSHAKES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def is_loopback(address: str) -> bool:
@@ -40,75 +56,214 @@ def is_loopback(address: str) -> bool:
         return False  # a host name or "*": not provably local
 
 
-class Channel:
-    """Typed, optionally authenticated messages over one ZeroMQ DEALER socket."""
+def _socket(kind: int) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 64)
+    socket.setsockopt(zmq.RCVHWM, 256)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # per frame; a message is one frame
+    return socket
 
-    def __init__(self, address: str, *, bind: bool, key: bytes | None = None):
-        if bind and not is_loopback(address) and not key:
-            raise TransportError(
-                f"binding to {address} (not loopback) requires a shared key: pass --key-file "
-                "(make one with `ditvla keygen`), and give the robot the same key"
-            )
-        self.address = address
-        self._context = zmq.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 64)
-        self._socket.setsockopt(zmq.RCVHWM, 256)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self._send_codec = Codec(key)
-        self._recv_codec = Codec(key)
+
+class _Channel:
+    """What both ends share: the codec, the counters, the bounded receive loop."""
+
+    def __init__(self, socket: zmq.Socket, codec: Codec, address: str):
+        self._socket, self.codec, self.address = socket, codec, address
+        self.rejected: Counter[str] = Counter()
         self.dropped_sends = 0
-        self.rejected = 0
         self.last_error: str | None = None
-        if bind:
-            try:
-                self._socket.bind(address)
-            except zmq.ZMQError as exc:
-                self._socket.close()
-                raise TransportError(f"cannot bind {address}: {exc}") from None
-        else:
-            self._socket.connect(address)
+        self._monitor: zmq.Socket | None = None
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        self.last_error = detail
+
+    def _count_refused_handshakes(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] & _REFUSED_HANDSHAKES:
+                self._reject("handshake refused", "a peer failed the CURVE handshake")
+
+    def _frames(self, timeout_ms: float):
+        """Raw messages for at most ``timeout_ms`` and :data:`MAX_MESSAGES_PER_RECEIVE`."""
+        self._count_refused_handshakes()
+        deadline = time.monotonic() + max(0.0, timeout_ms) / 1000
+        for _ in range(MAX_MESSAGES_PER_RECEIVE):
+            wait = max(0, round((deadline - time.monotonic()) * 1000))
+            if not self._socket.poll(wait):
+                break
+            yield self._socket.recv_multipart(copy=False)
+
+    def _decode(self, frame) -> Message | None:
+        try:
+            return self.codec.decode(frame.buffer)
+        except MessageError as exc:
+            text = str(exc)
+            reason = "session" if "session" in text or "replayed" in text else "malformed"
+            self._reject(reason, text)
+            return None
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ServerChannel(_Channel):
+    """The server's end: a bound ROUTER that talks to the peer of the current session.
+
+    ``receive`` returns ``(peer, message)``: a ``hello`` from any admitted peer (the server
+    decides whether to :meth:`accept` it), anything else only from the accepted peer."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        keys: ServerKeys | None = None,
+        accepts_from: tuple[str, ...] = ("controller",),
+    ):
+        if keys is None and not is_loopback(address):
+            raise TransportError(
+                f"binding to {address} (not loopback) requires keys: make them with "
+                "`ditvla keygen KEYS --name server` and `--name robot`, then pass --keys KEYS "
+                "to serve and robot"
+            )
+        socket = _socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails at once
+        super().__init__(socket, Codec(accepts_from), address)
+        self.peer: bytes | None = None
+        self._auth = None
+        if keys is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(zmq.Context.instance())
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(keys.allowed))
+            socket.curve_secretkey, socket.curve_publickey = keys.secret, keys.public
+            socket.curve_server = True
+            self._monitor = socket.get_monitor_socket(_REFUSED_HANDSHAKES)
+        try:
+            socket.bind(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise TransportError(f"cannot bind {address}: {exc}") from None
+        self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def accept(self, peer: bytes, session: str) -> None:
+        """Make ``peer`` the one this channel talks to, in a new session."""
+        self.peer = peer
+        self.codec.start_session(session)
+
+    def send(self, message: Message) -> bool:
+        """Send to the accepted peer; False (and counted) when it had to be dropped."""
+        if self.peer is None:
+            self.dropped_sends += 1
+            return False
+        frame = self.codec.encode(message)
+        try:
+            self._socket.send_multipart([self.peer, frame], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:  # its queue is full, or it is gone (ROUTER_MANDATORY)
+            self.dropped_sends += 1
+            return False
+
+    def receive(self, timeout_ms: float = 0) -> tuple[bytes, Message] | None:
+        for frames in self._frames(timeout_ms):
+            peer = frames[0].bytes
+            if len(frames) != 2:
+                self._reject("malformed", f"a message of {len(frames) - 1} frames, expected 1")
+                continue
+            message = self._decode(frames[1])
+            if message is None:
+                continue
+            if message.type != "hello" and peer != self.peer:
+                self._reject("not the session's peer", f"a {message.type} from another peer")
+                continue
+            return peer, message
+        return None
+
+    def close(self) -> None:
+        super().close()
+        if self._auth is not None:
+            self._auth.stop()
+
+
+class ClientChannel(_Channel):
+    """A controller's (or System 2's) end: a DEALER connected to the server."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        keys: ClientKeys | None = None,
+        accepts_from: tuple[str, ...] = ("server",),
+    ):
+        socket = _socket(zmq.DEALER)
+        super().__init__(socket, Codec(accepts_from), address)
+        if keys is not None:
+            socket.curve_secretkey, socket.curve_publickey = keys.secret, keys.public
+            socket.curve_serverkey = keys.server_public
+        socket.connect(address)
 
     def send(self, message: Message) -> bool:
         """Queue ``message``; False (and counted) when it had to be dropped."""
-        frames = self._send_codec.encode(message)
+        frame = self.codec.encode(message)
         try:
-            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._socket.send(frame, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             self.dropped_sends += 1
             return False
 
     def receive(self, timeout_ms: float = 0) -> Message | None:
-        """The next valid message, waiting up to ``timeout_ms``; None when none came.
-
-        Malformed or unauthenticated messages are dropped, counted in ``rejected`` and
-        described in ``last_error``; receiving goes on with the next one until the
-        deadline, so bad messages neither end the wait early nor extend it.
-        """
-        deadline = time.monotonic() + max(0.0, timeout_ms) / 1000
-        while self._socket.poll(max(0, round((deadline - time.monotonic()) * 1000))):
-            frames = self._socket.recv_multipart(copy=False)
-            try:
-                return self._recv_codec.decode([f.buffer for f in frames])
-            except MessageError as exc:
-                self.rejected += 1
-                self.last_error = str(exc)
+        """The next valid message within ``timeout_ms``, looking at a bounded number of
+        messages; bad ones are counted and skipped (they neither end the wait nor extend
+        it)."""
+        for frames in self._frames(timeout_ms):
+            if len(frames) != 1:
+                self._reject("malformed", f"a message of {len(frames)} frames, expected 1")
+                continue
+            message = self._decode(frames[0])
+            if message is not None:
+                return message
         return None
 
     def receive_all(self) -> list[Message]:
-        """Every valid message already waiting, without blocking."""
+        """The valid messages already waiting (a bounded number of them)."""
         messages = []
-        while (message := self.receive(0)) is not None:
-            messages.append(message)
+        for frames in self._frames(0):
+            message = self._decode(frames[0]) if len(frames) == 1 else None
+            if len(frames) != 1:
+                self._reject("malformed", f"a message of {len(frames)} frames, expected 1")
+            if message is not None:
+                messages.append(message)
         return messages
 
-    def close(self) -> None:
-        self._socket.close(linger=0)
 
-    def __enter__(self) -> Channel:
-        return self
+class PairChannel(ClientChannel):
+    """Two processes of one server (the server and its System 2): a PAIR socket, one peer,
+    bound by one side and connected by the other (an ipc path in a private folder)."""
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __init__(self, address: str, *, bind: bool, accepts_from: tuple[str, ...]):
+        if not is_loopback(address):
+            raise TransportError(f"{address}: a pair channel stays on this machine")
+        socket = _socket(zmq.PAIR)
+        _Channel.__init__(self, socket, Codec(accepts_from), address)
+        if bind:
+            socket.bind(address)
+        else:
+            socket.connect(address)

@@ -69,6 +69,7 @@ class PolicyConfig:
         image_size: square side of the camera frames.
         state_dim / action_dim: widths of the state and the actions.
         state_keys: the data arrays that make up the state, in order.
+        action_range: the training actions' per-dimension minimum and maximum.
         horizon: actions per chunk.
         n_action_steps: actions executed per chunk before the next (0: half the horizon).
         objective: flow_matching (Euler sampling) or ddpm (DDIM sampling).
@@ -85,6 +86,7 @@ class PolicyConfig:
         "state_dim",
         "action_dim",
         "state_keys",
+        "action_range",
     )
 
     cameras: list[str] = field(default_factory=list)
@@ -92,6 +94,7 @@ class PolicyConfig:
     state_dim: int = 0
     action_dim: int = 0
     state_keys: list[str] = field(default_factory=lambda: ["state"])
+    action_range: list[list[float]] = field(default_factory=list)
     horizon: int = 16
     n_action_steps: int = 0
     objective: Objective = "flow_matching"
@@ -156,6 +159,9 @@ class PolicyConfig:
             state_dim=data.state_dim,
             action_dim=data.action_dim,
             state_keys=list(data.state_keys),
+            action_range=[data.stats["action"]["min"], data.stats["action"]["max"]]
+            if "action" in data.stats
+            else [],
             **overrides,
         )
 
@@ -257,6 +263,8 @@ class DiTVLAPolicy(nn.Module):
             n_action_steps=c.n_action_steps,
             state_keys=tuple(c.state_keys),
             noise_shape=self.noise_shape,
+            action_low=tuple(c.action_range[0]) if c.action_range else None,
+            action_high=tuple(c.action_range[1]) if c.action_range else None,
         )
 
     # ------------------------------------------------------------------ two halves
