@@ -328,3 +328,23 @@ def test_qwen_inputs_match_the_models_own_forward(tmp_path, monkeypatch):
         ).last_hidden_state
     assert context.shape == (2, 12 + ids.shape[1], cfg.text_config.hidden_size)
     torch.testing.assert_close(context[mask], expected[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_a_convolutional_stem_cuts_the_same_patches_and_survives_saving(store, tmp_path):
+    policy, dataset = make_policy(store, backbone={"conv_stem": True})
+    stem = policy.backbone.vision.embeddings.patch_embedding
+    assert [type(m).__name__ for m in stem][::2] == ["Conv2d"] * 3  # 8-px patches: 3 halvings
+    chunk = policy.predict_action_chunk(observation(dataset))
+    policy.save_pretrained(tmp_path / "stem")
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "stem")
+    noise = torch.randn(1, *policy.noise_shape)
+    obs = observation(dataset)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise)
+    )
+    assert chunk.shape == (8, 2)
+    qwen = PolicyConfig.preset(
+        "tiny-qwen", cameras=["cam"], action_dim=2, backbone={"conv_stem": True}
+    )
+    with pytest.raises(ValueError, match="conv_stem"):
+        DiTVLAPolicy(qwen)

@@ -68,8 +68,9 @@ DEFAULT_CAMERAS = ("corner",)
 
 
 # The instruction-decides tasks: one scene — Meta-World's reach table with three coloured
-# balls at positions the seed draws — and three instructions; only the instruction says
-# which ball to reach (the robot itself is red, so no ball is).
+# balls, the seed permuting their colours over three places — and three instructions;
+# only the instruction says which ball to reach, only the camera where it is (the robot
+# itself is red, so no ball is).
 BALL_COLOURS = {
     "green": (0.1, 0.75, 0.1, 1.0),
     "blue": (0.1, 0.3, 1.0, 1.0),
@@ -138,9 +139,12 @@ def colour_reach_class():
 
     class ColourReachEnv(SawyerReachEnvV3):
         BALL_RADIUS = 0.035
-        MIN_BALL_DISTANCE = 0.15  # success is within 0.05 of the instructed ball
-        BALL_LOW = np.array([-0.25, 0.7, 0.08])
-        BALL_HIGH = np.array([0.25, 0.9, 0.3])
+        # Three places on the table; the seed permutes the colours over them and moves
+        # each ball up to JITTER per axis (success is within 0.05 of the instructed one).
+        PLACES = np.array([[-0.22, 0.72, 0.2], [0.08, 0.88, 0.07], [0.24, 0.7, 0.22]])
+        JITTER = 0.02
+        BALL_LOW = PLACES.min(0) - JITTER
+        BALL_HIGH = PLACES.max(0) + JITTER
 
         def __init__(self, colour: str, **kwargs):
             from gymnasium.spaces import Box
@@ -173,11 +177,8 @@ def colour_reach_class():
 
         def reset_model(self):
             super().reset_model()
-            while True:  # three balls far enough apart that reaching one is unambiguous
-                balls = self.np_random.uniform(self.BALL_LOW, self.BALL_HIGH, size=(3, 3))
-                gaps = np.linalg.norm(balls[:, None] - balls[None], axis=-1)
-                if gaps[np.triu_indices(3, 1)].min() >= self.MIN_BALL_DISTANCE:
-                    break
+            places = self.PLACES[self.np_random.permutation(len(self.PLACES))]
+            balls = places + self.np_random.uniform(-self.JITTER, self.JITTER, places.shape)
             for name, position in zip(BALL_COLOURS, balls, strict=True):
                 self.model.site(f"ball_{name}").pos = position
             self._target_pos = balls[list(BALL_COLOURS).index(self.colour)].copy()

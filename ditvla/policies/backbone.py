@@ -22,6 +22,7 @@ from token ids and its image processor's pixels).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ class BackboneConfig:
         freeze_vision / freeze_language: keep those weights fixed during training.
         tiny_text_width / tiny_text_layers: the tiny preset's language model.
         tiny_vision_width / tiny_vision_layers / tiny_patch_size: its vision encoder.
+        instruction_first: the instruction's tokens go before the cameras' (left-padded),
+            so that under the language model's causal attention every image token reads
+            the instruction: language-conditioned vision features (Qwen2.5-VL keeps its
+            own order).
+        conv_stem: the tiny vision encoder cuts its patches with a small convolutional
+            stem (3x3 convolutions of stride 2) instead of one linear patch embedding: a
+            locality bias that helps a randomly initialised encoder find small objects.
     """
 
     family: Family = "idefics3"
@@ -67,6 +75,8 @@ class BackboneConfig:
     tiny_vision_width: int = 96
     tiny_vision_layers: int = 2
     tiny_patch_size: int = 8
+    instruction_first: bool = False
+    conv_stem: bool = False
 
 
 def byte_level_tokenizer():
@@ -169,6 +179,24 @@ def _image_mean_std(folder: Path | None) -> tuple[list[float], list[float]]:
     return [0.5] * 3, [0.5] * 3
 
 
+class ConvStem(nn.Sequential):
+    """(N, 3, H, W) -> (N, width, H / patch, W / patch) by log2(patch) 3x3 convolutions of
+    stride 2 (the widths growing to ``width``), GELU between them: a patch embedding with
+    the locality bias of a small CNN."""
+
+    def __init__(self, width: int, patch: int):
+        steps = int(math.log2(patch))
+        if 2**steps != patch:
+            raise ValueError(f"conv_stem needs a power-of-two patch size, got {patch}")
+        widths = [3, *(max(16, width >> (steps - i)) for i in range(1, steps)), width]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Conv2d(a, b, 3, stride=2, padding=1))
+            if i < steps - 1:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+
 class VLMBackbone(nn.Module):
     """Camera images and instructions -> context tokens (B, L, width) with a mask (B, L)."""
 
@@ -213,6 +241,17 @@ class VLMBackbone(nn.Module):
             self.language = inner.text_model
         if config.num_layers:
             self.language.layers = self.language.layers[: config.num_layers]
+        if config.instruction_first and self.family == "qwen2_5_vl":
+            raise ValueError("instruction_first: Qwen2.5-VL keeps its own order of tokens")
+        if config.conv_stem:
+            if folder is not None or self.family == "qwen2_5_vl":
+                raise ValueError(
+                    "conv_stem replaces the patch embedding of a tiny Idefics3 or PaliGemma "
+                    "encoder; a pretrained encoder keeps its own"
+                )
+            embeddings = self.vision.embeddings
+            old = embeddings.patch_embedding
+            embeddings.patch_embedding = ConvStem(old.out_channels, old.kernel_size[0])
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
         vision_config = vlm.config.vision_config
@@ -244,6 +283,7 @@ class VLMBackbone(nn.Module):
             padding="max_length",
             truncation=True,
             max_length=self.config.max_instruction_tokens,
+            padding_side="left" if self.config.instruction_first else "right",
             return_tensors="pt",
         )
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device).bool()
@@ -321,11 +361,13 @@ class VLMBackbone(nn.Module):
             positions = positions.expand(3, b, -1)
         image_tokens = image_tokens.reshape(b, -1, image_tokens.shape[-1])
         text = embed(input_ids).to(image_tokens.dtype)
-        embeds = torch.cat([image_tokens, text], dim=1)
-        mask = torch.cat(
-            [torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=embeds.device), text_mask],
-            dim=1,
-        )
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=text.device)
+        if self.config.instruction_first:
+            embeds = torch.cat([text, image_tokens], dim=1)
+            mask = torch.cat([text_mask, image_mask], dim=1)
+        else:
+            embeds = torch.cat([image_tokens, text], dim=1)
+            mask = torch.cat([image_mask, text_mask], dim=1)
         out = self.language(
             inputs_embeds=embeds,
             attention_mask=mask.long(),
