@@ -1,11 +1,16 @@
-"""Ablation of the motion-foresight head on the demo tasks: foresight=off vs motion.
+"""Ablation of the foresight head in the demo's setting: off vs motion vs latent.
 
-One set of demonstrations (the demo's: five Meta-World tasks, its episode count and image
-size), two policies trained with the demo's settings and the same seed — one without the
-foresight head, one with it — evaluated on the same episodes (seeds 100000 and up).
-Writes a markdown table (default docs/foresight_ablation.md) and prints it.
+One set of demonstrations (the demo's: its task set, cameras, episode count and image
+size), one policy per arm trained with the demo's recipe and the same seed — without the
+foresight head, with the motion head, with the latent head (each with the settings
+given) — evaluated on the same episodes and initial noise (seeds 100000 and up). The
+policy reads what the demo's recipe reads (`--state` to change it). Writes a markdown
+section to docs/foresight_ablation.md (replacing one of the same title) and prints it.
 
-    python bench/foresight_ablation.py [--eval-episodes 20] [--out outputs/foresight_ablation]
+    python bench/foresight_ablation.py [--eval-episodes 20] [--arms off,motion,latent]
+        [--weight 0.1] [--k 4] [--state proprio]
+
+Last line: ``foresight <arm> <x>% vs off <y>% ...``.
 """
 
 from __future__ import annotations
@@ -18,83 +23,98 @@ from dataclasses import replace
 from pathlib import Path
 
 from ditvla.contract import load_policy
-from ditvla.demo import DEMO_TASKS, FULL
+from ditvla.demo import FULL
 from ditvla.envs.collect import collect_demonstrations
-from ditvla.envs.evaluate import evaluate
+from ditvla.envs.evaluate import describe_observation, evaluate
 from ditvla.training.trainer import train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="outputs/foresight_ablation")
     parser.add_argument("--eval-episodes", type=int, default=20, help="per task (20)")
-    parser.add_argument("--weight", type=float, default=0.1, help="foresight loss weight (0.1)")
+    parser.add_argument("--arms", default="off,motion,latent", help="foresight kinds to train")
+    parser.add_argument("--weight", type=float, default=0.1, help="foresight loss weight")
+    parser.add_argument("--k", type=int, default=4, help="frames ahead")
+    parser.add_argument("--state", default=FULL.train.state, help="the state the policy reads")
     parser.add_argument("--table", default="docs/foresight_ablation.md")
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     out = Path(args.out)
-    env_spec = FULL.env
     store = out / "demos.zarr"
     if not store.exists():
-        collect_demonstrations(env_spec, store, FULL.collect)
+        collect_demonstrations(FULL.env, store, FULL.collect)
     rows = {}
-    for kind in ("off", "motion"):
+    for kind in args.arms.split(","):
         started = time.perf_counter()
+        foresight = {"kind": kind, "weight": args.weight, "k": args.k}
         final = train(
             replace(
                 FULL.train,
                 dataset=str(store),
-                out=str(out / kind),
+                out=str(out / f"{kind}_w{args.weight:g}_k{args.k}_{args.state}"),
+                state=args.state,
                 save_every=FULL.train.steps,
-                policy_overrides={"foresight": {"kind": kind, "weight": args.weight}},
+                policy_overrides={**FULL.train.policy_overrides, "foresight": foresight},
             )
         )
         train_minutes = (time.perf_counter() - started) / 60
         report = evaluate(
             load_policy(final),
-            env_spec,
+            FULL.env,
             FULL.evaluate,
             episodes_per_task=args.eval_episodes,
-            out=str(out / kind / "eval"),
             videos_per_task=0,
         )
         rows[kind] = (report.summary(), train_minutes)
+        print(f"foresight {kind}:\n{report.markdown()}", flush=True)
 
+    first = next(iter(rows.values()))[0]
+    title = f"## {describe_observation(first['observation'])}: weight {args.weight:g}, k {args.k}"
     lines = [
-        "# Motion-foresight ablation on the demo tasks",
+        title,
         "",
-        f"`python bench/foresight_ablation.py --eval-episodes {args.eval_episodes}` on the 2-core "
-        f"CPU: {FULL.collect.episodes_per_task} demonstrations per task at "
-        f"{FULL.collect.image_size}x{FULL.collect.image_size}, tiny preset, {FULL.train.steps} "
-        f"steps at batch {FULL.train.batch_size}, lr {FULL.train.lr:g}, seed 0; "
-        f"foresight: DIS flow of the corner camera, k=4, 16x16 motion image, weight {args.weight}. "
-        f"{args.eval_episodes} episodes per task on seeds 100000 and up (95% Wilson intervals).",
+        f"`python bench/foresight_ablation.py --eval-episodes {args.eval_episodes} --arms "
+        f"{args.arms} --weight {args.weight:g} --k {args.k} --state {args.state}` on the 2-core "
+        f"CPU: the demo's demonstrations ({FULL.collect.episodes_per_task} per task at "
+        f"{FULL.collect.image_size}x{FULL.collect.image_size}) and recipe ({FULL.train.steps} "
+        f"steps at batch {FULL.train.batch_size}, lr {FULL.train.lr:g}, seed 0). "
+        f"{args.eval_episodes} episodes per task on seeds 100000 and up, the same episodes and "
+        "noise for every arm (95% Wilson intervals). Motion: DIS flow of the foresight "
+        "camera, 16x16 motion image; latent: the frozen encoder's 4x4 pooled features.",
         "",
-        "| task | foresight=off | foresight=motion |",
-        "|---|---|---|",
+        "| task | " + " | ".join(f"foresight={k}" for k in rows) + " |",
+        "|---|" + "---|" * len(rows),
     ]
-    for task in DEMO_TASKS:
+    for task in first["tasks"]:
         cells = []
-        for kind in ("off", "motion"):
-            t = rows[kind][0]["tasks"][task]
-            lo, hi = t["ci95"]
-            cells.append(f"{t['success_rate']:.0%} [{lo:.0%}, {hi:.0%}]")
-        lines.append(f"| {task} | {cells[0]} | {cells[1]} |")
+        for summary, _ in rows.values():
+            t = summary["tasks"][task]
+            cells.append(f"{t['success_rate']:.0%} [{t['ci95'][0]:.0%}, {t['ci95'][1]:.0%}]")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines.append(
-        f"| **mean** | **{rows['off'][0]['mean_success']:.1%}** | "
-        f"**{rows['motion'][0]['mean_success']:.1%}** |"
+        "| **mean** | "
+        + " | ".join(f"**{s['mean_success']:.1%}**" for s, _ in rows.values())
+        + " |"
     )
-    lines.append(
-        f"| training minutes | {rows['off'][1]:.1f} | {rows['motion'][1]:.1f} (incl. flow targets) |"
-    )
-    table = "\n".join(lines) + "\n"
-    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table).write_text(table)
+    lines.append("| training minutes | " + " | ".join(f"{m:.1f}" for _, m in rows.values()) + " |")
+    section = "\n".join(lines) + "\n"
+    table = Path(args.table)
+    text = table.read_text() if table.exists() else "# Foresight ablations\n"
+    if title in text:  # the same setting measured again: replace its section
+        start = text.index(title)
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 :] if end >= 0 else text[:start]
+    table.write_text(text.rstrip() + "\n\n" + section)
     (out / "summary.json").write_text(json.dumps({k: v[0] for k, v in rows.items()}, indent=2))
-    print(table)
+    print(section)
     print(
-        f"mean success: foresight off {rows['off'][0]['mean_success']:.1%} vs motion "
-        f"{rows['motion'][0]['mean_success']:.1%}"
+        "foresight "
+        + " vs ".join(
+            f"{kind} {summary['mean_success']:.1%}" for kind, (summary, _) in rows.items()
+        )
     )
 
 

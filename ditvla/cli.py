@@ -48,7 +48,7 @@ USER_ERRORS = (
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
-    return run_demo(Path(args.out), quick=args.quick)
+    return run_demo(Path(args.out), quick=args.quick, state=args.state)
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
@@ -295,13 +295,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         commands,
         "demo",
         _cmd_demo,
-        "collect, train and evaluate on five Meta-World tasks (15-25 min on a laptop CPU)",
-        "The main job end to end on this machine: scripted demonstrations of five Meta-World "
-        "tasks, a tiny VLA trained on them, evaluated on unseen seeds; writes report.md, "
-        "report.json, loss.png and a rollout video per task to --out.",
+        "collect, train and evaluate on seven Meta-World tasks from pixels, proprioception "
+        "and words (about 20-30 min on a laptop CPU)",
+        "The main job end to end on this machine: scripted demonstrations of seven Meta-World "
+        "tasks (three of them told apart by the instruction alone), a tiny VLA trained on "
+        "them that reads two cameras, the instruction and the hand's proprioception, "
+        "evaluated on unseen seeds; writes report.md, report.json, loss.png and a rollout "
+        "video per task to --out.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 min)")
+    demo.add_argument(
+        "--state",
+        default="proprio",
+        help="the state the policy reads: proprio (hand and gripper; the VLA setting) or full "
+        "(with Meta-World's privileged object poses and goal)",
+    )
 
     collect = _command(
         commands,

@@ -65,11 +65,19 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     demo = tmp_path / "demo"
     report = json.loads((demo / "report.json").read_text())
     assert set(report["tasks"]) == {
-        "reach-v3",
+        "reach-green-ball",
+        "reach-blue-ball",
+        "reach-yellow-ball",
         "button-press-topdown-v3",
         "drawer-close-v3",
         "door-open-v3",
         "window-open-v3",
+    }
+    # the VLA setting: cameras, instruction and proprioception, nothing privileged
+    assert report["observation"] == {
+        "cameras": ["corner3", "behindGripper"],
+        "state_keys": ["proprio"],
+        "privileged_state": False,
     }
     for task in report["tasks"].values():
         assert task["episodes"] == 2 and 0.0 <= task["success_rate"] <= 1.0
@@ -82,6 +90,6 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     ):
         assert command in out.stdout
     text = (demo / "report.md").read_text()
-    assert text.startswith("# ditvla demo report") and "low-dimensional simulator state" in text
+    assert text.startswith("# ditvla demo report") and "proprioception only" in text
     assert (demo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(demo.glob("*.mp4"))) == 5
+    assert len(list(demo.glob("*.mp4"))) == 7

@@ -233,13 +233,14 @@ def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_
 class FakeServer:
     """A server that speaks the protocol but sends only chunks a robot must not run."""
 
-    def __init__(self):
+    def __init__(self, state_keys=("proprio",)):
         import secrets
 
         from ditvla.deploy.transport import ServerChannel
 
         self.channel = ServerChannel("tcp://127.0.0.1:0")
         self.session = secrets.token_hex(4)
+        self.state_keys = list(state_keys)
 
     def serve(self, process, seconds: float = 120) -> int:
         """Until ``process`` (the robot) ends; returns the chunks sent."""
@@ -258,7 +259,7 @@ class FakeServer:
                     "action_high": np.ones(4, np.float32),
                 }
                 spec = {"cameras": ["corner"], "image_size": 32, "state_dim": 8, "action_dim": 4}
-                spec.update(state_keys=["proprio"], nonce=message.meta["nonce"])
+                spec.update(state_keys=self.state_keys, nonce=message.meta["nonce"])
                 self.channel.send(Message("spec", spec, limits))
             elif message.type == "observation":
                 tick, episode = message.meta["tick"], message.meta["episode"]
@@ -389,3 +390,15 @@ def test_an_observation_that_does_not_fit_is_refused_at_the_server(policy_dir):
     status = [line for line in err.splitlines() if line.startswith("chunks")][-1]
     assert chunks > 0 and "S2 restarts 0" in status
     assert int(status.split("bad observations ")[1].split()[0]) >= 100
+
+
+def test_a_robot_that_cannot_build_the_policy_state_refuses_naming_both(tmp_path):
+    fake = FakeServer(state_keys=("proprio", "elbow"))
+    try:
+        process = robot(fake.channel.address, tmp_path / "robot", "--episodes", "1")
+        fake.serve(process, seconds=60)
+    finally:
+        fake.channel.close()
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "reads state proprio + elbow" in err and "offers proprio, objects, goal" in err
