@@ -377,7 +377,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "System 2 (the VLM, its own process) refreshes the context from the newest camera "
         "frames; System 1 (the DiT head) denoises action chunks from the newest context and "
         "state and streams them to the controller (`ditvla robot`). Loopback only unless "
-        "--key-file is given.",
+        "--keys is given.",
     )
     options(serve, "ServeConfig", exclude=("keys",))
     serve.add_argument(

@@ -348,3 +348,28 @@ def test_a_convolutional_stem_cuts_the_same_patches_and_survives_saving(store, t
     )
     with pytest.raises(ValueError, match="conv_stem"):
         DiTVLAPolicy(qwen)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
+def test_context_film_trains_acts_and_reads_the_instruction(store, conditioning):
+    torch.manual_seed(0)
+    policy, dataset = make_policy(
+        store,
+        head={"conditioning": conditioning, "context_film": True},
+        backbone={"instruction_first": True},
+        noise_samples=2,
+    )
+    with torch.no_grad():  # weights as training would leave them (adaLN-Zero starts at 0)
+        for parameter in policy.head.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.05)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(6)])
+    loss, _ = policy(batch)
+    loss.backward()
+    assert policy.head.context_film.weight.grad.abs().sum() > 0
+    obs = observation(dataset)
+    noise = torch.randn(1, *policy.noise_shape)
+    # the FiLM path is live: another instruction, another chunk
+    a = policy.predict_action_chunk(obs, noise=noise)
+    b = policy.predict_action_chunk({**obs, "instruction": "something else"}, noise=noise)
+    assert not torch.allclose(a, b)

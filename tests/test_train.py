@@ -181,3 +181,17 @@ def test_ddp_with_two_processes_on_gloo(store, tmp_path):
     state = json.loads((out / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
     assert state["data"]["consumed"] > 0 and "1" in state["rank_rng"]
     DiTVLAPolicy.from_pretrained(out / "policy")
+
+
+def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():
+    from ditvla.training.trainer import _warmed_up_ema
+
+    def averaged_after(power: float, updates: int) -> float:
+        ema, update = [torch.zeros(4)], _warmed_up_ema(0.999, power)
+        for n in range(1, updates + 1):  # the weights moved from 0 to 1 and stay there
+            update(ema, [torch.ones(4)], torch.tensor(n))
+        return float(ema[0][0])
+
+    # after 2000 updates a constant 0.999 still holds 13.5% of the first weights
+    assert averaged_after(0.0, 2000) == pytest.approx(1 - 0.999**2000, abs=1e-3)
+    assert averaged_after(0.75, 2000) > 0.999

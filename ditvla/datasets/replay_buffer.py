@@ -307,7 +307,10 @@ class ReplayBuffer:
 
     def resolve_state(self, selection: str) -> list[str]:
         """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
-        store's ``state_keys``), ``full`` (with the privileged arrays) or ``KEY[,KEY...]``."""
+        store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:
+        the cameras and the instruction alone) or ``KEY[,KEY...]``."""
+        if selection == "none":
+            return []
         if selection == "full":
             return [*self.state_keys, *self.privileged_keys]
         if selection == "proprio":

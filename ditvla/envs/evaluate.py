@@ -9,7 +9,7 @@ Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes 
 each task (100000 up by default, apart from the demonstration seeds), so two runs of one
 policy see the same episodes. A diffusion policy's initial noise is fixed the same way:
 each episode draws its chunks' noise from its own generator, seeded with the episode's
-seed (for policies with a ``noise_shape``). Two runs of one policy then give the same
+seed (for policies whose spec has a ``noise_shape``). Two runs of one policy then give the same
 rollouts whatever the worker count, and two policies (a float one and its quantized
 copy) are compared on the same noise as well as the same episodes.
 

@@ -203,7 +203,7 @@ class LiberoEnv(SimulatorEnv):
     """
 
     proprio_keys = ("ee_pos", "ee_ori", "gripper_states")
-    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": False, "joint_states": False}
+    other_state_keys: ClassVar[dict[str, bool]] = {"state": False, "joint_states": False}
 
     def __init__(
         self,

@@ -61,7 +61,8 @@ def upright(camera: str, frame: np.ndarray) -> np.ndarray:
 PROPRIO_INDEX = np.r_[0:4, 18:22]  # hand and gripper, now and one frame earlier: 8-D
 OBJECTS_INDEX = np.r_[4:18, 22:36]  # object poses, now and one frame earlier: 28-D
 GOAL_INDEX = np.r_[36:39]
-STATE_DIMS = {"proprio": 8, "objects": 28, "goal": 3, "state": 39}
+HAND_INDEX = np.r_[0:4]  # hand and gripper now: proprioception without the previous frame
+STATE_DIMS = {"proprio": 8, "objects": 28, "goal": 3, "state": 39, "hand": 4}
 ACTION_DIM = 4
 ACTION_SPACE = "metaworld: end-effector xyz delta + gripper effort, each in [-1, 1]"
 DEFAULT_CAMERAS = ("corner",)
@@ -208,7 +209,7 @@ class MetaWorldEnv(SimulatorEnv):
 
     proprio_keys = ("proprio",)
     privileged_keys = ("objects", "goal")
-    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": True}
+    other_state_keys: ClassVar[dict[str, bool]] = {"state": True, "hand": False}
 
     def __init__(
         self,
@@ -296,6 +297,7 @@ class MetaWorldEnv(SimulatorEnv):
             "objects": raw[OBJECTS_INDEX],
             "goal": raw[GOAL_INDEX],
             "state": raw,
+            "hand": raw[HAND_INDEX],
         }
 
     def expert_action(self) -> np.ndarray:

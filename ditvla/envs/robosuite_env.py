@@ -89,7 +89,7 @@ class RobosuiteEnv(SimulatorEnv):
 
     proprio_keys = ("proprio",)
     privileged_keys = ("objects",)
-    legacy_state_keys: ClassVar[dict[str, bool]] = {"state": False}
+    other_state_keys: ClassVar[dict[str, bool]] = {"state": False}
 
     def __init__(
         self,

@@ -30,28 +30,27 @@ EVAL_SEED_START = 100_000
 class SimulatorEnv(gym.Env):
     """Subclasses name their state parts: ``proprio_keys`` (what a real robot has: joint or
     end-effector pose, gripper; the default state), ``privileged_keys`` (what only the
-    simulator knows: object poses, goals), and ``legacy_state_keys`` (older names a saved
-    policy may read, each marked privileged or not). ``state_keys`` picks the parts,
-    in order, that make up ``observation["state"]``."""
+    simulator knows: object poses, goals), and ``other_state_keys`` (other parts it can
+    build — older names a saved policy may read, subsets — each marked privileged or
+    not). ``state_keys`` picks the parts, in order, that make up ``observation["state"]``."""
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
     proprio_keys: ClassVar[tuple[str, ...]] = ()
     privileged_keys: ClassVar[tuple[str, ...]] = ()
-    legacy_state_keys: ClassVar[dict[str, bool]] = {}
+    other_state_keys: ClassVar[dict[str, bool]] = {}
 
     instruction: str
     fps: float
 
     @classmethod
     def offered_state_keys(cls) -> tuple[str, ...]:
-        return (*cls.proprio_keys, *cls.privileged_keys, *cls.legacy_state_keys)
+        return (*cls.proprio_keys, *cls.privileged_keys, *cls.other_state_keys)
 
     @classmethod
     def reads_privileged_state(cls, state_keys: Sequence[str]) -> bool:
         """Whether a state made of ``state_keys`` holds anything a real robot lacks."""
         return any(
-            key in cls.privileged_keys or cls.legacy_state_keys.get(key, False)
-            for key in state_keys
+            key in cls.privileged_keys or cls.other_state_keys.get(key, False) for key in state_keys
         )
 
     @classmethod

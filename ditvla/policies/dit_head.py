@@ -41,6 +41,9 @@ class ActionHeadConfig:
         mlp_ratio: MLP width over the DiT width.
         self_attention_every: cross_attention: blocks 0, k, 2k, ... also self-attend among
             the action tokens (GR00T N1 alternates with k = 2).
+        context_film: the context's mean (over its valid tokens) modulates every block
+            with the time and the state (FiLM), beside the attention to the tokens: a
+            direct path for what the whole context says (which instruction, which scene).
     """
 
     filled_in: ClassVar[tuple[str, ...]] = ("context_dim", "state_dim", "action_dim", "horizon")
@@ -51,6 +54,7 @@ class ActionHeadConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     self_attention_every: int = 2
+    context_film: bool = False
     context_dim: int = 0
     state_dim: int = 0
     action_dim: int = 0
@@ -222,6 +226,7 @@ class ContextCache:
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor | None  # (B, L) bool, True where the token is real; None: all are
+    summary: torch.Tensor | None = None  # (B, W): the context's FiLM term (context_film)
 
     def repeat_interleave(self, n: int) -> ContextCache:
         """Each batch row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1)."""
@@ -230,6 +235,7 @@ class ContextCache:
                 (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.keys_values
             ],
             mask=None if self.mask is None else self.mask.repeat_interleave(n, 0),
+            summary=None if self.summary is None else self.summary.repeat_interleave(n, 0),
         )
 
 
@@ -247,6 +253,7 @@ class DiTActionHead(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, config.horizon, w))
         self.time_embed = TimestepEmbedder(w)
         self.state_proj = nn.Linear(config.state_dim, w) if config.state_dim else None
+        self.context_film = nn.Linear(w, w) if config.context_film else None
         if config.conditioning == "cross_attention":
             blocks = [
                 CrossAttentionBlock(config, self_attention=i % config.self_attention_every == 0)
@@ -293,6 +300,11 @@ class DiTActionHead(nn.Module):
             if bool(mask.all()):
                 mask = None
         h = self.context_proj(context)
+        summary = None
+        if self.context_film is not None:
+            weights = torch.ones_like(h[..., 0]) if mask is None else mask.to(h.dtype)
+            mean = (h * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+            summary = self.context_film(mean)
         if self.config.conditioning == "cross_attention":
             kvs = [block.context_keys_values(h) for block in self.blocks]
         else:
@@ -300,11 +312,19 @@ class DiTActionHead(nn.Module):
             for block in self.blocks:
                 h, kv = block.prefix_step(h, mask)
                 kvs.append(kv)
-        return ContextCache(keys_values=kvs, mask=mask)
+        return ContextCache(keys_values=kvs, mask=mask, summary=summary)
 
-    def condition(self, time: torch.Tensor, state: torch.Tensor | None = None) -> Conditioning:
-        """time (N,) in [0, 1] and state (N, D) -> their conditioning of N rows."""
+    def condition(
+        self,
+        time: torch.Tensor,
+        state: torch.Tensor | None = None,
+        context_summary: torch.Tensor | None = None,
+    ) -> Conditioning:
+        """time (N,) in [0, 1], state (N, D) and the context's summary (N, W) (with
+        ``context_film``; :attr:`ContextCache.summary`) -> their conditioning of N rows."""
         cond = self.time_embed(time)
+        if context_summary is not None:
+            cond = cond + context_summary
         state_token = self.state_proj(state) if self.state_proj is not None else None
         if self.config.conditioning == "cross_attention":
             # The state modulates every block with the time, and is also a token beside
@@ -319,14 +339,20 @@ class DiTActionHead(nn.Module):
         return Conditioning(blocks=blocks, tokens=tokens, final=self.final_ada(cond))
 
     def condition_steps(
-        self, times: torch.Tensor, state: torch.Tensor | None, batch: int
+        self,
+        times: torch.Tensor,
+        state: torch.Tensor | None,
+        batch: int,
+        context_summary: torch.Tensor | None = None,
     ) -> list[Conditioning]:
         """The conditioning of every denoising step of a chunk, in one batched pass:
-        times (S,), state (B, D) -> S conditionings of B rows."""
+        times (S,), state (B, D), summary (B, W) -> S conditionings of B rows."""
         steps = times.shape[0]
         time = times.to(self.position.device).repeat_interleave(batch)
         state = state.repeat(steps, 1) if state is not None else None
-        cond = self.condition(time, state)
+        if context_summary is not None:
+            context_summary = context_summary.repeat(steps, 1)
+        cond = self.condition(time, state, context_summary)
         return [cond.rows(i * batch, (i + 1) * batch) for i in range(steps)]
 
     def forward(

@@ -339,7 +339,9 @@ class DiTVLAPolicy(nn.Module):
         elif tuple(noise.shape) != shape:
             raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         steps = num_steps or self.config.num_inference_steps
-        conditions = self.head.condition_steps(self.schedule.step_times(steps), norm_state, b)
+        conditions = self.head.condition_steps(
+            self.schedule.step_times(steps), norm_state, b, context.cache.summary
+        )
         chunk = self.schedule.sample(
             lambda x, i: self.head(x, conditions[i], context.cache),
             noise.to(self.device),
@@ -413,7 +415,7 @@ class DiTVLAPolicy(nn.Module):
             cache = cache.repeat_interleave(n)
         noise = torch.randn_like(target_actions)
         noisy, t, target = self.schedule.training_example(target_actions, noise)
-        prediction = self.head(noisy, self.head.condition(t, state), cache)
+        prediction = self.head(noisy, self.head.condition(t, state, cache.summary), cache)
         error = (prediction - target) ** 2
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         metrics = {"action_loss": loss.item()}

@@ -52,8 +52,8 @@ class TrainConfig:
         cameras: the cameras the policy reads, comma-separated (default: every camera of the
             store).
         state: the state the policy reads: proprio (what a real robot has: the store's
-            state_keys), full (with the simulator's privileged object poses and goals), or
-            arrays by name, KEY[,KEY...].
+            state_keys), full (with the simulator's privileged object poses and goals), none,
+            or arrays by name, KEY[,KEY...].
         steps: optimizer steps.
         batch_size: samples per optimizer step, over all processes and micro-batches.
         grad_accum: micro-batches per optimizer step.
@@ -62,6 +62,9 @@ class TrainConfig:
         warmup_steps: linear learning-rate warmup, then cosine decay to 0.
         grad_clip: gradient norm clip.
         ema_decay: EMA of the weights (the final policy is the EMA); 0 turns it off.
+        ema_power: EMA warm-up: the decay at update t is min(ema_decay, 1 - (1 + t) **
+            -ema_power) (diffusion policy's schedule), so a short run's EMA is not weighed
+            down by its first weights; 0 keeps the decay constant.
         seed: seeds the data order, the noise and the initial weights.
         num_workers: DataLoader worker processes (0: read batches in the training process).
         augment: random shift + brightness/contrast jitter of the camera frames.
@@ -86,6 +89,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_power: float = 0.75
     seed: int = 0
     num_workers: int = 2
     augment: bool = False
@@ -252,7 +256,7 @@ def train(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     ema = (
         torch.optim.swa_utils.AveragedModel(
-            policy, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay)
+            policy, multi_avg_fn=_warmed_up_ema(config.ema_decay, config.ema_power)
         )
         if config.ema_decay > 0
         else None
@@ -386,6 +390,18 @@ def train(config: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _warmed_up_ema(decay: float, power: float):
+    """An EMA update for ``AveragedModel`` whose decay grows with the updates made (see
+    :attr:`TrainConfig.ema_power`)."""
+
+    def update(averaged: list, current: list, num_averaged) -> None:
+        step = float(num_averaged)
+        rate = decay if power == 0 else min(decay, 1 - (1 + step) ** -power)
+        torch.optim.swa_utils.get_ema_multi_avg_fn(rate)(averaged, current, num_averaged)
+
+    return update
 
 
 def _rank_rng_state() -> list[int]:
