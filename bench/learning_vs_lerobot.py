@@ -29,57 +29,10 @@ import argparse
 import json
 import os
 import time
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-
-
-class LeRobotAdapter:
-    """A trained LeRobot policy behind the evaluator's policy API, with its observation
-    history kept per episode (the evaluator names each row's task and seed)."""
-
-    def __init__(self, policy, preprocessor, postprocessor, camera: str, n_action_steps: int):
-        from ditvla.contract import PolicySpec
-
-        self.policy = policy.eval()
-        self.preprocessor = preprocessor
-        self.postprocessor = postprocessor
-        self.camera = camera
-        config = policy.config
-        self.spec = PolicySpec(
-            cameras=(camera,),
-            image_size=config.input_features[f"observation.images.{camera}"].shape[-1],
-            state_dim=config.input_features["observation.state"].shape[0],
-            action_dim=config.output_features["action"].shape[0],
-            horizon=config.horizon,
-            n_action_steps=n_action_steps,
-        )
-        self.n_obs_steps = config.n_obs_steps
-        self._history: dict[tuple[str, int], deque] = {}
-
-    def reset(self) -> None:
-        self._history.clear()
-
-    def predict_action_chunk(self, observation, **_):
-        images, states = [], []
-        for i, key in enumerate(zip(observation["task"], observation["seed"], strict=True)):
-            history = self._history.setdefault(key, deque(maxlen=self.n_obs_steps))
-            frame = torch.from_numpy(observation["images"][self.camera][i]).permute(2, 0, 1)
-            history.append((frame.float() / 255.0, torch.from_numpy(observation["state"][i])))
-            while len(history) < self.n_obs_steps:  # the first step repeats (as lerobot pads)
-                history.appendleft(history[0])
-            images.append(torch.stack([h[0] for h in history]))
-            states.append(torch.stack([h[1] for h in history]))
-        batch = {
-            f"observation.images.{self.camera}": torch.stack(images),
-            "observation.state": torch.stack(states),
-        }
-        self.policy.reset()  # empty queues: predict_action_chunk uses the given history
-        actions = self.policy.predict_action_chunk(self.preprocessor(batch))
-        return self.postprocessor(actions)
 
 
 def train_lerobot(
@@ -92,7 +45,9 @@ def train_lerobot(
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
     from lerobot.policies.diffusion.processor_diffusion import make_diffusion_pre_post_processors
     from lerobot.utils.feature_utils import dataset_to_policy_features
+    from lerobot_peers import LeRobotAdapter, train_for
 
+    from ditvla.contract import PolicySpec
     from ditvla.datasets.convert_lerobot import zarr_to_lerobot
 
     if not root.exists():
@@ -114,33 +69,22 @@ def train_lerobot(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=8, shuffle=True, num_workers=1, drop_last=True
     )
-    optimizer = config.get_optimizer_preset().build(policy.parameters())
-    policy.train()
-    start, steps, losses = time.perf_counter(), 0, []
-    scheduler = None
-    while time.perf_counter() - start < budget_s:
-        for batch in loader:
-            if time.perf_counter() - start >= budget_s:
-                break
-            loss, _ = policy.forward(preprocessor(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-            optimizer.step()
-            steps += 1
-            losses.append(loss.item())
-            if steps == 5:  # the cosine schedule spans the steps the budget allows
-                per_step = (time.perf_counter() - start) / steps
-                total = max(10, int(budget_s / per_step))
-                scheduler = config.get_scheduler_preset().build(optimizer, total)
-            if scheduler is not None:
-                scheduler.step()
-    seconds = time.perf_counter() - start
-    print(
-        f"lerobot diffusion: {steps} steps in {seconds / 60:.1f} min, loss {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}"
-    )
+
+    def batches():
+        while True:
+            yield from loader
+
+    train_for(policy, preprocessor, batches(), budget_s, name="lerobot diffusion", seed=seed)
     camera = next(iter(config.image_features)).removeprefix("observation.images.")
-    return LeRobotAdapter(policy, preprocessor, postprocessor, camera, config.n_action_steps)
+    spec = PolicySpec(
+        cameras=(camera,),
+        image_size=config.input_features[f"observation.images.{camera}"].shape[-1],
+        state_dim=config.input_features["observation.state"].shape[0],
+        action_dim=config.output_features["action"].shape[0],
+        horizon=config.horizon,
+        n_action_steps=config.n_action_steps,
+    )
+    return LeRobotAdapter(policy, preprocessor, postprocessor, spec, reads_task=False)
 
 
 def train_ditvla(store: Path, out: Path) -> tuple[Path, float]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from head_latency import save_tiny_smolvlm
+from lerobot_peers import tiny_smolvla
 from torch.utils.data import DataLoader
 
 BATCH, HORIZON, ACTION_DIM, STATE_DIM, IMAGE = 32, 16, 7, 8, 64
@@ -46,33 +46,6 @@ def write_store(path: Path) -> None:
             task=f"t{e}",
             instruction=f"pick up the block number {e}",
         )
-
-
-def smolvla_policy(folder: Path):
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
-    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
-    config = SmolVLAConfig(
-        vlm_model_name=str(folder),
-        load_vlm_weights=False,
-        chunk_size=HORIZON,
-        n_action_steps=HORIZON,
-        num_vlm_layers=2,
-        expert_width_multiplier=1.0,
-        max_action_dim=ACTION_DIM,
-        max_state_dim=STATE_DIM,
-        resize_imgs_with_padding=(IMAGE, IMAGE),
-        freeze_vision_encoder=False,
-        train_expert_only=False,
-        device="cpu",
-        input_features={
-            "observation.images.cam": PolicyFeature(FeatureType.VISUAL, (3, IMAGE, IMAGE)),
-            "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
-        },
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
-    )
-    return SmolVLAPolicy(config)
 
 
 def to_lerobot_batch(batch: dict, tokenizer) -> dict:
@@ -120,18 +93,9 @@ def main() -> None:
         PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=dataset.sampler.horizon),
         dataset.stats(),
     )
-    folder = work / "smolvlm"
-    save_tiny_smolvlm(
-        folder,
-        width=128,
-        layers=2,
-        heads=2,
-        vision_width=96,
-        vision_layers=2,
-        patch_size=8,
-        image_size=IMAGE,
+    theirs, _, _ = tiny_smolvla(
+        work / "smolvlm", dataset.data_spec(), horizon=HORIZON, n_action_steps=HORIZON
     )
-    theirs = smolvla_policy(folder)
     tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
     their_batches = [to_lerobot_batch(b, tokenizer) for b in batches]
 

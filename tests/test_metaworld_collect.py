@@ -34,8 +34,10 @@ def test_observation_schema_and_seeded_episodes():
             "objects": (28,),
             "goal": (3,),
             "state": (39,),
+            "hand": (4,),
         }
         np.testing.assert_array_equal(obs["state"], parts["proprio"])
+        np.testing.assert_array_equal(parts["hand"], parts["proprio"][:4])
         np.testing.assert_array_equal(parts["proprio"][:3], parts["state"][:3])
         np.testing.assert_array_equal(parts["goal"], parts["state"][36:])
         for cam in ("corner", "topview"):
