@@ -50,17 +50,20 @@ def main() -> None:
     for kind in args.arms.split(","):
         started = time.perf_counter()
         foresight = {"kind": kind, "weight": args.weight, "k": args.k}
+        arm_out = out / f"{kind}_w{args.weight:g}_k{args.k}_{args.state}"
+        resumed = (arm_out / "checkpoints").exists()  # an interrupted or finished arm goes on
         final = train(
             replace(
                 FULL.train,
                 dataset=str(store),
-                out=str(out / f"{kind}_w{args.weight:g}_k{args.k}_{args.state}"),
+                out=str(arm_out),
+                resume=resumed,
                 state=args.state,
                 save_every=FULL.train.steps,
                 policy_overrides={**FULL.train.policy_overrides, "foresight": foresight},
             )
         )
-        train_minutes = (time.perf_counter() - started) / 60
+        train_minutes = None if resumed else (time.perf_counter() - started) / 60
         report = evaluate(
             load_policy(final),
             FULL.env,
@@ -99,7 +102,8 @@ def main() -> None:
         + " | ".join(f"**{s['mean_success']:.1%}**" for s, _ in rows.values())
         + " |"
     )
-    lines.append("| training minutes | " + " | ".join(f"{m:.1f}" for _, m in rows.values()) + " |")
+    minutes = [f"{m:.1f}" if m is not None else "resumed" for _, m in rows.values()]
+    lines.append("| training minutes | " + " | ".join(minutes) + " |")
     section = "\n".join(lines) + "\n"
     table = Path(args.table)
     text = table.read_text() if table.exists() else "# Foresight ablations\n"
