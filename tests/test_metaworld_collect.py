@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.envs.collect import collect_demonstrations
+from ditvla.envs.collect import collect_demonstrations, detour
 from ditvla.envs.metaworld_env import MetaWorldEnv, task_set
 from ditvla.envs.registry import parse_env
 
@@ -117,3 +117,46 @@ def test_parallel_collection_writes_the_same_store(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_detours_drift_the_hand_and_record_the_experts_recovery(tmp_path):
+    seed = next(s for s in range(100) if detour(s, 20, 4)[0] >= 10)
+    steps, push = detour(seed, 20, 4)
+    out = tmp_path / "detours.zarr"
+    report = collect_demonstrations(
+        "metaworld:reach-v3",
+        out,
+        episodes_per_task=2,
+        cameras=(),
+        seed_start=seed,
+        detour_steps=20,
+        workers=2,
+        progress=False,
+    )
+    assert report.kept == {"reach-v3": 2}  # the expert recovers and succeeds
+    buffer = ReplayBuffer.open(out)
+    assert "detours of up to 20 steps" in buffer.attrs["source"]
+    episode = buffer.get_episode(0)
+    hand, actions, goal = episode["proprio"][:, :3], episode["action"], episode["goal"]
+
+    def cosine(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    # the hand went where the push sent it, while every recorded action heads for the goal
+    assert cosine(hand[steps] - hand[0], push[:3]) > 0.9
+    for t in range(steps):
+        assert cosine(actions[t, :3], goal[t] - hand[t]) > 0.5
+    # the same seed without a detour: the same first label, another path
+    plain = tmp_path / "plain.zarr"
+    collect_demonstrations(
+        "metaworld:reach-v3",
+        plain,
+        episodes_per_task=1,
+        cameras=(),
+        seed_start=seed,
+        workers=1,
+        progress=False,
+    )
+    straight = ReplayBuffer.open(plain).get_episode(0)
+    np.testing.assert_allclose(straight["action"][0], actions[0])
+    assert np.linalg.norm(straight["proprio"][steps, :3] - hand[steps]) > 0.02

@@ -373,3 +373,37 @@ def test_context_film_trains_acts_and_reads_the_instruction(store, conditioning)
     a = policy.predict_action_chunk(obs, noise=noise)
     b = policy.predict_action_chunk({**obs, "instruction": "something else"}, noise=noise)
     assert not torch.allclose(a, b)
+
+
+def test_language_film_lets_the_words_shape_the_image_tokens(store, tmp_path):
+    # Images come before the instruction and the language model is causal: without FiLM
+    # the image tokens' outputs cannot depend on the words.
+    torch.manual_seed(0)
+    policy, dataset = make_policy(store, backbone={"language_film": True})
+    backbone, film = policy.backbone, policy.backbone.language_film[1]
+    images = torch.rand(1, 1, 3, 64, 64).expand(2, -1, -1, -1, -1)
+    ids, mask = backbone.tokenize(["reach the green ball", "reach the blue ball"], policy.device)
+    n_image = backbone.image_tokens(images[:1, 0]).shape[1]
+
+    def image_outputs():
+        with torch.no_grad():
+            tokens, _ = backbone(images, ids, mask)
+        return tokens[:, :n_image]
+
+    before = image_outputs()
+    torch.testing.assert_close(before[0], before[1])  # zero-initialised: the identity
+    with torch.no_grad():  # the head as training would leave it (its output starts at 0)
+        for parameter in policy.head.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.05)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    loss, _ = policy(batch)
+    loss.backward()
+    assert film.weight.grad.abs().sum() > 0  # the action loss reaches it
+    with torch.no_grad():
+        film.weight.normal_(std=0.1)  # as training would leave it
+    after = image_outputs()
+    assert not torch.allclose(after[0], after[1], atol=1e-4)  # the words reach the image
+    policy.save_pretrained(tmp_path / "film")
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "film")
+    torch.testing.assert_close(loaded.backbone.language_film[1].weight, film.weight)

@@ -41,22 +41,48 @@ def recorded_state_keys(env: Any) -> tuple[str, ...]:
     return (*env.proprio_keys, *env.privileged_keys)
 
 
-def run_expert_episode(env: Any, seed: int) -> tuple[dict[str, np.ndarray], bool]:
-    """One episode of the scripted expert from ``seed``: (arrays by data key, success)."""
+def detour(seed: int, max_steps: int, action_dim: int) -> tuple[int, np.ndarray]:
+    """The detour of episode ``seed``: its length (uniform in 0..max_steps) and the
+    end-effector translation it pushes (a random direction, unit norm, in the first three
+    action dimensions, which every suite's action space gives to translation)."""
+    rng = np.random.default_rng([seed, 0xDE7])
+    direction = rng.normal(size=3)
+    push = np.zeros(action_dim, dtype=np.float32)
+    push[:3] = direction / np.linalg.norm(direction)
+    return int(rng.integers(0, max_steps + 1)), push
+
+
+def run_expert_episode(
+    env: Any, seed: int, detour_steps: int = 0
+) -> tuple[dict[str, np.ndarray], bool]:
+    """One episode of the scripted expert from ``seed``: (arrays by data key, success).
+
+    ``detour_steps``: the episode first drifts for up to that many steps in a random
+    direction (:func:`detour`) while the expert's own action is recorded at every frame,
+    then the expert takes over from wherever the hand is: the recorded actions recover
+    (as in DART's noise injection), and the hand's path no longer gives away the goal.
+    """
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
     parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
     actions = []
     success = False
+    drift = 0
     while True:
         action = env.expert_action()
+        if drift == 0 and not actions and detour_steps:
+            drift, push = detour(seed, detour_steps, len(action))
         for cam in env.cameras:
             frames[cam].append(obs["images"][cam])
         state = env.state_parts()
         for key, values in parts.items():
             values.append(state[key])
         actions.append(action)
-        obs, _, success, truncated, _ = env.step(action)
+        executed = action
+        if drift > 0:  # the expert's gripper, a push for the translation
+            executed = np.concatenate([push[:3], np.asarray(action)[3:]]).astype(np.float32)
+            drift -= 1
+        obs, _, success, truncated, _ = env.step(executed)
         if success or truncated:
             break
     episode = {cam: np.stack(f) for cam, f in frames.items()}
@@ -70,18 +96,23 @@ _worker_envs: dict[tuple, Any] = {}
 
 
 def _expert_episode_in_worker(
-    suite_name: str, task: str, cameras: tuple[str, ...], image_size: int, seed: int
+    suite_name: str,
+    task: str,
+    cameras: tuple[str, ...],
+    image_size: int,
+    detour_steps: int,
+    seed: int,
 ) -> tuple[dict[str, np.ndarray], bool]:
     key = (suite_name, task, cameras, image_size)
     if key not in _worker_envs:
         _worker_envs[key] = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
-    return run_expert_episode(_worker_envs[key], seed)
+    return run_expert_episode(_worker_envs[key], seed, detour_steps)
 
 
-def _run_here(env: Any, seed: int) -> Future:
+def _run_here(env: Any, detour_steps: int, seed: int) -> Future:
     """One episode in this process, as a finished future (the serial path)."""
     future: Future = Future()
-    future.set_result(run_expert_episode(env, seed))
+    future.set_result(run_expert_episode(env, seed, detour_steps))
     return future
 
 
@@ -97,6 +128,10 @@ class CollectConfig:
         seed_start: first episode seed (each task uses seed_start, seed_start + 1, ...).
         workers: simulator processes; the store is the same for any number.
         keep_failures: keep failed episodes too.
+        detour_steps: each episode first drifts in a random direction for up to this many
+            steps (the expert's actions recorded throughout), then the expert recovers:
+            demonstrations in which the hand's path does not give the goal away, so that
+            a policy has to read it from the camera and the instruction. 0: none.
         overwrite: replace an existing store.
         progress: show a progress bar.
     """
@@ -107,6 +142,7 @@ class CollectConfig:
     seed_start: int = 0
     workers: int = 2
     keep_failures: bool = False
+    detour_steps: int = 0
     overwrite: bool = False
     progress: bool = True
 
@@ -115,6 +151,8 @@ class CollectConfig:
             raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.detour_steps < 0:
+            raise ValueError(f"detour_steps must be >= 0, got {self.detour_steps}")
 
 
 def collect_demonstrations(
@@ -154,11 +192,16 @@ def collect_demonstrations(
                         state_keys=list(env.proprio_keys),
                         privileged_keys=list(env.privileged_keys),
                         action_space=suite.action_space,
-                        source=f"{suite.name} scripted experts ({env_spec})",
+                        source=f"{suite.name} scripted experts ({env_spec})"
+                        + (
+                            f", detours of up to {config.detour_steps} steps"
+                            if config.detour_steps
+                            else ""
+                        ),
                         overwrite=config.overwrite,
                     )
                 submit = (
-                    partial(_run_here, env)
+                    partial(_run_here, env, config.detour_steps)
                     if pool is None
                     else partial(
                         pool.submit,
@@ -167,6 +210,7 @@ def collect_demonstrations(
                         task,
                         cameras,
                         image_size,
+                        config.detour_steps,
                     )
                 )
                 # Episodes run ahead in seed order (at most `workers` of them, never more

@@ -61,6 +61,12 @@ class BackboneConfig:
         conv_stem: the tiny vision encoder cuts its patches with a small convolutional
             stem (3x3 convolutions of stride 2) instead of one linear patch embedding: a
             locality bias that helps a randomly initialised encoder find small objects.
+        language_film: the instruction modulates every image token before the language
+            model (FiLM, as RT-1 conditions its image encoder on the instruction): the mean
+            of the instruction's token embeddings gives a per-channel scale and shift
+            (starting as the identity). A direct path from the words to which parts of
+            the image the tokens keep ("the green ball" vs "the blue ball"), which a tiny
+            language model trained from scratch is slow to find through attention.
     """
 
     family: Family = "idefics3"
@@ -77,6 +83,7 @@ class BackboneConfig:
     tiny_patch_size: int = 8
     instruction_first: bool = False
     conv_stem: bool = False
+    language_film: bool = False
 
 
 def byte_level_tokenizer():
@@ -263,6 +270,14 @@ class VLMBackbone(nn.Module):
         else:
             self.encoder_image_size = vision_config.image_size
             self.vision_feature_width = vision_config.hidden_size
+        self.language_film: nn.Sequential | None = None
+        if config.language_film:  # standardised mean word embedding -> scale and shift
+            self.language_film = nn.Sequential(
+                nn.LayerNorm(self.width, elementwise_affine=False),
+                nn.Linear(self.width, 2 * self.width),
+            )
+            nn.init.zeros_(self.language_film[1].weight)  # the identity until trained
+            nn.init.zeros_(self.language_film[1].bias)
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -361,6 +376,11 @@ class VLMBackbone(nn.Module):
             positions = positions.expand(3, b, -1)
         image_tokens = image_tokens.reshape(b, -1, image_tokens.shape[-1])
         text = embed(input_ids).to(image_tokens.dtype)
+        if self.language_film is not None:
+            weights = text_mask.to(text.dtype)[..., None]
+            words = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+            scale, shift = self.language_film(words).chunk(2, dim=-1)
+            image_tokens = image_tokens * (1 + scale[:, None]) + shift[:, None]
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=text.device)
         if self.config.instruction_first:
             embeds = torch.cat([text, image_tokens], dim=1)
