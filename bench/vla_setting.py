@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -161,11 +163,13 @@ def write_table(path: Path, results: dict, args, observation: str) -> None:
     ]
     if "smolvla" in results:
         arms.append(("lerobot smolvla, same budget", results["smolvla"]))
-    tasks = list(results["none"]["tasks"])
+    from ditvla.demo import DEMO_TASKS
+
+    tasks = sorted(results["none"]["tasks"], key=DEMO_TASKS.index)  # in the demo's order
     lines = [
         "# The VLA setting: pixels, proprioception and words",
         "",
-        f"`python bench/vla_setting.py --episodes {args.episodes}` on the 2-core CPU. The policy "
+        f"`{shlex.join(['python', *sys.argv])}` on the 2-core CPU. The policy "
         f"read: {observation}. Training budget {results['budget_s'] / 60:.1f} minutes (the "
         f"demo's run); {args.episodes} episodes per task on seeds 100000 and up, the same "
         "episodes and initial noise for every arm (95% Wilson intervals).",
