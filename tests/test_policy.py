@@ -56,6 +56,15 @@ def observation(dataset: ReplayBufferDataset, index: int = 0) -> dict:
     }
 
 
+def as_if_trained(head: torch.nn.Module) -> None:
+    """Weights as training would leave them: the zero-initialised ones (adaLN-Zero, the
+    output layer) drawn small, so that gradients reach what lies before the head."""
+    with torch.no_grad():
+        for parameter in head.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.05)
+
+
 @pytest.mark.parametrize("objective", ["flow_matching", "ddpm"])
 @pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
 def test_each_head_trains_and_acts(store, objective, conditioning):
@@ -359,10 +368,7 @@ def test_context_film_trains_acts_and_reads_the_instruction(store, conditioning)
         backbone={"instruction_first": True},
         noise_samples=2,
     )
-    with torch.no_grad():  # weights as training would leave them (adaLN-Zero starts at 0)
-        for parameter in policy.head.parameters():
-            if parameter.abs().sum() == 0:
-                parameter.normal_(std=0.05)
+    as_if_trained(policy.head)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(6)])
     loss, _ = policy(batch)
     loss.backward()
@@ -392,10 +398,7 @@ def test_language_film_lets_the_words_shape_the_image_tokens(store, tmp_path):
 
     before = image_outputs()
     torch.testing.assert_close(before[0], before[1])  # zero-initialised: the identity
-    with torch.no_grad():  # the head as training would leave it (its output starts at 0)
-        for parameter in policy.head.parameters():
-            if parameter.abs().sum() == 0:
-                parameter.normal_(std=0.05)
+    as_if_trained(policy.head)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
     loss, _ = policy(batch)
     loss.backward()
