@@ -87,8 +87,13 @@ def test_act_inpainting_keeps_the_frozen_actions(policy_dir):
 @pytest.mark.slow
 def test_serve_and_robot_processes(policy_dir, tmp_path):
     address = free_address()
+    server_stats = tmp_path / "server_stats.json"
     server = subprocess.Popen(
-        [*CLI, "serve", "--policy", str(policy_dir), "--address", address, "--merge", "rtc"],
+        [
+            *CLI,
+            *("serve", "--policy", str(policy_dir), "--address", address, "--merge", "rtc"),
+            *("--stats-json", str(server_stats)),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -112,10 +117,10 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
         second = tmp_path / "second"
-        # holds while the new process starts (the old context goes stale), then acts again
+        # the robot holds while the new process starts, then acts again (how long the
+        # restart takes depends on the machine: the restart itself is checked below)
         finished(robot(address, second, "--episodes", "1", "--max-steps", "1500"))
         rows = ticks(second)
-        assert rows[50]["executed"] != "action"
         assert any(r["executed"] == "action" for r in rows[-100:]), "no actions after the restart"
 
         # 3. SIGTERM to the controller: it stops at once with the robot held, summary written
@@ -135,6 +140,8 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         rows = ticks(third)
         assert rows[-1]["executed"] in ("watchdog", "hold")
         assert sum(r["executed"] in ("watchdog", "hold") for r in rows) >= 50
+        # the killed System 2 was restarted once, by the server
+        assert json.loads(server_stats.read_text())["system2_restarts"] == 1
 
     finally:
         server.kill()
