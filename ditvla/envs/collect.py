@@ -41,15 +41,13 @@ def recorded_state_keys(env: Any) -> tuple[str, ...]:
     return (*env.proprio_keys, *env.privileged_keys)
 
 
-def detour(seed: int, max_steps: int, action_dim: int) -> tuple[int, np.ndarray]:
+def detour(seed: int, max_steps: int) -> tuple[int, np.ndarray]:
     """The detour of episode ``seed``: its length (uniform in 0..max_steps) and the
-    end-effector translation it pushes (a random direction, unit norm, in the first three
-    action dimensions, which every suite's action space gives to translation)."""
+    end-effector translation it pushes: a random unit direction (3,) for the first three
+    action dimensions, which every suite's action space gives to translation."""
     rng = np.random.default_rng([seed, 0xDE7])
     direction = rng.normal(size=3)
-    push = np.zeros(action_dim, dtype=np.float32)
-    push[:3] = direction / np.linalg.norm(direction)
-    return int(rng.integers(0, max_steps + 1)), push
+    return int(rng.integers(0, max_steps + 1)), (direction / np.linalg.norm(direction))
 
 
 def run_expert_episode(
@@ -67,11 +65,9 @@ def run_expert_episode(
     parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
     actions = []
     success = False
-    drift = 0
+    drift, push = detour(seed, detour_steps) if detour_steps else (0, None)
     while True:
         action = env.expert_action()
-        if drift == 0 and not actions and detour_steps:
-            drift, push = detour(seed, detour_steps, len(action))
         for cam in env.cameras:
             frames[cam].append(obs["images"][cam])
         state = env.state_parts()
@@ -80,7 +76,7 @@ def run_expert_episode(
         actions.append(action)
         executed = action
         if drift > 0:  # the expert's gripper, a push for the translation
-            executed = np.concatenate([push[:3], np.asarray(action)[3:]]).astype(np.float32)
+            executed = np.concatenate([push, np.asarray(action)[3:]]).astype(np.float32)
             drift -= 1
         obs, _, success, truncated, _ = env.step(executed)
         if success or truncated:
