@@ -14,12 +14,12 @@ export MUJOCO_GL ?= egl
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_system_deps.sh Makefile
+$(STAMP): pyproject.toml plugins/lerobot_policy_ditvla/pyproject.toml scripts/install_system_deps.sh Makefile
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (e.g. 'pyenv install 3.12') or pass PYTHON312=/path/to/python3.12"; exit 1; }
 	bash scripts/install_system_deps.sh
 	$(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev]' -e plugins/lerobot_policy_ditvla
 	$(VENV)/bin/pip install --quiet --no-deps rpent-libero==0.2.0
 	touch $(STAMP)
 
@@ -27,12 +27,12 @@ demo: $(STAMP)
 	$(VENV)/bin/ditvla demo $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check ditvla tests bench
+	$(VENV)/bin/ruff check ditvla tests bench plugins
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ditvla tests bench
-	$(VENV)/bin/ruff format --check ditvla tests bench
+	$(VENV)/bin/ruff check ditvla tests bench plugins
+	$(VENV)/bin/ruff format --check ditvla tests bench plugins
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/dataloader.py

@@ -233,7 +233,11 @@ def _cmd_convert_to_lerobot(args: argparse.Namespace) -> int:
     from ditvla.datasets.convert_lerobot import zarr_to_lerobot
 
     dataset = zarr_to_lerobot(
-        args.store, args.out, repo_id=args.repo_id, use_videos=args.storage == "video"
+        args.store,
+        args.out,
+        repo_id=args.repo_id,
+        use_videos=args.storage == "video",
+        state=args.state,
     )
     print(f"{args.out}: {dataset.num_episodes} episodes, {dataset.num_frames} frames (LeRobot v3)")
     return 0
@@ -529,6 +533,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         choices=("video", "image"),
         default="video",
         help="cameras as mp4 videos (lossy, lerobot's default) or PNG images (lossless)",
+    )
+    to_lerobot.add_argument(
+        "--state",
+        default="proprio",
+        help="the arrays concatenated into observation.state, as ditvla train --state: "
+        "proprio (the store's state_keys), full, none or KEY[,KEY...]",
     )
     return parser
 

@@ -139,11 +139,17 @@ def load_policy(folder: str | Path, device: str = "cpu") -> DualSystemPolicy:
     folder = Path(folder)
     config = folder / "config.json"
     try:
-        fmt = json.loads(config.read_text()).get("format")
+        meta = json.loads(config.read_text())
+        fmt = meta.get("format")
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: not a policy folder (no config.json)") from None
     except (json.JSONDecodeError, AttributeError) as exc:
         raise CheckpointError(f"{config}: not a policy config ({exc})") from None
+    if fmt is None and isinstance(meta.get("type"), str):
+        raise CheckpointError(
+            f"{folder}: a LeRobot {meta['type']!r} policy; ditvla reads its own policies and "
+            "LeRobot policies of type 'ditvla' (trained with lerobot_policy_ditvla)"
+        )
     if fmt not in POLICY_FORMATS:
         raise CheckpointError(
             f"{folder}: unknown policy format {fmt!r}; this ditvla reads "

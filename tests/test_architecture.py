@@ -17,18 +17,50 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ditvla"
 HEAVY = ("zarr", "h5py", "mujoco", "zmq")
 
 
-def imported_modules(part: str) -> dict[str, set[str]]:
-    """Every ``ditvla.*`` module each file of a part imports (at any depth of the file)."""
+PLUGIN = PACKAGE.parent / "plugins" / "lerobot_policy_ditvla" / "lerobot_policy_ditvla"
+
+
+def all_imports(folder: Path) -> dict[str, set[str]]:
+    """Every module each file under ``folder`` imports (at any depth of the file)."""
     found = {}
-    for path in (PACKAGE / part).rglob("*.py"):
+    for path in folder.rglob("*.py"):
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 names.add(node.module)
             elif isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
-        found[path.name] = {n for n in names if n.startswith("ditvla.")}
+        found[str(path.relative_to(folder))] = names
     return found
+
+
+def imported_modules(part: str) -> dict[str, set[str]]:
+    """Every ``ditvla.*`` module each file of a part imports (at any depth of the file)."""
+    return {
+        Path(name).name: {n for n in names if n.startswith("ditvla.")}
+        for name, names in all_imports(PACKAGE / part).items()
+    }
+
+
+def test_the_lerobot_plugin_adapts_and_ditvla_never_imports_lerobot_policies():
+    """The plugin maps LeRobot onto ditvla's policy (no model code of its own); ditvla
+    knows no plugin, and its policies no LeRobot."""
+    for name, names in all_imports(PACKAGE).items():
+        assert not any(n.startswith("lerobot_policy_ditvla") for n in names), name
+        if name.startswith("policies"):
+            assert not any(n.split(".")[0] == "lerobot" for n in names), name
+    allowed = {"ditvla.contract", "ditvla.policies.policy", "ditvla.training.trainer",
+               "ditvla.training.sharding"}
+    for name, names in all_imports(PLUGIN).items():
+        assert {n for n in names if n.startswith("ditvla")} <= allowed, name
+    modules = [
+        node.name
+        for path in PLUGIN.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(ast.unparse(base) in ("nn.Module", "PreTrainedPolicy") for base in node.bases)
+    ]
+    assert modules == ["DitvlaPolicy"]
 
 
 def test_policies_import_no_other_part():

@@ -175,6 +175,8 @@ def test_save_then_load_gives_the_same_chunk(store, tmp_path):
     assert sorted(p.name for p in (tmp_path / "policy").iterdir()) == [
         "config.json",
         "model.safetensors",
+        "policy_postprocessor.json",  # LeRobot's processors (docs/lerobot.md)
+        "policy_preprocessor.json",
         "vlm",
     ]
     loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")

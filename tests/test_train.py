@@ -1,4 +1,5 @@
-"""ditvla train: overfitting a small real store, exact resume after SIGKILL, DDP on gloo."""
+"""ditvla train: overfitting a small real store, exact resume after SIGKILL, DDP and FSDP2
+on gloo."""
 
 from __future__ import annotations
 
@@ -143,8 +144,7 @@ def test_resume_without_checkpoint_says_so(store, tmp_path):
         train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), resume=True, progress=False))
 
 
-def test_ddp_with_two_processes_on_gloo(store, tmp_path):
-    out = tmp_path / "ddp"
+def _train_on_two_processes(store, out, sharding: str, port: int) -> None:
     command = [
         sys.executable,
         "-m",
@@ -152,7 +152,7 @@ def test_ddp_with_two_processes_on_gloo(store, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         "-m",
         "ditvla.cli",
         "train",
@@ -172,15 +172,48 @@ def test_ddp_with_two_processes_on_gloo(store, tmp_path):
         "4",
         "--device",
         "cpu",
+        "--sharding",
+        sharding,
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(losses(out)) == 4
-    state = json.loads((out / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+
+
+def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _train_on_two_processes(store, ddp, "ddp", 29517)
+    assert len(losses(ddp)) == 4
+    state = json.loads((ddp / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
     assert state["data"]["consumed"] > 0 and "1" in state["rank_rng"]
-    DiTVLAPolicy.from_pretrained(out / "policy")
+    whole = DiTVLAPolicy.from_pretrained(ddp / "policy").state_dict()
+
+    # FSDP2: the same batches, noise and updates with the weights sharded: the same losses
+    # and the same final (EMA) weights, gathered whole into an ordinary policy folder
+    _train_on_two_processes(store, fsdp, "fsdp", 29518)
+    np.testing.assert_allclose(losses(fsdp), losses(ddp), rtol=1e-4)
+    sharded = DiTVLAPolicy.from_pretrained(fsdp / "policy").state_dict()
+    assert sharded.keys() == whole.keys()
+    for key, value in whole.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # its checkpoints hold the whole weights (and EMA) but no optimizer state
+    checkpoint = fsdp / "checkpoints" / "step_0000002"
+    DiTVLAPolicy.from_pretrained(checkpoint / "policy")
+    with pytest.raises(ValueError, match="does not resume"):
+        from ditvla.training.checkpoints import read_checkpoint
+
+        read_checkpoint(checkpoint, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
+
+
+def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), sharding="fsdp",
+                          progress=False))
+    with pytest.raises(ValueError, match="hold no optimizer state"):
+        TrainConfig(dataset=str(store), sharding="fsdp", resume=True)
+    with pytest.raises(ValueError, match="sharding must be one of ddp, fsdp"):
+        TrainConfig(dataset=str(store), sharding="zero3")
 
 
 def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():

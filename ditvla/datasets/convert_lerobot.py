@@ -117,9 +117,14 @@ def zarr_to_lerobot(
     repo_id: str | None = None,
     use_videos: bool = True,
     robot_type: str | None = None,
+    state: str = "proprio",
     progress: bool = True,
 ):
-    """Write the replay buffer at ``store`` as a LeRobot dataset in ``root``; returns it."""
+    """Write the replay buffer at ``store`` as a LeRobot dataset in ``root``; returns it.
+
+    ``state`` names the arrays concatenated into ``observation.state`` as ``ditvla train
+    --state`` does (proprio, full, none or KEY[,KEY...]); every array is also written
+    under its own name."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     buffer = ReplayBuffer.open(store)
@@ -155,7 +160,7 @@ def zarr_to_lerobot(
                 "names": None,
             }
         columns[lerobot_key] = key
-    state_keys = buffer.state_keys
+    state_keys = buffer.resolve_state(state) if buffer.state_is_split or state != "proprio" else []
     if state_keys and state_keys != ["state"]:
         dim = sum(int(np.prod(buffer.shape(k) or (1,))) for k in state_keys)
         features["observation.state"] = {"dtype": "float32", "shape": (dim,), "names": None}

@@ -35,6 +35,7 @@ from ditvla.contract import (
     PolicySpec,
     Stats,
 )
+from ditvla.policies import lerobot_layout
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
 from ditvla.policies.foresight_head import (
@@ -289,13 +290,25 @@ class DiTVLAPolicy(nn.Module):
         """The slow half: cameras + instruction through the VLM -> context (and its cache)."""
         self.eval()
         batch, _ = self._as_batch(observation, need_state=False)
-        return self._encode(batch)
+        images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
+        return self.encode_pixels(images, batch["instruction"])
 
-    def _encode(self, batch: dict[str, Any], images: torch.Tensor | None = None) -> Context:
-        if images is None:
-            images = _image_batch(batch["images"], self.config.cameras, self.config.image_size)
-        ids, text_mask = self.backbone.tokenize(batch["instruction"], self.device)
-        tokens, mask = self.backbone(images.to(self.device), ids, text_mask)
+    def encode_pixels(self, pixels: torch.Tensor, instructions: list[str]) -> Context:
+        """``encode`` from frames already in the model's layout: ``pixels`` float (B,
+        cameras, 3, S, S) in [0, 1], cameras in ``config.cameras`` order (what adapters
+        such as the LeRobot plugin hand over)."""
+        expected = (len(self.config.cameras), 3, self.config.image_size, self.config.image_size)
+        if pixels.ndim != 5 or tuple(pixels.shape[1:]) != expected:
+            raise PolicyInputError(
+                f"pixels have shape {tuple(pixels.shape)}, expected "
+                f"(B, {', '.join(map(str, expected))})"
+            )
+        if len(instructions) != pixels.shape[0]:
+            raise PolicyInputError(
+                f"{len(instructions)} instructions for a batch of {pixels.shape[0]} observations"
+            )
+        ids, text_mask = self.backbone.tokenize(list(instructions), self.device)
+        tokens, mask = self.backbone(pixels.to(self.device).float(), ids, text_mask)
         return self.context_from(tokens, mask)
 
     def context_from(self, tokens: torch.Tensor, mask: torch.Tensor) -> Context:
@@ -392,22 +405,42 @@ class DiTVLAPolicy(nn.Module):
         Uses the last observation step; padded action steps are left out of the loss.
         """
         images = {cam: v[:, -1] for cam, v in batch["images"].items()}
-        obs = {"images": images, "instruction": batch["instruction"]}
-        pixels = _image_batch(images, self.config.cameras, self.config.image_size).to(self.device)
-        context = self._encode(obs, pixels)
-        actions = batch["action"].to(self.device).float()
+        pixels = _image_batch(images, self.config.cameras, self.config.image_size)
+        state = batch["state"][:, -1] if self.config.state_dim else None
+        return self.compute_loss(
+            pixels, batch["instruction"], state, batch["action"], batch["action_is_pad"], batch
+        )
+
+    def compute_loss(
+        self,
+        pixels: torch.Tensor,
+        instructions: list[str],
+        state: torch.Tensor | None,
+        actions: torch.Tensor,
+        action_is_pad: torch.Tensor,
+        foresight_targets: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss from tensors in the robot's units: ``pixels`` as for
+        :meth:`encode_pixels`, ``state`` (B, D), ``actions`` (B, H, A), ``action_is_pad``
+        (B, H) (padded steps are left out). ``foresight_targets`` carries the foresight
+        head's targets (``motion``, or ``future_image`` and ``future_is_pad``)."""
+        pixels = pixels.to(self.device).float()
+        context = self.encode_pixels(pixels, instructions)
+        actions = torch.as_tensor(actions).to(self.device).float()
         if actions.shape[1:] != (self.config.horizon, self.config.action_dim):
             raise PolicyInputError(
                 f"batch action has shape {tuple(actions.shape)}, expected "
                 f"(B, {self.config.horizon}, {self.config.action_dim})"
             )
-        state = None
         if self.config.state_dim:
-            state = self.normalizer.normalize(
-                "state", batch["state"][:, -1].to(self.device).float()
-            )
+            if state is None:
+                raise PolicyInputError(f"state is required, shape (B, {self.config.state_dim})")
+            state = _float_batch(state, "state", self.config.state_dim).to(self.device)
+            state = self.normalizer.normalize("state", state)
+        else:
+            state = None
         target_actions = self.normalizer.normalize("action", actions)
-        valid = ~batch["action_is_pad"].to(self.device)
+        valid = ~torch.as_tensor(action_is_pad).to(self.device).bool()
         cache, n = context.cache, self.config.noise_samples
         if n > 1:
             target_actions, valid = (x.repeat_interleave(n, 0) for x in (target_actions, valid))
@@ -420,7 +453,9 @@ class DiTVLAPolicy(nn.Module):
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         metrics = {"action_loss": loss.item()}
         if self.foresight is not None:
-            foresight_loss, foresight_metrics = self._foresight_loss(batch, context, pixels)
+            foresight_loss, foresight_metrics = self._foresight_loss(
+                foresight_targets or {}, context, pixels
+            )
             loss = loss + self.config.foresight.weight * foresight_loss
             metrics.update(foresight_metrics)
         return loss, metrics
@@ -453,6 +488,7 @@ class DiTVLAPolicy(nn.Module):
         *,
         drop_foresight: bool = False,
         quantization: dict[str, Any] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write config.json, model.safetensors and the VLM's config/tokenizer to ``folder``.
 
@@ -460,28 +496,18 @@ class DiTVLAPolicy(nn.Module):
         leaves a half-written policy under the final name. ``drop_foresight`` leaves out
         the foresight head (inference never runs it): a smaller deployable folder.
         ``quantization`` (a recipe from :mod:`ditvla.policies.quantization`) marks these
-        float weights to be quantized when loaded.
+        float weights to be quantized when loaded. The folder is also a LeRobot
+        pretrained-policy folder (:mod:`ditvla.policies.lerobot_layout`). ``state``: the
+        weights gathered elsewhere (a sharded model's), else this module's.
         """
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        config = self.config.to_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if drop_foresight:
-            config["foresight"]["kind"] = "off"
-            state = {k: v for k, v in state.items() if not k.startswith("foresight.")}
-        version = POLICY_FORMAT_VERSION if quantization is None else QUANTIZED_FORMAT_VERSION
-        meta = {"format": POLICY_FORMAT, "format_version": version, "policy": config}
-        if quantization is not None:
-            meta["quantization"] = quantization
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
-        self.backbone.vlm_config.save_pretrained(tmp / VLM_FOLDER)
-        self.backbone.tokenizer.save_pretrained(tmp / VLM_FOLDER)
+        self.write_files(
+            tmp, drop_foresight=drop_foresight, quantization=quantization, state=state
+        )
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -490,6 +516,45 @@ class DiTVLAPolicy(nn.Module):
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
+
+    def write_files(
+        self,
+        folder: Path,
+        *,
+        drop_foresight: bool = False,
+        quantization: dict[str, Any] | None = None,
+        config_fields: dict[str, Any] | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """The files of :meth:`save_pretrained`, written into an existing ``folder`` in place
+        (for a caller that owns the folder, such as LeRobot's checkpointing).
+        ``config_fields`` are other keys for config.json (a LeRobot configuration);
+        ``state`` a state dict gathered elsewhere (a sharded model's), else this module's."""
+        from safetensors.torch import save_file
+
+        config = self.config.to_dict()
+        if state is None:
+            state = self.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if drop_foresight:
+            config["foresight"]["kind"] = "off"
+            state = {k: v for k, v in state.items() if not k.startswith("foresight.")}
+        version = POLICY_FORMAT_VERSION if quantization is None else QUANTIZED_FORMAT_VERSION
+        meta = {
+            **(config_fields or {}),
+            **lerobot_layout.CONFIG_TAG,
+            "format": POLICY_FORMAT,
+            "format_version": version,
+            "policy": config,
+        }
+        meta.pop("quantization", None)
+        if quantization is not None:
+            meta["quantization"] = quantization
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
+        self.backbone.vlm_config.save_pretrained(folder / VLM_FOLDER)
+        self.backbone.tokenizer.save_pretrained(folder / VLM_FOLDER)
+        lerobot_layout.write_processor_files(folder, overwrite=False)
 
     @classmethod
     def from_pretrained(

@@ -86,26 +86,30 @@ def write_checkpoint(
     *,
     policy,
     ema_state: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
+    policy_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint at ``folder`` atomically and point ``latest`` at it."""
+    """Write a complete checkpoint at ``folder`` atomically and point ``latest`` at it.
+
+    ``policy_state``: the policy's weights gathered elsewhere (a sharded run's); without
+    an ``optimizer`` the checkpoint holds the weights only and does not resume."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp / "policy")
+    policy.save_pretrained(tmp / "policy", state=policy_state)
     if ema_state is not None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in ema_state.items()},
             str(tmp / "ema.safetensors"),
         )
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     rng_tensors, rng_meta = rng_states()
-    save_file(
-        {**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors},
-        str(tmp / "optimizer.safetensors"),
-    )
-    meta = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta}
+    meta = {**trainer_state, "rng": rng_meta}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        rng_tensors = {**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors}
+        meta["optimizer"] = opt_meta
+    save_file(rng_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -128,6 +132,10 @@ def read_checkpoint(
 ) -> tuple[dict[str, Any], dict | None]:
     """Restore the optimizer and the RNGs; return the trainer state and the EMA weights."""
     meta = json.loads((folder / "trainer_state.json").read_text())
+    if "optimizer" not in meta:
+        raise ValueError(
+            f"{folder}: holds the weights only (written by a sharded run): it does not resume"
+        )
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
     _restore_optimizer(optimizer, opt, meta.pop("optimizer"))

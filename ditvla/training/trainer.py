@@ -6,12 +6,15 @@ throughput, TensorBoard scalars and ``metrics.jsonl`` in the output folder; chec
 written atomically every ``save_every`` steps and at the end; ``resume=True`` continues
 from the latest checkpoint so that the loss curve matches an uninterrupted run.
 
-Several GPUs or nodes: launch with ``torchrun`` (DistributedDataParallel; NCCL on CUDA,
-gloo on CPU); each process draws its share of every batch.
+Several GPUs or nodes: launch with ``torchrun`` (NCCL on CUDA, gloo on CPU); each process
+draws its share of every batch. ``sharding="ddp"`` (DistributedDataParallel) keeps the
+whole model in every process; ``sharding="fsdp"`` (FSDP2, :mod:`ditvla.training.sharding`)
+shards weights, gradients and optimizer state across them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -34,6 +37,9 @@ from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
+
+SHARDINGS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -71,6 +77,10 @@ class TrainConfig:
         save_every: checkpoint period in steps (and at the end).
         log_every: TensorBoard / progress-bar period in steps (metrics.jsonl gets every step).
         device: auto, cpu, cuda, cuda:1, ...
+        sharding: under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2:
+            weights, gradients and optimizer state sharded over the processes, one unit per
+            VLM transformer block: for backbones that do not fit one GPU; its checkpoints
+            hold the whole weights but no optimizer state, so they do not resume).
         resume: continue from the latest checkpoint in out.
         progress: show a progress bar.
     """
@@ -96,6 +106,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     device: str = "auto"
+    sharding: str = "ddp"
     resume: bool = False
     progress: bool = True
 
@@ -105,6 +116,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(
+                f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"
+            )
+        if self.sharding == "fsdp" and self.resume:
+            raise ValueError(
+                "resume: a sharded (fsdp) run's checkpoints hold no optimizer state; restart "
+                "it, or resume an unsharded run"
+            )
 
 
 class EpochSampler(Sampler[int]):
@@ -210,6 +230,12 @@ def _attach_motion_targets(dataset, policy_config, main_process: bool, distribut
 def train(config: TrainConfig) -> Path:
     """Run training; returns the folder of the final policy (EMA weights when EMA is on)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharded = config.sharding == "fsdp"
+    if sharded and not distributed:
+        raise ValueError(
+            "sharding fsdp splits the model over processes: launch with torchrun "
+            "--nproc_per_node N (N >= 2)"
+        )
     device = _device(config.device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -251,16 +277,23 @@ def train(config: TrainConfig) -> Path:
     elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
         dataset.future_frame = (foresight.camera, foresight.k)
     policy = DiTVLAPolicy(policy_config, data.stats).to(device)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if distributed else policy
+    if sharded:
+        shard_policy(policy, device.type, world)
+        model = policy
+    elif distributed:
+        model = torch.nn.parallel.DistributedDataParallel(policy)
+    else:
+        model = policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    ema = (
-        torch.optim.swa_utils.AveragedModel(
-            policy, multi_avg_fn=_warmed_up_ema(config.ema_decay, config.ema_power)
+    ema = None
+    if config.ema_decay > 0:
+        average = _warmed_up_ema(config.ema_decay, config.ema_power)
+        ema = (
+            ShardedEMA(policy, average)
+            if sharded
+            else torch.optim.swa_utils.AveragedModel(policy, multi_avg_fn=average)
         )
-        if config.ema_decay > 0
-        else None
-    )
     if config.batch_size % (config.grad_accum * world):
         raise ValueError(
             f"batch_size {config.batch_size} must divide into grad_accum {config.grad_accum} x "
@@ -327,7 +360,9 @@ def train(config: TrainConfig) -> Path:
             batch = batches.next()
             sync = micro == config.grad_accum - 1 or not distributed
             # Gradients are all-reduced once per step, on its last micro-batch.
-            with model.no_sync() if not sync else nullcontext(), autocast:
+            if sharded:
+                policy.set_requires_gradient_sync(sync)
+            with model.no_sync() if not (sync or sharded) else nullcontext(), autocast:
                 loss, metrics = model(batch)
             (loss / config.grad_accum).backward()
             loss_sum += loss.item() / config.grad_accum
@@ -378,15 +413,23 @@ def train(config: TrainConfig) -> Path:
                 world,
                 distributed,
                 main_process,
+                sharded,
             )
     bar.close()
     final = out / "policy"
+    if sharded:  # gathered whole on every process (collectives)
+        final_policy = policy
+        final_state = ema.full_weights(policy) if ema is not None else full_state_dict(policy)
+    else:
+        final_policy, final_state = (ema.module if ema is not None else policy), None
     if main_process:
         metrics_file.close()
         writer.close()
-        final_policy = ema.module if ema is not None else policy
-        final_policy.save_pretrained(final)
+        final_policy.save_pretrained(final, state=final_state)
     if distributed:
+        if sharded:  # the sharded modules go before their process group (else a flaky abort)
+            del model, policy, final_policy, ema, optimizer, scheduler, trainable
+            gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return final
@@ -415,10 +458,18 @@ def _restore_rank_rng(rank: int, state: dict) -> None:
         torch.set_rng_state(torch.tensor(per_rank[str(rank)], dtype=torch.uint8))
 
 
-def _save(folder, policy, ema, optimizer, batches, step, rank, world, distributed, main_process):
+def _save(
+    folder, policy, ema, optimizer, batches, step, rank, world, distributed, main_process, sharded
+):
     rank_rng = [None] * world
     if distributed:
         dist.all_gather_object(rank_rng, _rank_rng_state())
+    # A sharded run's weights are gathered whole (collectives on every process); its
+    # optimizer state stays sharded and is not written.
+    policy_state = full_state_dict(policy) if sharded else None
+    ema_state = None
+    if ema is not None:
+        ema_state = ema.state_dict(policy) if sharded else ema.state_dict()
     if main_process:
         state = {
             "step": step,
@@ -428,8 +479,9 @@ def _save(folder, policy, ema, optimizer, batches, step, rank, world, distribute
         write_checkpoint(
             folder,
             policy=policy,
-            ema_state=ema.state_dict() if ema is not None else None,
-            optimizer=optimizer,
+            policy_state=policy_state,
+            ema_state=ema_state,
+            optimizer=None if sharded else optimizer,
             trainer_state=state,
         )
     if distributed:

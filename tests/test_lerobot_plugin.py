@@ -1,0 +1,311 @@
+"""ditvla inside LeRobot: the lerobot_policy_ditvla plugin with LeRobot's own tools.
+
+Real LeRobot datasets on disk, the real ``lerobot-train`` and ``lerobot-eval`` command
+lines (which find the plugin as any installed plugin is found), real Meta-World episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lerobot.configs import PreTrainedConfig
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+from lerobot_policy_ditvla.modeling_ditvla import DitvlaPolicy
+from lerobot_policy_ditvla.processor_ditvla import make_ditvla_pre_post_processors
+
+from ditvla.cli import main
+from ditvla.contract import CheckpointError, load_policy
+from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.envs.collect import collect_demonstrations
+from ditvla.policies.lerobot_layout import processor_descriptions
+from ditvla.training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _ditvla_train(store: Path, out: Path, steps: int = 2, **settings) -> Path:
+    """A ``ditvla train`` policy folder (the tiny preset, a few steps)."""
+    config = TrainConfig(
+        dataset=str(store),
+        out=str(out),
+        steps=steps,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+        **settings,
+    )
+    return train(config)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Meta-World reach demonstrations as a ditvla store and as a LeRobot v3 dataset."""
+    root = tmp_path_factory.mktemp("plugin")
+    store = root / "reach.zarr"
+    collect_demonstrations(
+        "metaworld:reach-v3",
+        store,
+        episodes_per_task=2,
+        image_size=32,
+        cameras=("corner2",),
+        progress=False,
+    )
+    assert (
+        main(
+            [
+                "convert",
+                "to-lerobot",
+                str(store),
+                "--out",
+                str(root / "reach_lr"),
+                "--storage",
+                "image",
+            ]
+        )
+        == 0
+    )
+    return store, root / "reach_lr"
+
+
+def test_lerobot_train_checkpoint_runs_in_ditvla_eval(stores, tmp_path):
+    _, lerobot_root = stores
+    result = _run(
+        [
+            str(BIN / "lerobot-train"),
+            "--policy.type=ditvla",
+            "--policy.device=cpu",
+            "--policy.push_to_hub=false",
+            '--policy.state_keys=["proprio"]',
+            "--policy.horizon=8",
+            "--dataset.repo_id=local/reach_lr",
+            f"--dataset.root={lerobot_root}",
+            "--steps=3",
+            "--batch_size=4",
+            "--save_freq=3",
+            "--log_freq=1",
+            "--num_workers=0",
+            "--wandb.enable=false",
+            f"--output_dir={tmp_path / 'train'}",
+        ],
+        tmp_path,
+    )
+    assert "action_loss" in result.stdout + result.stderr  # ditvla's loss ran in LeRobot's loop
+    checkpoint = tmp_path / "train" / "checkpoints" / "last" / "pretrained_model"
+    # ditvla reads LeRobot's checkpoint as its own folder
+    policy = load_policy(checkpoint)
+    assert policy.spec.cameras == ("corner2",) and policy.spec.state_keys == ("proprio",)
+    assert policy.spec.state_dim == 8 and policy.spec.horizon == 8
+    stats = LeRobotDatasetMetadata("local/reach_lr", root=lerobot_root).stats
+    np.testing.assert_allclose(  # LeRobot's dataset statistics are the policy's normalizer
+        policy.normalizer.action__center.numpy(), stats["action"]["mean"], rtol=1e-5, atol=1e-6
+    )
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(checkpoint),
+                "--env",
+                "metaworld:reach-v3",
+                "--episodes",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["reach-v3"]["episodes"] == 1
+    assert results["observation"]["cameras"] == ["corner2"]
+    assert results["observation"]["state_keys"] == ["proprio"]
+
+
+def test_ditvla_policy_acts_the_same_in_lerobot(stores, tmp_path):
+    """A ditvla train folder loads where LeRobot expects a pretrained policy, and its
+    LeRobot face returns the same actions from LeRobot's batch as ditvla from the store."""
+    store, lerobot_root = stores
+    folder = _ditvla_train(store, tmp_path / "run", steps=2, policy_overrides={"horizon": 8})
+    config = PreTrainedConfig.from_pretrained(folder)
+    config.device = "cpu"
+    config.pretrained_path = folder
+    meta = LeRobotDatasetMetadata("local/reach_lr", root=lerobot_root)
+    lerobot_policy = make_policy(config, ds_meta=meta)
+    assert isinstance(lerobot_policy, DitvlaPolicy)
+    preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=str(folder))
+
+    frame = LeRobotDataset("local/reach_lr", root=lerobot_root)[5]
+    batch = preprocessor(
+        {k: v for k, v in frame.items() if k.startswith("observation.")} | {"task": frame["task"]}
+    )
+    noise = torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(0))
+    theirs = postprocessor(lerobot_policy.predict_action_chunk(batch, noise=noise))
+
+    ours_policy = load_policy(folder)
+    episode = ReplayBuffer.open(store).get_episode(0)
+    observation = {
+        "images": {"corner2": episode["corner2"][5]},
+        "state": episode["proprio"][5],
+        "instruction": frame["task"],
+    }
+    ours = ours_policy.predict_action_chunk(observation, noise=noise)
+    torch.testing.assert_close(theirs[0], ours, rtol=1e-5, atol=1e-5)
+    # select_action serves the chunk's first n_action_steps actions in order
+    lerobot_policy.reset()
+    first = [lerobot_policy.select_action(batch, noise=noise) for _ in range(2)]
+    torch.testing.assert_close(torch.stack(first)[:, 0], theirs[0, :2].to(first[0]))
+
+
+def test_ditvla_policy_runs_in_lerobot_eval(stores, tmp_path):
+    """lerobot-eval on LeRobot's own Meta-World environment with a ditvla train folder
+    (cameras and instruction; LeRobot's env names its camera observation.image)."""
+    store, _ = stores
+    folder = _ditvla_train(
+        store,
+        tmp_path / "run",
+        state="none",
+        steps=2,
+        policy_overrides={"horizon": 8, "n_action_steps": 8},
+    )
+    out = tmp_path / "lerobot_eval"
+    _run(
+        [
+            str(BIN / "lerobot-eval"),
+            f"--policy.path={folder}",
+            "--policy.device=cpu",
+            "--env.type=metaworld",
+            "--env.task=reach-v3",
+            "--eval.n_episodes=1",
+            "--eval.batch_size=1",
+            '--rename_map={"observation.image": "observation.images.corner2"}',
+            f"--output_dir={out}",
+        ],
+        tmp_path,
+    )
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 1
+
+
+def test_the_processors_ditvla_writes_are_the_plugins(tmp_path):
+    config = make_policy_config("ditvla", device="cpu")
+    pre, post = make_ditvla_pre_post_processors(config)
+    pre.save_pretrained(tmp_path)
+    post.save_pretrained(tmp_path)
+    for name, description in processor_descriptions().items():
+        assert json.loads((tmp_path / name).read_text()) == description
+
+
+def _lerobot_dataset(root: Path, features: dict, task: str = "reach") -> LeRobotDatasetMetadata:
+    dataset = LeRobotDataset.create(
+        "local/other", fps=10, features=features, root=root, use_videos=False
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        for _ in range(3):
+            frame = {"task": task}
+            for key, feature in features.items():
+                if feature["dtype"] == "image":
+                    frame[key] = rng.integers(0, 256, feature["shape"], dtype=np.uint8)
+                else:
+                    frame[key] = rng.normal(size=feature["shape"]).astype(np.float32)
+            dataset.add_frame(frame)
+        dataset.save_episode()
+    dataset.finalize()
+    return LeRobotDatasetMetadata("local/other", root=root)
+
+
+def test_features_that_do_not_fit_fail_before_training(stores, tmp_path):
+    store, _ = stores
+    folder = _ditvla_train(store, tmp_path / "run", steps=1)
+    image = {"dtype": "image", "shape": (32, 32, 3), "names": ["height", "width", "channels"]}
+    vector = {"dtype": "float32", "names": None}
+    other = _lerobot_dataset(
+        tmp_path / "other",
+        {
+            "observation.images.wrist": image,
+            "observation.state": {**vector, "shape": (5,)},
+            "action": {**vector, "shape": (7,)},
+        },
+    )
+    config = PreTrainedConfig.from_pretrained(folder)
+    config.device, config.pretrained_path = "cpu", folder
+    config.input_features = {}  # as lerobot-train fills them in from the dataset
+    with pytest.raises(ValueError) as error:
+        make_policy(config, ds_meta=other)
+    message = str(error.value)
+    assert "action: the policy writes (4,), the data has (7,)" in message
+    assert "observation.images.corner2" in message and "observation.state" in message
+
+    # a new policy: frames that are not square need a size; a dataset without task strings
+    wide = _lerobot_dataset(
+        tmp_path / "wide",
+        {
+            "observation.images.top": {**image, "shape": (24, 32, 3)},
+            "action": {**vector, "shape": (4,)},
+        },
+    )
+    with pytest.raises(ValueError, match=r"set --policy\.image_size"):
+        make_policy(make_policy_config("ditvla", device="cpu"), ds_meta=wide)
+    untitled = _lerobot_dataset(
+        tmp_path / "untitled",
+        {"observation.images.top": image, "action": {**vector, "shape": (4,)}},
+        task=" ",
+    )
+    with pytest.raises(ValueError, match="no task strings"):
+        make_policy(make_policy_config("ditvla", device="cpu"), ds_meta=untitled)
+
+
+def test_other_policies_and_newer_formats_are_refused_by_name(stores, tmp_path):
+    act = tmp_path / "act"
+    act.mkdir()
+    make_policy_config("act", device="cpu")._save_pretrained(act)
+    with pytest.raises(CheckpointError, match="a LeRobot 'act' policy"):
+        load_policy(act)
+    with pytest.raises(CheckpointError, match="a LeRobot 'act' policy, not a ditvla policy"):
+        DitvlaPolicy.from_pretrained(act)
+
+    store, _ = stores
+    folder = _ditvla_train(store, tmp_path / "run", steps=1)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(CheckpointError, match=r"policy format 99.*upgrade ditvla"):
+        DitvlaPolicy.from_pretrained(folder)
+
+
+def test_lerobot_sharded_training_wraps_the_blocks_ditvla_shards(stores):
+    """LeRobot shards through accelerate, whose FSDP2 auto-wrap reads the policy's
+    _no_split_modules; it must pick the units ``ditvla train --sharding fsdp`` uses.
+    (accelerate shards across accelerators only, so the run itself needs GPUs.)"""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from ditvla.training.sharding import shard_units
+
+    _, lerobot_root = stores
+    config = make_policy_config("ditvla", device="cpu", state_keys=["proprio"], horizon=8)
+    policy = make_policy(
+        config, ds_meta=LeRobotDatasetMetadata("local/reach_lr", root=lerobot_root)
+    )
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
+    )
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, policy)
+    wrapped = [module for module in policy.modules() if wraps(module)]
+    assert wrapped and {id(m) for m in wrapped} == {id(m) for m in shard_units(policy.model)}
+    assert policy._fsdp_wrap_modules == ["Idefics3EncoderLayer", "LlamaDecoderLayer"]
