@@ -52,8 +52,9 @@ def main() -> None:
             TASKS, store, episodes_per_task=args.demos_per_task, image_size=64, cameras=CAMERAS
         )
     if not lerobot_root.exists():
-        ditvla(["convert", "to-lerobot", str(store), "--out", str(lerobot_root),
-                "--storage", "image"])
+        ditvla(
+            ["convert", "to-lerobot", str(store), "--out", str(lerobot_root), "--storage", "image"]
+        )
     binaries = Path(sys.executable).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -87,9 +88,22 @@ def main() -> None:
     ditvla_run = out / "ditvla_train"
     subprocess.run(
         [
-            str(binaries / "ditvla"), "train", "--dataset", str(store), "--out", str(ditvla_run),
-            "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--ema-decay", "0", "--num-workers", "2",
+            str(binaries / "ditvla"),
+            "train",
+            "--dataset",
+            str(store),
+            "--out",
+            str(ditvla_run),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(args.lr),
+            "--ema-decay",
+            "0",
+            "--num-workers",
+            "2",
         ],
         check=True,
         env=env,
@@ -97,15 +111,29 @@ def main() -> None:
     ditvla_seconds = time.perf_counter() - start
 
     results = {}
-    for name, folder in (("lerobot-train", lerobot_policy), ("ditvla train", ditvla_run / "policy")):
+    for name, folder in (
+        ("lerobot-train", lerobot_policy),
+        ("ditvla train", ditvla_run / "policy"),
+    ):
         report = evaluate(load_policy(folder), TASKS, episodes_per_task=args.episodes)
         results[name] = report.summary()
         print(f"{name}:\n{report.markdown()}\n")
-    (out / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-         "seconds": {"lerobot-train": round(lerobot_seconds, 1),
-                     "ditvla train": round(ditvla_seconds, 1)},
-         "results": results}, indent=2) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "seconds": {
+                    "lerobot-train": round(lerobot_seconds, 1),
+                    "ditvla train": round(ditvla_seconds, 1),
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     x = results["lerobot-train"]["mean_success"] * 100
     y = results["ditvla train"]["mean_success"] * 100
     print(
