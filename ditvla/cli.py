@@ -171,6 +171,28 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_steps(args: argparse.Namespace) -> int:
+    from ditvla.contract import load_policy
+    from ditvla.training.step_calibration import calibrate_steps, write_steps
+
+    policy = load_policy(args.policy)
+    if not hasattr(policy, "normalizer"):
+        raise ValueError(f"{args.policy}: calibrate-steps needs a diffusion policy folder")
+    calibration = calibrate_steps(
+        policy, args.dataset, frames=args.frames, tolerance=args.tolerance
+    )
+    print(calibration.markdown())
+    if args.dry_run:
+        print(f"fewest steps within {args.tolerance:.0%}: {calibration.chosen_steps} (not written)")
+    else:
+        write_steps(args.policy, calibration)
+        print(
+            f"{args.policy}: num_inference_steps {calibration.reference_steps} -> "
+            f"{calibration.chosen_steps}"
+        )
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from ditvla.deploy.keys import generate_keypair
 
@@ -444,6 +466,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             "head_modulation (the heads' adaLN modulation layers)",
         )
         add_config_options(quantize, recipe)
+
+    calibrate = _command(
+        commands,
+        "calibrate-steps",
+        _cmd_calibrate_steps,
+        "the fewest denoising steps that keep a policy's action error",
+        "On held-out frames of a zarr store (its last 20% of episodes), sample each "
+        "step count up to the policy's own from the same noise, measure the error against "
+        "the demonstrated chunks, and write the fewest steps within --tolerance of the "
+        "policy's own error into the policy folder (eval and serve use it).",
+    )
+    calibrate.add_argument("--policy", required=True, help="a saved policy folder")
+    calibrate.add_argument("--dataset", required=True, help="a zarr store the policy fits")
+    calibrate.add_argument("--frames", type=int, default=256, help="held-out frames")
+    calibrate.add_argument(
+        "--tolerance", type=float, default=0.05, help="relative action-error increase allowed"
+    )
+    calibrate.add_argument(
+        "--dry-run", action="store_true", help="measure and print; leave the policy as it is"
+    )
 
     keygen = _command(
         commands,

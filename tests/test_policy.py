@@ -412,3 +412,76 @@ def test_language_film_lets_the_words_shape_the_image_tokens(store, tmp_path):
     policy.save_pretrained(tmp_path / "film")
     loaded = DiTVLAPolicy.from_pretrained(tmp_path / "film")
     torch.testing.assert_close(loaded.backbone.language_film[1].weight, film.weight)
+
+
+def test_taylor_series_forecasts_a_linear_feature_exactly():
+    from ditvla.policies.forecasting import TaylorSeries
+
+    series = TaylorSeries(order=1)
+    slope, offset = torch.randn(3, 4), torch.randn(3, 4)
+    for t in (1.0, 0.9):
+        series.update(offset + slope * t, t)
+    torch.testing.assert_close(series.forecast(0.55), offset + slope * 0.55)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
+def test_forecasting_skips_blocks_and_stays_close(store, conditioning):
+    from ditvla.policies.forecasting import ForecastConfig
+
+    policy, dataset = make_policy(store, head={"conditioning": conditioning})
+    as_if_trained(policy.head)
+    policy.eval()
+    obs = observation(dataset, 3)
+    context = policy.encode(obs)
+    noise = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(0))
+    plain = policy.act(context, obs["state"], noise=noise, num_steps=10)
+
+    taylor = policy.act(
+        context,
+        obs["state"],
+        noise=noise,
+        num_steps=10,
+        forecast=ForecastConfig(mode="taylor", interval=2, warmup=2),
+    )
+    run = policy.last_forecaster
+    # full steps: 0, 1 (warm-up), then every 2nd: 3, 5, 7, 9; forecast: 2, 4, 6, 8
+    assert (run.full_steps, run.forecast_steps) == (6, 4)
+    error = float((taylor - plain).norm() / plain.norm())
+    assert 0 < error < 0.5, error
+
+    # the gate: a threshold nothing meets computes every step (the plain chunk exactly),
+    # one everything meets forecasts every step after the warm-up
+    strict = policy.act(
+        context,
+        obs["state"],
+        noise=noise,
+        num_steps=10,
+        forecast=ForecastConfig(mode="gated", threshold=1e-12),
+    )
+    assert policy.last_forecaster.forecast_steps == 0
+    torch.testing.assert_close(strict, plain)
+    policy.act(
+        context,
+        obs["state"],
+        noise=noise,
+        num_steps=10,
+        forecast=ForecastConfig(mode="gated", threshold=1e6),
+    )
+    assert policy.last_forecaster.forecast_steps == 8
+
+
+def test_forecasting_options_a_policy_cannot_use_are_refused(store):
+    from ditvla.policies.forecasting import ForecastConfig
+
+    with pytest.raises(ValueError, match="interval must be >= 2"):
+        ForecastConfig(mode="taylor", interval=1)
+    with pytest.raises(ValueError, match="warmup must be >= order"):
+        ForecastConfig(mode="taylor", order=2, warmup=2)
+    with pytest.raises(ValueError, match="not one of off, taylor, gated"):
+        ForecastConfig(mode="cache")
+    policy, dataset = make_policy(store)
+    obs = observation(dataset)
+    with pytest.raises(PolicyInputError, match=r"with 2 steps it forecasts nothing.*more than 2"):
+        policy.act(
+            policy.encode(obs), obs["state"], num_steps=2, forecast=ForecastConfig(mode="taylor")
+        )

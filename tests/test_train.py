@@ -208,8 +208,11 @@ def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
 
 def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):
     with pytest.raises(ValueError, match="launch with torchrun"):
-        train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), sharding="fsdp",
-                          progress=False))
+        train(
+            TrainConfig(
+                dataset=str(store), out=str(tmp_path / "x"), sharding="fsdp", progress=False
+            )
+        )
     with pytest.raises(ValueError, match="hold no optimizer state"):
         TrainConfig(dataset=str(store), sharding="fsdp", resume=True)
     with pytest.raises(ValueError, match="sharding must be one of ddp, fsdp"):
@@ -228,3 +231,71 @@ def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():
     # after 2000 updates a constant 0.999 still holds 13.5% of the first weights
     assert averaged_after(0.0, 2000) == pytest.approx(1 - 0.999**2000, abs=1e-3)
     assert averaged_after(0.75, 2000) > 0.999
+
+
+def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(store, tmp_path):
+    from ditvla.cli import main
+    from ditvla.contract import load_policy
+    from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+    from ditvla.training.step_calibration import calibrate_steps
+
+    folder = train(
+        TrainConfig(
+            dataset=str(store),
+            out=str(tmp_path / "run"),
+            steps=40,
+            batch_size=15,
+            lr=1e-3,
+            warmup_steps=5,
+            num_workers=0,
+            progress=False,
+            policy_overrides=dict(SMALL_HEAD),
+        )
+    )
+    policy = load_policy(folder)
+    result = calibrate_steps(policy, store, frames=12, tolerance=0.05, progress=False)
+    assert list(result.errors)[-1] == 8 == result.reference_steps  # SMALL_HEAD's 8 steps
+    limit = result.errors[8] * 1.05
+    assert result.errors[result.chosen_steps] <= limit
+    assert all(result.errors[s] > limit for s in result.errors if s < result.chosen_steps)
+    assert result.deviation[8] == 0
+
+    assert (
+        main(
+            [
+                "calibrate-steps",
+                "--policy",
+                str(folder),
+                "--dataset",
+                str(store),
+                "--frames",
+                "12",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert load_policy(folder).config.num_inference_steps == 8  # a dry run writes nothing
+    assert (
+        main(
+            ["calibrate-steps", "--policy", str(folder), "--dataset", str(store), "--frames", "12"]
+        )
+        == 0
+    )
+    calibrated = load_policy(folder)
+    assert calibrated.config.num_inference_steps == result.chosen_steps  # eval / serve use it
+    record = json.loads((folder / "config.json").read_text())["step_calibration"]
+    assert record["chosen_steps"] == result.chosen_steps and record["frames"] == result.frames > 0
+
+    other = tmp_path / "other.zarr"
+    buffer = ReplayBuffer.create(other, fps=10, cameras=["wrist"])
+    buffer.append_episode(
+        {
+            "wrist": np.zeros((4, 32, 32, 3), np.uint8),
+            "state": np.zeros((4, 3)),
+            "action": np.zeros((4, 2)),
+        },
+        task="t",
+    )
+    with pytest.raises(DatasetError, match="lacks camera"):
+        calibrate_steps(calibrated, other, frames=4, progress=False)

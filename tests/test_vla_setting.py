@@ -16,6 +16,7 @@ from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.envs.collect import collect_demonstrations
 from ditvla.envs.evaluate import evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH, MetaWorldEnv, split_state, task_set
+from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.trainer import TrainConfig, train
 
 
@@ -62,6 +63,29 @@ def reach_store(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+def test_auxiliary_targets_are_learned_in_training_and_never_read(reach_store, tmp_path):
+    common = dict(dataset=str(reach_store), steps=2, batch_size=4, num_workers=0, progress=False)
+    folder = train(TrainConfig(out=str(tmp_path / "aux"), auxiliary="goal", **common))
+    config = json.loads((folder / "config.json").read_text())["policy"]
+    assert config["auxiliary_keys"] == ["goal"] and config["auxiliary_dim"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "aux" / "metrics.jsonl").open()]
+    assert all(m["auxiliary_loss"] > 0 for m in metrics)
+    policy = DiTVLAPolicy.from_pretrained(folder)
+    assert policy.spec.state_keys == ("proprio",)  # the goal is never an input
+    buffer = ReplayBuffer.open(reach_store)
+    episode = buffer.get_episode(0)
+    chunk = policy.predict_action_chunk(
+        {
+            "images": {"behindGripper": episode["behindGripper"][0]},
+            "state": episode["proprio"][0],
+            "instruction": "reach the green ball",
+        }
+    )
+    assert chunk.shape == (policy.config.horizon, 4)
+    with pytest.raises(DatasetError, match=r"no state array hand.*has proprio, objects, goal"):
+        train(TrainConfig(out=str(tmp_path / "bad"), auxiliary="hand", **common))
 
 
 def test_training_reads_proprioception_unless_asked(reach_store, tmp_path):

@@ -2,7 +2,8 @@
 
 For work that feeds a trained policy frames of its data rather than training samples:
 quantization's calibration (the first 80% of a store's episodes) and its held-out action
-error (the rest).
+error (the rest); the choice of denoising steps (held-out frames and their demonstrated
+chunks).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ def observations_from_store(
     held_out: bool = False,
     batch: int = 8,
     seed: int = 0,
+    with_actions: bool = False,
 ) -> list[dict[str, Any]]:
     """Batches of ``frames`` random frames of a store, as the policy of ``spec`` reads them
     (its cameras, its state keys): from the first 80% of the episodes, or from the rest
     (``held_out``). Each batch is ``{"images": {camera: uint8 (B, S, S, 3)}, "state":
-    float32 (B, D), "instruction": [str] * B}``."""
+    float32 (B, D), "instruction": [str] * B}``; ``with_actions`` adds the demonstrated
+    chunk from each frame, ``"action"`` float32 (B, H, A) and ``"action_is_pad"`` (B, H)."""
     buffer = ReplayBuffer.open(path)
     missing = [c for c in spec.cameras if c not in buffer.cameras]
     if missing:
@@ -44,7 +47,7 @@ def observations_from_store(
     dataset = ReplayBufferDataset(
         path,
         n_obs_steps=1,
-        horizon=1,
+        horizon=spec.horizon if with_actions else 1,
         cameras=spec.cameras,
         state_keys=spec.state_keys if spec.state_dim else (),
         episodes=list(episodes) or None,
@@ -68,4 +71,7 @@ def observations_from_store(
                 "state": np.stack([s["state"][-1].numpy() for s in samples]),
             }
         )
+        if with_actions:
+            out[-1]["action"] = np.stack([s["action"].numpy() for s in samples])
+            out[-1]["action_is_pad"] = np.stack([s["action_is_pad"].numpy() for s in samples])
     return out

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditvla.policies.forecasting import Forecaster
+
 ConditioningKind = Literal["cross_attention", "in_context"]
 
 
@@ -361,25 +363,34 @@ class DiTActionHead(nn.Module):
         cond: Conditioning,
         cache: ContextCache,
         token_inputs: torch.Tensor | None = None,
+        forecaster: Forecaster | None = None,
     ) -> torch.Tensor:
         """noisy_actions (B, H, A) -> the denoising target's prediction (B, H, A).
 
         ``token_inputs`` (B, H, width), if given, is added to the embedded tokens (the
-        foresight head's path from the current frame)."""
+        foresight head's path from the current frame). ``forecaster`` (one per chunk, see
+        :mod:`ditvla.policies.forecasting`) may forecast the blocks' output instead of
+        computing it."""
         x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
         if token_inputs is not None:
             x = x + token_inputs
         n_extra = 0 if cond.tokens is None else cond.tokens.shape[1]
         if n_extra:
             x = torch.cat([cond.tokens, x], dim=1)
-        if self.config.conditioning == "cross_attention":
-            for block, modulation, kv in zip(
-                self.blocks, cond.blocks, cache.keys_values, strict=True
-            ):
-                x = block(x, modulation, kv, cache.mask)
+
+        def run_blocks(h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            for i in range(start, stop):
+                kv = cache.keys_values[i]
+                if self.config.conditioning == "cross_attention":
+                    h = self.blocks[i](h, cond.blocks[i], kv, cache.mask)
+                else:
+                    h = self.blocks[i](h, kv, cache.mask)
+            return h
+
+        if forecaster is None:
+            x = run_blocks(x, 0, len(self.blocks))
         else:
-            for block, kv in zip(self.blocks, cache.keys_values, strict=True):
-                x = block(x, kv, cache.mask)
+            x = forecaster.run(x, run_blocks)
         x = x[:, n_extra:]
         shift, scale = cond.final.chunk(2, dim=-1)
         return self.action_out(modulate(self.final_norm(x), shift, scale))

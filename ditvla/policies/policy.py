@@ -38,6 +38,7 @@ from ditvla.contract import (
 from ditvla.policies import lerobot_layout
 from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, ContextCache, DiTActionHead
+from ditvla.policies.forecasting import ForecastConfig, Forecaster
 from ditvla.policies.foresight_head import (
     ForesightConfig,
     LatentForesightHead,
@@ -79,6 +80,13 @@ class PolicyConfig:
         noise_samples: (noise, time) draws per training observation: the backbone runs
             once per observation, the action head once per draw.
         state_norm / action_norm: mean_std, min_max, quantile or identity.
+        auxiliary_keys: privileged arrays (e.g. goal) that an auxiliary head predicts from
+            the VLM's context in training only, so that the backbone learns to encode them
+            (asymmetric supervision); the policy never reads them. Set by ``ditvla train
+            --auxiliary``.
+        auxiliary_dim: their total width.
+        auxiliary_weight: the auxiliary loss's weight.
+        forecast: feature forecasting in the sampler (TaylorSeer; off by default).
     """
 
     filled_in: ClassVar[tuple[str, ...]] = (
@@ -88,6 +96,8 @@ class PolicyConfig:
         "action_dim",
         "state_keys",
         "action_range",
+        "auxiliary_keys",
+        "auxiliary_dim",
     )
 
     cameras: list[str] = field(default_factory=list)
@@ -104,9 +114,13 @@ class PolicyConfig:
     noise_samples: int = 1
     state_norm: NormMode = "mean_std"
     action_norm: NormMode = "mean_std"
+    auxiliary_keys: list[str] = field(default_factory=list)
+    auxiliary_dim: int = 0
+    auxiliary_weight: float = 1.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     foresight: ForesightConfig = field(default_factory=ForesightConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -115,6 +129,8 @@ class PolicyConfig:
             self.head = ActionHeadConfig(**self.head)
         if isinstance(self.foresight, dict):
             self.foresight = ForesightConfig(**self.foresight)
+        if isinstance(self.forecast, dict):
+            self.forecast = ForecastConfig(**self.forecast)
         if self.foresight.enabled and self.cameras:
             self.foresight.camera = self.foresight.camera or self.cameras[0]
             if self.foresight.camera not in self.cameras:
@@ -239,7 +255,12 @@ class DiTVLAPolicy(nn.Module):
             self.foresight = LatentForesightHead(
                 config.foresight, self.backbone.width, self.backbone
             )
+        # trained jointly, never run by encode / act: privileged targets from the context
+        self.auxiliary: AuxiliaryHead | None = None
+        if config.auxiliary_keys:
+            self.auxiliary = AuxiliaryHead(self.backbone.width, config.auxiliary_dim)
         self._queue: deque[torch.Tensor] = deque()
+        self.last_forecaster: Forecaster | None = None  # the last chunk's (its step counts)
 
     @property
     def device(self) -> torch.device:
@@ -326,8 +347,12 @@ class DiTVLAPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         num_steps: int | None = None,
         inpaint: tuple[Any, Any] | None = None,
+        forecast: ForecastConfig | None = None,
     ) -> torch.Tensor:
         """The fast half: denoise an action chunk (B, H, A), in the robot's units.
+
+        ``forecast`` (default: the config's) forecasts the head's features at some
+        denoising steps instead of computing them (:mod:`ditvla.policies.forecasting`).
 
         ``inpaint=(actions, weights)``: actions (B, H, A) or (H, A) in the robot's units and
         weights (H,) or (B, H) in [0, 1]; each denoising step moves its clean-action estimate
@@ -352,11 +377,21 @@ class DiTVLAPolicy(nn.Module):
         elif tuple(noise.shape) != shape:
             raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         steps = num_steps or self.config.num_inference_steps
-        conditions = self.head.condition_steps(
-            self.schedule.step_times(steps), norm_state, b, context.cache.summary
-        )
+        times = self.schedule.step_times(steps)
+        conditions = self.head.condition_steps(times, norm_state, b, context.cache.summary)
+        forecast = forecast or self.config.forecast
+        forecaster = None
+        if forecast.mode != "off":
+            if steps <= forecast.warmup:
+                raise PolicyInputError(
+                    f"forecast {forecast.mode!r} runs every block for its first "
+                    f"{forecast.warmup} steps: with {steps} steps it forecasts nothing; use "
+                    f"more than {forecast.warmup} steps or forecast mode 'off'"
+                )
+            forecaster = Forecaster(forecast, times, len(self.head.blocks))
+        self.last_forecaster = forecaster
         chunk = self.schedule.sample(
-            lambda x, i: self.head(x, conditions[i], context.cache),
+            lambda x, i: self.head(x, conditions[i], context.cache, forecaster=forecaster),
             noise.to(self.device),
             steps,
             guide=self._inpainting_guide(inpaint, shape) if inpaint is not None else None,
@@ -418,12 +453,13 @@ class DiTVLAPolicy(nn.Module):
         state: torch.Tensor | None,
         actions: torch.Tensor,
         action_is_pad: torch.Tensor,
-        foresight_targets: dict[str, Any] | None = None,
+        targets: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss from tensors in the robot's units: ``pixels`` as for
         :meth:`encode_pixels`, ``state`` (B, D), ``actions`` (B, H, A), ``action_is_pad``
-        (B, H) (padded steps are left out). ``foresight_targets`` carries the foresight
-        head's targets (``motion``, or ``future_image`` and ``future_is_pad``)."""
+        (B, H) (padded steps are left out). ``targets`` carries the foresight head's
+        (``motion``, or ``future_image`` and ``future_is_pad``) and the auxiliary head's
+        (``auxiliary``: the privileged arrays, standardized)."""
         pixels = pixels.to(self.device).float()
         context = self.encode_pixels(pixels, instructions)
         actions = torch.as_tensor(actions).to(self.device).float()
@@ -453,11 +489,20 @@ class DiTVLAPolicy(nn.Module):
         loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         metrics = {"action_loss": loss.item()}
         if self.foresight is not None:
-            foresight_loss, foresight_metrics = self._foresight_loss(
-                foresight_targets or {}, context, pixels
-            )
+            foresight_loss, foresight_metrics = self._foresight_loss(targets or {}, context, pixels)
             loss = loss + self.config.foresight.weight * foresight_loss
             metrics.update(foresight_metrics)
+        if self.auxiliary is not None:
+            if not targets or "auxiliary" not in targets:
+                raise PolicyInputError(
+                    f"the policy learns to predict {', '.join(self.config.auxiliary_keys)} but "
+                    "the batch has no 'auxiliary' targets"
+                )
+            predicted = self.auxiliary(context.tokens, context.mask)
+            target = torch.as_tensor(targets["auxiliary"]).to(self.device).float()
+            auxiliary_loss = ((predicted - target) ** 2).mean()
+            loss = loss + self.config.auxiliary_weight * auxiliary_loss
+            metrics["auxiliary_loss"] = auxiliary_loss.item()
         return loss, metrics
 
     def _foresight_loss(
@@ -505,9 +550,7 @@ class DiTVLAPolicy(nn.Module):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        self.write_files(
-            tmp, drop_foresight=drop_foresight, quantization=quantization, state=state
-        )
+        self.write_files(tmp, drop_foresight=drop_foresight, quantization=quantization, state=state)
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -616,6 +659,21 @@ class DiTVLAPolicy(nn.Module):
 
             apply_recipe(policy.eval(), recipe)
         return policy
+
+
+class AuxiliaryHead(nn.Module):
+    """Privileged targets from the context: an MLP over the mean of the valid tokens."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim)
+        )
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.to(tokens.dtype)[..., None]
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.mlp(pooled)
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:

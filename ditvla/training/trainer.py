@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.statistics import load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
@@ -60,6 +61,9 @@ class TrainConfig:
         state: the state the policy reads: proprio (what a real robot has: the store's
             state_keys), full (with the simulator's privileged object poses and goals), none,
             or arrays by name, KEY[,KEY...].
+        auxiliary: arrays, KEY[,KEY...], that an auxiliary head learns to predict from the
+            VLM's context during training (e.g. goal: the backbone must then encode where
+            the instructed target is); the policy never reads them. Empty: none.
         steps: optimizer steps.
         batch_size: samples per optimizer step, over all processes and micro-batches.
         grad_accum: micro-batches per optimizer step.
@@ -91,6 +95,7 @@ class TrainConfig:
     policy_overrides: dict[str, Any] = field(default_factory=dict)
     cameras: tuple[str, ...] | None = None
     state: str = "proprio"
+    auxiliary: str = ""
     steps: int = 2000
     batch_size: int = 64
     grad_accum: int = 1
@@ -212,6 +217,23 @@ class _Batches:
             return batch
 
 
+def _attach_auxiliary_targets(dataset, policy_config, selection: str) -> None:
+    """The auxiliary head's targets: the named arrays, standardized with the store's
+    statistics, attached to the dataset; their names and width recorded in the config."""
+    buffer = ReplayBuffer.open(dataset.path)
+    keys = buffer.resolve_state(selection)
+    stats = load_or_compute_stats(buffer)
+    parts = []
+    for key in keys:
+        values = buffer.read_all(key).astype(np.float32).reshape(buffer.n_frames, -1)
+        mean = np.asarray(stats[key]["mean"], np.float32)
+        std = np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
+        parts.append((values - mean) / std)
+    dataset.frame_targets["auxiliary"] = np.concatenate(parts, axis=1)
+    policy_config.auxiliary_keys = list(keys)
+    policy_config.auxiliary_dim = int(dataset.frame_targets["auxiliary"].shape[1])
+
+
 def _attach_motion_targets(dataset, policy_config, main_process: bool, distributed: bool) -> None:
     """Optical-flow targets of the foresight head: computed once (and cached in the store)
     by the main process, attached to the dataset, their scale recorded in the config."""
@@ -271,6 +293,8 @@ def train(config: TrainConfig) -> Path:
         state_keys=policy_config.state_keys,
         augmentation=ImageAugmentation() if config.augment else None,
     )
+    if config.auxiliary:
+        _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
     foresight = policy_config.foresight
     if foresight.kind == "motion":
         _attach_motion_targets(dataset, policy_config, main_process, distributed)

@@ -1,0 +1,126 @@
+"""``ditvla calibrate-steps``: the fewest denoising steps that keep a policy's quality.
+
+On held-out frames of a store (the last 20% of its episodes), each candidate step count
+samples the same initial noise from the same context; its error is the mean squared
+difference between the policy's chunk and the demonstrated one (normalized action units,
+padded steps left out). The reference is the policy's current step count; the fewest
+steps whose error stays within ``tolerance`` (relative) of the reference's are written
+into the policy (``config.json``: ``num_inference_steps``, and the measurement under
+``step_calibration``), which ``eval`` and ``serve`` then use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ditvla.contract import CheckpointError
+from ditvla.datasets.observations import observations_from_store
+
+CANDIDATE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
+
+
+@dataclass
+class StepCalibration:
+    """What ``calibrate-steps`` measured and chose.
+
+    Args:
+        errors: per step count, the mean squared action error against the demonstrations.
+        deviation: per step count, the mean squared difference from the reference chunk.
+        reference_steps: the policy's step count before calibration.
+        chosen_steps: the fewest steps within ``tolerance`` of the reference's error.
+        tolerance: the relative error increase allowed.
+        frames: held-out frames measured.
+        dataset: the store they came from.
+    """
+
+    errors: dict[int, float]
+    deviation: dict[int, float]
+    reference_steps: int
+    chosen_steps: int
+    tolerance: float
+    frames: int
+    dataset: str
+
+    def markdown(self) -> str:
+        limit = self.errors[self.reference_steps] * (1 + self.tolerance)
+        rows = [
+            "| steps | action error | vs the reference chunk | within tolerance |",
+            "|---|---|---|---|",
+        ]
+        for steps, error in self.errors.items():
+            mark = "chosen" if steps == self.chosen_steps else ("yes" if error <= limit else "no")
+            rows.append(f"| {steps} | {error:.4f} | {self.deviation[steps]:.4f} | {mark} |")
+        return "\n".join(rows)
+
+
+def calibrate_steps(
+    policy,
+    dataset: str | Path,
+    *,
+    frames: int = 256,
+    tolerance: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> StepCalibration:
+    """Measure every candidate step count up to the policy's own on held-out frames."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    config = policy.config
+    reference = config.num_inference_steps
+    limit = config.num_train_timesteps if config.objective == "ddpm" else reference
+    candidates = [s for s in CANDIDATE_STEPS if s < reference and s <= limit] + [reference]
+    batches = observations_from_store(
+        dataset, policy.spec, frames, held_out=True, seed=seed, with_actions=True
+    )
+    generator = torch.Generator().manual_seed(seed)
+    sums = dict.fromkeys(candidates, 0.0)
+    deviation = dict.fromkeys(candidates, 0.0)
+    count, n_frames = 0.0, 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="calibrate-steps", unit="batch", disable=not progress):
+            context = policy.encode(batch)
+            target = policy.normalizer.normalize(
+                "action", torch.as_tensor(batch["action"]).float().to(policy.device)
+            )
+            valid = ~torch.as_tensor(batch["action_is_pad"]).to(policy.device)
+            noise = torch.randn(target.shape, generator=generator).to(policy.device)
+            chunks = {
+                s: policy.normalizer.normalize(
+                    "action", policy.act(context, batch["state"], noise=noise, num_steps=s)
+                )
+                for s in candidates
+            }
+            for s, chunk in chunks.items():
+                sums[s] += float((((chunk - target) ** 2).mean(-1) * valid).sum())
+                deviation[s] += float((((chunk - chunks[reference]) ** 2).mean(-1) * valid).sum())
+            count += float(valid.sum())
+            n_frames += len(batch["instruction"])
+    errors = {s: sums[s] / max(count, 1.0) for s in candidates}
+    deviation = {s: deviation[s] / max(count, 1.0) for s in candidates}
+    chosen = min(s for s in candidates if errors[s] <= errors[reference] * (1 + tolerance))
+    return StepCalibration(errors, deviation, reference, chosen, tolerance, n_frames, str(dataset))
+
+
+def write_steps(folder: str | Path, calibration: StepCalibration) -> None:
+    """Set the policy folder's ``num_inference_steps`` to the chosen count and record the
+    measurement; config.json is replaced atomically."""
+    path = Path(folder) / "config.json"
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+        meta["policy"]["num_inference_steps"] = calibration.chosen_steps
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a ditvla policy config ({exc})") from None
+    record = asdict(calibration)
+    record["errors"] = {str(k): v for k, v in calibration.errors.items()}
+    record["deviation"] = {str(k): v for k, v in calibration.deviation.items()}
+    meta["step_calibration"] = record
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
