@@ -87,6 +87,8 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
         "ditvla collect --env metaworld:",
         "ditvla train --dataset",
         "ditvla eval --policy",
+        "--detour-steps 20",  # the recipe: detours, and the goal as a training-only target
+        "--auxiliary goal",
     ):
         assert command in out.stdout
     text = (demo / "report.md").read_text()
