@@ -27,6 +27,7 @@ from ditvla.contract import load_policy
 from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH
+from ditvla.training.step_calibration import calibrate_steps, write_steps
 from ditvla.training.trainer import TrainConfig, train
 
 DEMO_TASKS = (
@@ -48,6 +49,8 @@ class DemoRecipe:
     collect: CollectConfig
     train: TrainConfig
     evaluate: EvalConfig
+    # held-out frames on which ``calibrate-steps`` picks the denoising steps the policy ships with
+    calibration_frames: int = 256
 
     def commands(self, store: Path, run: Path, evaluation: Path) -> list[str]:
         """The ``ditvla`` command lines equivalent to :func:`run_demo`'s calls."""
@@ -63,6 +66,10 @@ class DemoRecipe:
                 *("--policy.preset", train.preset),
                 *option_flags(train, skip=train_skip),
                 *override_flags(train.policy_overrides, prefix="policy."),
+            ],
+            [
+                *("ditvla", "calibrate-steps", "--policy", str(run / "policy")),
+                *("--dataset", str(store), "--frames", str(self.calibration_frames)),
             ],
             [
                 *("ditvla", "eval", "--policy", str(run / "policy"), "--env", self.env),
@@ -106,6 +113,7 @@ QUICK = DemoRecipe(
     collect=replace(FULL.collect, episodes_per_task=2),
     train=replace(FULL.train, steps=30, batch_size=16, save_every=10),
     evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60),
+    calibration_frames=16,
 )
 
 
@@ -147,6 +155,9 @@ def run_demo(out: Path, *, quick: bool = False, state: str = "proprio") -> int:
     collection = collect_demonstrations(recipe.env, store, recipe.collect)
     t_collect = time.perf_counter()
     final = train(replace(recipe.train, dataset=str(store), out=str(run)))
+    # the policy ships with the fewest denoising steps that keep its held-out action error
+    calibration = calibrate_steps(load_policy(final), store, frames=recipe.calibration_frames)
+    write_steps(final, calibration)
     t_train = time.perf_counter()
     report = evaluate(load_policy(final), recipe.env, replace(recipe.evaluate, out=str(evaluation)))
     t_eval = time.perf_counter()
@@ -171,6 +182,7 @@ def run_demo(out: Path, *, quick: bool = False, state: str = "proprio") -> int:
         },
         "minutes": round(minutes, 2),
         "stage_minutes": stage_minutes,
+        "num_inference_steps": calibration.chosen_steps,
         "settings": {
             "collect": asdict(recipe.collect),
             "train": asdict(recipe.train),
@@ -181,7 +193,9 @@ def run_demo(out: Path, *, quick: bool = False, state: str = "proprio") -> int:
         },
     }
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(_report_markdown(recipe, quick, report, result, commands))
+    (out / "report.md").write_text(
+        _report_markdown(recipe, quick, report, result, commands, calibration)
+    )
     print(report.markdown())
     print(
         f"mean success {summary['mean_success']:.1%} in {minutes:.1f} minutes; "
@@ -200,7 +214,7 @@ def _state_note(report) -> str:
 
 
 def _report_markdown(
-    recipe: DemoRecipe, quick: bool, report, result: dict, commands: list[str]
+    recipe: DemoRecipe, quick: bool, report, result: dict, commands: list[str], calibration
 ) -> str:
     c, t, e = recipe.collect, recipe.train, recipe.evaluate
     stages = result["stage_minutes"]
@@ -220,8 +234,13 @@ train {stages["train"]:.1f}, eval {stages["eval"]:.1f}.
   cameras at {c.image_size}x{c.image_size}.{_state_note(report)}
 - **Policy**: the `tiny` preset — a tiny Idefics3-architecture VLM with random initial
   weights and a byte-level tokenizer, and a DiT action head (cross-attention + adaLN,
-  flow matching, 16-step chunks, 8 executed per chunk, 10 denoising steps), trained from
-  scratch for {t.steps} steps at batch {t.batch_size}, peak learning rate {t.lr:g}.
+  flow matching, 16-step chunks, 8 executed per chunk), trained from scratch for
+  {t.steps} steps at batch {t.batch_size}, peak learning rate {t.lr:g}; it samples with
+  {calibration.chosen_steps} denoising step(s), the fewest whose action error on
+  {calibration.frames} held-out frames stays within {calibration.tolerance:.0%} of its
+  {calibration.reference_steps} steps' (`ditvla calibrate-steps`):
+
+{calibration.markdown()}
 - **Evaluation**: {e.episodes_per_task} episodes per task on seeds {e.seed_start} and up (goals the
   demonstrations never saw), success as Meta-World reports it.
 
