@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditvla.policies.pooling import masked_mean
+
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
 FAMILIES = get_args(Family)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<vision_start>", "<vision_end>")
@@ -377,8 +379,7 @@ class VLMBackbone(nn.Module):
         image_tokens = image_tokens.reshape(b, -1, image_tokens.shape[-1])
         text = embed(input_ids).to(image_tokens.dtype)
         if self.language_film is not None:
-            weights = text_mask.to(text.dtype)[..., None]
-            words = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+            words = masked_mean(text, text_mask)
             scale, shift = self.language_film(words).chunk(2, dim=-1)
             image_tokens = image_tokens * (1 + scale[:, None]) + shift[:, None]
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=text.device)

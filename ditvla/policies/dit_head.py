@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditvla.policies.forecasting import Forecaster
+from ditvla.policies.pooling import masked_mean
 
 ConditioningKind = Literal["cross_attention", "in_context"]
 
@@ -304,9 +305,7 @@ class DiTActionHead(nn.Module):
         h = self.context_proj(context)
         summary = None
         if self.context_film is not None:
-            weights = torch.ones_like(h[..., 0]) if mask is None else mask.to(h.dtype)
-            mean = (h * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-            summary = self.context_film(mean)
+            summary = self.context_film(masked_mean(h, mask))
         if self.config.conditioning == "cross_attention":
             kvs = [block.context_keys_values(h) for block in self.blocks]
         else:

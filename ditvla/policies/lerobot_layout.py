@@ -42,10 +42,10 @@ def processor_descriptions(device: str = "cpu") -> dict[str, dict]:
     return {PREPROCESSOR_FILE: pre, POSTPROCESSOR_FILE: post}
 
 
-def write_processor_files(folder: Path, overwrite: bool = True) -> None:
-    """Write the two processor files into ``folder`` (keeping existing ones unless
-    ``overwrite``: LeRobot's checkpointing writes its own, which may rename cameras)."""
+def write_processor_files(folder: Path) -> None:
+    """Write the two processor files into ``folder``, keeping any already there (LeRobot's
+    checkpointing writes its own, which may rename cameras)."""
     for name, description in processor_descriptions().items():
         path = Path(folder) / name
-        if overwrite or not path.exists():
+        if not path.exists():
             path.write_text(json.dumps(description, indent=2) + "\n")

@@ -46,6 +46,7 @@ from ditvla.policies.foresight_head import (
 )
 from ditvla.policies.noise_schedules import Objective, make_schedule
 from ditvla.policies.normalizer import Normalizer, NormMode
+from ditvla.policies.pooling import masked_mean
 
 # tiny presets of the other VLM families: preset name -> family
 TINY_VLM_PRESETS = {"tiny-paligemma": "paligemma", "tiny-qwen": "qwen2_5_vl"}
@@ -597,7 +598,7 @@ class DiTVLAPolicy(nn.Module):
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
         self.backbone.vlm_config.save_pretrained(folder / VLM_FOLDER)
         self.backbone.tokenizer.save_pretrained(folder / VLM_FOLDER)
-        lerobot_layout.write_processor_files(folder, overwrite=False)
+        lerobot_layout.write_processor_files(folder)
 
     @classmethod
     def from_pretrained(
@@ -671,9 +672,7 @@ class AuxiliaryHead(nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.to(tokens.dtype)[..., None]
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return self.mlp(pooled)
+        return self.mlp(masked_mean(tokens, mask))
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:

@@ -59,9 +59,14 @@ def shard_policy(policy: nn.Module, device_type: str, world_size: int) -> int:
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The whole parameters and buffers of a sharded ``module``, on every process (a
     collective: every process must call it)."""
+    return _whole(module.state_dict())
+
+
+def _whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded tensors all-gathered (a collective), every tensor on the CPU."""
     return {
         key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-        for key, value in module.state_dict().items()
+        for key, value in state.items()
     }
 
 
@@ -100,10 +105,7 @@ class ShardedEMA:
                     stride=param.stride(),
                 )
             averaged[name] = shard
-        return {
-            key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-            for key, value in {**policy.state_dict(), **averaged}.items()
-        }
+        return _whole({**policy.state_dict(), **averaged})
 
     def state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
         """As ``AveragedModel.state_dict()`` of the whole model (a collective)."""

@@ -121,12 +121,8 @@ class DitvlaPolicy(PreTrainedPolicy):
 
     @staticmethod
     def _check_dataset(dataset_meta: Any) -> None:
-        tasks = (
-            [str(t) for t in getattr(dataset_meta, "tasks", {}).index]
-            if hasattr(getattr(dataset_meta, "tasks", None), "index")
-            else []
-        )
-        if not any(t.strip() for t in tasks):
+        tasks = getattr(dataset_meta, "tasks", None)  # a DataFrame indexed by task string
+        if tasks is None or not any(str(t).strip() for t in tasks.index):
             raise ValueError(
                 "the dataset has no task strings: ditvla's VLM reads the instruction from "
                 "each frame's 'task' (LeRobotDataset.add_frame(..., task=...))"
