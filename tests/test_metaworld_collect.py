@@ -160,3 +160,28 @@ def test_detours_drift_the_hand_and_record_the_experts_recovery(tmp_path):
     straight = ReplayBuffer.open(plain).get_episode(0)
     np.testing.assert_allclose(straight["action"][0], actions[0])
     assert np.linalg.norm(straight["proprio"][steps, :3] - hand[steps]) > 0.02
+
+
+def test_multimodal_experts_take_either_way_around_the_wall(tmp_path):
+    out = tmp_path / "routes.zarr"
+    report = collect_demonstrations(
+        "metaworld:reach-wall-v3",
+        out,
+        episodes_per_task=6,
+        cameras=(),
+        multimodal=True,
+        workers=2,
+        progress=False,
+    )
+    assert report.kept == {"reach-wall-v3": 6}  # both ways succeed
+    buffer = ReplayBuffer.open(out)
+    assert "multimodal" in buffer.attrs["source"]
+    ways = []
+    for i in range(buffer.n_episodes):
+        hand = buffer.get_episode(i)["proprio"][:, :3]
+        left, right = hand[:, 0].min() < -0.1, hand[:, 0].max() > 0.3  # past the wall's ends
+        assert left != right
+        ways.append("left" if left else "right")
+    assert set(ways) == {"left", "right"}  # one start, two ways: the same frame, two chunks
+    starts = np.stack([buffer.get_episode(i)["proprio"][0, :3] for i in range(6)])
+    assert np.ptp(starts, axis=0).max() < 0.02

@@ -105,3 +105,14 @@ def test_collect_writes_expert_episodes_to_a_store(tmp_path):
     assert buffer.attrs["action_space"].startswith("robosuite OSC_POSE")
     assert buffer.episode_seed.tolist() == [0, 1]
     assert buffer.episode_task(0).instruction == "lift the red cube"
+    # robosuite's experts have one way per task: multimodal collection is refused up front
+    with pytest.raises(ValueError, match=r"one way per task.*metaworld"):
+        collect_demonstrations(
+            "robosuite:Lift",
+            tmp_path / "mm.zarr",
+            episodes_per_task=1,
+            cameras=(),
+            multimodal=True,
+            progress=False,
+        )
+    assert not (tmp_path / "mm.zarr").exists()

@@ -51,7 +51,7 @@ def detour(seed: int, max_steps: int) -> tuple[int, np.ndarray]:
 
 
 def run_expert_episode(
-    env: Any, seed: int, detour_steps: int = 0
+    env: Any, seed: int, detour_steps: int = 0, multimodal: bool = False
 ) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the scripted expert from ``seed``: (arrays by data key, success).
 
@@ -59,8 +59,12 @@ def run_expert_episode(
     direction (:func:`detour`) while the expert's own action is recorded at every frame,
     then the expert takes over from wherever the hand is: the recorded actions recover
     (as in DART's noise injection), and the hand's path no longer gives away the goal.
+    ``multimodal``: the expert takes the way of doing the task that the seed chooses
+    (``env.vary_expert``), and that is what is recorded.
     """
     obs, _ = env.reset(seed=seed)
+    if multimodal:
+        env.vary_expert(seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
     parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
     actions = []
@@ -97,18 +101,19 @@ def _expert_episode_in_worker(
     cameras: tuple[str, ...],
     image_size: int,
     detour_steps: int,
+    multimodal: bool,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], bool]:
     key = (suite_name, task, cameras, image_size)
     if key not in _worker_envs:
         _worker_envs[key] = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
-    return run_expert_episode(_worker_envs[key], seed, detour_steps)
+    return run_expert_episode(_worker_envs[key], seed, detour_steps, multimodal)
 
 
-def _run_here(env: Any, detour_steps: int, seed: int) -> Future:
+def _run_here(env: Any, detour_steps: int, multimodal: bool, seed: int) -> Future:
     """One episode in this process, as a finished future (the serial path)."""
     future: Future = Future()
-    future.set_result(run_expert_episode(env, seed, detour_steps))
+    future.set_result(run_expert_episode(env, seed, detour_steps, multimodal))
     return future
 
 
@@ -128,6 +133,10 @@ class CollectConfig:
             steps (the expert's actions recorded throughout), then the expert recovers:
             demonstrations in which the hand's path does not give the goal away, so that
             a policy has to read it from the camera and the instruction. 0: none.
+        multimodal: each episode's expert takes one of several ways of doing its task,
+            chosen by the episode's seed (metaworld: reach-wall goes around the wall's
+            left or right end; other tasks approach from the left or the right), so that
+            one observation has several valid action chunks.
         overwrite: replace an existing store.
         progress: show a progress bar.
     """
@@ -139,6 +148,7 @@ class CollectConfig:
     workers: int = 2
     keep_failures: bool = False
     detour_steps: int = 0
+    multimodal: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -180,6 +190,8 @@ def collect_demonstrations(
             try:
                 env.reset(seed=config.seed_start, options={"skip_images": True})
                 env.expert_action()  # a task without a scripted expert fails here, before any write
+                if config.multimodal:
+                    env.vary_expert(config.seed_start)  # likewise a suite without varied experts
                 if buffer is None:
                     buffer = ReplayBuffer.create(
                         out,
@@ -193,11 +205,12 @@ def collect_demonstrations(
                             f", detours of up to {config.detour_steps} steps"
                             if config.detour_steps
                             else ""
-                        ),
+                        )
+                        + (", multimodal (a way per episode)" if config.multimodal else ""),
                         overwrite=config.overwrite,
                     )
                 submit = (
-                    partial(_run_here, env, config.detour_steps)
+                    partial(_run_here, env, config.detour_steps, config.multimodal)
                     if pool is None
                     else partial(
                         pool.submit,
@@ -207,6 +220,7 @@ def collect_demonstrations(
                         cameras,
                         image_size,
                         config.detour_steps,
+                        config.multimodal,
                     )
                 )
                 # Episodes run ahead in seed order (at most `workers` of them, never more

@@ -80,6 +80,23 @@ BALL_COLOURS = {
 COLOUR_REACH = tuple(f"reach-{colour}-ball" for colour in BALL_COLOURS)
 TASK_SETS = {"MT10": MT10, "colour-reach": COLOUR_REACH}
 
+# Multimodal demonstrations (``ditvla collect --multimodal``): each episode's expert first
+# passes the via-points of one way of doing its task, chosen by the episode's seed, and
+# then the task's own expert finishes. Where an obstacle stands between two ways, their
+# mean runs into it: reach-wall's hand goes around the wall's left or right end, low
+# (the wall spans x -0.02..0.22 at y 0.75, 0.12 high; the hand starts above its middle).
+ROUTES = {
+    "reach-wall-v3": {
+        "left": ((-0.15, 0.62, 0.07), (-0.15, 0.84, 0.07)),
+        "right": ((0.35, 0.62, 0.07), (0.35, 0.84, 0.07)),
+    },
+}
+# Every other task: an approach from the left or the right, the hand first moving 10 cm
+# sideways and 5 cm up from where it starts.
+APPROACH_OFFSETS = {"left": (-0.1, 0.0, 0.05), "right": (0.1, 0.0, 0.05)}
+VIA_POINT_REACHED = 0.04  # metres from a via-point that count as passing it
+VIA_POINT_GAIN = 10.0  # the proportional gain towards a via-point, as Meta-World's experts
+
 
 def all_tasks() -> list[str]:
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
@@ -247,6 +264,7 @@ class MetaWorldEnv(SimulatorEnv):
         env._set_task_inner(**kwargs)
         fast_model(env.model)
         self._env = env
+        self._via_points: list[np.ndarray] = []
         self._scene_flags_set = False
         self.fps = 1.0 / env.dt
         self._declare(
@@ -285,6 +303,7 @@ class MetaWorldEnv(SimulatorEnv):
         env._freeze_rand_vec = False
         env.seeded_rand_vec = True
         self._raw_obs, _ = env.reset()
+        self._via_points = []
 
     def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
         self._raw_obs, reward, _, _, info = self._env.step(action)
@@ -301,12 +320,31 @@ class MetaWorldEnv(SimulatorEnv):
         }
 
     def expert_action(self) -> np.ndarray:
-        """Meta-World's scripted expert's action for the current state."""
+        """Meta-World's scripted expert's action for the current state (after the via-points
+        of the episode's route, if :meth:`vary_expert` chose one)."""
         if not hasattr(self, "_expert"):
             from metaworld.policies import ENV_POLICY_MAP
 
             self._expert = ENV_POLICY_MAP[self._meta_task]()
-        return np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0).astype(np.float32)
+        action = np.clip(self._expert.get_action(self._raw_obs), -1.0, 1.0)
+        hand = self._raw_obs[:3]
+        while self._via_points and np.linalg.norm(hand - self._via_points[0]) < VIA_POINT_REACHED:
+            self._via_points.pop(0)
+        if self._via_points:  # the expert's gripper, a move towards the via-point
+            action[:3] = np.clip(VIA_POINT_GAIN * (self._via_points[0] - hand), -1.0, 1.0)
+        return action.astype(np.float32)
+
+    def vary_expert(self, seed: int) -> str:
+        """Make this episode's expert take one of its task's ways, chosen by ``seed``: a
+        route of :data:`ROUTES`, or an approach from one side. Call after ``reset``."""
+        rng = np.random.default_rng([seed, 0x40DE])
+        hand = self._raw_obs[:3].astype(np.float64)
+        routes = ROUTES.get(self.task) or {
+            side: (tuple(hand + offset),) for side, offset in APPROACH_OFFSETS.items()
+        }
+        name = sorted(routes)[int(rng.integers(len(routes)))]
+        self._via_points = [np.asarray(point, np.float64) for point in routes[name]]
+        return name
 
     def close(self) -> None:
         self._env.close()

@@ -113,6 +113,14 @@ class SimulatorEnv(gym.Env):
     def expert_action(self) -> np.ndarray:
         raise NotImplementedError
 
+    def vary_expert(self, seed: int) -> str:
+        """Make the current episode's expert take one of several ways of doing the task,
+        chosen by ``seed`` (multimodal demonstrations); returns the way's name."""
+        raise ValueError(
+            f"{type(self).__name__}'s scripted experts have one way per task; "
+            "multimodal collection (--multimodal) is available for metaworld"
+        )
+
     # ------------------------------------------------------------------ gym API
     def _observation(self, with_images: bool) -> dict[str, Any]:
         images = {cam: self.render_camera(cam) for cam in self.cameras} if with_images else {}
