@@ -193,6 +193,19 @@ def _cmd_calibrate_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ditvla.training.distillation import DistillConfig, distill
+
+    record = distill(
+        args.policy, args.dataset, args.out, DistillConfig(**given_options(args, DistillConfig))
+    )
+    print(
+        f"{args.out}: a {record['student_steps']}-step student of {args.policy} "
+        f"({record['teacher_steps']} steps), final distillation loss {record['final_loss']:.4f}"
+    )
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from ditvla.deploy.keys import generate_keypair
 
@@ -286,6 +299,7 @@ def _config_classes():
     from ditvla.envs.evaluate import EvalConfig
     from ditvla.policies.policy import PolicyConfig
     from ditvla.policies.quantization import QuantizationConfig
+    from ditvla.training.distillation import DistillConfig
     from ditvla.training.trainer import TrainConfig
 
     return {
@@ -293,6 +307,7 @@ def _config_classes():
         for cls in (
             CollectConfig,
             ControllerConfig,
+            DistillConfig,
             EvalConfig,
             PolicyConfig,
             QuantizationConfig,
@@ -310,7 +325,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="ditvla", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    configured = (None, "collect", "train", "eval", "serve", "robot", "quantize")
+    configured = (None, "collect", "train", "eval", "serve", "robot", "quantize", "distill")
     configs = _config_classes() if command in configured else {}
 
     def options(sub: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -486,6 +501,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--dry-run", action="store_true", help="measure and print; leave the policy as it is"
     )
+
+    distill = _command(
+        commands,
+        "distill",
+        _cmd_distill,
+        "train a 1-2 step student of a many-step policy",
+        "Copy the policy, then train the copy's action head to reproduce, in --student-steps "
+        "denoising steps, the chunk the policy samples from the same noise in its own steps "
+        "(or --teacher-steps), on frames of a zarr store (its first 80% of episodes). Each "
+        "noise maps to one of the teacher's modes, so the student keeps several ways of "
+        "doing a task where plain 1-step sampling averages them. Writes a policy folder "
+        "that eval, serve, quantize and calibrate-steps take.",
+    )
+    distill.add_argument("--policy", required=True, help="the teacher: a saved policy folder")
+    distill.add_argument("--dataset", required=True, help="a zarr store the policy fits")
+    distill.add_argument("--out", required=True, help="the student policy folder to write")
+    options(distill, "DistillConfig")
 
     keygen = _command(
         commands,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,16 +235,24 @@ def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():
     assert averaged_after(0.75, 2000) > 0.999
 
 
-def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(store, tmp_path):
-    from ditvla.cli import main
-    from ditvla.contract import load_policy
-    from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
-    from ditvla.training.step_calibration import calibrate_steps
+def store_without_the_policys_camera(path: Path) -> Path:
+    """A store whose only camera ("wrist") is not the small policy's ("cam")."""
+    from ditvla.datasets.replay_buffer import ReplayBuffer
 
-    folder = train(
+    buffer = ReplayBuffer.create(path, fps=10, cameras=["wrist"])
+    episode = {"wrist": np.zeros((4, 32, 32, 3), np.uint8), "state": np.zeros((4, 3))}
+    buffer.append_episode({**episode, "action": np.zeros((4, 2))}, task="t")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_policy(store, tmp_path_factory) -> Path:
+    """A policy folder trained briefly on ``store`` (8 denoising steps); tests copy it
+    before changing it."""
+    return train(
         TrainConfig(
             dataset=str(store),
-            out=str(tmp_path / "run"),
+            out=str(tmp_path_factory.mktemp("small_policy") / "run"),
             steps=40,
             batch_size=15,
             lr=1e-3,
@@ -252,6 +262,16 @@ def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(store, tmp_pat
             policy_overrides=dict(SMALL_HEAD),
         )
     )
+
+
+def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(small_policy, store, tmp_path):
+    from ditvla.cli import main
+    from ditvla.contract import load_policy
+    from ditvla.datasets.replay_buffer import DatasetError
+    from ditvla.training.step_calibration import calibrate_steps
+
+    folder = tmp_path / "policy"
+    shutil.copytree(small_policy, folder)  # calibrate-steps writes into it
     policy = load_policy(folder)
     result = calibrate_steps(policy, store, frames=12, tolerance=0.05, progress=False)
     assert list(result.errors)[-1] == 8 == result.reference_steps  # SMALL_HEAD's 8 steps
@@ -287,15 +307,97 @@ def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(store, tmp_pat
     record = json.loads((folder / "config.json").read_text())["step_calibration"]
     assert record["chosen_steps"] == result.chosen_steps and record["frames"] == result.frames > 0
 
-    other = tmp_path / "other.zarr"
-    buffer = ReplayBuffer.create(other, fps=10, cameras=["wrist"])
-    buffer.append_episode(
-        {
-            "wrist": np.zeros((4, 32, 32, 3), np.uint8),
-            "state": np.zeros((4, 3)),
-            "action": np.zeros((4, 2)),
-        },
-        task="t",
-    )
+    other = store_without_the_policys_camera(tmp_path / "other.zarr")
     with pytest.raises(DatasetError, match="lacks camera"):
         calibrate_steps(calibrated, other, frames=4, progress=False)
+
+
+def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy, store, tmp_path):
+    from ditvla.cli import main
+    from ditvla.contract import PolicyInputError, load_policy
+    from ditvla.datasets.observations import observations_from_store
+    from ditvla.datasets.replay_buffer import DatasetError
+    from ditvla.policies.policy import PolicyConfig
+    from ditvla.training.distillation import DistillConfig, distill
+
+    teacher_folder = small_policy
+    teacher = load_policy(teacher_folder)
+    frames = observations_from_store(store, teacher.spec, 16, batch=16, seed=1)[0]
+    noise = torch.randn(16, *teacher.noise_shape, generator=torch.Generator().manual_seed(1))
+
+    def gap(policy) -> float:  # the 1-step chunk's distance from the teacher's 8-step one
+        with torch.no_grad():
+            context = teacher.encode(frames)
+            target = teacher.denoise(context, frames["state"], noise=noise, num_steps=8)
+            mine = policy.denoise(policy.encode(frames), frames["state"], noise=noise, num_steps=1)
+        return float(((mine - target) ** 2).mean())
+
+    before = gap(teacher)
+    assert (
+        main(
+            [
+                "distill",
+                "--policy",
+                str(teacher_folder),
+                "--dataset",
+                str(store),
+                "--out",
+                str(tmp_path / "student"),
+                "--steps",
+                "60",
+                "--lr",
+                "1e-3",
+                "--frames",
+                "30",
+                "--batch-size",
+                "15",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    student = load_policy(tmp_path / "student")
+    assert student.config.num_inference_steps == student.config.distilled_steps == 1
+    record = json.loads((tmp_path / "student" / "config.json").read_text())["distillation"]
+    assert record["teacher_steps"] == 8 and record["student_steps"] == 1
+    assert gap(student) < 0.5 * before  # one step now lands where the teacher's eight do
+    # the backbone is the teacher's, untouched
+    for name, value in teacher.backbone.state_dict().items():
+        assert torch.equal(value, student.backbone.state_dict()[name]), name
+
+    # more steps than the student learned: refused by name, with what would work
+    with pytest.raises(PolicyInputError, match=r"1-step student.*use its teacher"):
+        student.act(student.encode(frames), frames["state"], num_steps=4)
+    with pytest.raises(ValueError, match="1-step student"):
+        PolicyConfig(distilled_steps=1, num_inference_steps=4)
+    # a student is an ordinary policy folder: quantize takes it
+    assert (
+        main(
+            [
+                "quantize",
+                "--policy",
+                str(tmp_path / "student"),
+                "--calibration",
+                str(store),
+                "--out",
+                str(tmp_path / "student_int8"),
+                "--frames",
+                "8",
+            ]
+        )
+        == 0
+    )
+    quantized = load_policy(tmp_path / "student_int8")
+    assert quantized.config.distilled_steps == 1
+    chunk = quantized.act(quantized.encode(frames), frames["state"], noise=noise)
+    assert chunk.shape == (16, 4, 2) and torch.isfinite(chunk).all()
+
+    # bad input: fails before any training step, nothing written
+    with pytest.raises(ValueError, match="already a 1-step student"):
+        distill(tmp_path / "student", store, tmp_path / "x", DistillConfig(progress=False))
+    with pytest.raises(ValueError, match="fewer steps than its teacher"):
+        distill(teacher_folder, store, tmp_path / "x", DistillConfig(student_steps=8))
+    other = store_without_the_policys_camera(tmp_path / "other.zarr")
+    with pytest.raises(DatasetError, match="lacks camera"):
+        distill(teacher_folder, other, tmp_path / "x", DistillConfig(progress=False))
+    assert not (tmp_path / "x").exists()

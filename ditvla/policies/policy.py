@@ -88,6 +88,9 @@ class PolicyConfig:
         auxiliary_dim: their total width.
         auxiliary_weight: the auxiliary loss's weight.
         forecast: feature forecasting in the sampler (TaylorSeer; off by default).
+        distilled_steps: a few-step student's step count (``ditvla distill``): its head
+            was trained to sample in that many steps, and more are refused; 0 for a
+            policy trained on demonstrations, which samples with any count.
     """
 
     filled_in: ClassVar[tuple[str, ...]] = (
@@ -99,6 +102,7 @@ class PolicyConfig:
         "action_range",
         "auxiliary_keys",
         "auxiliary_dim",
+        "distilled_steps",
     )
 
     cameras: list[str] = field(default_factory=list)
@@ -122,6 +126,7 @@ class PolicyConfig:
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     foresight: ForesightConfig = field(default_factory=ForesightConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    distilled_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
@@ -149,6 +154,14 @@ class PolicyConfig:
             raise ValueError(f"noise_samples must be >= 1, got {self.noise_samples}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.distilled_steps < 0:
+            raise ValueError(f"distilled_steps must be >= 0, got {self.distilled_steps}")
+        if self.distilled_steps and self.num_inference_steps > self.distilled_steps:
+            raise ValueError(
+                f"num_inference_steps {self.num_inference_steps}: this policy is a "
+                f"{self.distilled_steps}-step student (ditvla distill) and samples with at "
+                f"most {self.distilled_steps} steps; for more steps use its teacher"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
@@ -350,7 +363,25 @@ class DiTVLAPolicy(nn.Module):
         inpaint: tuple[Any, Any] | None = None,
         forecast: ForecastConfig | None = None,
     ) -> torch.Tensor:
-        """The fast half: denoise an action chunk (B, H, A), in the robot's units.
+        """The fast half: denoise an action chunk (B, H, A), in the robot's units
+        (:meth:`denoise`, unnormalized, without gradients)."""
+        chunk = self.denoise(
+            context, state, noise=noise, num_steps=num_steps, inpaint=inpaint, forecast=forecast
+        )
+        return self.normalizer.unnormalize("action", chunk)
+
+    def denoise(
+        self,
+        context: Context,
+        state: Any = None,
+        *,
+        noise: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        inpaint: tuple[Any, Any] | None = None,
+        forecast: ForecastConfig | None = None,
+    ) -> torch.Tensor:
+        """Denoise an action chunk (B, H, A) in normalized action units, differentiably
+        (distillation trains a student through it); ``state`` in the robot's units.
 
         ``forecast`` (default: the config's) forecasts the head's features at some
         denoising steps instead of computing them (:mod:`ditvla.policies.forecasting`).
@@ -378,6 +409,12 @@ class DiTVLAPolicy(nn.Module):
         elif tuple(noise.shape) != shape:
             raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         steps = num_steps or self.config.num_inference_steps
+        if self.config.distilled_steps and steps > self.config.distilled_steps:
+            raise PolicyInputError(
+                f"this policy is a {self.config.distilled_steps}-step student (ditvla distill): "
+                f"it samples with at most {self.config.distilled_steps} steps, not {steps}; "
+                "for more steps use its teacher"
+            )
         times = self.schedule.step_times(steps)
         conditions = self.head.condition_steps(times, norm_state, b, context.cache.summary)
         forecast = forecast or self.config.forecast
@@ -391,13 +428,12 @@ class DiTVLAPolicy(nn.Module):
                 )
             forecaster = Forecaster(forecast, times, len(self.head.blocks))
         self.last_forecaster = forecaster
-        chunk = self.schedule.sample(
+        return self.schedule.sample(
             lambda x, i: self.head(x, conditions[i], context.cache, forecaster=forecaster),
             noise.to(self.device),
             steps,
             guide=self._inpainting_guide(inpaint, shape) if inpaint is not None else None,
         )
-        return self.normalizer.unnormalize("action", chunk)
 
     def _inpainting_guide(self, inpaint: tuple[Any, Any], shape: tuple[int, int, int]):
         actions, weights = (torch.as_tensor(np.asarray(v, np.float32)) for v in inpaint)

@@ -1,0 +1,155 @@
+"""``ditvla distill``: a few-step student of a many-step policy.
+
+The student starts as a copy of the teacher; its action head alone is trained (the VLM
+and everything else stay the teacher's). Each step draws frames of the store (the first
+80% of its episodes), one initial noise per frame, and the teacher's chunk from that noise
+with its own step count; the student samples from the same noise in ``student_steps``
+Euler/DDIM steps, and the loss is the mean squared difference of the two chunks in
+normalized action units (knowledge distillation of the sampler's noise-to-action map, as
+in Luhman & Luhman 2021 and InstaFlow's distillation stage). Because each noise is
+mapped to one of the teacher's modes, a one-step student keeps the teacher's several
+ways of doing a task, where plain one-step sampling of the teacher returns their mean.
+
+The result is an ordinary policy folder (``num_inference_steps`` and ``distilled_steps``
+set to the student's count, the distillation recorded under ``distillation`` in
+config.json) that ``eval``, ``serve``, ``quantize`` and ``calibrate-steps`` take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ditvla.contract import load_policy
+from ditvla.datasets.observations import observations_from_store
+from ditvla.policies.forecasting import ForecastConfig
+from ditvla.training.trainer import lr_factor
+
+NO_FORECAST = ForecastConfig()
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What ``ditvla distill`` does.
+
+    Args:
+        student_steps: the student's denoising steps (1 or 2 are the point).
+        teacher_steps: the teacher's steps for its targets (0: the teacher's own count).
+        steps: optimizer steps.
+        batch_size: frames per step.
+        lr: peak learning rate (AdamW; linear warm-up over a twentieth of the steps,
+            then cosine decay).
+        frames: frames drawn from the training part of the store (cycled over).
+        grad_clip: gradient-norm clipping.
+        seed: the random seed of frames and noise.
+        progress: show a progress bar.
+    """
+
+    student_steps: int = 1
+    teacher_steps: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    frames: int = 4096
+    grad_clip: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("student_steps", "steps", "batch_size", "frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.teacher_steps < 0:
+            raise ValueError(f"teacher_steps must be >= 0, got {self.teacher_steps}")
+
+
+def distill(
+    policy: str | Path, dataset: str | Path, out: str | Path, config: DistillConfig
+) -> dict:
+    """Train a ``config.student_steps``-step student of the policy in ``policy`` on frames
+    of ``dataset`` and save it to ``out``; returns the record stored in its config.json."""
+    teacher = load_policy(policy)
+    if not hasattr(teacher, "normalizer"):
+        raise ValueError(f"{policy}: distill needs a diffusion policy folder")
+    if teacher.config.distilled_steps:
+        raise ValueError(
+            f"{policy}: already a {teacher.config.distilled_steps}-step student; distill "
+            "from its teacher"
+        )
+    teacher_steps = config.teacher_steps or teacher.config.num_inference_steps
+    if teacher_steps <= config.student_steps:
+        raise ValueError(
+            f"the teacher samples with {teacher_steps} steps, the student with "
+            f"{config.student_steps}: a student needs fewer steps than its teacher (set "
+            "--teacher-steps, e.g. 10, for a policy calibrated to few steps)"
+        )
+    # Every input problem (cameras, state) surfaces here, before any training step.
+    batches = observations_from_store(
+        dataset, teacher.spec, config.frames, batch=config.batch_size, seed=config.seed
+    )
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    student = load_policy(policy)
+    student.requires_grad_(False)
+    student.head.requires_grad_(True)
+    trainable = [p for p in student.head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    warmup = max(1, config.steps // 20)
+    order = np.random.default_rng(config.seed)
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="distill", unit="step", disable=not config.progress)
+    for step in bar:
+        if step % len(batches) == 0:
+            order.shuffle(batches)
+        batch = batches[step % len(batches)]
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, warmup, config.steps)
+        context = teacher.encode(batch)
+        noise = torch.randn(len(batch["instruction"]), *teacher.noise_shape)
+        with torch.no_grad():
+            target = teacher.denoise(
+                context, batch["state"], noise=noise, num_steps=teacher_steps, forecast=NO_FORECAST
+            )
+        mine = student.context_from(context.tokens, context.mask)  # the student head's cache
+        chunk = student.denoise(
+            mine, batch["state"], noise=noise, num_steps=config.student_steps, forecast=NO_FORECAST
+        )
+        loss = ((chunk - target) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    bar.close()
+    record = {
+        "teacher": str(policy),
+        "teacher_steps": teacher_steps,
+        "student_steps": config.student_steps,
+        "dataset": str(dataset),
+        "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "settings": asdict(replace(config, progress=True)),
+    }
+    student.config = replace(
+        student.config,
+        num_inference_steps=config.student_steps,
+        distilled_steps=config.student_steps,
+        forecast=NO_FORECAST,
+    )
+    student.requires_grad_(False)
+    out = Path(out)
+    student.save_pretrained(out)
+    path = out / "config.json"
+    meta = json.loads(path.read_text())
+    meta["distillation"] = record
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+    return record
