@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ STUDENT_INT8 = "language_mlp,head_mlp,head_attention,head_modulation"
 class Arm:
     policy: torch.nn.Module
     steps: int
-    forecast: ForecastConfig = OFF
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
     kind: str = "plain"  # plain, forecast, student
 
 

@@ -509,10 +509,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "train a 1-2 step student of a many-step policy",
         "Copy the policy, then train the copy's action head to reproduce, in --student-steps "
         "denoising steps, the chunk the policy samples from the same noise in its own steps "
-        "(or --teacher-steps), on frames of a zarr store (its first 80% of episodes). Each "
-        "noise maps to one of the teacher's modes, so the student keeps several ways of "
-        "doing a task where plain 1-step sampling averages them. Writes a policy folder "
-        "that eval, serve, quantize and calibrate-steps take.",
+        "(or --teacher-steps), on frames of a zarr store (its first 80% of episodes), so "
+        "that each noise goes to the mode the teacher's sampler reaches from it. Writes a "
+        "policy folder that eval, serve, quantize and calibrate-steps take.",
     )
     distill.add_argument("--policy", required=True, help="the teacher: a saved policy folder")
     distill.add_argument("--dataset", required=True, help="a zarr store the policy fits")

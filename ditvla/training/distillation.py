@@ -6,9 +6,10 @@ and everything else stay the teacher's). Each step draws frames of the store (th
 with its own step count; the student samples from the same noise in ``student_steps``
 Euler/DDIM steps, and the loss is the mean squared difference of the two chunks in
 normalized action units (knowledge distillation of the sampler's noise-to-action map, as
-in Luhman & Luhman 2021 and InstaFlow's distillation stage). Because each noise is
-mapped to one of the teacher's modes, a one-step student keeps the teacher's several
-ways of doing a task, where plain one-step sampling of the teacher returns their mean.
+in Luhman & Luhman 2021 and InstaFlow's distillation stage): the student learns to send
+each noise to the mode the teacher's full sampler reaches from it. (Measured on
+reach-wall, docs/benchmarks.md: a short run of 300 steps left the student less bimodal
+than the teacher's own one-step sampling, and below it in success.)
 
 The result is an ordinary policy folder (``num_inference_steps`` and ``distilled_steps``
 set to the student's count, the distillation recorded under ``distillation`` in
