@@ -8,8 +8,8 @@ Euler/DDIM steps, and the loss is the mean squared difference of the two chunks 
 normalized action units (knowledge distillation of the sampler's noise-to-action map, as
 in Luhman & Luhman 2021 and InstaFlow's distillation stage): the student learns to send
 each noise to the mode the teacher's full sampler reaches from it. (Measured on
-reach-wall, docs/benchmarks.md: a short run of 300 steps left the student less bimodal
-than the teacher's own one-step sampling, and below it in success.)
+reach-wall, docs/benchmarks.md: runs of 300 and 900 steps left the student below the
+teacher's own one-step sampling in success, the longer one collapsed onto one way.)
 
 The result is an ordinary policy folder (``num_inference_steps`` and ``distilled_steps``
 set to the student's count, the distillation recorded under ``distillation`` in
