@@ -17,6 +17,7 @@ Observations are ``{"images": {camera: uint8 (H, W, 3)}, "state": float32 (D,),
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -156,12 +157,20 @@ class PolicyConfig:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.distilled_steps < 0:
             raise ValueError(f"distilled_steps must be >= 0, got {self.distilled_steps}")
-        if self.distilled_steps and self.num_inference_steps > self.distilled_steps:
-            raise ValueError(
-                f"num_inference_steps {self.num_inference_steps}: this policy is a "
-                f"{self.distilled_steps}-step student (ditvla distill) and samples with at "
-                f"most {self.distilled_steps} steps; for more steps use its teacher"
+        refusal = self.steps_refusal(self.num_inference_steps)
+        if refusal:
+            raise ValueError(f"num_inference_steps: {refusal}")
+
+    def steps_refusal(self, steps: int) -> str | None:
+        """Why this policy cannot sample with ``steps`` denoising steps (a few-step student
+        asked for more than it learned), or None."""
+        if self.distilled_steps and steps > self.distilled_steps:
+            return (
+                f"this policy is a {self.distilled_steps}-step student (ditvla distill): it "
+                f"samples with at most {self.distilled_steps} steps, not {steps}; for more "
+                "steps use its teacher"
             )
+        return None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
@@ -353,22 +362,10 @@ class DiTVLAPolicy(nn.Module):
         return Context(tokens, mask, self.head.prepare_context(tokens, mask, trim_padding=True))
 
     @torch.no_grad()
-    def act(
-        self,
-        context: Context,
-        state: Any = None,
-        *,
-        noise: torch.Tensor | None = None,
-        num_steps: int | None = None,
-        inpaint: tuple[Any, Any] | None = None,
-        forecast: ForecastConfig | None = None,
-    ) -> torch.Tensor:
-        """The fast half: denoise an action chunk (B, H, A), in the robot's units
-        (:meth:`denoise`, unnormalized, without gradients)."""
-        chunk = self.denoise(
-            context, state, noise=noise, num_steps=num_steps, inpaint=inpaint, forecast=forecast
-        )
-        return self.normalizer.unnormalize("action", chunk)
+    def act(self, context: Context, state: Any = None, **options: Any) -> torch.Tensor:
+        """The fast half: denoise an action chunk (B, H, A), in the robot's units:
+        :meth:`denoise` (whose keyword options it takes), unnormalized, without gradients."""
+        return self.normalizer.unnormalize("action", self.denoise(context, state, **options))
 
     def denoise(
         self,
@@ -409,12 +406,9 @@ class DiTVLAPolicy(nn.Module):
         elif tuple(noise.shape) != shape:
             raise PolicyInputError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         steps = num_steps or self.config.num_inference_steps
-        if self.config.distilled_steps and steps > self.config.distilled_steps:
-            raise PolicyInputError(
-                f"this policy is a {self.config.distilled_steps}-step student (ditvla distill): "
-                f"it samples with at most {self.config.distilled_steps} steps, not {steps}; "
-                "for more steps use its teacher"
-            )
+        refusal = self.config.steps_refusal(steps)
+        if refusal:
+            raise PolicyInputError(refusal)
         times = self.schedule.step_times(steps)
         conditions = self.head.condition_steps(times, norm_state, b, context.cache.summary)
         forecast = forecast or self.config.forecast
@@ -709,6 +703,22 @@ class AuxiliaryHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.mlp(masked_mean(tokens, mask))
+
+
+def edit_config_file(folder: str | Path, edit) -> None:
+    """Change a saved policy's config.json in place: ``edit(meta)`` mutates the parsed file
+    (e.g. sets ``meta["policy"]["num_inference_steps"]`` or adds a record); the result
+    replaces the file atomically. A folder without a readable policy config raises
+    CheckpointError."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+        edit(meta)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a ditvla policy config ({exc})") from None
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:

@@ -18,9 +18,6 @@ config.json) that ``eval``, ``serve``, ``quantize`` and ``calibrate-steps`` take
 
 from __future__ import annotations
 
-import json
-import os
-import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from tqdm.auto import tqdm
 from ditvla.contract import load_policy
 from ditvla.datasets.observations import observations_from_store
 from ditvla.policies.forecasting import ForecastConfig
+from ditvla.policies.policy import edit_config_file
 from ditvla.training.trainer import lr_factor
 
 NO_FORECAST = ForecastConfig()
@@ -95,7 +93,6 @@ def distill(
     batches = observations_from_store(
         dataset, teacher.spec, config.frames, batch=config.batch_size, seed=config.seed
     )
-    random.seed(config.seed)
     torch.manual_seed(config.seed)
     student = load_policy(policy)
     student.requires_grad_(False)
@@ -136,7 +133,7 @@ def distill(
         "student_steps": config.student_steps,
         "dataset": str(dataset),
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
-        "settings": asdict(replace(config, progress=True)),
+        "settings": asdict(config),
     }
     student.config = replace(
         student.config,
@@ -145,12 +142,6 @@ def distill(
         forecast=NO_FORECAST,
     )
     student.requires_grad_(False)
-    out = Path(out)
     student.save_pretrained(out)
-    path = out / "config.json"
-    meta = json.loads(path.read_text())
-    meta["distillation"] = record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+    edit_config_file(out, lambda meta: meta.update(distillation=record))
     return record

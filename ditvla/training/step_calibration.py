@@ -11,8 +11,6 @@ into the policy (``config.json``: ``num_inference_steps``, and the measurement u
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.contract import CheckpointError
 from ditvla.datasets.observations import observations_from_store
+from ditvla.policies.policy import edit_config_file
 
 CANDIDATE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
 
@@ -111,16 +109,12 @@ def calibrate_steps(
 def write_steps(folder: str | Path, calibration: StepCalibration) -> None:
     """Set the policy folder's ``num_inference_steps`` to the chosen count and record the
     measurement; config.json is replaced atomically."""
-    path = Path(folder) / "config.json"
-    try:
-        meta: dict[str, Any] = json.loads(path.read_text())
-        meta["policy"]["num_inference_steps"] = calibration.chosen_steps
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a ditvla policy config ({exc})") from None
     record = asdict(calibration)
     record["errors"] = {str(k): v for k, v in calibration.errors.items()}
     record["deviation"] = {str(k): v for k, v in calibration.deviation.items()}
-    meta["step_calibration"] = record
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+
+    def edit(meta: dict[str, Any]) -> None:
+        meta["policy"]["num_inference_steps"] = calibration.chosen_steps
+        meta["step_calibration"] = record
+
+    edit_config_file(folder, edit)
