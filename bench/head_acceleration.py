@@ -12,9 +12,17 @@ the reference on held-out frames of a store with the same initial noise, and, wi
     python bench/head_acceleration.py --policy runs/x/policy --dataset demos.zarr \\
         [--student runs/x/student] [--env metaworld:reach-wall-v3] [--episodes 20]
 
+With ``--env`` and ``--smolvla-budget-s S``, LeRobot's SmolVLA is built offline with its
+expert at the head's width, depth and attention heads (its VLM: our tiny text width, as
+many layers and heads as the expert, as SmolVLA's expert mirrors its VLM), trained on the same store for S seconds (saved under
+OUT/smolvla; ``--smolvla OUT/smolvla`` reuses it), evaluated on the same episodes at 10, 4,
+2 and 1 Euler steps; its expert's steps over a precomputed prefix cache (the part our
+``act`` matches) are timed in turn with our fastest arm, eager and with both denoising
+steps compiled (torch.compile, frozen weights).
+
 Last line: ``fastest within 2 points: <arm> act <x>x vs the reference (success <a>% ->
-<b>%; plain euler at that speed <c>%)`` (with --env), else the fastest arm within 5%
-relative action error. Not here yet (issue 18): SmolVLA's expert trained on the same data.
+<b>%; plain euler at that speed <c>%), <y>x vs smolvla expert at its fewest steps`` (with
+--env), else the fastest arm within 5% relative action error.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from ditvla.policies.timing import paired_median_ms
 
 OFF = ForecastConfig()
 STUDENT_INT8 = "language_mlp,head_mlp,head_attention,head_modulation"
+SMOLVLA_STEPS = (10, 4, 2, 1)  # the first is its reference (SmolVLA's default)
 
 
 @dataclass
@@ -64,6 +73,102 @@ def arms(policy, student=None, student_int8=None) -> dict[str, Arm]:
     return out
 
 
+def act_once(arm: Arm, context, one: dict):
+    """One batch-1 ``act`` of ``arm`` on an encoded observation, as a timing closure."""
+    return lambda: arm.policy.act(context, one["state"], num_steps=arm.steps, forecast=arm.forecast)
+
+
+def trained_smolvla(args, policy):
+    """LeRobot's SmolVLA with its expert at ``policy``'s head size and its processors,
+    trained on ``args.dataset`` (for ``--smolvla-budget-s`` seconds or ``--smolvla-steps``
+    steps, then saved under OUT/smolvla) or loaded from ``--smolvla``; and its training
+    record."""
+    from lerobot_peers import batches_for_lerobot, tiny_smolvla, train_for
+    from safetensors.torch import load_model, save_model
+
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    spec, head = policy.spec, policy.config.head
+    folder = Path(args.smolvla) if args.smolvla else Path(args.out) / "smolvla"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = ReplayBufferDataset(
+        args.dataset, cameras=spec.cameras, state_keys=spec.state_keys
+    ).data_spec()
+    smolvla, pre, post = tiny_smolvla(
+        folder / "vlm",
+        data,
+        horizon=spec.horizon,
+        n_action_steps=spec.n_action_steps,
+        layers=head.depth,
+        expert_width=head.width,
+        heads=head.num_heads,
+    )
+    if args.smolvla:
+        load_model(smolvla, str(folder / "model.safetensors"))
+        return smolvla, pre, post, json.loads((folder / "training.json").read_text())
+    batches = batches_for_lerobot(Path(args.dataset), spec, batch_size=32)
+    training = train_for(
+        smolvla,
+        pre,
+        batches,
+        args.smolvla_budget_s,
+        name="smolvla",
+        max_steps=args.smolvla_steps,
+    )
+    save_model(smolvla, str(folder / "model.safetensors"))
+    (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    return smolvla, pre, post, training
+
+
+def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
+    """LeRobot's SmolVLA (:func:`trained_smolvla`): its success at each of SMOLVLA_STEPS
+    over the same episodes, and its expert's latency against ``best_act`` (our fastest
+    arm), eager and compiled."""
+    from head_latency import compiled
+    from lerobot_peers import LeRobotAdapter, lerobot_batch, smolvla_expert_sampler
+
+    from ditvla.envs.evaluate import evaluate
+
+    smolvla, pre, post, training = trained_smolvla(args, policy)
+    expert_params = sum(p.numel() for p in smolvla.model.vlm_with_expert.lm_expert.parameters())
+    adapter = LeRobotAdapter(smolvla, pre, post, policy.spec, reads_task=True)
+    success, tasks = {}, {}
+    for steps in SMOLVLA_STEPS:
+        smolvla.config.num_steps = steps
+        torch.manual_seed(0)
+        summary = evaluate(adapter, args.env, episodes_per_task=args.episodes).summary()
+        success[str(steps)], tasks[str(steps)] = summary["mean_success"], summary["tasks"]
+        print(f"smolvla expert, {steps} steps: success {summary['mean_success']:.1%}", flush=True)
+    reference = success[str(SMOLVLA_STEPS[0])]
+    fewest = min(s for s in SMOLVLA_STEPS if success[str(s)] >= reference - 0.02)
+    batch = pre(lerobot_batch(one["images"], one["state"], list(one["instruction"])))
+    eager = [smolvla_expert_sampler(smolvla, batch, steps) for steps in SMOLVLA_STEPS]
+    ours_ms, *theirs_ms = paired_median_ms([best_act, *eager], args.repeats)
+    their_step = compiled(smolvla.model.denoise_step)
+    best.policy.head.forward = compiled(best.policy.head.forward)
+    try:  # the first calls compile (the untimed warm-up)
+        ours_compiled_ms, theirs_compiled_ms = paired_median_ms(
+            [best_act, smolvla_expert_sampler(smolvla, batch, fewest, their_step)],
+            args.repeats,
+        )
+    finally:
+        del best.policy.head.forward  # the module's own forward again
+    at_fewest = theirs_ms[SMOLVLA_STEPS.index(fewest)]
+    return {
+        "training": training,
+        "expert_parameters": expert_params,
+        "head_parameters": sum(p.numel() for p in best.policy.head.parameters()),
+        "success": success,
+        "tasks": tasks,
+        "fewest_steps": fewest,
+        "expert_ms": dict(zip(map(str, SMOLVLA_STEPS), theirs_ms, strict=True)),
+        "ours_ms": ours_ms,
+        "speedup_eager": at_fewest / ours_ms,
+        "compiled_ms": {"ours": ours_compiled_ms, "theirs": theirs_compiled_ms},
+        "speedup_compiled": theirs_compiled_ms / ours_compiled_ms,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True)
@@ -76,7 +181,22 @@ def main() -> None:
     parser.add_argument("--env", help="evaluate each arm's success on these tasks")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--out", default="outputs/head_acceleration")
+    parser.add_argument(
+        "--smolvla-budget-s",
+        type=float,
+        help="with --env: train LeRobot's SmolVLA (expert at the head's size) on --dataset "
+        "for this many seconds and add its expert's arms",
+    )
+    parser.add_argument(
+        "--smolvla-steps",
+        type=int,
+        help="as --smolvla-budget-s, for this many training steps (batch 32) instead",
+    )
+    parser.add_argument("--smolvla", help="a SmolVLA an earlier run saved (OUT/smolvla)")
     args = parser.parse_args()
+    wants_smolvla = args.smolvla_budget_s or args.smolvla_steps or args.smolvla
+    if wants_smolvla and not args.env:
+        parser.error("the SmolVLA expert arms need --env (its fewest steps are set by success)")
 
     torch.manual_seed(0)
     policy = load_policy(args.policy)
@@ -97,24 +217,8 @@ def main() -> None:
     with torch.inference_mode():
         policies = {id(a.policy): a.policy for a in plans.values()}  # each encodes once
         contexts = {key: p.encode(one) for key, p in policies.items()}
-        latency = dict(
-            zip(
-                plans,
-                paired_median_ms(
-                    [
-                        lambda a=a: a.policy.act(
-                            contexts[id(a.policy)],
-                            one["state"],
-                            num_steps=a.steps,
-                            forecast=a.forecast,
-                        )
-                        for a in plans.values()
-                    ],
-                    args.repeats,
-                ),
-                strict=True,
-            )
-        )
+        acts = {name: act_once(a, contexts[id(a.policy)], one) for name, a in plans.items()}
+        latency = dict(zip(plans, paired_median_ms(list(acts.values()), args.repeats), strict=True))
         errors = {name: [] for name in plans}
         generator = torch.Generator().manual_seed(0)
         for obs in held_out:
@@ -185,10 +289,21 @@ def main() -> None:
             if r["kind"] == "plain" and n != ref_name and r["steps"] <= keep[best]["steps"]
         ]
         c = f"{plain[0]['success']:.1%}" if plain else "n/a"
+        versus = "smolvla expert: not measured"
+        if wants_smolvla:
+            expert = smolvla_expert(args, policy, one, plans[best], acts[best])
+            results["smolvla expert"] = expert
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            versus = (
+                f"{expert['speedup_eager']:.2f}x vs smolvla expert at its fewest steps "
+                f"({expert['fewest_steps']} steps, success {expert['success']['10']:.1%} -> "
+                f"{expert['success'][str(expert['fewest_steps'])]:.1%}; compiled both: "
+                f"{expert['speedup_compiled']:.2f}x)"
+            )
         print(
             f"fastest within 2 points: {best} act {keep[best]['speedup']:.2f}x vs the "
             f"reference (success {a:.1%} -> {keep[best]['success']:.1%}; plain euler at "
-            f"that speed {c}); smolvla expert: not measured"
+            f"that speed {c}), {versus}"
         )
     else:
         keep = {n: r for n, r in results.items() if r["relative_action_error"] <= 0.05}

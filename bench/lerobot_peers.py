@@ -19,6 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+VLM_TEXT_WIDTH = 128  # our tiny preset's (tiny_text_width)
+
+
+def vlm_text_width(expert_width: int, heads: int) -> int:
+    """The narrowest VLM text width from our tiny preset's up that ``heads`` divide and
+    that divides ``expert_width`` (SmolVLA's expert is the VLM's width times a factor)."""
+    return next(
+        w
+        for w in range(VLM_TEXT_WIDTH, expert_width + 1)
+        if expert_width % w == 0 and w % heads == 0
+    )
 
 
 def lerobot_batch(images: dict[str, Any], state: Any, tasks: list[str] | None = None) -> dict:
@@ -113,22 +126,39 @@ def legacy_cache_crop() -> None:
     DynamicLayer.crop = keep_or_remove
 
 
-def tiny_smolvla(folder: Path, data, *, horizon: int, n_action_steps: int):
-    """SmolVLA at the tiny preset's sizes (VLM text width 128, 2 layers; vision width 96,
-    2 layers, 8-px patches; the expert at the VLM's width), everything trained, for a
-    store described by ``data`` (a DataSpec); and its LeRobot processors."""
+def tiny_smolvla(
+    folder: Path,
+    data,
+    *,
+    horizon: int,
+    n_action_steps: int,
+    layers: int = 2,
+    expert_width: int = VLM_TEXT_WIDTH,
+    heads: int = 2,
+):
+    """SmolVLA at the tiny preset's sizes (VLM text width 128, 2 layers, 2 heads; vision
+    width 96, 2 layers, 8-px patches; the expert at the VLM's width and depth), everything
+    trained, for a store described by ``data`` (a DataSpec); and its LeRobot processors.
+
+    ``layers``, ``expert_width`` and ``heads`` size the expert as one of our heads (depth,
+    width, attention heads of ``expert_width // heads`` channels): SmolVLA's expert has one
+    layer per VLM layer, the VLM's width times ``expert_width_multiplier`` and the VLM's
+    attention heads, so the VLM gets ``layers`` layers and ``heads`` heads of that size
+    at a narrow text width (:func:`vlm_text_width`: 128 for the tiny expert, 192 for the
+    base head's 384 wide, 6 heads)."""
     from head_latency import save_tiny_smolvlm
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
     from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
-    size = data.image_size
+    size, width = data.image_size, vlm_text_width(expert_width, heads)
     save_tiny_smolvlm(
         folder,
-        width=128,
-        layers=2,
-        heads=2,
+        width=width,
+        layers=layers,
+        heads=heads,
+        head_dim=expert_width // heads,
         vision_width=96,
         vision_layers=2,
         patch_size=8,
@@ -144,8 +174,8 @@ def tiny_smolvla(folder: Path, data, *, horizon: int, n_action_steps: int):
         load_vlm_weights=False,
         chunk_size=horizon,
         n_action_steps=n_action_steps,
-        num_vlm_layers=2,
-        expert_width_multiplier=1.0,
+        num_vlm_layers=layers,
+        expert_width_multiplier=expert_width // width,
         max_action_dim=data.action_dim,
         max_state_dim=data.state_dim,
         resize_imgs_with_padding=(size, size),
@@ -163,18 +193,29 @@ def tiny_smolvla(folder: Path, data, *, horizon: int, n_action_steps: int):
 
 
 def train_for(
-    policy, preprocessor, batches, budget_s: float, *, name: str, seed: int = 0
+    policy,
+    preprocessor,
+    batches,
+    budget_s: float | None,
+    *,
+    name: str,
+    seed: int = 0,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train ``policy`` on ``batches`` (an endless iterator of LeRobot batches) for
     ``budget_s`` seconds with its optimizer and scheduler presets; the scheduler spans the
-    steps the budget allows (measured over the first 5 steps)."""
+    steps the budget allows (measured over the first 5 steps). With ``max_steps`` (and no
+    budget) it trains that many steps instead, whatever else runs on the machine."""
+    if (budget_s is None) == (max_steps is None):
+        raise ValueError("train_for takes a wall-clock budget or a step count, one of them")
     torch.manual_seed(seed)
     config = policy.config
     optimizer = config.get_optimizer_preset().build(policy.parameters())
     clip = getattr(config, "optimizer_grad_clip_norm", 10.0)
     policy.train()
     start, steps, losses, scheduler = time.perf_counter(), 0, [], None
-    while time.perf_counter() - start < budget_s:
+    progress = tqdm(total=max_steps, desc=name, unit="step", mininterval=10)
+    while time.perf_counter() - start < budget_s if max_steps is None else steps < max_steps:
         loss, _ = policy.forward(preprocessor(next(batches)))
         optimizer.zero_grad()
         loss.backward()
@@ -182,18 +223,92 @@ def train_for(
         optimizer.step()
         steps += 1
         losses.append(loss.item())
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if steps == 5:
             per_step = (time.perf_counter() - start) / steps
-            total = max(10, int(budget_s / per_step))
+            total = max_steps or max(10, int(budget_s / per_step))
             preset = config.get_scheduler_preset()  # LeRobot fits its schedule to `total`
             if preset is not None:
                 scheduler = preset.build(optimizer, total)
         if scheduler is not None:
             scheduler.step()
     seconds = time.perf_counter() - start
+    progress.close()
     print(
         f"{name}: {steps} steps in {seconds / 60:.1f} min, loss {losses[0]:.3f} -> "
         f"{np.mean(losses[-20:]):.3f}",
         flush=True,
     )
     return {"steps": steps, "seconds": seconds, "loss_last": float(np.mean(losses[-20:]))}
+
+
+def batches_for_lerobot(store: Path, spec, *, batch_size: int, seed: int = 0):
+    """Endless LeRobot batches of the store's samples, as our policy reads them."""
+    from torch.utils.data import DataLoader
+
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    dataset = ReplayBufferDataset(
+        store,
+        n_obs_steps=1,
+        horizon=spec.horizon,
+        cameras=spec.cameras,
+        state_keys=spec.state_keys,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
+        )
+        for sample in loader:
+            batch = lerobot_batch(
+                {cam: frames[:, -1].numpy() for cam, frames in sample["images"].items()},
+                sample["state"][:, -1],
+                list(sample["instruction"]),
+            )
+            batch["action"] = sample["action"]
+            batch["action_is_pad"] = sample["action_is_pad"]
+            yield batch
+
+
+def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None):
+    """SmolVLA's expert alone on one preprocessed observation: its VLM prefix key/value
+    cache is computed here, once; the returned function runs the ``steps`` Euler steps
+    (``denoise_step``, or ``step_fn`` in its place: compiled) from a fixed noise, as
+    ``sample_actions`` does after the prefix. Times the part of SmolVLA that our ``act``
+    matches (our ``encode`` is the prefix)."""
+    from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    model = policy.model
+    step_fn = step_fn or model.denoise_step
+    with torch.inference_mode():
+        images, image_masks = policy.prepare_images(batch)
+        prefix, pad, att = model.embed_prefix(
+            images,
+            image_masks,
+            batch[OBS_LANGUAGE_TOKENS],
+            batch[OBS_LANGUAGE_ATTENTION_MASK],
+            state=policy.prepare_state(batch),
+        )
+        _, cache = model.vlm_with_expert.forward(
+            attention_mask=make_att_2d_masks(pad, att),
+            position_ids=torch.cumsum(pad, dim=1) - 1,
+            past_key_values=None,
+            inputs_embeds=[prefix, None],
+            use_cache=True,
+        )
+    noise = torch.randn(
+        1, policy.config.chunk_size, policy.config.max_action_dim, generator=torch.Generator()
+    )
+
+    @torch.inference_mode()
+    def run():
+        x = noise
+        for i in range(steps):
+            t = torch.full((1,), 1.0 - i / steps)
+            x = x - step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t) / steps
+        return x
+
+    return run

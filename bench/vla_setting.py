@@ -34,41 +34,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def suite_mean(summary: dict, tasks) -> float:
     return float(np.mean([summary["tasks"][t]["success_rate"] for t in tasks]))
-
-
-def batches_for_lerobot(store: Path, spec, *, batch_size: int, seed: int = 0):
-    """Endless LeRobot batches of the store's samples, as our policy reads them."""
-    from lerobot_peers import lerobot_batch
-    from torch.utils.data import DataLoader
-
-    from ditvla.datasets.torch_dataset import ReplayBufferDataset
-
-    dataset = ReplayBufferDataset(
-        store,
-        n_obs_steps=1,
-        horizon=spec.horizon,
-        cameras=spec.cameras,
-        state_keys=spec.state_keys,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
-        )
-        for sample in loader:
-            batch = lerobot_batch(
-                {cam: frames[:, -1].numpy() for cam, frames in sample["images"].items()},
-                sample["state"][:, -1],
-                list(sample["instruction"]),
-            )
-            batch["action"] = sample["action"]
-            batch["action_is_pad"] = sample["action_is_pad"]
-            yield batch
 
 
 def main() -> None:
@@ -85,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lerobot_peers import LeRobotAdapter, tiny_smolvla, train_for
+    from lerobot_peers import LeRobotAdapter, batches_for_lerobot, tiny_smolvla, train_for
 
     from ditvla.contract import load_policy
     from ditvla.demo import FULL
