@@ -13,9 +13,10 @@ the reference on held-out frames of a store with the same initial noise, and, wi
         [--student runs/x/student] [--env metaworld:reach-wall-v3] [--episodes 20]
 
 With ``--env`` and ``--smolvla-budget-s S``, LeRobot's SmolVLA is built offline with its
-expert at the head's width, depth and attention heads (its VLM: our tiny text width, as
-many layers and heads as the expert, as SmolVLA's expert mirrors its VLM), trained on the same store for S seconds (saved under
-OUT/smolvla; ``--smolvla OUT/smolvla`` reuses it), evaluated on the same episodes at 10, 4,
+expert at the head's width, depth and attention heads (its VLM narrow, with as many layers
+and heads as the expert: SmolVLA's expert mirrors its VLM), trained on the same store for S
+seconds or ``--smolvla-steps`` steps (saved under OUT/smolvla; ``--smolvla OUT/smolvla``
+reuses it), evaluated on the same episodes at 10, 4,
 2 and 1 Euler steps; its expert's steps over a precomputed prefix cache (the part our
 ``act`` matches) are timed in turn with our fastest arm, eager and with both denoising
 steps compiled (torch.compile, frozen weights).
@@ -137,10 +138,10 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
         smolvla.config.num_steps = steps
         torch.manual_seed(0)
         summary = evaluate(adapter, args.env, episodes_per_task=args.episodes).summary()
-        success[str(steps)], tasks[str(steps)] = summary["mean_success"], summary["tasks"]
+        success[steps], tasks[steps] = summary["mean_success"], summary["tasks"]
         print(f"smolvla expert, {steps} steps: success {summary['mean_success']:.1%}", flush=True)
-    reference = success[str(SMOLVLA_STEPS[0])]
-    fewest = min(s for s in SMOLVLA_STEPS if success[str(s)] >= reference - 0.02)
+    reference = success[SMOLVLA_STEPS[0]]
+    fewest = min(s for s in SMOLVLA_STEPS if success[s] >= reference - 0.02)
     batch = pre(lerobot_batch(one["images"], one["state"], list(one["instruction"])))
     eager = [smolvla_expert_sampler(smolvla, batch, steps) for steps in SMOLVLA_STEPS]
     ours_ms, *theirs_ms = paired_median_ms([best_act, *eager], args.repeats)
@@ -161,7 +162,7 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
         "success": success,
         "tasks": tasks,
         "fewest_steps": fewest,
-        "expert_ms": dict(zip(map(str, SMOLVLA_STEPS), theirs_ms, strict=True)),
+        "expert_ms": dict(zip(SMOLVLA_STEPS, theirs_ms, strict=True)),
         "ours_ms": ours_ms,
         "speedup_eager": at_fewest / ours_ms,
         "compiled_ms": {"ours": ours_compiled_ms, "theirs": theirs_compiled_ms},
@@ -296,8 +297,8 @@ def main() -> None:
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             versus = (
                 f"{expert['speedup_eager']:.2f}x vs smolvla expert at its fewest steps "
-                f"({expert['fewest_steps']} steps, success {expert['success']['10']:.1%} -> "
-                f"{expert['success'][str(expert['fewest_steps'])]:.1%}; compiled both: "
+                f"({expert['fewest_steps']} steps, success {expert['success'][10]:.1%} -> "
+                f"{expert['success'][expert['fewest_steps']]:.1%}; compiled both: "
                 f"{expert['speedup_compiled']:.2f}x)"
             )
         print(

@@ -278,6 +278,7 @@ def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None):
     (``denoise_step``, or ``step_fn`` in its place: compiled) from a fixed noise, as
     ``sample_actions`` does after the prefix. Times the part of SmolVLA that our ``act``
     matches (our ``encode`` is the prefix)."""
+    from lerobot.policies.common.flow_matching import euler_integrate
     from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
@@ -305,10 +306,10 @@ def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None):
 
     @torch.inference_mode()
     def run():
-        x = noise
-        for i in range(steps):
-            t = torch.full((1,), 1.0 - i / steps)
-            x = x - step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t) / steps
-        return x
+        return euler_integrate(
+            lambda x, t: step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t),
+            noise,
+            steps,
+        )
 
     return run
