@@ -238,10 +238,22 @@ def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_
     assert "S2 restarts 0" in status
 
 
-class FakeServer:
-    """A server that speaks the protocol but sends only chunks a robot must not run."""
+def unfit_chunks(tick: int, episode: int, observations: int) -> list[tuple]:
+    """Chunks a robot must not run; all but the third fail at once."""
+    return [
+        (tick, episode, np.zeros((8, 3), np.float32)),  # 3 wide, the robot has 4
+        (tick + 10_000, episode, np.zeros((8, 4), np.float32)),  # far future
+        (max(0, tick - 20), episode, np.zeros((8, 4), np.float32)),  # over once tick > 7
+        (tick, episode, np.full((8, 4), 5.0, np.float32)),  # beyond the limits
+        (tick, episode + 7, np.zeros((8, 4), np.float32)),  # another episode
+    ]
 
-    def __init__(self, state_keys=("proprio",)):
+
+class FakeServer:
+    """A server that speaks the protocol and answers each observation with the chunks
+    ``chunks(tick, episode, observations so far)`` gives: (start tick, episode, actions)."""
+
+    def __init__(self, state_keys=("proprio",), chunks=unfit_chunks):
         import secrets
 
         from ditvla.deploy.transport import ServerChannel
@@ -249,6 +261,8 @@ class FakeServer:
         self.channel = ServerChannel("tcp://127.0.0.1:0")
         self.session = secrets.token_hex(4)
         self.state_keys = list(state_keys)
+        self.chunks = chunks
+        self.observations = 0
 
     def serve(self, process, seconds: float = 120) -> int:
         """Until ``process`` (the robot) ends; returns the chunks sent."""
@@ -271,17 +285,9 @@ class FakeServer:
                 self.channel.send(Message("spec", spec, limits))
             elif message.type == "observation":
                 tick, episode = message.meta["tick"], message.meta["episode"]
-                for start, episode_of, actions in (  # all but the third fail at once
-                    (tick, episode, np.zeros((8, 3), np.float32)),  # 3 wide, the robot has 4
-                    (tick + 10_000, episode, np.zeros((8, 4), np.float32)),  # far future
-                    (
-                        max(0, tick - 20),
-                        episode,
-                        np.zeros((8, 4), np.float32),
-                    ),  # over once tick > 7
-                    (tick, episode, np.full((8, 4), 5.0, np.float32)),  # beyond the limits
-                    (tick, episode + 7, np.zeros((8, 4), np.float32)),  # another episode
-                ):
+                chunks = self.chunks(tick, episode, self.observations)
+                self.observations += 1
+                for start, episode_of, actions in chunks:
                     meta = {"start_tick": start, "obs_time": message.meta["time"]}
                     meta.update(context_tick=tick, episode=episode_of)
                     sent += self.channel.send(Message("actions", meta, {"actions": actions}))
@@ -308,6 +314,31 @@ def test_the_controller_holds_on_chunks_that_do_not_fit_its_robot(tmp_path):
         "beyond the action limits",
         "other episode",
     }
+
+
+@pytest.mark.slow
+def test_the_controller_measures_how_far_actions_jump_when_a_new_chunk_takes_over(tmp_path):
+    def alternating(tick, episode, observations):  # every 6th observation: 0s, then 0.5s
+        if observations % 6:
+            return []
+        value = 0.5 * (observations // 6 % 2)
+        return [(tick + 1, episode, np.full((12, 4), value, np.float32))]
+
+    fake = FakeServer(chunks=alternating)
+    try:
+        out = tmp_path / "robot"
+        process = robot(fake.channel.address, out, "--episodes", "1", "--max-steps", "120")
+        fake.serve(process)
+    finally:
+        fake.channel.close()
+    finished(process)
+    rows = ticks(out)
+    summary = json.loads((out / "summary.json").read_text())
+    switches = [r for r in rows if r["new_chunk"] == "True"]
+    assert len(switches) >= 5, "the chunks took over one after another"
+    # constant within a chunk, a step of 0.5 in each of 4 dimensions (L2 1.0) at a switch
+    assert summary["action_change_within_chunk"] == 0.0
+    assert 0.5 < summary["action_jump_at_switch"] <= 1.0 + 1e-6
 
 
 def wait_for_chunks(server: subprocess.Popen, deadline_s: float) -> None:

@@ -99,6 +99,10 @@ class TickRecord:
     chunk_latency_ms: float | None = None
     system1_hz: float | None = None
     system2_hz: float | None = None
+    # how far the executed action moved from the last tick's (L2; None after a hold), and
+    # whether it came from another chunk than the last tick's: a switch between chunks
+    action_change: float | None = None
+    new_chunk: bool = False
 
 
 @dataclass
@@ -115,6 +119,10 @@ class ControlSummary:
     latency_p99_ms: float = 0.0
     system1_hz: float = 0.0
     system2_hz: float = 0.0
+    # mean action_change on ticks that switch to a new chunk vs on the others: how smooth
+    # the switches are (real-time chunking's aim) against the motion within a chunk
+    action_jump_at_switch: float = 0.0
+    action_change_within_chunk: float = 0.0
     rejected_messages: int = 0
     chunks_received: int = 0
     refused_chunks: dict[str, int] = field(default_factory=dict)
@@ -275,6 +283,7 @@ class Controller:
         self.channel.send(Message("reset", {"episode": episode}))
         last_chunk_at = -np.inf
         s1 = s2 = None
+        previous_action, previous_source = None, None
         start = time.monotonic()
         first_tick = self.tick
         for n in range(max_ticks):
@@ -300,10 +309,15 @@ class Controller:
                 executed = "nan"
             else:
                 executed = "action"
+            change, source = None, self.schedule.newest_start(self.tick)
             if executed == "action":
                 self.robot.send_action(action)
+                if previous_action is not None:
+                    change = float(np.linalg.norm(action - previous_action))
+                previous_action = action
             else:
                 self.robot.hold()
+                previous_action = None
             self._send_observation(episode, began)
             finished = time.monotonic()
             if finished > deadline + self.period:
@@ -318,8 +332,11 @@ class Controller:
                     latency,
                     s1,
                     s2,
+                    change,
+                    change is not None and source != previous_source,
                 )
             )
+            previous_source = source
             self.tick += 1
             if progress is not None:
                 progress.update(1)
@@ -374,6 +391,9 @@ class Controller:
         jitter = np.array([r.jitter_ms for r in records])
         latencies = [r.chunk_latency_ms for r in records if r.chunk_latency_ms is not None]
         duration = len(records) * self.period
+        moved = [r for r in records if r.action_change is not None]
+        switches = [r.action_change for r in moved if r.new_chunk]
+        within = [r.action_change for r in moved if not r.new_chunk]
         return ControlSummary(
             ticks=len(records),
             control_hz=len(records) / duration if duration else 0.0,
@@ -387,6 +407,8 @@ class Controller:
             latency_p99_ms=float(np.percentile(latencies, 99)) if latencies else 0.0,
             system1_hz=float(next((r.system1_hz for r in reversed(records) if r.system1_hz), 0)),
             system2_hz=float(next((r.system2_hz for r in reversed(records) if r.system2_hz), 0)),
+            action_jump_at_switch=float(np.mean(switches)) if switches else 0.0,
+            action_change_within_chunk=float(np.mean(within)) if within else 0.0,
             rejected_messages=self.channel.rejected_total,
             chunks_received=self.chunks_received,
             refused_chunks=dict(self.refused),

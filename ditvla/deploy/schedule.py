@@ -63,6 +63,12 @@ class ActionSchedule:
         """The last tick any chunk covers (None when empty)."""
         return max((c.end_tick - 1 for c in self._chunks), default=None)
 
+    def newest_start(self, tick: int) -> int | None:
+        """The start tick of the newest chunk covering ``tick`` (the one ``latest`` runs),
+        or None: a change of it between two ticks is a switch to a new chunk."""
+        covering = [c.start_tick for c in self._chunks if c.start_tick <= tick < c.end_tick]
+        return covering[-1] if covering else None
+
     def action_at(self, tick: int) -> np.ndarray | None:
         """The action due at ``tick``, or None when no chunk covers it (the robot holds)."""
         covering = [c for c in self._chunks if c.start_tick <= tick < c.end_tick]
