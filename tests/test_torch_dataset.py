@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
-from ditvla.policies.normalizer import Normalizer
+from ditvla.policies.normalizer import Normalizer, narrow_features
 
 
 def test_sample_content_matches_the_store(small_store):
@@ -130,6 +130,19 @@ def compute_stats_of(values: np.ndarray) -> dict:
     from ditvla.datasets.statistics import _array_stats
 
     return _array_stats(values)
+
+
+def test_a_barely_varying_state_dimension_is_named_before_mean_std_magnifies_it():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.0, 0.3, size=(500, 4)).astype(np.float32)
+    values[:, 1] = 1.0 + rng.normal(0.0, 8e-4, 500)  # a gripper the demonstrations never use
+    values[:, 3] = 0.5  # constant: passes through centred, nothing to magnify
+    stats = {"state": compute_stats_of(values)}
+    assert narrow_features(stats, "state") == [1]
+    # why it matters: the policy opening that gripper by 0.1 is a huge input under mean_std
+    moved = torch.tensor([[0.0, 1.1, 0.0, 0.5]])
+    assert Normalizer(stats, {"state": "mean_std"}).normalize("state", moved)[0, 1] > 100
+    assert Normalizer(stats, {"state": "quantile"}).normalize("state", moved)[0, 1] == 1.5
 
 
 def test_normalizer_names_missing_stats():

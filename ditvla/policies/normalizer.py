@@ -16,6 +16,20 @@ from torch import nn
 from ditvla.contract import STAT_NAMES
 
 NormMode = Literal["mean_std", "min_max", "quantile", "identity"]
+# mean_std: a feature that varies less than this in the data (its std, in its own units)
+# comes in magnified: a move of 0.1 the data never showed is more than 10 std
+NARROW_STD = 1e-2
+
+
+def narrow_features(stats: Mapping[str, Mapping[str, Sequence[float]]], key: str) -> list[int]:
+    """The dimensions of ``key`` that vary in the data, but with a std under NARROW_STD.
+
+    Under ``mean_std`` they are the trap of a near-constant reading (a gripper's opening in
+    demonstrations that never use the gripper): at run time the policy's own actions move
+    it, and its normalized value leaves anything seen in training by hundreds of std.
+    ``quantile`` clips inputs to the data's range instead."""
+    std = stats[key]["std"]
+    return [i for i, s in enumerate(std) if 1e-6 <= s < NARROW_STD]
 
 
 class Normalizer(nn.Module):

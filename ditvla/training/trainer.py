@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_mot
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.policies.normalizer import NARROW_STD, narrow_features
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
@@ -249,6 +251,19 @@ def _attach_motion_targets(dataset, policy_config, main_process: bool, distribut
     foresight.scale = scale
 
 
+def _warn_narrow_state(stats, state_keys: list[str]) -> None:
+    """Say which state dimensions mean_std will magnify (see :func:`narrow_features`)."""
+    narrow = narrow_features(stats, "state")
+    if narrow:
+        warnings.warn(
+            f"state ({' + '.join(state_keys)}) dimensions {narrow} vary with a std under "
+            f"{NARROW_STD} in this store; mean_std normalization magnifies any move of theirs "
+            "beyond that (0.1 off is more than 10 std), which a policy's own actions can "
+            "cause; --policy.state-norm quantile clips inputs to the data's range",
+            stacklevel=2,
+        )
+
+
 def train(config: TrainConfig) -> Path:
     """Run training; returns the folder of the final policy (EMA weights when EMA is on)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -285,6 +300,8 @@ def train(config: TrainConfig) -> Path:
             config.dataset, cameras=config.cameras, state_keys=state_keys
         ).data_spec()
     policy_config = PolicyConfig.for_data(data, config.preset, **config.policy_overrides)
+    if main_process and policy_config.state_dim and policy_config.state_norm == "mean_std":
+        _warn_narrow_state(data.stats, policy_config.state_keys)
     dataset = ReplayBufferDataset(
         config.dataset,
         n_obs_steps=1,
