@@ -1,10 +1,11 @@
 """Fewer, cheaper denoising steps: every sampler arm of a trained policy, side by side.
 
 Arms: the policy's own step count (the reference, plain sampling), plain Euler/DDIM at
-fewer steps, TaylorSeer forecasting (a fixed plan of full and forecast steps) and its
-confidence-gated variant, at the reference's step count; with ``--student`` a few-step
-student of the policy (``ditvla distill``) and that student quantized (w8a8, the whole
-head and the language MLPs, calibrated on the store's frames). For each arm: ``act``
+fewer steps, the policy quantized at 1 step (w8a8, the whole head and the language MLPs,
+calibrated on 32 of the store's frames), TaylorSeer forecasting (a fixed plan of full and
+forecast steps) and its confidence-gated variant, at the reference's step count; with
+``--student`` a few-step student of the policy (``ditvla distill``) and that student
+quantized the same way. For each arm: ``act``
 latency at batch 1 (all arms timed in turn, medians), the relative action error against
 the reference on held-out frames of a store with the same initial noise, and, with
 ``--env``, success over the same episodes and noise (the evaluator's seeds 100000 up).
@@ -42,7 +43,7 @@ from ditvla.policies.quantization import QuantizationConfig, quantize_policy
 from ditvla.policies.timing import paired_median_ms
 
 OFF = ForecastConfig()
-STUDENT_INT8 = "language_mlp,head_mlp,head_attention,head_modulation"
+INT8_LAYOUT = "language_mlp,head_mlp,head_attention,head_modulation"
 SMOLVLA_STEPS = (10, 4, 2, 1)  # the first is its reference (SmolVLA's default)
 
 
@@ -51,15 +52,16 @@ class Arm:
     policy: torch.nn.Module
     steps: int
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
-    kind: str = "plain"  # plain, forecast, student
+    kind: str = "plain"  # plain, forecast, student, quantized
 
 
-def arms(policy, student=None, student_int8=None) -> dict[str, Arm]:
+def arms(policy, policy_int8, student=None, student_int8=None) -> dict[str, Arm]:
     reference = policy.config.num_inference_steps
     out = {f"reference ({reference} steps)": Arm(policy, reference)}
     for steps in (4, 2, 1):
         if steps < reference:
             out[f"plain {steps} steps"] = Arm(policy, steps)
+    out["plain int8 (1 step)"] = Arm(policy_int8, 1, kind="quantized")
     for interval in (2, 3):
         out[f"taylor every {interval} ({reference} steps)"] = Arm(
             policy, reference, ForecastConfig("taylor", interval=interval), "forecast"
@@ -70,7 +72,7 @@ def arms(policy, student=None, student_int8=None) -> dict[str, Arm]:
     if student is not None:
         steps = student.config.num_inference_steps
         out[f"student ({steps} steps)"] = Arm(student, steps, kind="student")
-        out[f"student int8 ({steps} steps)"] = Arm(student_int8, steps, kind="student")
+        out[f"student int8 ({steps} steps)"] = Arm(student_int8, steps, kind="quantized")
     return out
 
 
@@ -201,14 +203,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     policy = load_policy(args.policy)
+    int8 = QuantizationConfig.from_layout(INT8_LAYOUT)
+    calibration = observations_from_store(args.dataset, policy.spec, 32)
+    policy_int8 = quantize_policy(policy, int8, calibration).model.eval()
     student = student_int8 = None
     if args.student:
         student = load_policy(args.student)
-        calibration = observations_from_store(args.dataset, student.spec, 32)
-        student_int8 = quantize_policy(
-            student, QuantizationConfig.from_layout(STUDENT_INT8), calibration
-        ).model.eval()
-    plans = arms(policy, student, student_int8)
+        student_int8 = quantize_policy(student, int8, calibration).model.eval()
+    plans = arms(policy, policy_int8, student, student_int8)
     held_out = observations_from_store(args.dataset, policy.spec, args.frames, held_out=True)
     one = {
         "images": {c: v[:1] for c, v in held_out[0]["images"].items()},

@@ -123,9 +123,12 @@ def smolvla_model(folder: Path):
 
 def smolvla_chunk(model, context: int, steps: int, step_fn=None):
     """One chunk of SmolVLA's expert over a prefix cache computed beforehand; ``step_fn``
-    replaces ``model.denoise_step`` (compiled)."""
+    replaces ``model.denoise_step`` (compiled). LeRobot's own Euler loop runs the steps."""
+    from lerobot.policies.common.flow_matching import euler_integrate
     from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
+    from lerobot_peers import legacy_cache_crop
 
+    legacy_cache_crop()  # lerobot 0.6.1's cache.crop(prefix_len) on today's transformers
     step_fn = step_fn or model.denoise_step
     prefix = torch.randn(1, context, VLM_WIDTH)
     pad = torch.ones(1, context, dtype=torch.bool)
@@ -138,27 +141,15 @@ def smolvla_chunk(model, context: int, steps: int, step_fn=None):
             inputs_embeds=[prefix, None],
             use_cache=True,
         )
-
-    # lerobot 0.6.1 calls cache.crop(prefix_len) to keep each layer's first prefix_len
-    # tokens, the meaning crop had in the transformers 5.4-5.5 its SmolVLA extra pins; 5.24
-    # only takes a negative count of tokens to drop. Translate per layer (the expert's
-    # self-attention layers hold prefix + suffix, its cross-attention layers the prefix).
-    def keep_prefix(keep: int) -> None:
-        for layer in cache.layers:
-            if layer.is_initialized and layer.keys.shape[-2] > keep:
-                layer.crop(keep - layer.keys.shape[-2])
-
-    cache.crop = keep_prefix
     noise = torch.randn(1, HORIZON, ACTION_DIM)
-    dt = -1.0 / steps
 
     @torch.inference_mode()
     def run():
-        x = noise
-        for i in range(steps):
-            t = torch.tensor([1.0 + i * dt])
-            x = x + dt * step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t)
-        return x
+        return euler_integrate(
+            lambda x, t: step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t),
+            noise,
+            steps,
+        )
 
     return run
 

@@ -214,6 +214,9 @@ def train_for(
     clip = getattr(config, "optimizer_grad_clip_norm", 10.0)
     policy.train()
     start, steps, losses, scheduler = time.perf_counter(), 0, [], None
+    preset = config.get_scheduler_preset()  # LeRobot fits its schedule to the total steps
+    if preset is not None and max_steps is not None:
+        scheduler = preset.build(optimizer, max_steps)
     progress = tqdm(total=max_steps, desc=name, unit="step", mininterval=10)
     while time.perf_counter() - start < budget_s if max_steps is None else steps < max_steps:
         loss, _ = policy.forward(preprocessor(next(batches)))
@@ -225,12 +228,9 @@ def train_for(
         losses.append(loss.item())
         progress.update()
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if steps == 5:
-            per_step = (time.perf_counter() - start) / steps
-            total = max_steps or max(10, int(budget_s / per_step))
-            preset = config.get_scheduler_preset()  # LeRobot fits its schedule to `total`
-            if preset is not None:
-                scheduler = preset.build(optimizer, total)
+        if steps == 5 and preset is not None and max_steps is None:  # a time budget:
+            per_step = (time.perf_counter() - start) / steps  # its steps, estimated
+            scheduler = preset.build(optimizer, max(10, int(budget_s / per_step)))
         if scheduler is not None:
             scheduler.step()
     seconds = time.perf_counter() - start

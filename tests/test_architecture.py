@@ -49,8 +49,12 @@ def test_the_lerobot_plugin_adapts_and_ditvla_never_imports_lerobot_policies():
         assert not any(n.startswith("lerobot_policy_ditvla") for n in names), name
         if name.startswith("policies"):
             assert not any(n.split(".")[0] == "lerobot" for n in names), name
-    allowed = {"ditvla.contract", "ditvla.policies.policy", "ditvla.training.trainer",
-               "ditvla.training.sharding"}
+    allowed = {
+        "ditvla.contract",
+        "ditvla.policies.policy",
+        "ditvla.training.trainer",
+        "ditvla.training.sharding",
+    }
     for name, names in all_imports(PLUGIN).items():
         assert {n for n in names if n.startswith("ditvla")} <= allowed, name
     modules = [
