@@ -13,8 +13,11 @@ from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import CheckpointError, DiTVLAPolicy, PolicyConfig, PolicyInputError
 
 
-def write_reaching_store(path, episodes: int = 3, length: int = 12, size: int = 32) -> None:
-    """A small real store whose actions depend on the image, the state and the task."""
+def write_reaching_store(
+    path, episodes: int = 3, length: int = 12, size: int = 32, still_gripper: float | None = None
+) -> None:
+    """A small real store whose actions depend on the image, the state and the task (and,
+    with ``still_gripper``, a third action dimension that keeps that value throughout)."""
     buffer = ReplayBuffer.create(path, fps=10, cameras=["cam"])
     rng = np.random.default_rng(0)
     for e in range(episodes):
@@ -24,6 +27,8 @@ def write_reaching_store(path, episodes: int = 3, length: int = 12, size: int = 
         x = int((target[0] + 1) / 2 * (size - 4))
         image[:, :, x : x + 4] = 255
         action = np.tile(target, (length, 1)) - state[:, :2]
+        if still_gripper is not None:
+            action = np.c_[action, np.full(length, still_gripper)]
         buffer.append_episode(
             {"cam": image, "state": state, "action": action},
             task=f"t{e}",
@@ -183,6 +188,24 @@ def test_save_then_load_gives_the_same_chunk(store, tmp_path):
     after = loaded.act(loaded.encode(obs), obs["state"], noise=noise)
     torch.testing.assert_close(before, after, rtol=0, atol=0)
     torch.testing.assert_close(loaded.normalizer.action__center, policy.normalizer.action__center)
+
+
+def test_an_action_the_demonstrations_never_moved_comes_out_at_its_value(tmp_path):
+    """A gripper left at 0.3 throughout: the model's error on it must not reach the robot
+    (no normalizer can scale a zero spread, and a controller refuses chunks beyond the
+    training range)."""
+    write_reaching_store(tmp_path / "still.zarr", still_gripper=0.3)
+    policy, dataset = make_policy(tmp_path / "still.zarr")
+    as_if_trained(policy.head)
+    obs = observation(dataset, 5)
+    chunk = policy.act(policy.encode(obs), obs["state"], num_steps=1)[0]
+    raw = policy.normalizer.unnormalize("action", policy.denoise(policy.encode(obs), obs["state"]))
+    assert not torch.allclose(raw[0, :, 2], torch.tensor(0.3))  # what would have come out
+    assert torch.equal(chunk[:, 2], torch.full((8,), 0.3))
+    assert chunk[:, :2].std() > 0  # the dimensions that moved are the model's
+    policy.save_pretrained(tmp_path / "policy")
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    assert torch.equal(loaded.act(loaded.encode(obs), obs["state"])[0, :, 2], chunk[:, 2])
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from torch import nn
 from ditvla.contract import STAT_NAMES
 
 NormMode = Literal["mean_std", "min_max", "quantile", "identity"]
+CONSTANT_SPREAD = 1e-6  # a feature whose spread (std, range) is under this is constant
 # mean_std: a feature that varies less than this in the data (its std, in its own units)
 # comes in magnified: a move of 0.1 the data never showed is more than 10 std
 NARROW_STD = 1e-2
@@ -29,7 +30,7 @@ def narrow_features(stats: Mapping[str, Mapping[str, Sequence[float]]], key: str
     it, and its normalized value leaves anything seen in training by hundreds of std.
     ``quantile`` clips inputs to the data's range instead."""
     std = stats[key]["std"]
-    return [i for i, s in enumerate(std) if 1e-6 <= s < NARROW_STD]
+    return [i for i, s in enumerate(std) if CONSTANT_SPREAD <= s < NARROW_STD]
 
 
 class Normalizer(nn.Module):
@@ -60,7 +61,7 @@ class Normalizer(nn.Module):
                 center, scale = (s["q99"] + s["q01"]) / 2, (s["q99"] - s["q01"]) / 2
             else:
                 raise ValueError(f"unknown normalization mode {mode!r} for {key!r}")
-            scale = torch.where(scale < 1e-6, torch.ones_like(scale), scale)
+            scale = torch.where(scale < CONSTANT_SPREAD, torch.ones_like(scale), scale)
             self.register_buffer(self._name(key, "center"), center)
             self.register_buffer(self._name(key, "scale"), scale)
 

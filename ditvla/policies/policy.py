@@ -46,7 +46,7 @@ from ditvla.policies.foresight_head import (
     MotionForesightHead,
 )
 from ditvla.policies.noise_schedules import Objective, make_schedule
-from ditvla.policies.normalizer import Normalizer, NormMode
+from ditvla.policies.normalizer import CONSTANT_SPREAD, Normalizer, NormMode
 from ditvla.policies.pooling import masked_mean
 
 # tiny presets of the other VLM families: preset name -> family
@@ -270,6 +270,16 @@ class DiTVLAPolicy(nn.Module):
         if config.state_dim:
             modes["state"] = config.state_norm
         self.normalizer = Normalizer(stats, modes)
+        # an action dimension the demonstrations never moved (a gripper left alone) comes
+        # out at its one value: no normalizer can scale a zero spread, so the model's error
+        # on it would pass through unscaled (and beyond the limits a controller enforces)
+        fixed = torch.zeros(config.action_dim, dtype=torch.bool)
+        values = torch.zeros(config.action_dim)
+        if config.action_range:
+            low, high = (torch.tensor(v, dtype=torch.float32) for v in config.action_range)
+            fixed, values = high - low < CONSTANT_SPREAD, low
+        self.register_buffer("fixed_actions", fixed, persistent=False)
+        self.register_buffer("fixed_action_values", values, persistent=False)
         # trained jointly, never run by encode / act / select_action
         self.foresight: MotionForesightHead | LatentForesightHead | None = None
         if config.foresight.kind == "motion":
@@ -364,8 +374,10 @@ class DiTVLAPolicy(nn.Module):
     @torch.no_grad()
     def act(self, context: Context, state: Any = None, **options: Any) -> torch.Tensor:
         """The fast half: denoise an action chunk (B, H, A), in the robot's units:
-        :meth:`denoise` (whose keyword options it takes), unnormalized, without gradients."""
-        return self.normalizer.unnormalize("action", self.denoise(context, state, **options))
+        :meth:`denoise` (whose keyword options it takes), unnormalized, without gradients.
+        Dimensions whose training actions were one value throughout are that value."""
+        actions = self.normalizer.unnormalize("action", self.denoise(context, state, **options))
+        return torch.where(self.fixed_actions, self.fixed_action_values, actions)
 
     def denoise(
         self,
