@@ -53,16 +53,19 @@ def run_arm(policy: Path, steps: int, merge: str, args, folder: Path) -> dict:
         stdout=subprocess.DEVNULL,
     )
     try:
-        subprocess.run(
+        robot = subprocess.run(
             [
                 *CLI,
                 *("robot", "--sim", args.sim, "--server", address, "--merge", merge),
                 *("--episodes", str(args.episodes), "--max-steps", str(args.max_steps)),
                 *("--hz", str(args.hz), "--out", str(folder / "robot")),
             ],
-            check=True,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        if robot.returncode:
+            raise RuntimeError(f"ditvla robot failed:\n{robot.stderr[-3000:]}")
     finally:
         server.terminate()
         server.wait()

@@ -160,7 +160,7 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
     return {
         "training": training,
         "expert_parameters": expert_params,
-        "head_parameters": sum(p.numel() for p in best.policy.head.parameters()),
+        "head_parameters": sum(p.numel() for p in policy.head.parameters()),  # float
         "success": success,
         "tasks": tasks,
         "fewest_steps": fewest,
