@@ -17,9 +17,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 from ditvla.config_options import add_config_options, field_docs, given_options
-from ditvla.contract import CheckpointError
+from ditvla.contract import CheckpointError, HeadDType
 from ditvla.datasets.errors import DatasetError
 from ditvla.deploy.errors import TransportError
 from ditvla.envs.errors import SimulatorUnavailable
@@ -83,7 +84,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ditvla.envs.registry import suite_of
 
     policy = policy_from_argument(
-        args.policy, action_dim=suite_of(args.env).action_dim, device=args.device
+        args.policy,
+        action_dim=suite_of(args.env).action_dim,
+        device=args.device,
+        head_dtype=args.head_dtype,
     )
     report = evaluate(policy, args.env, EvalConfig(**given_options(args, EvalConfig)))
     print(report.markdown())
@@ -407,6 +411,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--env", required=True, help=ENV_HELP)
     evaluation.add_argument("--device", default="cpu", help="where the policy runs")
+    evaluation.add_argument(
+        "--head-dtype",
+        default="float32",
+        choices=get_args(HeadDType),
+        help="what the action head computes in: bfloat16 is faster on GPUs and on CPUs with "
+        "AVX512-BF16 or AMX, slower on others (bench/head_acceleration.py measures it)",
+    )
     evaluation.add_argument("--out", default="outputs/eval", help="output folder")
     options(evaluation, "EvalConfig", exclude=("out", "progress"))
 

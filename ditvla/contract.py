@@ -30,7 +30,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class PolicyInputError(ValueError):
@@ -129,13 +129,22 @@ class DualSystemPolicy(ChunkPolicy, Protocol):
 
         ``options``: ``noise``, ``num_steps``, ``inpaint=(actions, weights)``."""
 
+    def set_head_dtype(self, name: HeadDType) -> None:
+        """Run ``act``'s denoising in this dtype from now on (inference only)."""
+
+
+# What a policy's action head can compute in at inference (--head-dtype of eval / serve).
+HeadDType = Literal["float32", "bfloat16"]
 
 # config.json "format" -> "module:class" of the policy that reads it.
 POLICY_FORMATS = {"ditvla.policy": "ditvla.policies.policy:DiTVLAPolicy"}
 
 
-def load_policy(folder: str | Path, device: str = "cpu") -> DualSystemPolicy:
-    """The policy saved in ``folder`` (its ``config.json`` names its format), in eval mode."""
+def load_policy(
+    folder: str | Path, device: str = "cpu", head_dtype: HeadDType = "float32"
+) -> DualSystemPolicy:
+    """The policy saved in ``folder`` (its ``config.json`` names its format), in eval mode,
+    its action head computing in ``head_dtype``."""
     folder = Path(folder)
     config = folder / "config.json"
     try:
@@ -157,4 +166,7 @@ def load_policy(folder: str | Path, device: str = "cpu") -> DualSystemPolicy:
         )
     module, _, name = POLICY_FORMATS[fmt].partition(":")
     policy_class = getattr(importlib.import_module(module), name)
-    return policy_class.from_pretrained(folder, map_location=device).eval()
+    policy = policy_class.from_pretrained(folder, map_location=device).eval()
+    if head_dtype != "float32":
+        policy.set_head_dtype(head_dtype)
+    return policy

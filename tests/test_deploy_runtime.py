@@ -93,7 +93,7 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         [
             *CLI,
             *("serve", "--policy", str(policy_dir), "--address", address, "--merge", "rtc"),
-            *("--stats-json", str(server_stats)),
+            *("--head-dtype", "bfloat16", "--stats-json", str(server_stats)),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -508,3 +508,39 @@ def test_forecasting_options_a_policy_cannot_use_are_refused(store):
         policy.act(
             policy.encode(obs), obs["state"], num_steps=2, forecast=ForecastConfig(mode="taylor")
         )
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
+def test_a_bfloat16_head_samples_close_to_float32_and_saves_float32(store, tmp_path, conditioning):
+    from safetensors.torch import load_file
+
+    from ditvla.contract import load_policy
+    from ditvla.policies.forecasting import ForecastConfig
+
+    policy, dataset = make_policy(store, head={"conditioning": conditioning})
+    as_if_trained(policy.head)
+    policy.save_pretrained(tmp_path / "policy")
+    half = load_policy(tmp_path / "policy", head_dtype="bfloat16")
+    assert {p.dtype for p in half.head.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.backbone.parameters()} == {torch.float32}
+    obs = observation(dataset, 4)
+    noise = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(0))
+    options = [
+        dict(num_steps=10),
+        dict(num_steps=1),
+        dict(num_steps=10, forecast=ForecastConfig(mode="taylor", interval=2)),
+        dict(num_steps=2, inpaint=(np.full((8, 2), 0.3, np.float32), np.linspace(1, 0, 8))),
+    ]
+    for option in options:
+        full = policy.act(policy.encode(obs), obs["state"], noise=noise, **option)
+        fast = half.act(half.encode(obs), obs["state"], noise=noise, **option)
+        assert fast.dtype == torch.float32
+        error = float((fast - full).norm() / full.norm())
+        assert error < 0.03, (option, error)  # bfloat16 keeps 8 bits of mantissa
+        assert float((fast - full).abs().max()) > 0  # it did compute in bfloat16
+
+    half.save_pretrained(tmp_path / "saved")
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    assert {v.dtype for k, v in saved.items() if k.startswith("head.")} == {torch.float32}
+    with pytest.raises(PolicyInputError, match="'float16' is not one of float32, bfloat16"):
+        policy.set_head_dtype("float16")

@@ -13,7 +13,7 @@ import torch
 from test_policy import make_policy, write_reaching_store
 from torch import nn
 
-from ditvla.contract import CheckpointError
+from ditvla.contract import CheckpointError, PolicyInputError
 from ditvla.datasets.observations import observations_from_store
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
@@ -242,3 +242,13 @@ def test_cli_quantize_writes_a_policy_and_a_report(store, policy, tmp_path):
     done = run_quantize(tmp_path / "float", other, tmp_path / "q2")
     assert done.returncode == 2 and "lacks camera(s) cam" in done.stderr
     assert not (tmp_path / "q2").exists()
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "torchao"])
+def test_a_quantized_head_refuses_bfloat16_by_name(policy, calibration, backend):
+    if backend == "torchao" and "w8a8" not in supported_schemes():
+        pytest.skip("torchao's w8a8 does not run on this machine")
+    result = quantize_policy(policy, QuantizationConfig("w8a8", backend), calibration)
+    with pytest.raises(PolicyInputError, match=r"head dtype 'bfloat16'.*quantized.*int8"):
+        result.model.set_head_dtype("bfloat16")
+    result.model.set_head_dtype("float32")  # what it already is: nothing to refuse

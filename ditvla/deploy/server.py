@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditvla.contract import load_policy
+from ditvla.contract import HeadDType, load_policy
 from ditvla.deploy.keys import ServerKeys
 from ditvla.deploy.messages import Message
 from ditvla.deploy.schedule import (
@@ -67,6 +67,8 @@ class ServeConfig:
         max_context_age_s: no new chunks from a context older than this (the robot holds).
         action_low / action_high: clip every action to these bounds.
         num_inference_steps: denoising steps per chunk (default: the policy's own).
+        head_dtype: what System 1's action head computes in: float32, or bfloat16 (faster
+            on GPUs and on CPUs with AVX512-BF16 or AMX, slower on others; measure it).
     """
 
     policy: str
@@ -81,6 +83,7 @@ class ServeConfig:
     action_low: float | None = None
     action_high: float | None = None
     num_inference_steps: int | None = None
+    head_dtype: HeadDType = "float32"
 
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
@@ -223,7 +226,7 @@ class PolicyServer:
         self.config = config
         os.nice(SYSTEM1_NICE)
         torch.set_num_threads(config.system1_threads)
-        self.policy = load_policy(config.policy)
+        self.policy = load_policy(config.policy, head_dtype=config.head_dtype)
         self.spec = self.policy.spec
         self.stats = ServerStats()
         self.channel = ServerChannel(config.address, keys=config.keys)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditvla.contract import ChunkPolicy, PolicySpec, load_policy
+from ditvla.contract import ChunkPolicy, HeadDType, PolicySpec, load_policy
 
 
 class RandomPolicy:
@@ -51,10 +51,12 @@ class ExpertPolicy:
         return torch.from_numpy(np.asarray(observation["expert_action"], np.float32)[:, None])
 
 
-def policy_from_argument(name: str, *, action_dim: int, device: str = "cpu") -> ChunkPolicy:
+def policy_from_argument(
+    name: str, *, action_dim: int, device: str = "cpu", head_dtype: HeadDType = "float32"
+) -> ChunkPolicy:
     """``random``, ``expert``, or a saved policy folder (``--policy`` of ``ditvla eval``)."""
-    if name == "random":
-        return RandomPolicy(action_dim)
-    if name == "expert":
-        return ExpertPolicy(action_dim)
-    return load_policy(name, device=device)
+    if name in ("random", "expert"):
+        if head_dtype != "float32":
+            raise ValueError(f"the {name} baseline has no action head to run in {head_dtype}")
+        return RandomPolicy(action_dim) if name == "random" else ExpertPolicy(action_dim)
+    return load_policy(name, device=device, head_dtype=head_dtype)

@@ -9,6 +9,11 @@ Two ways to condition, chosen in :class:`ActionHeadConfig`:
   plain transformer blocks. The context is a prefix that attends only to itself, so its
   keys and values in every layer do not depend on the noisy actions.
 
+The head computes in the dtype of its weights (:attr:`DiTActionHead.dtype`; float32 as
+trained, bfloat16 after ``head.to(torch.bfloat16)``): inputs are cast to it on the way in,
+and predictions come back in the noisy actions' dtype, so the sampler integrates in float32
+whatever the head runs in.
+
 Either way the context's keys and values are computed once per chunk by
 :meth:`DiTActionHead.prepare_context` and reused by every denoising step
 (openpi's prefix cache; :class:`ContextCache`). What the timestep and the state
@@ -285,6 +290,11 @@ class DiTActionHead(nn.Module):
         nn.init.zeros_(self.action_out.weight)
         nn.init.zeros_(self.action_out.bias)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the head computes in: that of its (float) weights."""
+        return self.position.dtype
+
     def prepare_context(
         self, context: torch.Tensor, mask: torch.Tensor, *, trim_padding: bool = False
     ) -> ContextCache:
@@ -302,7 +312,7 @@ class DiTActionHead(nn.Module):
                 context, mask = context[:, real], mask[:, real]
             if bool(mask.all()):
                 mask = None
-        h = self.context_proj(context)
+        h = self.context_proj(context.to(self.dtype))
         summary = None
         if self.context_film is not None:
             summary = self.context_film(masked_mean(h, mask))
@@ -326,7 +336,9 @@ class DiTActionHead(nn.Module):
         cond = self.time_embed(time)
         if context_summary is not None:
             cond = cond + context_summary
-        state_token = self.state_proj(state) if self.state_proj is not None else None
+        state_token = None
+        if self.state_proj is not None:
+            state_token = self.state_proj(state.to(self.dtype))
         if self.config.conditioning == "cross_attention":
             # The state modulates every block with the time, and is also a token beside
             # the actions (as in GR00T N1) that the self-attention blocks read directly.
@@ -369,10 +381,13 @@ class DiTActionHead(nn.Module):
         ``token_inputs`` (B, H, width), if given, is added to the embedded tokens (the
         foresight head's path from the current frame). ``forecaster`` (one per chunk, see
         :mod:`ditvla.policies.forecasting`) may forecast the blocks' output instead of
-        computing it."""
-        x = self.action_in(noisy_actions) + self.position[:, : noisy_actions.shape[1]]
+        computing it. The prediction comes back in ``noisy_actions``' dtype."""
+        x = (
+            self.action_in(noisy_actions.to(self.dtype))
+            + self.position[:, : noisy_actions.shape[1]]
+        )
         if token_inputs is not None:
-            x = x + token_inputs
+            x = x + token_inputs.to(self.dtype)
         n_extra = 0 if cond.tokens is None else cond.tokens.shape[1]
         if n_extra:
             x = torch.cat([cond.tokens, x], dim=1)
@@ -392,4 +407,5 @@ class DiTActionHead(nn.Module):
             x = forecaster.run(x, run_blocks)
         x = x[:, n_extra:]
         shift, scale = cond.final.chunk(2, dim=-1)
-        return self.action_out(modulate(self.final_norm(x), shift, scale))
+        out = self.action_out(modulate(self.final_norm(x), shift, scale))
+        return out.to(noisy_actions.dtype)

@@ -74,9 +74,13 @@ class TaylorSeries:
         self.order = order
         self.terms: list[torch.Tensor] = []
         self.time: float | None = None
+        self.dtype = torch.float32
 
     def update(self, value: torch.Tensor, time: float) -> None:
-        terms = [value]
+        # differences in float32 whatever the head computes in: a bfloat16 difference of
+        # two close features divided by a small dt would be mostly rounding
+        self.dtype = value.dtype
+        terms = [value.float()]
         if self.time is not None and time != self.time:
             dt = time - self.time
             for i in range(min(self.order, len(self.terms))):
@@ -88,7 +92,7 @@ class TaylorSeries:
         out = self.terms[0]
         for i, term in enumerate(self.terms[1:], start=1):
             out = out + term * (dt**i / math.factorial(i))
-        return out
+        return out.to(self.dtype)
 
 
 RunBlocks = Callable[[torch.Tensor, int, int], torch.Tensor]

@@ -22,7 +22,7 @@ import shutil
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ditvla.contract import (
     STAT_NAMES,
     CheckpointError,
     DataSpec,
+    HeadDType,
     PolicyInputError,
     PolicySpec,
     Stats,
@@ -58,6 +59,8 @@ POLICY_FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The torch dtype of each name an action head can compute in (``set_head_dtype``).
+HEAD_DTYPES = {name: getattr(torch, name) for name in get_args(HeadDType)}
 VLM_FOLDER = "vlm"
 
 
@@ -321,6 +324,26 @@ class DiTVLAPolicy(nn.Module):
             action_low=tuple(c.action_range[0]) if c.action_range else None,
             action_high=tuple(c.action_range[1]) if c.action_range else None,
         )
+
+    def set_head_dtype(self, name: HeadDType) -> None:
+        """Run the action head (``act``'s every denoising step) in ``name``, one of
+        :data:`HEAD_DTYPES`, for inference. bfloat16 halves the weights a step reads: on
+        CPUs with AVX512-BF16 or AMX, and on GPUs, ``act`` gets faster (measure it:
+        ``bench/head_acceleration.py``); on CPUs without them it gets slower. The sampler
+        still integrates in float32, the normalizer and the backbone are untouched, and
+        ``save_pretrained`` writes float32."""
+        if name not in HEAD_DTYPES:
+            raise PolicyInputError(f"head dtype {name!r} is not one of {', '.join(HEAD_DTYPES)}")
+        from ditvla.policies.quantization import integer_layers
+
+        integer = integer_layers(self.head)
+        if integer and name != "float32":
+            raise PolicyInputError(
+                f"head dtype {name!r}: this policy's head is quantized ({len(integer)} int8 "
+                f"layers, e.g. {integer[0]}); use the float policy with --head-dtype {name}, "
+                "or the quantized one as it is"
+            )
+        self.head.to(HEAD_DTYPES[name])
 
     # ------------------------------------------------------------------ two halves
     def _as_batch(
@@ -621,7 +644,11 @@ class DiTVLAPolicy(nn.Module):
         config = self.config.to_dict()
         if state is None:
             state = self.state_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        # float32 on disk whatever the head runs in (set_head_dtype)
+        state = {
+            k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in state.items()
+        }
         if drop_foresight:
             config["foresight"]["kind"] = "off"
             state = {k: v for k, v in state.items() if not k.startswith("foresight.")}

@@ -234,6 +234,17 @@ class FbgemmInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def integer_layers(model: nn.Module) -> list[str]:
+    """Names of the layers in ``model`` that a quantization made integer (FBGEMM's int8
+    layers, or linear layers holding torchao's quantized weights)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, FbgemmInt8Linear)
+        or (isinstance(module, nn.Linear) and type(module.weight.data) is not torch.Tensor)
+    ]
+
+
 def _quantize(model: nn.Module, config: QuantizationConfig, keep: Callable) -> None:
     if config.backend == "fbgemm":
         device = next(model.parameters()).device
