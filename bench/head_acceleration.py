@@ -2,7 +2,7 @@
 
 Arms: the policy's own step count (the reference, plain sampling), plain Euler/DDIM at
 fewer steps, the policy quantized at 1 step (w8a8, the whole head and the language MLPs,
-calibrated on 32 of the store's frames), TaylorSeer forecasting (a fixed plan of full and
+calibrated on 32 of the store's frames), its head in bfloat16 at 1 step, TaylorSeer forecasting (a fixed plan of full and
 forecast steps) and its confidence-gated variant, at the reference's step count; with
 ``--student`` a few-step student of the policy (``ditvla distill``) and that student
 quantized the same way. For each arm: ``act``
@@ -20,7 +20,7 @@ seconds or ``--smolvla-steps`` steps (saved under OUT/smolvla; ``--smolvla OUT/s
 reuses it), evaluated on the same episodes at 10, 4,
 2 and 1 Euler steps; its expert's steps over a precomputed prefix cache (the part our
 ``act`` matches) are timed in turn with our fastest arm, eager and with both denoising
-steps compiled (torch.compile, frozen weights).
+steps compiled (torch.compile, frozen weights), and eager with its expert in bfloat16.
 
 Last line: ``fastest within 2 points: <arm> act <x>x vs the reference (success <a>% ->
 <b>%; plain euler at that speed <c>%), <y>x vs smolvla expert at its fewest steps`` (with
@@ -55,13 +55,14 @@ class Arm:
     kind: str = "plain"  # plain, forecast, student, quantized
 
 
-def arms(policy, policy_int8, student=None, student_int8=None) -> dict[str, Arm]:
+def arms(policy, policy_int8, policy_bf16, student=None, student_int8=None) -> dict[str, Arm]:
     reference = policy.config.num_inference_steps
     out = {f"reference ({reference} steps)": Arm(policy, reference)}
     for steps in (4, 2, 1):
         if steps < reference:
             out[f"plain {steps} steps"] = Arm(policy, steps)
     out["plain int8 (1 step)"] = Arm(policy_int8, 1, kind="quantized")
+    out["plain bfloat16 (1 step)"] = Arm(policy_bf16, 1, kind="bfloat16")
     for interval in (2, 3):
         out[f"taylor every {interval} ({reference} steps)"] = Arm(
             policy, reference, ForecastConfig("taylor", interval=interval), "forecast"
@@ -146,7 +147,8 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
     fewest = min(s for s in SMOLVLA_STEPS if success[s] >= reference - 0.02)
     batch = pre(lerobot_batch(one["images"], one["state"], list(one["instruction"])))
     eager = [smolvla_expert_sampler(smolvla, batch, steps) for steps in SMOLVLA_STEPS]
-    ours_ms, *theirs_ms = paired_median_ms([best_act, *eager], args.repeats)
+    eager.append(smolvla_expert_sampler(smolvla, batch, fewest, dtype=torch.bfloat16))
+    ours_ms, *theirs_ms, theirs_bf16_ms = paired_median_ms([best_act, *eager], args.repeats)
     their_step = compiled(smolvla.model.denoise_step)
     best.policy.head.forward = compiled(best.policy.head.forward)
     try:  # the first calls compile (the untimed warm-up)
@@ -167,6 +169,8 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
         "expert_ms": dict(zip(SMOLVLA_STEPS, theirs_ms, strict=True)),
         "ours_ms": ours_ms,
         "speedup_eager": at_fewest / ours_ms,
+        "expert_bf16_ms": theirs_bf16_ms,  # its expert's weights in bfloat16, at fewest
+        "speedup_eager_vs_bf16": theirs_bf16_ms / ours_ms,
         "compiled_ms": {"ours": ours_compiled_ms, "theirs": theirs_compiled_ms},
         "speedup_compiled": theirs_compiled_ms / ours_compiled_ms,
     }
@@ -210,7 +214,8 @@ def main() -> None:
     if args.student:
         student = load_policy(args.student)
         student_int8 = quantize_policy(student, int8, calibration).model.eval()
-    plans = arms(policy, policy_int8, student, student_int8)
+    policy_bf16 = load_policy(args.policy, head_dtype="bfloat16")
+    plans = arms(policy, policy_int8, policy_bf16, student, student_int8)
     held_out = observations_from_store(args.dataset, policy.spec, args.frames, held_out=True)
     one = {
         "images": {c: v[:1] for c, v in held_out[0]["images"].items()},
@@ -301,7 +306,8 @@ def main() -> None:
                 f"{expert['speedup_eager']:.2f}x vs smolvla expert at its fewest steps "
                 f"({expert['fewest_steps']} steps, success {expert['success'][10]:.1%} -> "
                 f"{expert['success'][expert['fewest_steps']]:.1%}; compiled both: "
-                f"{expert['speedup_compiled']:.2f}x)"
+                f"{expert['speedup_compiled']:.2f}x; its expert in bfloat16 too: "
+                f"{expert['speedup_eager_vs_bf16']:.2f}x)"
             )
         print(
             f"fastest within 2 points: {best} act {keep[best]['speedup']:.2f}x vs the "

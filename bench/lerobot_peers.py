@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from pathlib import Path
@@ -272,18 +273,21 @@ def batches_for_lerobot(store: Path, spec, *, batch_size: int, seed: int = 0):
             yield batch
 
 
-def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None):
+def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None, dtype=None):
     """SmolVLA's expert alone on one preprocessed observation: its VLM prefix key/value
     cache is computed here, once; the returned function runs the ``steps`` Euler steps
     (``denoise_step``, or ``step_fn`` in its place: compiled) from a fixed noise, as
     ``sample_actions`` does after the prefix. Times the part of SmolVLA that our ``act``
-    matches (our ``encode`` is the prefix)."""
+    matches (our ``encode`` is the prefix).
+
+    ``dtype`` (bfloat16): the steps run on a copy of the model in that dtype, over the
+    cache cast to it; its output projection stays float32, as ``denoise_step`` casts the
+    expert's output to float32 before it (LeRobot runs the expert in float32)."""
     from lerobot.policies.common.flow_matching import euler_integrate
     from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
     model = policy.model
-    step_fn = step_fn or model.denoise_step
     with torch.inference_mode():
         images, image_masks = policy.prepare_images(batch)
         prefix, pad, att = model.embed_prefix(
@@ -303,6 +307,14 @@ def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None):
     noise = torch.randn(
         1, policy.config.chunk_size, policy.config.max_action_dim, generator=torch.Generator()
     )
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+        model.action_out_proj.float()
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+        noise = noise.to(dtype)
+
+    step_fn = step_fn or model.denoise_step
 
     @torch.inference_mode()
     def run():
