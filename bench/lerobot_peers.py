@@ -281,8 +281,9 @@ def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None, dtype=
     matches (our ``encode`` is the prefix).
 
     ``dtype`` (bfloat16): the steps run on a copy of the model in that dtype, over the
-    cache cast to it; its output projection stays float32, as ``denoise_step`` casts the
-    expert's output to float32 before it (LeRobot runs the expert in float32)."""
+    cache cast to it, each step's input cast to it (Euler integrates in float32); its
+    output projection stays float32, as ``denoise_step`` casts the expert's output to
+    float32 before it (LeRobot runs the expert in float32)."""
     from lerobot.policies.common.flow_matching import euler_integrate
     from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
@@ -319,7 +320,9 @@ def smolvla_expert_sampler(policy, batch: dict, steps: int, step_fn=None, dtype=
     @torch.inference_mode()
     def run():
         return euler_integrate(
-            lambda x, t: step_fn(prefix_pad_masks=pad, past_key_values=cache, x_t=x, timestep=t),
+            lambda x, t: step_fn(
+                prefix_pad_masks=pad, past_key_values=cache, x_t=x.to(noise.dtype), timestep=t
+            ),
             noise,
             steps,
         )

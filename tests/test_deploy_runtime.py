@@ -107,7 +107,12 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         rows = ticks(first)
         assert summary["ticks"] == len(rows) > 0 and summary["chunks"] > 0
         assert summary["rejected_messages"] == 0 and summary["missed_deadlines"] >= 0
-        assert sum(r["executed"] == "action" for r in rows) > len(rows) // 2
+        # from the first chunk on (when it comes depends on how fast System 2 warms up),
+        # the robot executes streamed actions on most ticks
+        start = next((i for i, r in enumerate(rows) if r["executed"] == "action"), None)
+        assert start is not None, "no streamed action was executed"
+        streamed = rows[start:]
+        assert sum(r["executed"] == "action" for r in streamed) > len(streamed) // 2
         assert summary["system1_hz"] > 0 and summary["system2_hz"] > 0
 
         # 2. System 2 killed: the server restarts it and chunks flow again
