@@ -177,17 +177,30 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate_steps(args: argparse.Namespace) -> int:
     from ditvla.contract import load_policy
-    from ditvla.training.step_calibration import calibrate_steps, write_steps
+    from ditvla.training.step_calibration import (
+        calibrate_steps,
+        calibrate_steps_by_success,
+        write_steps,
+    )
 
+    if (args.dataset is None) == (args.env is None):
+        raise ValueError("calibrate-steps needs one of --dataset (action error) or --env (success)")
     policy = load_policy(args.policy)
     if not hasattr(policy, "normalizer"):
         raise ValueError(f"{args.policy}: calibrate-steps needs a diffusion policy folder")
-    calibration = calibrate_steps(
-        policy, args.dataset, frames=args.frames, tolerance=args.tolerance
-    )
+    if args.env is not None:
+        calibration = calibrate_steps_by_success(
+            policy, args.env, points=args.points, episodes_per_task=args.episodes
+        )
+        within = f"{args.points:g} points of {calibration.reference_steps} steps' success"
+    else:
+        calibration = calibrate_steps(
+            policy, args.dataset, frames=args.frames, tolerance=args.tolerance
+        )
+        within = f"{args.tolerance:.0%}"
     print(calibration.markdown())
     if args.dry_run:
-        print(f"fewest steps within {args.tolerance:.0%}: {calibration.chosen_steps} (not written)")
+        print(f"fewest steps within {within}: {calibration.chosen_steps} (not written)")
     else:
         write_steps(args.policy, calibration)
         print(
@@ -497,17 +510,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         commands,
         "calibrate-steps",
         _cmd_calibrate_steps,
-        "the fewest denoising steps that keep a policy's action error",
-        "On held-out frames of a zarr store (its last 20% of episodes), sample each "
-        "step count up to the policy's own from the same noise, measure the error against "
-        "the demonstrated chunks, and write the fewest steps within --tolerance of the "
-        "policy's own error into the policy folder (eval and serve use it).",
+        "the fewest denoising steps that keep a policy's action error or success",
+        "With --dataset: on held-out frames of a zarr store (its last 20% of episodes), "
+        "sample each step count up to the policy's own from the same noise, measure the "
+        "error against the demonstrated chunks, and write the fewest steps within "
+        "--tolerance of the policy's own error into the policy folder (eval and serve use "
+        "it). With --env: evaluate the policy's own step count in the simulator, then each "
+        "fewer from 1 up over the same episodes and noise, and write the first within "
+        "--points of its success. Action error is the cheap proxy; success is what counts "
+        "(docs/benchmarks.md has a policy whose error was lowest at 1 step and whose "
+        "success fell 25 points there).",
     )
     calibrate.add_argument("--policy", required=True, help="a saved policy folder")
-    calibrate.add_argument("--dataset", required=True, help="a zarr store the policy fits")
+    calibrate.add_argument("--dataset", help="a zarr store the policy fits (action error)")
+    calibrate.add_argument("--env", help="evaluate success on these tasks instead: " + ENV_HELP)
     calibrate.add_argument("--frames", type=int, default=256, help="held-out frames")
     calibrate.add_argument(
         "--tolerance", type=float, default=0.05, help="relative action-error increase allowed"
+    )
+    calibrate.add_argument(
+        "--episodes", type=int, default=20, help="with --env: episodes per task and step count"
+    )
+    calibrate.add_argument(
+        "--points",
+        type=float,
+        default=2.0,
+        help="with --env: success percentage points allowed below the policy's own",
     )
     calibrate.add_argument(
         "--dry-run", action="store_true", help="measure and print; leave the policy as it is"

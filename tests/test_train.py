@@ -401,3 +401,37 @@ def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy
     with pytest.raises(DatasetError, match="lacks camera"):
         distill(teacher_folder, other, tmp_path / "x", DistillConfig(progress=False))
     assert not (tmp_path / "x").exists()
+
+
+def test_calibrate_steps_by_success_evaluates_the_reference_then_the_fewest_up(tmp_path):
+    from ditvla.cli import main
+    from ditvla.contract import load_policy
+    from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+    from ditvla.training.step_calibration import calibrate_steps_by_success, write_steps
+
+    config = PolicyConfig.preset(
+        "tiny", cameras=["corner"], image_size=32, state_dim=39, action_dim=4, horizon=8
+    )
+    config.num_inference_steps = 4
+    torch.manual_seed(0)
+    DiTVLAPolicy(config).save_pretrained(tmp_path / "policy")
+    policy = load_policy(tmp_path / "policy")
+    result = calibrate_steps_by_success(
+        policy, "metaworld:reach-v3", episodes_per_task=2, max_steps=16, progress=False
+    )
+    # an untrained head: no episode succeeds at any step count, so 1 step is within the
+    # reference's 2 points and the search stops there
+    assert list(result.success) == [4, 1] and result.chosen_steps == 1
+    assert result.success == {4: 0.0, 1: 0.0} and result.episodes_per_task == 2
+    assert result.observation["cameras"] == ["corner"]
+    assert list(result.intervals[1]) == ["reach-v3"]
+    assert policy.config.num_inference_steps == 4  # measured, not changed
+    write_steps(tmp_path / "policy", result)
+    assert load_policy(tmp_path / "policy").config.num_inference_steps == 1
+    record = json.loads((tmp_path / "policy" / "config.json").read_text())["step_calibration"]
+    assert record["success"] == {"4": 0.0, "1": 0.0} and record["env"] == "metaworld:reach-v3"
+
+    both = ["--dataset", "x.zarr", "--env", "metaworld:reach-v3"]
+    assert main(["calibrate-steps", "--policy", str(tmp_path / "policy"), *both]) == 2
+    with pytest.raises(ValueError, match="points must be >= 0"):
+        calibrate_steps_by_success(policy, "metaworld:reach-v3", points=-1)

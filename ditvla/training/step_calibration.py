@@ -7,11 +7,19 @@ padded steps left out). The reference is the policy's current step count; the fe
 steps whose error stays within ``tolerance`` (relative) of the reference's are written
 into the policy (``config.json``: ``num_inference_steps``, and the measurement under
 ``step_calibration``), which ``eval`` and ``serve`` then use.
+
+Action error on frames is a proxy. Closed loop, a policy whose one-step chunks are as
+close to the demonstrations as its ten-step ones can still fail more episodes (measured:
+docs/benchmarks.md, a reach-wall teacher at 95% with 10 steps and 70% with 1, whose
+held-out error was lowest at 1 step). :func:`calibrate_steps_by_success` measures what
+matters instead: success in a simulator over the same episodes and initial noise, the
+reference's step count first, then each candidate from the fewest up until one is within
+``points`` of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,8 @@ from ditvla.datasets.observations import observations_from_store
 from ditvla.policies.policy import edit_config_file
 
 CANDIDATE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
+# the measurements keyed by step count (JSON keys are strings)
+PER_STEP_FIELDS = ("errors", "deviation", "success", "intervals")
 
 
 @dataclass
@@ -106,12 +116,92 @@ def calibrate_steps(
     return StepCalibration(errors, deviation, reference, chosen, tolerance, n_frames, str(dataset))
 
 
-def write_steps(folder: str | Path, calibration: StepCalibration) -> None:
+@dataclass
+class SuccessCalibration:
+    """What ``calibrate-steps --env`` measured and chose.
+
+    Args:
+        success: per step count measured, the mean success rate over the tasks.
+        intervals: per step count, each task's 95% Wilson interval.
+        reference_steps: the policy's step count before calibration.
+        chosen_steps: the fewest steps within ``points`` of the reference's success.
+        points: the success (percentage points) allowed below the reference's.
+        episodes_per_task: episodes per task and step count (the same seeds and noise).
+        env: the suite and tasks evaluated.
+        observation: what the policy read (cameras, state) in those episodes.
+    """
+
+    success: dict[int, float]
+    intervals: dict[int, dict[str, list[float]]]
+    reference_steps: int
+    chosen_steps: int
+    points: float
+    episodes_per_task: int
+    env: str
+    observation: dict[str, Any]
+
+    def markdown(self) -> str:
+        rows = ["| steps | success | 95% interval per task | within points |", "|---|---|---|---|"]
+        floor = self.success[self.reference_steps] - self.points / 100
+        for steps in sorted(self.success):
+            mark = (
+                "chosen"
+                if steps == self.chosen_steps
+                else ("yes" if self.success[steps] >= floor else "no")
+            )
+            spans = ", ".join(f"{lo:.0%}-{hi:.0%}" for lo, hi in self.intervals[steps].values())
+            rows.append(f"| {steps} | {self.success[steps]:.1%} | {spans} | {mark} |")
+        return "\n".join(rows)
+
+
+def calibrate_steps_by_success(
+    policy, env: str, *, points: float = 2.0, **settings: Any
+) -> SuccessCalibration:
+    """Evaluate the policy's own step count, then candidates from the fewest up, each over
+    the same episodes and initial noise, until one is within ``points`` of the first.
+    ``settings``: the evaluator's (:class:`~ditvla.envs.evaluate.EvalConfig` fields, e.g.
+    ``episodes_per_task=20``)."""
+    from ditvla.envs.evaluate import EvalConfig, evaluate
+
+    if points < 0:
+        raise ValueError(f"points must be >= 0, got {points}")
+    config = EvalConfig(**settings)
+    base = policy.config
+    reference = base.num_inference_steps
+    limit = base.num_train_timesteps if base.objective == "ddpm" else reference
+    success, intervals, observation = {}, {}, {}
+
+    def measure(steps: int) -> float:
+        nonlocal observation
+        policy.config = replace(base, num_inference_steps=steps)
+        try:
+            summary = evaluate(policy, env, config).summary()
+        finally:
+            policy.config = base
+        print(f"{steps} steps: success {summary['mean_success']:.1%}", flush=True)
+        success[steps] = summary["mean_success"]
+        intervals[steps] = {task: list(t["ci95"]) for task, t in summary["tasks"].items()}
+        observation = summary["observation"]
+        return summary["mean_success"]
+
+    floor = measure(reference) - points / 100
+    chosen = reference
+    for steps in (s for s in CANDIDATE_STEPS if s < reference and s <= limit):
+        if measure(steps) >= floor:
+            chosen = steps
+            break
+    return SuccessCalibration(
+        success, intervals, reference, chosen, points, config.episodes_per_task, env, observation
+    )
+
+
+def write_steps(folder: str | Path, calibration: StepCalibration | SuccessCalibration) -> None:
     """Set the policy folder's ``num_inference_steps`` to the chosen count and record the
     measurement; config.json is replaced atomically."""
-    record = asdict(calibration)
-    record["errors"] = {str(k): v for k, v in calibration.errors.items()}
-    record["deviation"] = {str(k): v for k, v in calibration.deviation.items()}
+    record = {
+        key: {str(k): v for k, v in value.items()} if key in PER_STEP_FIELDS else value
+        for key, value in asdict(calibration).items()
+    }
 
     def edit(meta: dict[str, Any]) -> None:
         meta["policy"]["num_inference_steps"] = calibration.chosen_steps
