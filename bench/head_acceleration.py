@@ -23,8 +23,9 @@ reuses it), evaluated on the same episodes at 10, 4,
 steps compiled (torch.compile, frozen weights), and eager with its expert in bfloat16.
 
 Last line: ``fastest within 2 points: <arm> act <x>x vs the reference (success <a>% ->
-<b>%; plain euler at that speed <c>%), <y>x vs smolvla expert at its fewest steps`` (with
---env), else the fastest arm within 5% relative action error.
+<b>%; plain euler at that speed <c>% at <k> steps), <y>x vs smolvla expert at its fewest
+steps`` (with --env; plain euler at that speed: the most plain float steps at least as fast
+as the arm, else 1), else the fastest arm within 5% relative action error.
 """
 
 from __future__ import annotations
