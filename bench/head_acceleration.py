@@ -2,8 +2,9 @@
 
 Arms: the policy's own step count (the reference, plain sampling), plain Euler/DDIM at
 fewer steps, the policy quantized (w8a8, the whole head and the language MLPs, calibrated
-on 32 of the store's frames) and its head in bfloat16 at those fewer steps, TaylorSeer forecasting (a fixed plan of full and
-forecast steps) and its confidence-gated variant, at the reference's step count; with
+on 32 of the store's frames) and its head in bfloat16 at those fewer steps, TaylorSeer
+forecasting (a fixed plan of full and forecast steps) and its confidence-gated variant, at
+the reference's step count; with
 ``--student`` a few-step student of the policy (``ditvla distill``) and that student
 quantized the same way. For each arm: ``act``
 latency at batch 1 (all arms timed in turn, medians), the relative action error against
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from ditvla.datasets.observations import observations_from_store
 from ditvla.policies.forecasting import ForecastConfig
 from ditvla.policies.quantization import QuantizationConfig, quantize_policy
 from ditvla.policies.timing import paired_median_ms
+from ditvla.training.step_calibration import evaluate_with
 
 OFF = ForecastConfig()
 INT8_LAYOUT = "language_mlp,head_mlp,head_attention,head_modulation"
@@ -53,7 +55,7 @@ class Arm:
     policy: torch.nn.Module
     steps: int
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
-    kind: str = "plain"  # plain, forecast, student, quantized
+    kind: str = "plain"  # plain, forecast, student, quantized, bfloat16
 
 
 def arms(policy, policy_int8, policy_bf16, student=None, student_int8=None) -> dict[str, Arm]:
@@ -260,13 +262,16 @@ def main() -> None:
         for name, a in plans.items()
     }
     if args.env:
-        from ditvla.envs.evaluate import evaluate
+        from ditvla.envs.evaluate import EvalConfig
 
         for name, a in plans.items():
-            base = a.policy.config
-            a.policy.config = replace(base, num_inference_steps=a.steps, forecast=a.forecast)
-            summary = evaluate(a.policy, args.env, episodes_per_task=args.episodes).summary()
-            a.policy.config = base
+            summary = evaluate_with(
+                a.policy,
+                args.env,
+                EvalConfig(episodes_per_task=args.episodes),
+                num_inference_steps=a.steps,
+                forecast=a.forecast,
+            )
             results[name]["success"] = summary["mean_success"]
             results[name]["tasks"] = summary["tasks"]
             results[name]["observation"] = summary["observation"]

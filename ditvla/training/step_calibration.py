@@ -68,6 +68,27 @@ class StepCalibration:
         return "\n".join(rows)
 
 
+def fewer_steps(config) -> list[int]:
+    """The candidate step counts below a policy config's own, fewest first (DDIM: no more
+    than its training noise levels)."""
+    reference = config.num_inference_steps
+    limit = config.num_train_timesteps if config.objective == "ddpm" else reference
+    return [s for s in CANDIDATE_STEPS if s < reference and s <= limit]
+
+
+def evaluate_with(policy, env: str, config=None, **fields: Any) -> dict[str, Any]:
+    """The evaluator's summary of ``policy`` on ``env`` with these PolicyConfig ``fields``
+    (e.g. ``num_inference_steps``) in place for the run; the config is restored after."""
+    from ditvla.envs.evaluate import evaluate
+
+    base = policy.config
+    policy.config = replace(base, **fields)
+    try:
+        return evaluate(policy, env, config).summary()
+    finally:
+        policy.config = base
+
+
 def calibrate_steps(
     policy,
     dataset: str | Path,
@@ -80,10 +101,8 @@ def calibrate_steps(
     """Measure every candidate step count up to the policy's own on held-out frames."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    config = policy.config
-    reference = config.num_inference_steps
-    limit = config.num_train_timesteps if config.objective == "ddpm" else reference
-    candidates = [s for s in CANDIDATE_STEPS if s < reference and s <= limit] + [reference]
+    reference = policy.config.num_inference_steps
+    candidates = [*fewer_steps(policy.config), reference]
     batches = observations_from_store(
         dataset, policy.spec, frames, held_out=True, seed=seed, with_actions=True
     )
@@ -161,23 +180,17 @@ def calibrate_steps_by_success(
     the same episodes and initial noise, until one is within ``points`` of the first.
     ``settings``: the evaluator's (:class:`~ditvla.envs.evaluate.EvalConfig` fields, e.g.
     ``episodes_per_task=20``)."""
-    from ditvla.envs.evaluate import EvalConfig, evaluate
+    from ditvla.envs.evaluate import EvalConfig
 
     if points < 0:
         raise ValueError(f"points must be >= 0, got {points}")
     config = EvalConfig(**settings)
-    base = policy.config
-    reference = base.num_inference_steps
-    limit = base.num_train_timesteps if base.objective == "ddpm" else reference
+    reference = policy.config.num_inference_steps
     success, intervals, observation = {}, {}, {}
 
     def measure(steps: int) -> float:
         nonlocal observation
-        policy.config = replace(base, num_inference_steps=steps)
-        try:
-            summary = evaluate(policy, env, config).summary()
-        finally:
-            policy.config = base
+        summary = evaluate_with(policy, env, config, num_inference_steps=steps)
         print(f"{steps} steps: success {summary['mean_success']:.1%}", flush=True)
         success[steps] = summary["mean_success"]
         intervals[steps] = {task: list(t["ci95"]) for task, t in summary["tasks"].items()}
@@ -186,7 +199,7 @@ def calibrate_steps_by_success(
 
     floor = measure(reference) - points / 100
     chosen = reference
-    for steps in (s for s in CANDIDATE_STEPS if s < reference and s <= limit):
+    for steps in fewer_steps(policy.config):
         if measure(steps) >= floor:
             chosen = steps
             break
