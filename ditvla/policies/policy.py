@@ -528,6 +528,32 @@ class DiTVLAPolicy(nn.Module):
         (``auxiliary``: the privileged arrays, standardized)."""
         pixels = pixels.to(self.device).float()
         context = self.encode_pixels(pixels, instructions)
+        loss = self.action_loss(context, state, actions, action_is_pad)
+        metrics = {"action_loss": loss.item()}
+        if self.foresight is not None:
+            foresight_loss, foresight_metrics = self._foresight_loss(targets or {}, context, pixels)
+            loss = loss + self.config.foresight.weight * foresight_loss
+            metrics.update(foresight_metrics)
+        if self.auxiliary is not None:
+            if not targets or "auxiliary" not in targets:
+                raise PolicyInputError(
+                    f"the policy learns to predict {', '.join(self.config.auxiliary_keys)} but "
+                    "the batch has no 'auxiliary' targets"
+                )
+            predicted = self.auxiliary(context.tokens, context.mask)
+            target = torch.as_tensor(targets["auxiliary"]).to(self.device).float()
+            auxiliary_loss = ((predicted - target) ** 2).mean()
+            loss = loss + self.config.auxiliary_weight * auxiliary_loss
+            metrics["auxiliary_loss"] = auxiliary_loss.item()
+        return loss, metrics
+
+    def action_loss(
+        self, context: Context, state: Any, actions: Any, action_is_pad: Any
+    ) -> torch.Tensor:
+        """The action head's denoising loss (the schedule's training example: a noisy chunk
+        at a random time and its target) of demonstrated chunks ``actions`` (B, H, A) from
+        an encoded ``context``; ``state`` (B, D) and ``actions`` in the robot's units,
+        ``action_is_pad`` (B, H) marks padded steps, left out of the loss."""
         actions = torch.as_tensor(actions).to(self.device).float()
         if actions.shape[1:] != (self.config.horizon, self.config.action_dim):
             raise PolicyInputError(
@@ -552,24 +578,7 @@ class DiTVLAPolicy(nn.Module):
         noisy, t, target = self.schedule.training_example(target_actions, noise)
         prediction = self.head(noisy, self.head.condition(t, state, cache.summary), cache)
         error = (prediction - target) ** 2
-        loss = (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
-        metrics = {"action_loss": loss.item()}
-        if self.foresight is not None:
-            foresight_loss, foresight_metrics = self._foresight_loss(targets or {}, context, pixels)
-            loss = loss + self.config.foresight.weight * foresight_loss
-            metrics.update(foresight_metrics)
-        if self.auxiliary is not None:
-            if not targets or "auxiliary" not in targets:
-                raise PolicyInputError(
-                    f"the policy learns to predict {', '.join(self.config.auxiliary_keys)} but "
-                    "the batch has no 'auxiliary' targets"
-                )
-            predicted = self.auxiliary(context.tokens, context.mask)
-            target = torch.as_tensor(targets["auxiliary"]).to(self.device).float()
-            auxiliary_loss = ((predicted - target) ** 2).mean()
-            loss = loss + self.config.auxiliary_weight * auxiliary_loss
-            metrics["auxiliary_loss"] = auxiliary_loss.item()
-        return loss, metrics
+        return (error.mean(-1) * valid).sum() / valid.sum().clamp(min=1)
 
     def _foresight_loss(
         self, batch: dict[str, Any], context: Context, pixels: torch.Tensor
