@@ -549,10 +549,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Copy the policy, then train the copy's action head to reproduce, in --student-steps "
         "denoising steps, the chunk the policy samples from the same noise in its own steps "
         "(or --teacher-steps), on frames of a zarr store (its first 80% of episodes), so "
-        "that each noise goes to the mode the teacher's sampler reaches from it. Writes a "
+        "that each noise goes to the mode the teacher's sampler reaches from it; "
+        "--flow-weight adds the flow-matching loss on the demonstrated chunks. A student "
+        "can teach a student with fewer steps (progressive: 10 -> 2 -> 1). Writes a "
         "policy folder that eval, serve, quantize and calibrate-steps take.",
     )
-    distill.add_argument("--policy", required=True, help="the teacher: a saved policy folder")
+    distill.add_argument(
+        "--policy", required=True, help="the teacher: a saved policy folder (a student too)"
+    )
     distill.add_argument("--dataset", required=True, help="a zarr store the policy fits")
     distill.add_argument("--out", required=True, help="the student policy folder to write")
     options(distill, "DistillConfig")

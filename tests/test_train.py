@@ -312,7 +312,9 @@ def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(small_policy, 
         calibrate_steps(calibrated, other, frames=4, progress=False)
 
 
-def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy, store, tmp_path):
+def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers(
+    small_policy, store, tmp_path
+):
     from ditvla.cli import main
     from ditvla.contract import PolicyInputError, load_policy
     from ditvla.datasets.observations import observations_from_store
@@ -325,14 +327,19 @@ def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy
     frames = observations_from_store(store, teacher.spec, 16, batch=16, seed=1)[0]
     noise = torch.randn(16, *teacher.noise_shape, generator=torch.Generator().manual_seed(1))
 
-    def gap(policy) -> float:  # the 1-step chunk's distance from the teacher's 8-step one
+    def gap(policy, steps, reference, reference_steps) -> float:
+        """How far ``policy``'s chunk in ``steps`` lands from ``reference``'s in its own."""
         with torch.no_grad():
-            context = teacher.encode(frames)
-            target = teacher.denoise(context, frames["state"], noise=noise, num_steps=8)
-            mine = policy.denoise(policy.encode(frames), frames["state"], noise=noise, num_steps=1)
+            context = reference.encode(frames)
+            target = reference.denoise(
+                context, frames["state"], noise=noise, num_steps=reference_steps
+            )
+            mine = policy.denoise(
+                policy.encode(frames), frames["state"], noise=noise, num_steps=steps
+            )
         return float(((mine - target) ** 2).mean())
 
-    before = gap(teacher)
+    before = gap(teacher, 2, teacher, 8)
     assert (
         main(
             [
@@ -342,7 +349,9 @@ def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy
                 "--dataset",
                 str(store),
                 "--out",
-                str(tmp_path / "student"),
+                str(tmp_path / "student2"),
+                "--student-steps",
+                "2",
                 "--steps",
                 "60",
                 "--lr",
@@ -356,11 +365,29 @@ def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy
         )
         == 0
     )
+    student2 = load_policy(tmp_path / "student2")
+    assert student2.config.num_inference_steps == student2.config.distilled_steps == 2
+    record = json.loads((tmp_path / "student2" / "config.json").read_text())["distillation"]
+    assert record["teacher_steps"] == 8 and record["student_steps"] == 2
+    assert gap(student2, 2, teacher, 8) < 0.5 * before  # two steps land where eight do
+
+    # progressive: the 2-step student teaches a 1-step one
+    before = gap(student2, 1, student2, 2)
+    settings = DistillConfig(
+        student_steps=1,
+        steps=60,
+        lr=1e-3,
+        frames=30,
+        batch_size=15,
+        flow_weight=0.5,
+        progress=False,
+    )
+    record = distill(tmp_path / "student2", store, tmp_path / "student", settings)
+    assert record["teacher_steps"] == 2 and record["student_steps"] == 1
+    assert record["settings"]["flow_weight"] == 0.5  # anchored on the demonstrated chunks
     student = load_policy(tmp_path / "student")
     assert student.config.num_inference_steps == student.config.distilled_steps == 1
-    record = json.loads((tmp_path / "student" / "config.json").read_text())["distillation"]
-    assert record["teacher_steps"] == 8 and record["student_steps"] == 1
-    assert gap(student) < 0.5 * before  # one step now lands where the teacher's eight do
+    assert gap(student, 1, student2, 2) < 0.5 * before
     # the backbone is the teacher's, untouched
     for name, value in teacher.backbone.state_dict().items():
         assert torch.equal(value, student.backbone.state_dict()[name]), name
@@ -393,8 +420,10 @@ def test_distill_trains_a_one_step_student_that_follows_its_teacher(small_policy
     assert chunk.shape == (16, 4, 2) and torch.isfinite(chunk).all()
 
     # bad input: fails before any training step, nothing written
-    with pytest.raises(ValueError, match="already a 1-step student"):
+    with pytest.raises(ValueError, match="fewer steps than its teacher"):
         distill(tmp_path / "student", store, tmp_path / "x", DistillConfig(progress=False))
+    with pytest.raises(ValueError, match=r"--teacher-steps 4: .*1-step student"):
+        distill(tmp_path / "student", store, tmp_path / "x", DistillConfig(teacher_steps=4))
     with pytest.raises(ValueError, match="fewer steps than its teacher"):
         distill(teacher_folder, store, tmp_path / "x", DistillConfig(student_steps=8))
     other = store_without_the_policys_camera(tmp_path / "other.zarr")

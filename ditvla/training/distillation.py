@@ -7,9 +7,15 @@ with its own step count; the student samples from the same noise in ``student_st
 Euler/DDIM steps, and the loss is the mean squared difference of the two chunks in
 normalized action units (knowledge distillation of the sampler's noise-to-action map, as
 in Luhman & Luhman 2021 and InstaFlow's distillation stage): the student learns to send
-each noise to the mode the teacher's full sampler reaches from it. (Measured on
-reach-wall, docs/benchmarks.md: runs of 300 and 900 steps left the student below the
-teacher's own one-step sampling in success, the longer one collapsed onto one way.)
+each noise to the mode the teacher's full sampler reaches from it. ``flow_weight`` adds
+the ordinary flow-matching loss on the frames' demonstrated chunks, which keeps the
+student's velocity field anchored to the data (FACM; SnapFlow mixes the two the same way).
+
+A student can be the teacher of a student with fewer steps (progressive distillation,
+Salimans & Ho 2022): 10 -> 2 steps, then 2 -> 1. Measured on multimodal reach-wall
+(docs/benchmarks.md, 50 episodes): a 2-step student matched its 10-step teacher where
+the teacher's own 2 steps lost 12 points; one step, distilled directly or from that
+2-step student, stayed below it.
 
 The result is an ordinary policy folder (``num_inference_steps`` and ``distilled_steps``
 set to the student's count, the distillation recorded under ``distillation`` in
@@ -39,7 +45,8 @@ class DistillConfig:
     """What ``ditvla distill`` does.
 
     Args:
-        student_steps: the student's denoising steps (1 or 2 are the point).
+        student_steps: the student's denoising steps (2 kept its teacher's success on
+            multimodal reach-wall where 1 did not; a student can teach a 1-step one).
         teacher_steps: the teacher's steps for its targets (0: the teacher's own count).
         steps: optimizer steps.
         batch_size: frames per step.
@@ -47,17 +54,22 @@ class DistillConfig:
             then cosine decay).
         frames: frames drawn from the training part of the store (cycled over).
         grad_clip: gradient-norm clipping.
+        flow_weight: weight of the flow-matching loss on the demonstrated chunks of the
+            same frames, added to the distillation loss (0: off); it anchors the student's
+            velocity field to the data while its few-step map is trained (as FACM and
+            SnapFlow mix the two).
         seed: the random seed of frames and noise.
         progress: show a progress bar.
     """
 
-    student_steps: int = 1
+    student_steps: int = 2
     teacher_steps: int = 0
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-4
     frames: int = 4096
     grad_clip: float = 1.0
+    flow_weight: float = 0.0
     seed: int = 0
     progress: bool = True
 
@@ -65,6 +77,8 @@ class DistillConfig:
         for name in ("student_steps", "steps", "batch_size", "frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.flow_weight < 0:
+            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
         if self.teacher_steps < 0:
             raise ValueError(f"teacher_steps must be >= 0, got {self.teacher_steps}")
 
@@ -77,12 +91,10 @@ def distill(
     teacher = load_policy(policy)
     if not hasattr(teacher, "normalizer"):
         raise ValueError(f"{policy}: distill needs a diffusion policy folder")
-    if teacher.config.distilled_steps:
-        raise ValueError(
-            f"{policy}: already a {teacher.config.distilled_steps}-step student; distill "
-            "from its teacher"
-        )
     teacher_steps = config.teacher_steps or teacher.config.num_inference_steps
+    refusal = teacher.config.steps_refusal(teacher_steps)  # a student as the teacher
+    if refusal:
+        raise ValueError(f"{policy}: --teacher-steps {teacher_steps}: {refusal}")
     if teacher_steps <= config.student_steps:
         raise ValueError(
             f"the teacher samples with {teacher_steps} steps, the student with "
@@ -91,8 +103,19 @@ def distill(
         )
     # Every input problem (cameras, state) surfaces here, before any training step.
     batches = observations_from_store(
-        dataset, teacher.spec, config.frames, batch=config.batch_size, seed=config.seed
+        dataset,
+        teacher.spec,
+        config.frames,
+        batch=config.batch_size,
+        seed=config.seed,
+        with_actions=config.flow_weight > 0,
     )
+    if config.flow_weight and batches[0]["action"].shape[-1] != teacher.config.action_dim:
+        raise ValueError(
+            f"{dataset}: its actions have {batches[0]['action'].shape[-1]} dimensions, the "
+            f"policy's {teacher.config.action_dim}: the flow-matching anchor (--flow-weight) "
+            "needs the policy's own action space (or set --flow-weight 0)"
+        )
     torch.manual_seed(config.seed)
     student = load_policy(policy)
     student.requires_grad_(False)
@@ -119,12 +142,18 @@ def distill(
         chunk = student.denoise(
             mine, batch["state"], noise=noise, num_steps=config.student_steps, forecast=NO_FORECAST
         )
-        loss = ((chunk - target) ** 2).mean()
+        distillation_loss = ((chunk - target) ** 2).mean()
+        loss = distillation_loss
+        if config.flow_weight:
+            flow = student.action_loss(
+                mine, batch["state"], batch["action"], batch["action_is_pad"]
+            )
+            loss = loss + config.flow_weight * flow
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(distillation_loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     bar.close()
     record = {
