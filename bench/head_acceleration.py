@@ -5,14 +5,15 @@ fewer steps, the policy quantized (w8a8, the whole head and the language MLPs, c
 on 32 of the store's frames) and its head in bfloat16 at those fewer steps, TaylorSeer
 forecasting (a fixed plan of full and forecast steps) and its confidence-gated variant, at
 the reference's step count; with
-``--student`` a few-step student of the policy (``ditvla distill``) and that student
-quantized the same way. For each arm: ``act``
+``--student`` few-step students of the policy (``ditvla distill``, several allowed) and
+each student quantized the same way. For each arm: ``act``
 latency at batch 1 (all arms timed in turn, medians), the relative action error against
 the reference on held-out frames of a store with the same initial noise, and, with
 ``--env``, success over the same episodes and noise (the evaluator's seeds 100000 up).
 
     python bench/head_acceleration.py --policy runs/x/policy --dataset demos.zarr \\
-        [--student runs/x/student] [--env metaworld:reach-wall-v3] [--episodes 20]
+        [--student runs/x/student2 runs/x/student1] [--env metaworld:reach-wall-v3] \\
+        [--episodes 20]
 
 With ``--env`` and ``--smolvla-budget-s S``, LeRobot's SmolVLA is built offline with its
 expert at the head's width, depth and attention heads (its VLM narrow, with as many layers
@@ -58,7 +59,8 @@ class Arm:
     kind: str = "plain"  # plain, forecast, student, quantized, bfloat16
 
 
-def arms(policy, policy_int8, policy_bf16, student=None, student_int8=None) -> dict[str, Arm]:
+def arms(policy, policy_int8, policy_bf16, students=()) -> dict[str, Arm]:
+    """The arms by name; ``students``: (name, student, student quantized) triples."""
     reference = policy.config.num_inference_steps
     out = {f"reference ({reference} steps)": Arm(policy, reference)}
     fewer = [steps for steps in (4, 2, 1) if steps < reference]
@@ -74,10 +76,10 @@ def arms(policy, policy_int8, policy_bf16, student=None, student_int8=None) -> d
     out[f"gated 0.05 ({reference} steps)"] = Arm(
         policy, reference, ForecastConfig("gated", threshold=0.05), "forecast"
     )
-    if student is not None:
+    for name, student, student_int8 in students:
         steps = student.config.num_inference_steps
-        out[f"student ({steps} steps)"] = Arm(student, steps, kind="student")
-        out[f"student int8 ({steps} steps)"] = Arm(student_int8, steps, kind="quantized")
+        out[f"{name} ({steps} steps)"] = Arm(student, steps, kind="student")
+        out[f"{name} int8 ({steps} steps)"] = Arm(student_int8, steps, kind="quantized")
     return out
 
 
@@ -186,7 +188,12 @@ def main() -> None:
     parser.add_argument(
         "--dataset", required=True, help="held-out frames: its last 20%% of episodes"
     )
-    parser.add_argument("--student", help="a few-step student of --policy (ditvla distill)")
+    parser.add_argument(
+        "--student",
+        nargs="+",
+        default=[],
+        help="few-step students of --policy (ditvla distill), one arm each",
+    )
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--env", help="evaluate each arm's success on these tasks")
@@ -214,12 +221,15 @@ def main() -> None:
     int8 = QuantizationConfig.from_layout(INT8_LAYOUT)
     calibration = observations_from_store(args.dataset, policy.spec, 32)
     policy_int8 = quantize_policy(policy, int8, calibration).model.eval()
-    student = student_int8 = None
-    if args.student:
-        student = load_policy(args.student)
-        student_int8 = quantize_policy(student, int8, calibration).model.eval()
+    students = []
+    loaded = [load_policy(folder) for folder in args.student]
+    counts = [student.config.num_inference_steps for student in loaded]
+    for folder, student in zip(args.student, loaded, strict=True):
+        # named by their step counts where those tell them apart, else by their folders
+        name = "student" if len(set(counts)) == len(counts) else f"student {Path(folder).name}"
+        students.append((name, student, quantize_policy(student, int8, calibration).model.eval()))
     policy_bf16 = load_policy(args.policy, head_dtype="bfloat16")
-    plans = arms(policy, policy_int8, policy_bf16, student, student_int8)
+    plans = arms(policy, policy_int8, policy_bf16, students)
     held_out = observations_from_store(args.dataset, policy.spec, args.frames, held_out=True)
     one = {
         "images": {c: v[:1] for c, v in held_out[0]["images"].items()},
