@@ -425,16 +425,10 @@ class DiTVLAPolicy(nn.Module):
         """
         self.eval()
         b = context.tokens.shape[0]
-        norm_state = None
-        if self.config.state_dim:
-            if state is None:
-                raise PolicyInputError(f"state is required, shape (B, {self.config.state_dim})")
-            raw = state if torch.is_tensor(state) else torch.as_tensor(np.asarray(state))
-            if raw.ndim == 1:
-                raw = raw[None]
-            norm_state = self.normalizer.normalize(
-                "state", _float_batch(raw, "state", self.config.state_dim).to(self.device)
-            )
+        if self.config.state_dim and state is not None:  # one observation's (D,) too
+            state = state if torch.is_tensor(state) else torch.as_tensor(np.asarray(state))
+            state = state[None] if state.ndim == 1 else state
+        norm_state = self._normalized_state(state)
         shape = (b, *self.noise_shape)
         if noise is None:
             noise = torch.randn(shape, device=self.device)
@@ -463,6 +457,16 @@ class DiTVLAPolicy(nn.Module):
             steps,
             guide=self._inpainting_guide(inpaint, shape) if inpaint is not None else None,
         )
+
+    def _normalized_state(self, state: Any) -> torch.Tensor | None:
+        """``state`` (B, D) in the robot's units, checked and normalized; None for a
+        policy that reads no state."""
+        if not self.config.state_dim:
+            return None
+        if state is None:
+            raise PolicyInputError(f"state is required, shape (B, {self.config.state_dim})")
+        raw = _float_batch(state, "state", self.config.state_dim).to(self.device)
+        return self.normalizer.normalize("state", raw)
 
     def _inpainting_guide(self, inpaint: tuple[Any, Any], shape: tuple[int, int, int]):
         actions, weights = (torch.as_tensor(np.asarray(v, np.float32)) for v in inpaint)
@@ -560,13 +564,7 @@ class DiTVLAPolicy(nn.Module):
                 f"batch action has shape {tuple(actions.shape)}, expected "
                 f"(B, {self.config.horizon}, {self.config.action_dim})"
             )
-        if self.config.state_dim:
-            if state is None:
-                raise PolicyInputError(f"state is required, shape (B, {self.config.state_dim})")
-            state = _float_batch(state, "state", self.config.state_dim).to(self.device)
-            state = self.normalizer.normalize("state", state)
-        else:
-            state = None
+        state = self._normalized_state(state)
         target_actions = self.normalizer.normalize("action", actions)
         valid = ~torch.as_tensor(action_is_pad).to(self.device).bool()
         cache, n = context.cache, self.config.noise_samples
