@@ -29,8 +29,9 @@ import torch
 
 from ditvla.datasets.observations import observations_from_store
 from ditvla.envs.evaluate import evaluate
+from ditvla.policies.config import PolicyConfig
 from ditvla.policies.dit_head import HEAD_PRESETS
-from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.policies.quantization import (
     QuantizationConfig,
     measure,

@@ -59,7 +59,8 @@ def control_loop(duration: float, folder: Path, hostile: bool = False) -> dict:
     import torch
 
     from ditvla.deploy.keys import generate_keypair
-    from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+    from ditvla.policies.config import PolicyConfig
+    from ditvla.policies.policy import DiTVLAPolicy
 
     torch.manual_seed(0)
     config = PolicyConfig.preset(

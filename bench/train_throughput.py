@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
-    from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+    from ditvla.policies.config import PolicyConfig
+    from ditvla.policies.policy import DiTVLAPolicy
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ditvla_train_bench_"))

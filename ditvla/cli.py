@@ -69,7 +69,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ditvla.policies.policy import PolicyConfig
+    from ditvla.policies.config import PolicyConfig
     from ditvla.training.trainer import TrainConfig, train
 
     overrides = given_options(args, PolicyConfig, prefix="policy.")
@@ -314,7 +314,7 @@ def _config_classes():
     from ditvla.deploy.server import ServeConfig
     from ditvla.envs.collect import CollectConfig
     from ditvla.envs.evaluate import EvalConfig
-    from ditvla.policies.policy import PolicyConfig
+    from ditvla.policies.config import PolicyConfig
     from ditvla.policies.quantization import QuantizationConfig
     from ditvla.training.distillation import DistillConfig
     from ditvla.training.trainer import TrainConfig

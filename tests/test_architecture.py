@@ -51,6 +51,7 @@ def test_the_lerobot_plugin_adapts_and_ditvla_never_imports_lerobot_policies():
             assert not any(n.split(".")[0] == "lerobot" for n in names), name
     allowed = {
         "ditvla.contract",
+        "ditvla.policies.config",
         "ditvla.policies.policy",
         "ditvla.training.trainer",
         "ditvla.training.sharding",
@@ -113,7 +114,7 @@ def option_strings(name: str) -> set[str]:
 
 
 def test_train_offers_every_field_of_the_training_and_policy_configs():
-    from ditvla.policies.policy import PolicyConfig
+    from ditvla.policies.config import PolicyConfig
     from ditvla.training.trainer import TrainConfig
 
     offered = option_strings("train")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.policies.config import PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 
 CLI = [sys.executable, "-m", "ditvla.cli"]
 

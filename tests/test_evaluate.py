@@ -14,7 +14,8 @@ import torch
 from ditvla.contract import PolicySpec
 from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
 from ditvla.envs.evaluate import evaluate, wilson_interval
-from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.policies.config import PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 
 TASKS = "metaworld:reach-v3,drawer-close-v3"
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from ditvla.contract import CheckpointError, PolicyInputError
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
-from ditvla.policies.policy import CheckpointError, DiTVLAPolicy, PolicyConfig, PolicyInputError
+from ditvla.policies.config import PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 
 
 def write_reaching_store(

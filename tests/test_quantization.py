@@ -16,7 +16,8 @@ from torch import nn
 from ditvla.contract import CheckpointError, PolicyInputError
 from ditvla.datasets.observations import observations_from_store
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.policies.config import PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.policies.quantization import (
     QuantizationConfig,
     QuantizationError,

@@ -319,7 +319,7 @@ def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers
     from ditvla.contract import PolicyInputError, load_policy
     from ditvla.datasets.observations import observations_from_store
     from ditvla.datasets.replay_buffer import DatasetError
-    from ditvla.policies.policy import PolicyConfig
+    from ditvla.policies.config import PolicyConfig
     from ditvla.training.distillation import DistillConfig, distill
 
     teacher_folder = small_policy
@@ -435,7 +435,8 @@ def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers
 def test_calibrate_steps_by_success_evaluates_the_reference_then_the_fewest_up(tmp_path):
     from ditvla.cli import main
     from ditvla.contract import load_policy
-    from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+    from ditvla.policies.config import PolicyConfig
+    from ditvla.policies.policy import DiTVLAPolicy
     from ditvla.training.step_calibration import calibrate_steps_by_success, write_steps
 
     config = PolicyConfig.preset(

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ditvla.contract import load_policy
 from ditvla.datasets.observations import observations_from_store
+from ditvla.policies.checkpoint import edit_config_file
 from ditvla.policies.forecasting import ForecastConfig
-from ditvla.policies.policy import edit_config_file
 from ditvla.training.trainer import lr_factor
 
 NO_FORECAST = ForecastConfig()

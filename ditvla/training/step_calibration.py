@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ditvla.datasets.observations import observations_from_store
-from ditvla.policies.policy import edit_config_file
+from ditvla.policies.checkpoint import edit_config_file
 
 CANDIDATE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
 # the measurements keyed by step count (JSON keys are strings)

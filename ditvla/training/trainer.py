@@ -37,8 +37,9 @@ from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_mot
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.policies.config import PolicyConfig, PresetName
 from ditvla.policies.normalizer import NARROW_STD, narrow_features
-from ditvla.policies.policy import DiTVLAPolicy, PolicyConfig
+from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
 
@@ -53,9 +54,8 @@ class TrainConfig:
         dataset: the zarr replay buffer to train on.
         out: output folder: policy/ (the final, EMA weights), checkpoints/, metrics.jsonl,
             tensorboard/.
-        preset: tiny (tiny Idefics3 VLM + tiny head, the CPU default), tiny-paligemma,
-            tiny-qwen (Qwen2.5-VL), or small / base / large (head sizes over the tiny
-            Idefics3 VLM).
+        preset: the policy preset the model starts from, sized to the data (tiny: a tiny
+            Idefics3 VLM and a tiny head, the CPU default; see PolicyConfig.preset).
         policy_overrides: PolicyConfig fields to set over the preset, nested like the
             config ({"head": {"width": 384}}).
         cameras: the cameras the policy reads, comma-separated (default: every camera of the
@@ -93,7 +93,7 @@ class TrainConfig:
 
     dataset: str
     out: str = "outputs/train"
-    preset: str = "tiny"
+    preset: PresetName = "tiny"
     policy_overrides: dict[str, Any] = field(default_factory=dict)
     cameras: tuple[str, ...] | None = None
     state: str = "proprio"

@@ -20,7 +20,7 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_IMAGES, OBS_STATE
 
-from ditvla.policies.policy import PolicyConfig
+from ditvla.policies.config import PolicyConfig
 from ditvla.training.trainer import TrainConfig
 
 

@@ -1,0 +1,175 @@
+"""A policy's configuration: everything needed to rebuild it (saved as config.json).
+
+The presets live here, once: ``ditvla train --policy.preset``, the LeRobot plugin and
+:meth:`PolicyConfig.preset` all read :data:`POLICY_PRESETS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ditvla.contract import DataSpec
+from ditvla.policies.backbone import BackboneConfig, Family
+from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig
+from ditvla.policies.forecasting import ForecastConfig
+from ditvla.policies.foresight_head import ForesightConfig
+from ditvla.policies.noise_schedules import Objective, make_schedule
+from ditvla.policies.normalizer import NormMode
+
+# preset name -> (the tiny VLM's family, the action head's size in HEAD_PRESETS):
+# tiny (tiny Idefics3 VLM + tiny head, the CPU default), tiny-paligemma, tiny-qwen
+# (Qwen2.5-VL), and head sizes small / base / large over the tiny Idefics3 VLM.
+POLICY_PRESETS: dict[str, tuple[Family, str]] = {
+    "tiny": ("idefics3", "tiny"),
+    "tiny-paligemma": ("paligemma", "tiny"),
+    "tiny-qwen": ("qwen2_5_vl", "tiny"),
+    "small": ("idefics3", "small"),
+    "base": ("idefics3", "base"),
+    "large": ("idefics3", "large"),
+}
+PresetName = Literal[tuple(POLICY_PRESETS)]  # the names, for config fields and --help
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a policy (saved as config.json).
+
+    The inputs (``filled_in``) come from the data: :func:`PolicyConfig.for_data` sets them
+    from a :class:`~ditvla.contract.DataSpec`.
+
+    Args:
+        cameras: camera names the policy reads.
+        image_size: square side of the camera frames.
+        state_dim / action_dim: widths of the state and the actions.
+        state_keys: the data arrays that make up the state, in order.
+        action_range: the training actions' per-dimension minimum and maximum.
+        horizon: actions per chunk.
+        n_action_steps: actions executed per chunk before the next (0: half the horizon).
+        objective: flow_matching (Euler sampling) or ddpm (DDIM sampling).
+        num_inference_steps: denoising steps per chunk at inference.
+        num_train_timesteps: ddpm: the training noise levels.
+        noise_samples: (noise, time) draws per training observation: the backbone runs
+            once per observation, the action head once per draw.
+        state_norm / action_norm: mean_std, min_max, quantile or identity.
+        auxiliary_keys: privileged arrays (e.g. goal) that an auxiliary head predicts from
+            the VLM's context in training only, so that the backbone learns to encode them
+            (asymmetric supervision); the policy never reads them. Set by ``ditvla train
+            --auxiliary``.
+        auxiliary_dim: their total width.
+        auxiliary_weight: the auxiliary loss's weight.
+        forecast: feature forecasting in the sampler (TaylorSeer; off by default).
+        distilled_steps: a few-step student's step count (``ditvla distill``): its head
+            was trained to sample in that many steps, and more are refused; 0 for a
+            policy trained on demonstrations, which samples with any count.
+    """
+
+    filled_in: ClassVar[tuple[str, ...]] = (
+        "cameras",
+        "image_size",
+        "state_dim",
+        "action_dim",
+        "state_keys",
+        "action_range",
+        "auxiliary_keys",
+        "auxiliary_dim",
+        "distilled_steps",
+    )
+
+    cameras: list[str] = field(default_factory=list)
+    image_size: int = 64
+    state_dim: int = 0
+    action_dim: int = 0
+    state_keys: list[str] = field(default_factory=lambda: ["state"])
+    action_range: list[list[float]] = field(default_factory=list)
+    horizon: int = 16
+    n_action_steps: int = 0
+    objective: Objective = "flow_matching"
+    num_inference_steps: int = 10
+    num_train_timesteps: int = 100
+    noise_samples: int = 1
+    state_norm: NormMode = "mean_std"
+    action_norm: NormMode = "mean_std"
+    auxiliary_keys: list[str] = field(default_factory=list)
+    auxiliary_dim: int = 0
+    auxiliary_weight: float = 1.0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+    foresight: ForesightConfig = field(default_factory=ForesightConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    distilled_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig(**self.backbone)
+        if isinstance(self.head, dict):
+            self.head = ActionHeadConfig(**self.head)
+        if isinstance(self.foresight, dict):
+            self.foresight = ForesightConfig(**self.foresight)
+        if isinstance(self.forecast, dict):
+            self.forecast = ForecastConfig(**self.forecast)
+        if self.foresight.enabled and self.cameras:
+            self.foresight.camera = self.foresight.camera or self.cameras[0]
+            if self.foresight.camera not in self.cameras:
+                raise ValueError(
+                    f"foresight camera {self.foresight.camera!r} is not one of {self.cameras}"
+                )
+        make_schedule(self.objective)  # validates the name
+        if self.n_action_steps == 0:
+            self.n_action_steps = max(1, self.horizon // 2)
+        if not 1 <= self.n_action_steps <= self.horizon:
+            raise ValueError(
+                f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"
+            )
+        if self.noise_samples < 1:
+            raise ValueError(f"noise_samples must be >= 1, got {self.noise_samples}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.distilled_steps < 0:
+            raise ValueError(f"distilled_steps must be >= 0, got {self.distilled_steps}")
+        refusal = self.steps_refusal(self.num_inference_steps)
+        if refusal:
+            raise ValueError(f"num_inference_steps: {refusal}")
+
+    def steps_refusal(self, steps: int) -> str | None:
+        """Why this policy cannot sample with ``steps`` denoising steps (a few-step student
+        asked for more than it learned), or None."""
+        if self.distilled_steps and steps > self.distilled_steps:
+            return (
+                f"this policy is a {self.distilled_steps}-step student (ditvla distill): it "
+                f"samples with at most {self.distilled_steps} steps, not {steps}; for more "
+                "steps use its teacher"
+            )
+        return None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
+        """The policy preset ``name`` (one of :data:`POLICY_PRESETS`) with ``overrides``
+        (PolicyConfig fields; ``backbone``, ``head`` and ``foresight`` as dicts over the
+        preset's)."""
+        if name not in POLICY_PRESETS:
+            raise ValueError(f"unknown policy preset {name!r}; choose {', '.join(POLICY_PRESETS)}")
+        family, head_size = POLICY_PRESETS[name]
+        backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
+        head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
+        foresight = ForesightConfig(**overrides.pop("foresight", {}))
+        return cls(backbone=backbone, head=head, foresight=foresight, **overrides)
+
+    @classmethod
+    def for_data(cls, data: DataSpec, preset: str = "tiny", **overrides: Any) -> PolicyConfig:
+        """A preset sized to the data: its cameras, image size and state/action widths."""
+        return cls.preset(
+            preset,
+            cameras=list(data.cameras),
+            image_size=data.image_size,
+            state_dim=data.state_dim,
+            action_dim=data.action_dim,
+            state_keys=list(data.state_keys),
+            action_range=[data.stats["action"]["min"], data.stats["action"]["max"]]
+            if "action" in data.stats
+            else [],
+            **overrides,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
