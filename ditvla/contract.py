@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ditvla.errors import DitvlaError
 
-class PolicyInputError(ValueError):
+
+class PolicyInputError(DitvlaError, ValueError):
     """An observation or batch that does not match what the policy was built for."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DitvlaError, RuntimeError):
     """A policy folder that is incomplete, damaged, of another format or version."""
 
 
@@ -129,12 +131,19 @@ class DualSystemPolicy(ChunkPolicy, Protocol):
 
         ``options``: ``noise``, ``num_steps``, ``inpaint=(actions, weights)``."""
 
-    def set_head_dtype(self, name: HeadDType) -> None:
-        """Run ``act``'s denoising in this dtype from now on (inference only)."""
-
 
 # What a policy's action head can compute in at inference (--head-dtype of eval / serve).
 HeadDType = Literal["float32", "bfloat16"]
+
+
+@runtime_checkable
+class ReducedPrecisionHead(Protocol):
+    """A policy whose fast half can compute in a narrower dtype (``--head-dtype``); not
+    every policy can, so this is a capability of its own, not part of the runtime's
+    contract."""
+
+    def set_head_dtype(self, name: HeadDType) -> None:
+        """Run ``act``'s denoising in this dtype from now on (inference only)."""
 
 # config.json "format" -> "module:class" of the policy that reads it.
 POLICY_FORMATS = {"ditvla.policy": "ditvla.policies.policy:DiTVLAPolicy"}
@@ -168,5 +177,9 @@ def load_policy(
     policy_class = getattr(importlib.import_module(module), name)
     policy = policy_class.from_pretrained(folder, map_location=device).eval()
     if head_dtype != "float32":
+        if not isinstance(policy, ReducedPrecisionHead):
+            raise CheckpointError(
+                f"{folder}: a {name} cannot run its action head in {head_dtype}; use float32"
+            )
         policy.set_head_dtype(head_dtype)
     return policy

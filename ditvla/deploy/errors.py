@@ -1,7 +1,9 @@
 """The deploy part's errors (importable without ZeroMQ, for the command line)."""
 
+from ditvla.errors import DitvlaError
 
-class TransportError(RuntimeError):
+
+class TransportError(DitvlaError, RuntimeError):
     """A channel that cannot be opened as asked (address, key)."""
 
 

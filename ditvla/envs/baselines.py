@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ditvla.contract import ChunkPolicy, HeadDType, PolicySpec, load_policy
+from ditvla.errors import ConfigError
 
 
 class RandomPolicy:
@@ -57,6 +58,6 @@ def policy_from_argument(
     """``random``, ``expert``, or a saved policy folder (``--policy`` of ``ditvla eval``)."""
     if name in ("random", "expert"):
         if head_dtype != "float32":
-            raise ValueError(f"the {name} baseline has no action head to run in {head_dtype}")
+            raise ConfigError(f"the {name} baseline has no action head to run in {head_dtype}")
         return RandomPolicy(action_dim) if name == "random" else ExpertPolicy(action_dim)
     return load_policy(name, device=device, head_dtype=head_dtype)

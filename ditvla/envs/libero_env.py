@@ -35,6 +35,7 @@ import numpy as np
 from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
 from ditvla.envs.errors import SimulatorUnavailable
 from ditvla.envs.schema import SimulatorEnv
+from ditvla.errors import ConfigError
 
 SUITE_STEPS = {
     "libero_spatial": 280,
@@ -133,7 +134,7 @@ def _benchmark(suite: str) -> Any:
 def _suite_name(name: str) -> str:
     suite = name if name.startswith("libero_") else f"libero_{name}"
     if suite not in SUITE_STEPS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown LIBERO suite {name!r}; valid: "
             + ", ".join(s.removeprefix("libero_") for s in SUITES)
         )
@@ -154,9 +155,11 @@ def task_set(name: str) -> list[str]:
         elif index.isdigit() and int(index) < count:
             tasks.append(f"{suite}/{int(index)}")
         else:
-            raise ValueError(f"unknown LIBERO task {part!r}; {suite} has tasks 0..{count - 1}")
+            raise ConfigError(f"unknown LIBERO task {part!r}; {suite} has tasks 0..{count - 1}")
     if not tasks:
-        raise ValueError(f"no LIBERO task in {name!r}; valid suites: spatial, object, goal, 10, 90")
+        raise ConfigError(
+            f"no LIBERO task in {name!r}; valid suites: spatial, object, goal, 10, 90"
+        )
     return tasks
 
 
@@ -180,7 +183,7 @@ def load_init_states(path: str | Path) -> np.ndarray:
         states = torch.load(path, weights_only=True)
     states = np.asarray(states, np.float64)
     if states.ndim != 2 or not np.all(np.isfinite(states)):
-        raise ValueError(f"{path}: init states must be a finite (N, D) array, got {states.shape}")
+        raise ConfigError(f"{path}: init states must be a finite (N, D) array, got {states.shape}")
     return states
 
 
@@ -219,7 +222,7 @@ class LiberoEnv(SimulatorEnv):
         (self.task,) = task_set(task)
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
-            raise ValueError(f"unknown LIBERO camera {unknown}; valid: {list(CAMERAS)}")
+            raise ConfigError(f"unknown LIBERO camera {unknown}; valid: {list(CAMERAS)}")
         suite, index = self.task.split("/")
         spec = _benchmark(suite).get_task(int(index))
         self.instruction = spec.language
@@ -283,7 +286,7 @@ class LiberoEnv(SimulatorEnv):
         return parts
 
     def expert_action(self) -> np.ndarray:
-        raise ValueError(
+        raise ConfigError(
             "LIBERO has no scripted experts; its human demonstrations are converted with "
             "`ditvla convert libero`"
         )

@@ -30,6 +30,7 @@ import numpy as np
 
 from ditvla.envs.rendering import fast_model, fast_scene
 from ditvla.envs.schema import SimulatorEnv
+from ditvla.errors import ConfigError
 
 # Plain-language instructions for the tasks users meet first; the rest are derived from
 # the task name ("peg-unplug-side-v3" -> "peg unplug side").
@@ -121,7 +122,7 @@ def task_set(name: str) -> list[str]:
     known = {*all_tasks(), *COLOUR_REACH}
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise ValueError(
+        raise ConfigError(
             f"unknown metaworld task {', '.join(unknown) or repr(name)}; valid: MT10, MT50, "
             f"colour-reach ({', '.join(COLOUR_REACH)}), " + ", ".join(sorted(all_tasks()))
         )

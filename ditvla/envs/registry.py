@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from ditvla.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -97,7 +99,7 @@ def suite_of(spec: str) -> Suite:
     """The suite of ``"SUITE:TASKS"``; ValueError listing the suites if unknown."""
     name, _, _ = spec.partition(":")
     if name not in SUITES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown environment {spec!r}; expected one of: "
             + "; ".join(s.task_names for s in SUITES.values())
         )
@@ -109,5 +111,5 @@ def parse_env(spec: str) -> tuple[Suite, list[str]]:
     suite = suite_of(spec)
     _, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"no task in {spec!r}; expected {suite.task_names}")
+        raise ConfigError(f"no task in {spec!r}; expected {suite.task_names}")
     return suite, suite.tasks(name)

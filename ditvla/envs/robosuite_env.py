@@ -27,6 +27,7 @@ import numpy as np
 
 from ditvla.envs.rendering import FastOffscreenRenderer
 from ditvla.envs.schema import SimulatorEnv
+from ditvla.errors import ConfigError
 
 INSTRUCTIONS = {
     "Lift": "lift the red cube",
@@ -54,7 +55,7 @@ def task_set(name: str) -> list[str]:
     tasks = [t.strip() for t in name.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(
+        raise ConfigError(
             f"unknown robosuite task {', '.join(unknown) or repr(name)}; valid: all, "
             + ", ".join(TASKS)
         )
@@ -133,7 +134,7 @@ class RobosuiteEnv(SimulatorEnv):
         known = set(self._env.sim.model.camera_names)
         unknown = [c for c in self.cameras if c not in known]
         if unknown:
-            raise ValueError(f"unknown robosuite camera {unknown}; valid: {sorted(known)}")
+            raise ConfigError(f"unknown robosuite camera {unknown}; valid: {sorted(known)}")
         self._renderer = FastOffscreenRenderer(self._env.sim)
         self.fps = float(self._env.control_freq)
         self._expert: _PickPlaceExpert | None = None
@@ -221,7 +222,7 @@ class _PickPlaceExpert:
         if env.task == "PickPlaceCan":
             target = inner.target_bin_placements[inner.object_to_id["can"]].copy()
             return cls("Can_pos", target=target, carry_height=0.20, release_height=0.10)
-        raise ValueError(
+        raise ConfigError(
             f"no scripted expert for robosuite task {env.task!r}; experts exist for "
             "Lift, Stack and PickPlaceCan"
         )

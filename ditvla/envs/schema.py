@@ -24,6 +24,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from ditvla.errors import ConfigError
+
 EVAL_SEED_START = 100_000
 
 
@@ -58,7 +60,7 @@ class SimulatorEnv(gym.Env):
         """ValueError naming the parts this environment offers, if it lacks one asked for."""
         missing = [key for key in state_keys if key not in cls.offered_state_keys()]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{cls.__name__} cannot build the state part(s) {', '.join(missing)}; it offers "
                 f"{', '.join(cls.offered_state_keys())} (proprioception: "
                 f"{', '.join(cls.proprio_keys)})"
@@ -116,7 +118,7 @@ class SimulatorEnv(gym.Env):
     def vary_expert(self, seed: int) -> str:
         """Make the current episode's expert take one of several ways of doing the task,
         chosen by ``seed`` (multimodal demonstrations); returns the way's name."""
-        raise ValueError(
+        raise ConfigError(
             f"{type(self).__name__}'s scripted experts have one way per task; "
             "multimodal collection (--multimodal) is available for metaworld"
         )

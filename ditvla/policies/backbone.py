@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditvla.errors import ConfigError
 from ditvla.policies.pooling import masked_mean
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
@@ -172,7 +173,9 @@ def tiny_vlm_config(config: BackboneConfig, vocab_size: int):
             vision_start_token_id=SPECIAL_TOKENS.index("<vision_start>"),
             vision_end_token_id=SPECIAL_TOKENS.index("<vision_end>"),
         )
-    raise ValueError(f"unknown VLM family {config.family!r}; expected one of {', '.join(FAMILIES)}")
+    raise ConfigError(
+        f"unknown VLM family {config.family!r}; expected one of {', '.join(FAMILIES)}"
+    )
 
 
 def _image_mean_std(folder: Path | None) -> tuple[list[float], list[float]]:
@@ -196,7 +199,7 @@ class ConvStem(nn.Sequential):
     def __init__(self, width: int, patch: int):
         steps = int(math.log2(patch))
         if 2**steps != patch:
-            raise ValueError(f"conv_stem needs a power-of-two patch size, got {patch}")
+            raise ConfigError(f"conv_stem needs a power-of-two patch size, got {patch}")
         widths = [3, *(max(16, width >> (steps - i)) for i in range(1, steps)), width]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(itertools.pairwise(widths)):
@@ -206,61 +209,45 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers)
 
 
+def _load_tokenizer(folder: Path | None):
+    """A pretrained folder's tokenizer, or the tiny presets' byte-level one."""
+    if folder is None:
+        return byte_level_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _build_vlm(config: BackboneConfig, folder: Path | None, vlm_config, vocab_size: int):
+    """The VLM: a saved policy's architecture (``vlm_config``; its weights load later), a
+    pretrained folder's model, or a tiny one with random weights."""
+    from transformers import AutoModelForImageTextToText
+
+    if vlm_config is not None:
+        return AutoModelForImageTextToText.from_config(vlm_config)
+    if folder is not None:
+        return AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    return AutoModelForImageTextToText.from_config(tiny_vlm_config(config, vocab_size))
+
+
 class VLMBackbone(nn.Module):
     """Camera images and instructions -> context tokens (B, L, width) with a mask (B, L)."""
 
     def __init__(self, config: BackboneConfig, *, vlm_config=None, tokenizer=None):
         super().__init__()
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
         self.config = config
         folder = Path(config.pretrained_path) if config.pretrained_path else None
         if folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such VLM folder (a saved model + tokenizer)")
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-        elif folder is not None:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        else:
-            self.tokenizer = byte_level_tokenizer()
-        if vlm_config is not None:  # the architecture of a saved policy; weights load later
-            vlm = AutoModelForImageTextToText.from_config(vlm_config)
-        elif folder is not None:
-            vlm = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
-        else:
-            vlm = AutoModelForImageTextToText.from_config(
-                tiny_vlm_config(config, vocab_size=len(self.tokenizer))
-            )
+        self.tokenizer = _load_tokenizer(folder) if tokenizer is None else tokenizer
+        vlm = _build_vlm(config, folder, vlm_config, len(self.tokenizer))
         self.family = vlm.config.model_type
         if self.family not in (*FAMILIES, "smolvlm"):  # SmolVLM is read as Idefics3
-            raise ValueError(
+            raise ConfigError(
                 f"VLM family {self.family!r} is not supported; use idefics3/smolvlm, "
                 "paligemma or qwen2_5_vl"
             )
-        inner = vlm.model
-        self.projector: nn.Module | None
-        if self.family == "paligemma":
-            self.vision, self.projector = inner.vision_tower, inner.multi_modal_projector
-            self.language = inner.language_model
-        elif self.family == "qwen2_5_vl":  # the projector (merger) is inside the vision tower
-            self.vision, self.projector = inner.visual, None
-            self.language = inner.language_model
-        else:
-            self.vision, self.projector = inner.vision_model, inner.connector
-            self.language = inner.text_model
-        if config.num_layers:
-            self.language.layers = self.language.layers[: config.num_layers]
-        if config.instruction_first and self.family == "qwen2_5_vl":
-            raise ValueError("instruction_first: Qwen2.5-VL keeps its own order of tokens")
-        if config.conv_stem:
-            if folder is not None or self.family == "qwen2_5_vl":
-                raise ValueError(
-                    "conv_stem replaces the patch embedding of a tiny Idefics3 or PaliGemma "
-                    "encoder; a pretrained encoder keeps its own"
-                )
-            embeddings = self.vision.embeddings
-            old = embeddings.patch_embedding
-            embeddings.patch_embedding = ConvStem(old.out_channels, old.kernel_size[0])
+        self._take_parts(vlm, config, folder)
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
         vision_config = vlm.config.vision_config
@@ -291,6 +278,34 @@ class VLMBackbone(nn.Module):
         ):
             if module is not None:
                 module.requires_grad_(not frozen)
+
+    def _take_parts(self, vlm: nn.Module, config: BackboneConfig, folder: Path | None) -> None:
+        """The vision encoder, projector and language model of the VLM (the layers kept),
+        by family; the tiny encoder's patch embedding replaced by a conv stem if asked."""
+        inner = vlm.model
+        self.projector: nn.Module | None
+        if self.family == "paligemma":
+            self.vision, self.projector = inner.vision_tower, inner.multi_modal_projector
+            self.language = inner.language_model
+        elif self.family == "qwen2_5_vl":  # the projector (merger) is inside the vision tower
+            self.vision, self.projector = inner.visual, None
+            self.language = inner.language_model
+        else:
+            self.vision, self.projector = inner.vision_model, inner.connector
+            self.language = inner.text_model
+        if config.num_layers:
+            self.language.layers = self.language.layers[: config.num_layers]
+        if config.instruction_first and self.family == "qwen2_5_vl":
+            raise ConfigError("instruction_first: Qwen2.5-VL keeps its own order of tokens")
+        if config.conv_stem:
+            if folder is not None or self.family == "qwen2_5_vl":
+                raise ConfigError(
+                    "conv_stem replaces the patch embedding of a tiny Idefics3 or PaliGemma "
+                    "encoder; a pretrained encoder keeps its own"
+                )
+            embeddings = self.vision.embeddings
+            old = embeddings.patch_embedding
+            embeddings.patch_embedding = ConvStem(old.out_channels, old.kernel_size[0])
 
     def tokenize(
         self, instructions: list[str], device: torch.device

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ditvla.contract import DataSpec
+from ditvla.errors import ConfigError
 from ditvla.policies.backbone import BackboneConfig, Family
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig
 from ditvla.policies.forecasting import ForecastConfig
@@ -111,25 +112,25 @@ class PolicyConfig:
         if self.foresight.enabled and self.cameras:
             self.foresight.camera = self.foresight.camera or self.cameras[0]
             if self.foresight.camera not in self.cameras:
-                raise ValueError(
+                raise ConfigError(
                     f"foresight camera {self.foresight.camera!r} is not one of {self.cameras}"
                 )
         make_schedule(self.objective)  # validates the name
         if self.n_action_steps == 0:
             self.n_action_steps = max(1, self.horizon // 2)
         if not 1 <= self.n_action_steps <= self.horizon:
-            raise ValueError(
+            raise ConfigError(
                 f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"
             )
         if self.noise_samples < 1:
-            raise ValueError(f"noise_samples must be >= 1, got {self.noise_samples}")
+            raise ConfigError(f"noise_samples must be >= 1, got {self.noise_samples}")
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+            raise ConfigError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.distilled_steps < 0:
-            raise ValueError(f"distilled_steps must be >= 0, got {self.distilled_steps}")
+            raise ConfigError(f"distilled_steps must be >= 0, got {self.distilled_steps}")
         refusal = self.steps_refusal(self.num_inference_steps)
         if refusal:
-            raise ValueError(f"num_inference_steps: {refusal}")
+            raise ConfigError(f"num_inference_steps: {refusal}")
 
     def steps_refusal(self, steps: int) -> str | None:
         """Why this policy cannot sample with ``steps`` denoising steps (a few-step student
@@ -148,7 +149,7 @@ class PolicyConfig:
         (PolicyConfig fields; ``backbone``, ``head`` and ``foresight`` as dicts over the
         preset's)."""
         if name not in POLICY_PRESETS:
-            raise ValueError(f"unknown policy preset {name!r}; choose {', '.join(POLICY_PRESETS)}")
+            raise ConfigError(f"unknown policy preset {name!r}; choose {', '.join(POLICY_PRESETS)}")
         family, head_size = POLICY_PRESETS[name]
         backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
         head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditvla.errors import ConfigError
 from ditvla.policies.forecasting import Forecaster
 from ditvla.policies.pooling import masked_mean
 
@@ -70,13 +71,13 @@ class ActionHeadConfig:
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("cross_attention", "in_context"):
-            raise ValueError(
+            raise ConfigError(
                 f"conditioning must be 'cross_attention' or 'in_context', got {self.conditioning!r}"
             )
         if self.self_attention_every < 1:
-            raise ValueError(f"self_attention_every must be >= 1, got {self.self_attention_every}")
+            raise ConfigError(f"self_attention_every must be >= 1, got {self.self_attention_every}")
         if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
 HEAD_PRESETS: dict[str, dict] = {

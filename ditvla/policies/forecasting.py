@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from ditvla.errors import ConfigError
+
 ForecastMode = Literal["off", "taylor", "gated"]
 FORECAST_MODES = ("off", "taylor", "gated")
 
@@ -49,22 +51,22 @@ class ForecastConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in FORECAST_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"forecast mode {self.mode!r} is not one of {', '.join(FORECAST_MODES)}"
             )
         if self.interval < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"forecast interval must be >= 2 (1 forecasts nothing), got {self.interval}"
             )
         if not 1 <= self.order <= 3:
-            raise ValueError(f"forecast order must be 1, 2 or 3, got {self.order}")
+            raise ConfigError(f"forecast order must be 1, 2 or 3, got {self.order}")
         if self.warmup < self.order + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"forecast warmup must be >= order + 1 ({self.order + 1}): a series of order "
                 f"{self.order} needs that many full steps, got {self.warmup}"
             )
         if self.threshold <= 0:
-            raise ValueError(f"forecast threshold must be > 0, got {self.threshold}")
+            raise ConfigError(f"forecast threshold must be > 0, got {self.threshold}")
 
 
 class TaylorSeries:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditvla.errors import ConfigError
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig, DiTActionHead
 from ditvla.policies.noise_schedules import FlowMatching
 
@@ -68,9 +69,9 @@ class ForesightConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"foresight must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise ConfigError(f"foresight must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.size % self.patch:
-            raise ValueError(f"foresight size {self.size} is not a multiple of patch {self.patch}")
+            raise ConfigError(f"foresight size {self.size} is not a multiple of patch {self.patch}")
 
     @property
     def enabled(self) -> bool:
@@ -212,7 +213,7 @@ class LatentForesightHead(_ForesightDiT):
         b, n, d = hidden.shape
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"the vision encoder gives {n} patches, not a square grid")
+            raise ConfigError(f"the vision encoder gives {n} patches, not a square grid")
         grid = hidden.transpose(1, 2).reshape(b, d, side, side)
         pooled = F.adaptive_avg_pool2d(grid, self.config.grid).flatten(2).transpose(1, 2)
         return F.layer_norm(pooled, (d,))

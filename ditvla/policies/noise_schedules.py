@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from ditvla.errors import ConfigError
+
 Predict = Callable[[torch.Tensor, int], torch.Tensor]
 Guide = Callable[[torch.Tensor], torch.Tensor]
 
@@ -136,4 +138,4 @@ def make_schedule(objective: str, num_train_timesteps: int = 100) -> NoiseSchedu
         return FlowMatching()
     if objective == "ddpm":
         return DDPM(num_train_timesteps=num_train_timesteps)
-    raise ValueError(f"unknown objective {objective!r}; expected 'flow_matching' or 'ddpm'")
+    raise ConfigError(f"unknown objective {objective!r}; expected 'flow_matching' or 'ddpm'")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ditvla.contract import STAT_NAMES
+from ditvla.errors import ConfigError
 
 NormMode = Literal["mean_std", "min_max", "quantile", "identity"]
 CONSTANT_SPREAD = 1e-6  # a feature whose spread (std, range) is under this is constant
@@ -60,7 +61,7 @@ class Normalizer(nn.Module):
             elif mode == "quantile":
                 center, scale = (s["q99"] + s["q01"]) / 2, (s["q99"] - s["q01"]) / 2
             else:
-                raise ValueError(f"unknown normalization mode {mode!r} for {key!r}")
+                raise ConfigError(f"unknown normalization mode {mode!r} for {key!r}")
             scale = torch.where(scale < CONSTANT_SPREAD, torch.ones_like(scale), scale)
             self.register_buffer(self._name(key, "center"), center)
             self.register_buffer(self._name(key, "scale"), scale)

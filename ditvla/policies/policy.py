@@ -28,7 +28,14 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from ditvla.contract import STAT_NAMES, HeadDType, PolicyInputError, PolicySpec, Stats
+from ditvla.contract import (
+    STAT_NAMES,
+    CheckpointError,
+    HeadDType,
+    PolicyInputError,
+    PolicySpec,
+    Stats,
+)
 from ditvla.policies import checkpoint, losses
 from ditvla.policies.auxiliary_head import AuxiliaryHead
 from ditvla.policies.backbone import VLMBackbone
@@ -309,3 +316,14 @@ def _identity_stats(config: PolicyConfig) -> Stats:
         return {name: [value] * dim for name, value in unit.items()}
 
     return {"action": stats(config.action_dim), "state": stats(config.state_dim)}
+
+
+def dit_policy(policy: Any, folder: str | Path, command: str) -> DiTVLAPolicy:
+    """``policy`` (loaded from ``folder``) if it is a DiT diffusion policy, what
+    ``command`` works on (its sampler, normalizer and head); else CheckpointError."""
+    if not isinstance(policy, DiTVLAPolicy):
+        raise CheckpointError(
+            f"{folder}: {command} needs a ditvla diffusion policy folder, not a "
+            f"{type(policy).__name__}"
+        )
+    return policy

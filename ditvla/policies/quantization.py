@@ -21,7 +21,8 @@ floating-point weights so that they cost nothing at run time:
 **Backends**: torchao's ``quantize_`` (the maintained path: ``w8a8`` int8 dynamic
 activations + int8 weights, ``w8`` int8 weight-only, ``w4a8`` int4 weights + int8
 dynamic activations), and for ``w8a8`` on the CPU also PyTorch's FBGEMM dynamic int8
-kernels (``backend="fbgemm"``), measured faster here in eager mode (see the README).
+kernels (``backend="fbgemm"``), faster than torchao's eagerly on the CPUs we measured
+(docs/quantization.md).
 
 A quantized policy folder holds the float weights (with the corrections folded in) and
 the recipe; loading re-applies the same deterministic quantization.
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ditvla.errors import DitvlaError
 from ditvla.policies.timing import paired_median_ms
 
 SCHEMES = ("w8a8", "w8", "w4a8")
@@ -46,7 +48,7 @@ BACKENDS = ("torchao", "fbgemm")
 LAYOUT_PARTS = ("language_mlp", "head_mlp", "head_attention", "head_modulation")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(DitvlaError, ValueError):
     """A scheme or backend that cannot run here, or a calibration set that does not fit."""
 
 
@@ -459,8 +461,8 @@ def measure(
     float_policy: nn.Module, result: QuantizedPolicy, held_out: list[dict], repeats: int = 40
 ) -> dict:
     """Memory of the quantized layers, encode/act latency (batch 1, medians of ``repeats``
-    calls of each in turn), relative action error on held-out frames with the same noise.
-    (At 20 calls, two layouts 5% apart in act time swapped places between runs here.)"""
+    calls of each in turn: fewer let close layouts swap places between runs), relative
+    action error on held-out frames with the same noise."""
     quantized = result.model
     one = {
         "images": {c: v[:1] for c, v in held_out[0]["images"].items()},
