@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -44,7 +45,11 @@ def test_expert_succeeds_random_does_not_and_runs_repeat(tmp_path):
     assert summary["tasks"]["drawer-close-v3"]["success_rate"] == 1.0
     assert summary["tasks"]["reach-v3"]["episodes"] == 3
     assert len(summary["tasks"]["reach-v3"]["ci95"]) == 2
-    assert (tmp_path / "expert" / "videos" / "reach-v3_seed100000.mp4").stat().st_size > 1000
+    video = tmp_path / "expert" / "videos" / "reach-v3_seed100000.mp4"
+    assert video.stat().st_size > 1000
+    with av.open(str(video)) as container:  # what browsers play: H.264, not MPEG-4 Part 2
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in container.decode(video=0)) > 10
     assert "| reach-v3 | 100% |" in (tmp_path / "expert" / "results.md").read_text()
     lines = (tmp_path / "expert" / "episodes.jsonl").read_text().splitlines()
     assert len(lines) == 6

@@ -25,13 +25,10 @@ task set at construction, and lose the whole vector when one worker dies.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import multiprocessing as mp
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,18 +37,34 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.contract import ChunkPolicy
-from ditvla.envs.registry import SUITES, parse_env
+from ditvla.contract import ChunkPolicy, PolicySpec
+from ditvla.envs.evaluation_report import (
+    EpisodeResult,
+    EvaluationReport,
+    describe_observation,
+    wilson_interval,
+)
+from ditvla.envs.registry import Suite, parse_env
+from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
 from ditvla.envs.schema import EVAL_SEED_START
+from ditvla.envs.videos import write_video
+from ditvla.errors import ConfigError
+
+__all__ = [
+    "EvalConfig",
+    "EvaluationReport",
+    "describe_observation",
+    "evaluate",
+    "wilson_interval",
+]
 
 Probe = Literal["none", "blank_images", "shuffled_instructions"]
-WORKER_TIMEOUT_S = 120.0
 VIDEO_SIZE_PX = 64  # rollout videos of policies that read no camera
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How many episodes of which seeds ``ditvla eval`` runs, and what it writes.
+    """How many episodes of which seeds ``ditvla eval`` runs, and what it records.
 
     Args:
         episodes_per_task: episodes per task, on seeds seed_start, seed_start + 1, ...
@@ -59,8 +72,7 @@ class EvalConfig:
         seed_start: first episode seed (evaluation seeds start apart from the
             demonstration seeds 0, 1, ...).
         max_steps: episode step limit (default: the task's own).
-        videos_per_task: mp4 rollouts recorded per task (with out).
-        out: folder for results.json, results.md, episodes.jsonl and videos/ (None: none).
+        videos_per_task: mp4 rollouts recorded per task (when results are written).
         probe: none, or what to take from the policy to see whether it uses it:
             blank_images (every camera frame black), shuffled_instructions (each episode
             gets the instruction of another of the evaluated tasks, fixed by its seed).
@@ -72,207 +84,22 @@ class EvalConfig:
     seed_start: int = EVAL_SEED_START
     max_steps: int | None = None
     videos_per_task: int = 1
-    out: str | None = None
     probe: Probe = "none"
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.episodes_per_task < 1 or self.workers < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
                 f"and {self.workers}"
             )
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-@dataclass
-class EpisodeResult:
-    task: str
-    seed: int
-    success: bool
-    steps: int
-    error: str | None = None
-
-
-@dataclass
-class EvaluationReport:
-    """Episodes, and what the policy read: ``observation`` = {"cameras", "state_keys",
-    "privileged_state", "probe"} (every report says which state the policy read)."""
-
-    episodes: list[EpisodeResult] = field(default_factory=list)
-    seconds: float = 0.0
-    observation: dict[str, Any] = field(default_factory=dict)
-
-    def per_task(self) -> dict[str, dict[str, Any]]:
-        tasks: dict[str, list[EpisodeResult]] = {}
-        for e in self.episodes:
-            tasks.setdefault(e.task, []).append(e)
-        out = {}
-        for task, eps in tasks.items():
-            wins = sum(e.success for e in eps)
-            lo, hi = wilson_interval(wins, len(eps))
-            out[task] = {
-                "success_rate": wins / len(eps),
-                "episodes": len(eps),
-                "ci95": [round(lo, 4), round(hi, 4)],
-                "mean_length": float(np.mean([e.steps for e in eps])),
-                "errors": sum(e.error is not None for e in eps),
-            }
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        tasks = self.per_task()
-        mean = float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else 0.0
-        return {
-            "tasks": tasks,
-            "mean_success": mean,
-            "observation": self.observation,
-            "seconds": round(self.seconds, 1),
-        }
-
-    def markdown(self) -> str:
-        rows = [
-            "| task | success | 95% interval | episodes | mean length |",
-            "|---|---|---|---|---|",
-        ]
-        for task, t in self.per_task().items():
-            rows.append(
-                f"| {task} | {t['success_rate']:.0%} | {t['ci95'][0]:.0%}-{t['ci95'][1]:.0%} | "
-                f"{t['episodes']} | {t['mean_length']:.0f} |"
-            )
-        rows.append(f"| **mean** | **{self.summary()['mean_success']:.1%}** | | | |")
-        return "\n".join([*rows, "", f"The policy read: {describe_observation(self.observation)}."])
-
-
-def describe_observation(observation: dict[str, Any]) -> str:
-    """``cameras corner (64 px), state proprio (proprioception only), instruction``."""
-    if not observation:
-        return "unknown"
-    cameras = ", ".join(observation["cameras"]) or "no camera"
-    state = " + ".join(observation["state_keys"]) or "no state"
-    kind = (
-        "with privileged simulator state"
-        if observation["privileged_state"]
-        else ("proprioception only")
-    )
-    probe = observation.get("probe", "none")
-    return f"cameras {cameras}, state {state} ({kind}), instruction" + (
-        f"; probe: {probe.replace('_', ' ')}" if probe != "none" else ""
-    )
-
-
-# ---------------------------------------------------------------------- workers
-class SimulatorError(RuntimeError):
-    """The simulator raised during an episode (sent back by the worker, which lives on)."""
-
-
-def _worker_main(
-    conn,
-    suite: str,
-    cameras: tuple[str, ...],
-    image_size: int,
-    max_steps: int | None,
-    with_expert: bool,
-    state_keys: tuple[str, ...] | None,
-) -> None:
-    """One simulator process: answers reset/step/close commands over a pipe."""
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    envs: dict[str, Any] = {}
-    env: Any = None
-
-    def reply(obs: dict[str, Any], success: bool, truncated: bool) -> None:
-        if with_expert and not (success or truncated):
-            obs["expert_action"] = env.expert_action()
-        conn.send((obs, success, truncated))
-
-    try:
-        while True:
-            command, args = conn.recv()
-            if command == "close":
-                break
-            try:
-                if command == "reset":
-                    task, seed, render = args
-                    if task not in envs:
-                        envs[task] = SUITES[suite].make(
-                            task,
-                            cameras=cameras,
-                            image_size=image_size,
-                            max_episode_steps=max_steps,
-                            state_keys=state_keys,
-                        )
-                    env = envs[task]
-                    obs, _ = env.reset(seed=seed, options={"skip_images": not render})
-                    reply(obs, False, False)
-                elif command == "step":
-                    action, render = args
-                    obs, _, success, truncated, _ = env.step(action, render=render)
-                    reply(obs, success, truncated)
-            except Exception as exc:  # the episode fails with the reason; the worker lives on
-                conn.send(SimulatorError(f"{type(exc).__name__}: {exc}"))
-    except (EOFError, KeyboardInterrupt):
-        pass
-    finally:
-        for e in envs.values():
-            e.close()
-
-
-class _Worker:
-    def __init__(self, context, *args: Any):
-        self._args = args
-        self._context = context
-        self.start()
-
-    def start(self) -> None:
-        self.conn, child = self._context.Pipe()
-        self.process = self._context.Process(
-            target=_worker_main, args=(child, *self._args), daemon=True
-        )
-        self.process.start()
-        child.close()
-
-    def restart(self) -> None:
-        self.process.kill()
-        self.process.join(5)
-        self.start()
-
-    def request(self, command: str, *args: Any) -> None:
-        self.conn.send((command, args))
-
-    def response(self) -> tuple[dict, bool, bool]:
-        if not self.conn.poll(WORKER_TIMEOUT_S):
-            raise TimeoutError(f"simulator worker {self.process.pid} did not answer")
-        answer = self.conn.recv()
-        if isinstance(answer, SimulatorError):
-            raise answer
-        return answer
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # BrokenPipeError is an OSError
-            self.conn.send(("close", ()))
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
 
 
 @dataclass
 class _Slot:
     """An episode in flight on one worker."""
 
-    worker: _Worker
+    worker: SimulatorWorker
     job: tuple[str, int] | None = None
     steps: int = 0
     queue: deque = field(default_factory=deque)
@@ -288,7 +115,7 @@ class _Slot:
 def _batch(
     observations: list[dict],
     jobs: list[tuple[str, int]],
-    cameras: Sequence[str],
+    cameras: tuple[str, ...],
     probe: Probe,
     instructions: dict[str, str],
 ) -> dict[str, Any]:
@@ -317,194 +144,236 @@ def _batch(
     return batch
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
-    import cv2
+class _Rollouts:
+    """The episodes in flight: a slot per worker, the jobs waiting, retries of episodes
+    whose worker died, videos, and the report the finished episodes go into."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-
-
-def evaluate(
-    policy: ChunkPolicy, env_spec: str, config: EvalConfig | None = None, **settings: Any
-) -> EvaluationReport:
-    """Run every task of ``env_spec`` with ``policy``; ``settings`` are
-    :class:`EvalConfig` fields set over ``config`` (e.g. ``episodes_per_task=20``)."""
-    config = replace(config or EvalConfig(), **settings)
-    suite, tasks = parse_env(env_spec)
-    action_dim = suite.action_dim
-    spec = policy.spec
-    cameras, n_action_steps, noise_shape = spec.cameras, spec.n_action_steps, spec.noise_shape
-    state_keys = tuple(spec.state_keys) if spec.state_dim else None
-    if state_keys is not None:
-        try:
-            suite.env_class.check_state_keys(state_keys)
-        except ValueError as exc:
-            raise ValueError(f"the policy reads state {' + '.join(state_keys)}: {exc}") from None
-    report = EvaluationReport(
-        observation={
-            "cameras": list(cameras),
-            "state_keys": list(state_keys or ()),
-            "privileged_state": spec.reads_expert_action
-            or suite.env_class.reads_privileged_state(state_keys or ()),
-            "probe": config.probe,
-        }
-    )
-    instructions = {task: suite.instruction(task) for task in tasks}
-    policy.reset()
-    video_cameras = cameras or suite.default_cameras[:1]
-    out = Path(config.out) if config.out is not None else None
-    record_videos = out is not None and config.videos_per_task > 0
-    render_cameras = (
-        cameras if not record_videos else tuple(dict.fromkeys((*cameras, *video_cameras)))
-    )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "episodes.jsonl").write_text("")
-    jobs = deque(
-        (task, config.seed_start + i) for task in tasks for i in range(config.episodes_per_task)
-    )
-    videos_left = {task: config.videos_per_task if record_videos else 0 for task in tasks}
-    context = mp.get_context("spawn")
-    slots = [
-        _Slot(
-            _Worker(
-                context,
-                suite.name,
-                render_cameras,
-                spec.image_size or VIDEO_SIZE_PX,
-                config.max_steps,
-                spec.reads_expert_action,
-                state_keys,
-            )
+    def __init__(
+        self,
+        suite: Suite,
+        tasks: list[str],
+        spec: PolicySpec,
+        config: EvalConfig,
+        report: EvaluationReport,
+        out: Path | None,
+    ):
+        self.suite, self.spec, self.config, self.report, self.out = suite, spec, config, report, out
+        self.instructions = {task: suite.instruction(task) for task in tasks}
+        self.video_cameras = spec.cameras or suite.default_cameras[:1]
+        record_videos = out is not None and config.videos_per_task > 0
+        self.videos_left = {t: config.videos_per_task if record_videos else 0 for t in tasks}
+        render_cameras = (
+            tuple(dict.fromkeys((*spec.cameras, *self.video_cameras)))
+            if record_videos
+            else spec.cameras
         )
-        for _ in range(min(config.workers, len(jobs)))
-    ]
-    tries: dict[tuple[str, int], int] = {}
-    bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not config.progress)
-    start = time.perf_counter()
+        self.jobs = deque(
+            (task, config.seed_start + i) for task in tasks for i in range(config.episodes_per_task)
+        )
+        self.tries: dict[tuple[str, int], int] = {}
+        context = mp.get_context("spawn")
+        worker_args = (
+            suite.name,
+            render_cameras,
+            spec.image_size or VIDEO_SIZE_PX,
+            config.max_steps,
+            spec.reads_expert_action,
+            tuple(spec.state_keys) if spec.state_dim else None,
+        )
+        self.slots = [
+            _Slot(SimulatorWorker(context, *worker_args))
+            for _ in range(min(config.workers, len(self.jobs)))
+        ]
+        self.bar = tqdm(total=len(self.jobs), desc="eval", unit="ep", disable=not config.progress)
 
-    def finish(slot: _Slot, success: bool, error: str | None = None) -> None:
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs) or any(s.job for s in self.slots)
+
+    def close(self) -> None:
+        self.bar.close()
+        for slot in self.slots:
+            slot.worker.close()
+
+    # -------------------------------------------------------------- episodes end
+    def finish(self, slot: _Slot, success: bool, error: str | None = None) -> None:
         task, seed = slot.job
         result = EpisodeResult(task, seed, bool(success), slot.steps, error)
-        report.episodes.append(result)
-        if out is not None:
-            with (out / "episodes.jsonl").open("a") as f:
+        self.report.episodes.append(result)
+        if self.out is not None:
+            with (self.out / "episodes.jsonl").open("a") as f:
                 f.write(json.dumps(asdict(result)) + "\n")
             if slot.frames:
                 name = task.replace("/", "_")  # LIBERO tasks are "suite/index"
-                _write_video(out / "videos" / f"{name}_seed{seed}.mp4", slot.frames)
+                write_video(self.out / "videos" / f"{name}_seed{seed}.mp4", slot.frames)
         slot.clear()
-        wins = sum(e.success for e in report.episodes)
-        bar.update()
-        bar.set_postfix_str(f"success {wins}/{len(report.episodes)}")
+        wins = sum(e.success for e in self.report.episodes)
+        self.bar.update()
+        self.bar.set_postfix_str(f"success {wins}/{len(self.report.episodes)}")
 
-    def crashed(slot: _Slot, exc: Exception) -> None:
+    def crashed(self, slot: _Slot, exc: Exception) -> None:
         slot.worker.restart()
-        if tries[slot.job] < 2:
-            jobs.appendleft(slot.job)  # retried once, on the fresh worker
+        if self.tries[slot.job] < 2:
+            self.jobs.appendleft(slot.job)  # retried once, on the fresh worker
             slot.clear()
         else:
-            finish(slot, False, f"simulator worker failed twice: {type(exc).__name__}: {exc}")
+            self.finish(slot, False, f"simulator worker failed twice: {type(exc).__name__}: {exc}")
 
-    def receive(slot: _Slot) -> tuple[dict, bool, bool] | None:
+    def receive(self, slot: _Slot) -> tuple[dict, bool, bool] | None:
         """The worker's answer, or None when the episode ended (failed or queued again)."""
         try:
             return slot.worker.response()
         except SimulatorError as exc:
-            finish(slot, False, f"simulator raised {exc}")
+            self.finish(slot, False, f"simulator raised {exc}")
         except (EOFError, OSError, TimeoutError) as exc:
-            crashed(slot, exc)
+            self.crashed(slot, exc)
         return None
 
-    try:
-        while jobs or any(s.job for s in slots):
-            # Start episodes on idle workers.
-            started = []
-            for slot in slots:
-                if slot.job is None and jobs:
-                    slot.job = jobs.popleft()
-                    tries[slot.job] = tries.get(slot.job, 0) + 1
-                    slot.steps, slot.queue = 0, deque()
-                    if noise_shape is not None:
-                        slot.noise = torch.Generator().manual_seed(slot.job[1])
-                    task = slot.job[0]
-                    slot.frames = [] if videos_left[task] > 0 else None
-                    if slot.frames is not None:
-                        videos_left[task] -= 1
-                    try:
-                        slot.worker.request("reset", slot.job[0], slot.job[1], True)
-                        started.append(slot)
-                    except (BrokenPipeError, OSError) as exc:
-                        crashed(slot, exc)
-            for slot in started:
-                if (answer := receive(slot)) is None:
-                    continue
+    def _record_frame(self, slot: _Slot) -> None:
+        if slot.frames is not None:
+            slot.frames.append(slot.obs["images"][self.video_cameras[0]])
+
+    # -------------------------------------------------------------- the three phases
+    def start_idle(self) -> None:
+        """Start the next episodes on idle workers and take in their first observations."""
+        started = []
+        for slot in self.slots:
+            if slot.job is not None or not self.jobs:
+                continue
+            slot.job = self.jobs.popleft()
+            task, seed = slot.job
+            self.tries[slot.job] = self.tries.get(slot.job, 0) + 1
+            slot.steps, slot.queue = 0, deque()
+            if self.spec.noise_shape is not None:
+                slot.noise = torch.Generator().manual_seed(seed)
+            slot.frames = [] if self.videos_left[task] > 0 else None
+            if slot.frames is not None:
+                self.videos_left[task] -= 1
+            try:
+                slot.worker.request("reset", task, seed, True)
+                started.append(slot)
+            except (BrokenPipeError, OSError) as exc:
+                self.crashed(slot, exc)
+        for slot in started:
+            if (answer := self.receive(slot)) is not None:
                 slot.obs = answer[0]
-                if slot.frames is not None:
-                    slot.frames.append(slot.obs["images"][video_cameras[0]])
-            active = [s for s in slots if s.job is not None and s.obs is not None]
-            # One batched policy call for the episodes that need a new chunk.
-            needing = [s for s in active if not s.queue]
-            if needing:
-                observations = [s.obs for s in needing]
-                if spec.state_dim and observations[0]["state"].shape != (spec.state_dim,):
-                    raise ValueError(
-                        f"the policy reads a {spec.state_dim}-D state ({' + '.join(state_keys)}), "
-                        f"{suite.name} gives {observations[0]['state'].shape[0]}-D"
-                    )
-                batch = _batch(
-                    observations, [s.job for s in needing], cameras, config.probe, instructions
-                )
-                options = {}  # the episodes' own initial noise, for a diffusion policy
-                if noise_shape is not None:
-                    rows = [torch.randn(noise_shape, generator=s.noise) for s in needing]
-                    options["noise"] = torch.stack(rows)
-                try:
-                    with torch.inference_mode():
-                        chunks = policy.predict_action_chunk(batch, **options)
-                    chunks = torch.as_tensor(chunks).float().cpu().numpy()
-                except Exception as exc:  # a policy bug fails these episodes, not the run
-                    for s in needing:
-                        finish(s, False, f"policy raised {type(exc).__name__}: {exc}")
-                    continue
-                for i, s in enumerate(needing):
-                    chunk = chunks[i] if chunks.ndim == 3 and len(chunks) == len(needing) else None
-                    if chunk is None or chunk.ndim != 2 or chunk.shape[1] != action_dim:
-                        finish(
-                            s,
-                            False,
-                            f"policy returned shape {chunks.shape}, expected "
-                            f"({len(needing)}, H, {action_dim})",
-                        )
-                    elif not np.all(np.isfinite(chunk)):
-                        finish(s, False, "policy returned NaN or infinite actions")
-                    else:
-                        s.queue.extend(chunk[:n_action_steps])
-            stepping = [s for s in slots if s.job is not None and s.queue]
-            for s in stepping:
-                action = s.queue.popleft()
-                render = not s.queue or s.frames is not None
-                try:
-                    s.worker.request("step", action, render)
-                except (BrokenPipeError, OSError) as exc:
-                    crashed(s, exc)
-            for s in stepping:
-                if s.job is None or (answer := receive(s)) is None:
-                    continue
-                s.obs, success, truncated = answer
-                s.steps += 1
-                if s.frames is not None:
-                    s.frames.append(s.obs["images"][video_cameras[0]])
-                if success or truncated:
-                    finish(s, success)
+                self._record_frame(slot)
+
+    def query_policy(self, policy: ChunkPolicy) -> None:
+        """One batched policy call for the episodes whose action queue is empty."""
+        needing = [s for s in self.slots if s.job is not None and s.obs is not None and not s.queue]
+        if not needing:
+            return
+        spec = self.spec
+        observations = [s.obs for s in needing]
+        if spec.state_dim and observations[0]["state"].shape != (spec.state_dim,):
+            raise ConfigError(
+                f"the policy reads a {spec.state_dim}-D state ({' + '.join(spec.state_keys)}), "
+                f"{self.suite.name} gives {observations[0]['state'].shape[0]}-D"
+            )
+        jobs = [s.job for s in needing]
+        batch = _batch(observations, jobs, spec.cameras, self.config.probe, self.instructions)
+        options = {}  # the episodes' own initial noise, for a diffusion policy
+        if spec.noise_shape is not None:
+            rows = [torch.randn(spec.noise_shape, generator=s.noise) for s in needing]
+            options["noise"] = torch.stack(rows)
+        try:
+            with torch.inference_mode():
+                chunks = policy.predict_action_chunk(batch, **options)
+            chunks = torch.as_tensor(chunks).float().cpu().numpy()
+        except Exception as exc:  # a policy bug fails these episodes, not the run
+            for s in needing:
+                self.finish(s, False, f"policy raised {type(exc).__name__}: {exc}")
+            return
+        for i, s in enumerate(needing):
+            self._take_chunk(s, chunks, i, len(needing))
+
+    def _take_chunk(self, slot: _Slot, chunks: np.ndarray, row: int, rows: int) -> None:
+        """Queue the first n_action_steps of the slot's chunk, or fail its episode."""
+        action_dim = self.suite.action_dim
+        chunk = chunks[row] if chunks.ndim == 3 and len(chunks) == rows else None
+        if chunk is None or chunk.ndim != 2 or chunk.shape[1] != action_dim:
+            error = f"policy returned shape {chunks.shape}, expected ({rows}, H, {action_dim})"
+            self.finish(slot, False, error)
+        elif not np.all(np.isfinite(chunk)):
+            self.finish(slot, False, "policy returned NaN or infinite actions")
+        else:
+            slot.queue.extend(chunk[: self.spec.n_action_steps])
+
+    def step(self) -> None:
+        """One simulator step of every episode with a queued action (rendered when the
+        policy reads the next observation, or for a video)."""
+        stepping = [s for s in self.slots if s.job is not None and s.queue]
+        for s in stepping:
+            action = s.queue.popleft()
+            render = not s.queue or s.frames is not None
+            try:
+                s.worker.request("step", action, render)
+            except (BrokenPipeError, OSError) as exc:
+                self.crashed(s, exc)
+        for s in stepping:
+            if s.job is None or (answer := self.receive(s)) is None:
+                continue
+            s.obs, success, truncated = answer
+            s.steps += 1
+            self._record_frame(s)
+            if success or truncated:
+                self.finish(s, success)
+
+
+def _checked_state_keys(suite: Suite, spec: PolicySpec) -> tuple[str, ...] | None:
+    """The state arrays the policy reads, refused up front if the suite has no such parts."""
+    if not spec.state_dim:
+        return None
+    state_keys = tuple(spec.state_keys)
+    try:
+        suite.env_class.check_state_keys(state_keys)
+    except ValueError as exc:
+        raise ConfigError(f"the policy reads state {' + '.join(state_keys)}: {exc}") from None
+    return state_keys
+
+
+def evaluate(
+    policy: ChunkPolicy,
+    env_spec: str,
+    config: EvalConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    **settings: Any,
+) -> EvaluationReport:
+    """Run every task of ``env_spec`` with ``policy``; ``settings`` are
+    :class:`EvalConfig` fields set over ``config`` (e.g. ``episodes_per_task=20``).
+    ``out``: a folder for results.json, results.md, episodes.jsonl and videos/ (None:
+    nothing is written)."""
+    config = replace(config or EvalConfig(), **settings)
+    suite, tasks = parse_env(env_spec)
+    spec = policy.spec
+    state_keys = _checked_state_keys(suite, spec)
+    privileged = spec.reads_expert_action or suite.env_class.reads_privileged_state(
+        state_keys or ()
+    )
+    report = EvaluationReport(
+        observation={
+            "cameras": list(spec.cameras),
+            "state_keys": list(state_keys or ()),
+            "privileged_state": privileged,
+            "probe": config.probe,
+        }
+    )
+    policy.reset()
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "episodes.jsonl").write_text("")
+    start = time.perf_counter()
+    rollouts = _Rollouts(suite, tasks, spec, config, report, out)
+    try:
+        while rollouts.busy:
+            rollouts.start_idle()
+            rollouts.query_policy(policy)
+            rollouts.step()
     finally:
-        bar.close()
-        for slot in slots:
-            slot.worker.close()
+        rollouts.close()
     report.seconds = time.perf_counter() - start
     if out is not None:
         (out / "results.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
