@@ -19,7 +19,9 @@ from test_policy import observation, write_reaching_store
 
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
-from ditvla.training.trainer import EpochSampler, TrainConfig, lr_factor, train
+from ditvla.training.batch_order import EpochSampler
+from ditvla.training.optimization import lr_factor
+from ditvla.training.trainer import TrainConfig, train
 
 SMALL_HEAD = {"horizon": 4, "num_inference_steps": 8}
 
@@ -222,10 +224,10 @@ def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):
 
 
 def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():
-    from ditvla.training.trainer import _warmed_up_ema
+    from ditvla.training.optimization import warmed_up_ema
 
     def averaged_after(power: float, updates: int) -> float:
-        ema, update = [torch.zeros(4)], _warmed_up_ema(0.999, power)
+        ema, update = [torch.zeros(4)], warmed_up_ema(0.999, power)
         for n in range(1, updates + 1):  # the weights moved from 0 to 1 and stay there
             update(ema, [torch.ones(4)], torch.tensor(n))
         return float(ema[0][0])

@@ -12,10 +12,8 @@ the ordinary flow-matching loss on the frames' demonstrated chunks, which keeps 
 student's velocity field anchored to the data (FACM; SnapFlow mixes the two the same way).
 
 A student can be the teacher of a student with fewer steps (progressive distillation,
-Salimans & Ho 2022): 10 -> 2 steps, then 2 -> 1. Measured on multimodal reach-wall
-(docs/benchmarks.md, 50 episodes): a 2-step student matched its 10-step teacher where
-the teacher's own 2 steps lost 12 points; one step, distilled directly or from that
-2-step student, stayed below it.
+Salimans & Ho 2022): 10 -> 2 steps, then 2 -> 1. docs/benchmarks.md has what each
+student kept of its teacher's success.
 
 The result is an ordinary policy folder (``num_inference_steps`` and ``distilled_steps``
 set to the student's count, the distillation recorded under ``distillation`` in
@@ -33,9 +31,11 @@ from tqdm.auto import tqdm
 
 from ditvla.contract import load_policy
 from ditvla.datasets.observations import observations_from_store
+from ditvla.errors import ConfigError
 from ditvla.policies.checkpoint import edit_config_file
 from ditvla.policies.forecasting import ForecastConfig
-from ditvla.training.trainer import lr_factor
+from ditvla.policies.policy import DiTVLAPolicy, dit_policy
+from ditvla.training.optimization import optimizer_step, scheduled_adamw
 
 NO_FORECAST = ForecastConfig()
 
@@ -76,11 +76,11 @@ class DistillConfig:
     def __post_init__(self) -> None:
         for name in ("student_steps", "steps", "batch_size", "frames"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.flow_weight < 0:
-            raise ValueError(f"flow_weight must be >= 0, got {self.flow_weight}")
+            raise ConfigError(f"flow_weight must be >= 0, got {self.flow_weight}")
         if self.teacher_steps < 0:
-            raise ValueError(f"teacher_steps must be >= 0, got {self.teacher_steps}")
+            raise ConfigError(f"teacher_steps must be >= 0, got {self.teacher_steps}")
 
 
 def distill(
@@ -88,19 +88,8 @@ def distill(
 ) -> dict:
     """Train a ``config.student_steps``-step student of the policy in ``policy`` on frames
     of ``dataset`` and save it to ``out``; returns the record stored in its config.json."""
-    teacher = load_policy(policy)
-    if not hasattr(teacher, "normalizer"):
-        raise ValueError(f"{policy}: distill needs a diffusion policy folder")
-    teacher_steps = config.teacher_steps or teacher.config.num_inference_steps
-    refusal = teacher.config.steps_refusal(teacher_steps)  # a student as the teacher
-    if refusal:
-        raise ValueError(f"{policy}: --teacher-steps {teacher_steps}: {refusal}")
-    if teacher_steps <= config.student_steps:
-        raise ValueError(
-            f"the teacher samples with {teacher_steps} steps, the student with "
-            f"{config.student_steps}: a student needs fewer steps than its teacher (set "
-            "--teacher-steps, e.g. 10, for a policy calibrated to few steps)"
-        )
+    teacher = dit_policy(load_policy(policy), policy, "distill")
+    teacher_steps = _teacher_steps(teacher, policy, config)
     # Every input problem (cameras, state) surfaces here, before any training step.
     batches = observations_from_store(
         dataset,
@@ -111,51 +100,14 @@ def distill(
         with_actions=config.flow_weight > 0,
     )
     if config.flow_weight and batches[0]["action"].shape[-1] != teacher.config.action_dim:
-        raise ValueError(
+        raise ConfigError(
             f"{dataset}: its actions have {batches[0]['action'].shape[-1]} dimensions, the "
             f"policy's {teacher.config.action_dim}: the flow-matching anchor (--flow-weight) "
             "needs the policy's own action space (or set --flow-weight 0)"
         )
     torch.manual_seed(config.seed)
     student = load_policy(policy)
-    student.requires_grad_(False)
-    student.head.requires_grad_(True)
-    trainable = [p for p in student.head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    warmup = max(1, config.steps // 20)
-    order = np.random.default_rng(config.seed)
-    losses: list[float] = []
-    bar = tqdm(range(config.steps), desc="distill", unit="step", disable=not config.progress)
-    for step in bar:
-        if step % len(batches) == 0:
-            order.shuffle(batches)
-        batch = batches[step % len(batches)]
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, warmup, config.steps)
-        context = teacher.encode(batch)
-        noise = torch.randn(len(batch["instruction"]), *teacher.noise_shape)
-        with torch.no_grad():
-            target = teacher.denoise(
-                context, batch["state"], noise=noise, num_steps=teacher_steps, forecast=NO_FORECAST
-            )
-        mine = student.context_from(context.tokens, context.mask)  # the student head's cache
-        chunk = student.denoise(
-            mine, batch["state"], noise=noise, num_steps=config.student_steps, forecast=NO_FORECAST
-        )
-        distillation_loss = ((chunk - target) ** 2).mean()
-        loss = distillation_loss
-        if config.flow_weight:
-            flow = student.action_loss(
-                mine, batch["state"], batch["action"], batch["action_is_pad"]
-            )
-            loss = loss + config.flow_weight * flow
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        losses.append(distillation_loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    bar.close()
+    losses = _train_student(teacher, student, batches, teacher_steps, config)
     record = {
         "teacher": str(policy),
         "teacher_steps": teacher_steps,
@@ -174,3 +126,70 @@ def distill(
     student.save_pretrained(out)
     edit_config_file(out, lambda meta: meta.update(distillation=record))
     return record
+
+
+def _teacher_steps(teacher: DiTVLAPolicy, folder: str | Path, config: DistillConfig) -> int:
+    """The teacher's step count for its targets, checked against what it can do and the
+    student's."""
+    teacher_steps = config.teacher_steps or teacher.config.num_inference_steps
+    refusal = teacher.config.steps_refusal(teacher_steps)  # a student as the teacher
+    if refusal:
+        raise ConfigError(f"{folder}: --teacher-steps {teacher_steps}: {refusal}")
+    if teacher_steps <= config.student_steps:
+        raise ConfigError(
+            f"the teacher samples with {teacher_steps} steps, the student with "
+            f"{config.student_steps}: a student needs fewer steps than its teacher (set "
+            "--teacher-steps, e.g. 10, for a policy calibrated to few steps)"
+        )
+    return teacher_steps
+
+
+def _train_student(
+    teacher: DiTVLAPolicy,
+    student: DiTVLAPolicy,
+    batches: list[dict],
+    teacher_steps: int,
+    config: DistillConfig,
+) -> list[float]:
+    """Train the student's action head (nothing else) to send each noise where the
+    teacher's sampler does; returns the distillation loss of every step."""
+    student.requires_grad_(False)
+    student.head.requires_grad_(True)
+    trainable = [p for p in student.head.parameters() if p.requires_grad]
+    optimizer, schedule = scheduled_adamw(
+        trainable,
+        lr=config.lr,
+        weight_decay=0.0,
+        warmup_steps=max(1, config.steps // 20),
+        total_steps=config.steps,
+    )
+    order = np.random.default_rng(config.seed)
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="distill", unit="step", disable=not config.progress)
+    for step in bar:
+        if step % len(batches) == 0:
+            order.shuffle(batches)
+        batch = batches[step % len(batches)]
+        context = teacher.encode(batch)
+        noise = torch.randn(len(batch["instruction"]), *teacher.noise_shape)
+        with torch.no_grad():
+            target = teacher.denoise(
+                context, batch["state"], noise=noise, num_steps=teacher_steps, forecast=NO_FORECAST
+            )
+        mine = student.context_from(context.tokens, context.mask)  # the student head's cache
+        chunk = student.denoise(
+            mine, batch["state"], noise=noise, num_steps=config.student_steps, forecast=NO_FORECAST
+        )
+        distillation_loss = ((chunk - target) ** 2).mean()
+        loss = distillation_loss
+        if config.flow_weight:
+            flow = student.action_loss(
+                mine, batch["state"], batch["action"], batch["action_is_pad"]
+            )
+            loss = loss + config.flow_weight * flow
+        loss.backward()
+        optimizer_step(optimizer, schedule, trainable, config.grad_clip)
+        losses.append(distillation_loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    bar.close()
+    return losses

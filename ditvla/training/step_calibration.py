@@ -9,9 +9,8 @@ into the policy (``config.json``: ``num_inference_steps``, and the measurement u
 ``step_calibration``), which ``eval`` and ``serve`` then use.
 
 Action error on frames is a proxy. Closed loop, a policy whose one-step chunks are as
-close to the demonstrations as its ten-step ones can still fail more episodes (measured:
-docs/benchmarks.md, a reach-wall teacher at 95% with 10 steps and 70% with 1, whose
-held-out error was lowest at 1 step). :func:`calibrate_steps_by_success` measures what
+close to the demonstrations as its ten-step ones can still fail more episodes
+(docs/benchmarks.md has such a policy). :func:`calibrate_steps_by_success` measures what
 matters instead: success in a simulator over the same episodes and initial noise, the
 reference's step count first, then each candidate from the fewest up until one is within
 ``points`` of it.
@@ -19,7 +18,7 @@ reference's step count first, then each candidate from the fewest up until one i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,41 @@ import torch
 from tqdm.auto import tqdm
 
 from ditvla.datasets.observations import observations_from_store
+from ditvla.errors import ConfigError
 from ditvla.policies.checkpoint import edit_config_file
 
 CANDIDATE_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 50, 64, 100)
 # the measurements keyed by step count (JSON keys are strings)
 PER_STEP_FIELDS = ("errors", "deviation", "success", "intervals")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What ``ditvla calibrate-steps`` measures and allows.
+
+    Args:
+        frames: with a dataset: held-out frames measured.
+        tolerance: with a dataset: the relative action-error increase allowed.
+        episodes: with an environment: episodes per task and step count.
+        points: with an environment: success percentage points allowed below the
+            policy's own.
+        seed: the random seed of the frames and the initial noise.
+    """
+
+    frames: int = 256
+    tolerance: float = 0.05
+    episodes: int = 20
+    points: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tolerance", "points"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.frames < 1 or self.episodes < 1:
+            raise ConfigError(
+                f"frames and episodes must be >= 1, got {self.frames} and {self.episodes}"
+            )
 
 
 @dataclass
@@ -92,15 +121,15 @@ def evaluate_with(policy, env: str, config=None, **fields: Any) -> dict[str, Any
 def calibrate_steps(
     policy,
     dataset: str | Path,
+    config: CalibrateConfig | None = None,
     *,
-    frames: int = 256,
-    tolerance: float = 0.05,
-    seed: int = 0,
     progress: bool = True,
+    **settings: Any,
 ) -> StepCalibration:
-    """Measure every candidate step count up to the policy's own on held-out frames."""
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    """Measure every candidate step count up to the policy's own on held-out frames;
+    ``settings`` are :class:`CalibrateConfig` fields set over ``config``."""
+    config = replace(config or CalibrateConfig(), **settings)
+    frames, tolerance, seed = config.frames, config.tolerance, config.seed
     reference = policy.config.num_inference_steps
     candidates = [*fewer_steps(policy.config), reference]
     batches = observations_from_store(
@@ -174,23 +203,26 @@ class SuccessCalibration:
 
 
 def calibrate_steps_by_success(
-    policy, env: str, *, points: float = 2.0, **settings: Any
+    policy, env: str, config: CalibrateConfig | None = None, **settings: Any
 ) -> SuccessCalibration:
     """Evaluate the policy's own step count, then candidates from the fewest up, each over
-    the same episodes and initial noise, until one is within ``points`` of the first.
-    ``settings``: the evaluator's (:class:`~ditvla.envs.evaluate.EvalConfig` fields, e.g.
-    ``episodes_per_task=20``)."""
+    the same episodes and initial noise, until one is within ``config.points`` of the
+    first. ``settings``: :class:`CalibrateConfig` fields set over ``config``, and the
+    evaluator's (:class:`~ditvla.envs.evaluate.EvalConfig` fields, e.g. ``max_steps``;
+    ``episodes_per_task`` defaults to ``config.episodes``)."""
     from ditvla.envs.evaluate import EvalConfig
 
-    if points < 0:
-        raise ValueError(f"points must be >= 0, got {points}")
-    config = EvalConfig(**settings)
+    own = {f.name for f in fields(CalibrateConfig)}
+    config = replace(config or CalibrateConfig(), **{k: v for k, v in settings.items() if k in own})
+    evaluator = {k: v for k, v in settings.items() if k not in own}
+    evaluation = EvalConfig(**{"episodes_per_task": config.episodes, **evaluator})
+    points = config.points
     reference = policy.config.num_inference_steps
     success, intervals, observation = {}, {}, {}
 
     def measure(steps: int) -> float:
         nonlocal observation
-        summary = evaluate_with(policy, env, config, num_inference_steps=steps)
+        summary = evaluate_with(policy, env, evaluation, num_inference_steps=steps)
         print(f"{steps} steps: success {summary['mean_success']:.1%}", flush=True)
         success[steps] = summary["mean_success"]
         intervals[steps] = {task: list(t["ci95"]) for task, t in summary["tasks"].items()}
@@ -204,7 +236,14 @@ def calibrate_steps_by_success(
             chosen = steps
             break
     return SuccessCalibration(
-        success, intervals, reference, chosen, points, config.episodes_per_task, env, observation
+        success,
+        intervals,
+        reference,
+        chosen,
+        points,
+        evaluation.episodes_per_task,
+        env,
+        observation,
     )
 
 

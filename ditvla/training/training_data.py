@@ -1,0 +1,101 @@
+"""What a training run reads: the store as a torch dataset, the policy's configuration
+sized to it, and the extra targets its heads learn from.
+
+- The store's statistics (normalization) are computed once, by the main process, and
+  cached in the store; the other processes read them.
+- The auxiliary head's targets are privileged arrays (e.g. the goal's position),
+  standardized with the store's statistics; the policy never reads them.
+- The motion-foresight head's optical-flow targets are computed once and cached in the
+  store; the latent foresight head needs only the future frame of its camera.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ditvla.contract import DataSpec
+from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
+from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.statistics import load_or_compute_stats
+from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.policies.config import PolicyConfig
+from ditvla.policies.normalizer import NARROW_STD, narrow_features
+from ditvla.training.processes import Processes
+
+
+def training_dataset(
+    config: Any, processes: Processes
+) -> tuple[PolicyConfig, DataSpec, ReplayBufferDataset]:
+    """The policy's configuration (``config.preset`` with ``config.policy_overrides``,
+    sized to the store), the store's description and the dataset of training samples
+    with the heads' targets attached. ``config`` is a :class:`TrainConfig`."""
+    state_keys = ReplayBuffer.open(config.dataset).resolve_state(config.state)
+    data = processes.main_first(
+        lambda: ReplayBufferDataset(
+            config.dataset, cameras=config.cameras, state_keys=state_keys
+        ).data_spec()
+    )
+    policy_config = PolicyConfig.for_data(data, config.preset, **config.policy_overrides)
+    if processes.main and policy_config.state_dim and policy_config.state_norm == "mean_std":
+        _warn_narrow_state(data.stats, policy_config.state_keys)
+    dataset = ReplayBufferDataset(
+        config.dataset,
+        n_obs_steps=1,
+        horizon=policy_config.horizon,
+        cameras=policy_config.cameras,
+        state_keys=policy_config.state_keys,
+        augmentation=ImageAugmentation() if config.augment else None,
+    )
+    if config.auxiliary:
+        _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
+    foresight = policy_config.foresight
+    if foresight.kind == "motion":
+        _attach_motion_targets(dataset, policy_config, processes)
+    elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
+        dataset.future_frame = (foresight.camera, foresight.k)
+    return policy_config, data, dataset
+
+
+def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: str) -> None:
+    """The auxiliary head's targets: the named arrays, standardized with the store's
+    statistics, attached to the dataset; their names and width recorded in the config."""
+    buffer = ReplayBuffer.open(dataset.path)
+    keys = buffer.resolve_state(selection)
+    stats = load_or_compute_stats(buffer)
+    parts = []
+    for key in keys:
+        values = buffer.read_all(key).astype(np.float32).reshape(buffer.n_frames, -1)
+        mean = np.asarray(stats[key]["mean"], np.float32)
+        std = np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
+        parts.append((values - mean) / std)
+    dataset.frame_targets["auxiliary"] = np.concatenate(parts, axis=1)
+    policy_config.auxiliary_keys = list(keys)
+    policy_config.auxiliary_dim = int(dataset.frame_targets["auxiliary"].shape[1])
+
+
+def _attach_motion_targets(dataset, policy_config: PolicyConfig, processes: Processes) -> None:
+    """Optical-flow targets of the foresight head: computed once (and cached in the store)
+    by the main process, attached to the dataset, their scale recorded in the config."""
+    foresight = policy_config.foresight
+    spec = MotionTargetSpec(foresight.camera, foresight.k, foresight.method, foresight.size)
+    targets, scale = processes.main_first(
+        lambda: load_or_compute_motion_targets(dataset.path, spec, progress=processes.main)
+    )
+    dataset.frame_targets["motion"] = targets
+    foresight.scale = scale
+
+
+def _warn_narrow_state(stats, state_keys: list[str]) -> None:
+    """Say which state dimensions mean_std will magnify (see :func:`narrow_features`)."""
+    narrow = narrow_features(stats, "state")
+    if narrow:
+        warnings.warn(
+            f"state ({' + '.join(state_keys)}) dimensions {narrow} vary with a std under "
+            f"{NARROW_STD} in this store; mean_std normalization magnifies any move of theirs "
+            "beyond that (0.1 off is more than 10 std), which a policy's own actions can "
+            "cause; --policy.state-norm quantile clips inputs to the data's range",
+            stacklevel=3,
+        )
