@@ -19,15 +19,15 @@ import json
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ditvla.config_options import option_flags, override_flags
+from ditvla.cli.config_options import option_flags, override_flags
 from ditvla.contract import load_policy
 from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH
-from ditvla.training.step_calibration import calibrate_steps, write_steps
+from ditvla.training.step_calibration import CalibrateConfig, calibrate_steps, write_steps
 from ditvla.training.trainer import TrainConfig, train
 
 DEMO_TASKS = (
@@ -49,8 +49,8 @@ class DemoRecipe:
     collect: CollectConfig
     train: TrainConfig
     evaluate: EvalConfig
-    # held-out frames on which ``calibrate-steps`` picks the denoising steps the policy ships with
-    calibration_frames: int = 256
+    # how ``calibrate-steps`` picks, on held-out frames, the denoising steps the policy ships with
+    calibration: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     def commands(self, store: Path, run: Path, evaluation: Path) -> list[str]:
         """The ``ditvla`` command lines equivalent to :func:`run_demo`'s calls."""
@@ -69,12 +69,13 @@ class DemoRecipe:
             ],
             [
                 *("ditvla", "calibrate-steps", "--policy", str(run / "policy")),
-                *("--dataset", str(store), "--frames", str(self.calibration_frames)),
+                *("--dataset", str(store)),
+                *option_flags(self.calibration),
             ],
             [
                 *("ditvla", "eval", "--policy", str(run / "policy"), "--env", self.env),
                 *("--out", str(evaluation)),
-                *option_flags(self.evaluate, skip=("out", "progress")),
+                *option_flags(self.evaluate, skip=("progress",)),
             ],
         ]
         return [shlex.join(line) for line in lines]
@@ -83,7 +84,7 @@ class DemoRecipe:
 FULL = DemoRecipe(
     env="metaworld:" + ",".join(DEMO_TASKS),
     # Detours (up to 20 steps of drift before the expert recovers): the hand's path no
-    # longer gives the goal away, so the policy must read it (61.4% -> 64.3%).
+    # longer gives the goal away, so the policy must read it.
     collect=CollectConfig(
         episodes_per_task=50,
         cameras=DEMO_CAMERAS,
@@ -91,11 +92,10 @@ FULL = DemoRecipe(
         overwrite=True,
         detour_steps=20,
     ),
-    # 4000 steps: 1500 gave 66% (reach 8%), 3000 gave 79.2% (reach 30%). lr 1e-3: the tiny
-    # preset learns twice as well as at 3e-4 in this budget. Batches are read in the
-    # training process: loader processes would compete with the training threads for
-    # two cores (100 steps ran 8% faster without them). The goal position is an auxiliary
-    # target in training only (the policy never reads it): colour-reach 23% -> 77%.
+    # Each choice was measured against the others (docs/benchmarks.md, "The demo"): 4000
+    # steps at lr 1e-3; batches read in the training process (loader processes compete
+    # with the training threads for two cores); the goal position as an auxiliary target
+    # in training only (the policy never reads it).
     train=TrainConfig(
         dataset="",
         preset="tiny",
@@ -113,7 +113,7 @@ QUICK = DemoRecipe(
     collect=replace(FULL.collect, episodes_per_task=2),
     train=replace(FULL.train, steps=30, batch_size=16, save_every=10),
     evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60),
-    calibration_frames=16,
+    calibration=replace(FULL.calibration, frames=16),
 )
 
 
@@ -156,10 +156,10 @@ def run_demo(out: Path, *, quick: bool = False, state: str = "proprio") -> int:
     t_collect = time.perf_counter()
     final = train(replace(recipe.train, dataset=str(store), out=str(run)))
     # the policy ships with the fewest denoising steps that keep its held-out action error
-    calibration = calibrate_steps(load_policy(final), store, frames=recipe.calibration_frames)
+    calibration = calibrate_steps(load_policy(final), store, recipe.calibration)
     write_steps(final, calibration)
     t_train = time.perf_counter()
-    report = evaluate(load_policy(final), recipe.env, replace(recipe.evaluate, out=str(evaluation)))
+    report = evaluate(load_policy(final), recipe.env, recipe.evaluate, out=evaluation)
     t_eval = time.perf_counter()
 
     _plot_loss(run / "metrics.jsonl", out / "loss.png")

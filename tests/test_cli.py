@@ -27,7 +27,7 @@ def test_help_lists_the_commands():
     for command in ("demo", "collect", "dataset", "convert"):
         assert command in out.stdout
     help_text = build_parser().parse_args(["convert", "libero", "x", "--out", "y"])
-    assert help_text.func.__name__ == "_cmd_convert_libero"
+    assert help_text.func.__name__ == "run_convert_libero"
 
 
 def test_dataset_info_prints_episodes_keys_tasks_and_stats(small_store, capsys):

@@ -1,0 +1,194 @@
+"""``ditvla collect``, ``ditvla dataset ...`` and ``ditvla convert ...``: demonstrations
+into zarr replay buffers, and what is in one."""
+
+from __future__ import annotations
+
+import argparse
+
+from ditvla.cli.config_options import add_config_options, given_options
+from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
+
+
+# ---------------------------------------------------------------------- collect
+def run_collect(args: argparse.Namespace) -> int:
+    from ditvla.datasets.dataset_info import describe
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+    from ditvla.envs.collect import CollectConfig, collect_demonstrations
+
+    config = CollectConfig(**given_options(args, CollectConfig))
+    report = collect_demonstrations(args.env, args.out, config)
+    for task in report.kept:
+        print(
+            f"{task}: kept {report.kept[task]} of {report.attempts[task]} episodes "
+            f"(expert success {report.success_rate(task):.0%})"
+        )
+    print(describe(ReplayBuffer.open(args.out), with_stats=False))
+    return 0
+
+
+def add_collect(commands: Commands, configured: bool) -> None:
+    collect = add_command(
+        commands,
+        "collect",
+        run_collect,
+        "scripted demonstrations from a simulator into a zarr store",
+        "Run a simulator's scripted experts and write their episodes to a zarr replay "
+        "buffer. Only successful episodes are kept unless --keep-failures; each episode's "
+        "seed is recorded in the store.",
+    )
+    collect.add_argument(
+        "--env",
+        required=True,
+        help=f"{ENV_HELP}; scripted experts exist for metaworld and robosuite Lift, Stack, "
+        "PickPlaceCan",
+    )
+    collect.add_argument("--out", required=True, help="the zarr store to write")
+    if configured:
+        from ditvla.envs.collect import CollectConfig
+
+        add_config_options(collect, CollectConfig, exclude=("progress",))
+
+
+# ---------------------------------------------------------------------- dataset
+def run_dataset_info(args: argparse.Namespace) -> int:
+    from ditvla.datasets.dataset_info import describe
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.open(args.path)
+    print(describe(buffer, with_stats=not args.no_stats))
+    if args.check:
+        problems = buffer.check()
+        for line in problems:
+            print(f"problem: {line}")
+        print(f"check: {len(problems)} problems in {len(buffer.keys)} arrays")
+        return 1 if problems else 0
+    return 0
+
+
+def run_dataset_split_state(args: argparse.Namespace) -> int:
+    from ditvla.envs.metaworld_env import split_state
+
+    added = split_state(args.path)
+    if added:
+        print(f"{args.path}: added {', '.join(added)} beside data/state (proprio: {added[0]})")
+    else:
+        print(f"{args.path}: proprioception and privileged state are already apart")
+    return 0
+
+
+def add_dataset(commands: Commands, configured: bool) -> None:
+    dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
+    actions = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    info = add_command(
+        actions,
+        "info",
+        run_dataset_info,
+        "episodes, frames, arrays, tasks and normalization stats of a store",
+        "Print the number of episodes and frames, every array with its shape and dtype, the "
+        "tasks with their instructions, and the normalization statistics (computed once and "
+        "saved in the store).",
+    )
+    info.add_argument("path", help="a zarr replay buffer (v3, or a v2 diffusion-policy store)")
+    info.add_argument("--check", action="store_true", help="read every chunk; exit 1 on damage")
+    info.add_argument("--no-stats", action="store_true", help="do not compute/print statistics")
+    split = add_command(
+        actions,
+        "split-state",
+        run_dataset_split_state,
+        "split a Meta-World store's 39-D state into proprio, objects and goal arrays",
+        "Meta-World stores written before proprioception and privileged state were recorded "
+        "apart hold one 39-D state. This adds proprio (hand and gripper, now and one frame "
+        "earlier: 8-D, what a real robot has), objects (28-D) and goal (3-D) arrays beside "
+        "it, for every frame; data/state stays, so nothing is lost.",
+    )
+    split.add_argument("path", help="a Meta-World zarr replay buffer")
+
+
+# ---------------------------------------------------------------------- convert
+def run_convert_libero(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_libero import convert_libero_hdf5
+    from ditvla.datasets.dataset_info import describe
+
+    buffer = convert_libero_hdf5(
+        args.inputs, args.out, flip_images=not args.no_flip, overwrite=args.overwrite
+    )
+    print(describe(buffer, with_stats=False))
+    return 0
+
+
+def run_convert_from_lerobot(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_lerobot import lerobot_to_zarr
+    from ditvla.datasets.dataset_info import describe
+
+    buffer = lerobot_to_zarr(args.root, args.out, repo_id=args.repo_id, overwrite=args.overwrite)
+    print(describe(buffer, with_stats=False))
+    return 0
+
+
+def run_convert_to_lerobot(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_lerobot import zarr_to_lerobot
+
+    dataset = zarr_to_lerobot(
+        args.store,
+        args.out,
+        repo_id=args.repo_id,
+        use_videos=args.storage == "video",
+        state=args.state,
+    )
+    print(f"{args.out}: {dataset.num_episodes} episodes, {dataset.num_frames} frames (LeRobot v3)")
+    return 0
+
+
+def add_convert(commands: Commands, configured: bool) -> None:
+    convert = commands.add_parser("convert", help="convert datasets to and from zarr")
+    formats = convert.add_subparsers(dest="convert_command", metavar="FORMAT", required=True)
+    libero = add_command(
+        formats,
+        "libero",
+        run_convert_libero,
+        "LIBERO HDF5 demonstrations -> zarr",
+        "Convert LIBERO HDF5 files (official layout: data/demo_N/obs/{agentview_rgb, "
+        "eye_in_hand_rgb, ee_pos, ee_ori, gripper_states, joint_states}, actions, and the "
+        "instruction in data.attrs['problem_info']) into one zarr replay buffer.",
+    )
+    libero.add_argument("inputs", nargs="+", help="HDF5 files or folders of them")
+    libero.add_argument("--out", required=True, help="the zarr store to write")
+    libero.add_argument(
+        "--no-flip", action="store_true", help="keep images as stored (LIBERO's are upside down)"
+    )
+    libero.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    from_lerobot = add_command(
+        formats,
+        "from-lerobot",
+        run_convert_from_lerobot,
+        "LeRobot dataset (v3, local folder) -> zarr",
+        "Convert a LeRobot v3 dataset on disk into a zarr replay buffer.",
+    )
+    from_lerobot.add_argument("root", help="the LeRobot dataset folder (holds meta/info.json)")
+    from_lerobot.add_argument("--out", required=True, help="the zarr store to write")
+    from_lerobot.add_argument("--repo-id", help="repo id to open it under (default: local/<name>)")
+    from_lerobot.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    to_lerobot = add_command(
+        formats,
+        "to-lerobot",
+        run_convert_to_lerobot,
+        "zarr -> LeRobot dataset (v3)",
+        "Write a zarr replay buffer as a LeRobot v3 dataset with lerobot's own API.",
+    )
+    to_lerobot.add_argument("store", help="the zarr replay buffer")
+    to_lerobot.add_argument("--out", required=True, help="the LeRobot dataset folder to create")
+    to_lerobot.add_argument("--repo-id", help="repo id to record (default: local/<name>)")
+    to_lerobot.add_argument(
+        "--storage",
+        choices=("video", "image"),
+        default="video",
+        help="cameras as mp4 videos (lossy, lerobot's default) or PNG images (lossless)",
+    )
+    to_lerobot.add_argument(
+        "--state",
+        default="proprio",
+        help="the arrays concatenated into observation.state, as ditvla train --state: "
+        "proprio (the store's state_keys), full, none or KEY[,KEY...]",
+    )

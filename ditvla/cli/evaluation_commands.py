@@ -1,0 +1,90 @@
+"""``ditvla eval`` and ``ditvla demo``: success rates in simulators."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import get_args
+
+from ditvla.cli.config_options import add_config_options, given_options
+from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
+from ditvla.contract import HeadDType
+
+
+# ---------------------------------------------------------------------- demo
+def run_demo(args: argparse.Namespace) -> int:
+    from ditvla.demo import run_demo
+
+    return run_demo(Path(args.out), quick=args.quick, state=args.state)
+
+
+def add_demo(commands: Commands, configured: bool) -> None:
+    demo = add_command(
+        commands,
+        "demo",
+        run_demo,
+        "collect, train and evaluate on seven Meta-World tasks from pixels, proprioception "
+        "and words (about 20-30 min on a laptop CPU)",
+        "The main job end to end on this machine: scripted demonstrations of seven Meta-World "
+        "tasks (three of them told apart by the instruction alone), a tiny VLA trained on "
+        "them that reads two cameras, the instruction and the hand's proprioception, "
+        "evaluated on unseen seeds; writes report.md, report.json, loss.png and a rollout "
+        "video per task to --out.",
+    )
+    demo.add_argument("--out", default="outputs/demo", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 min)")
+    demo.add_argument(
+        "--state",
+        default="proprio",
+        help="the state the policy reads: proprio (hand and gripper; the VLA setting) or full "
+        "(with Meta-World's privileged object poses and goal)",
+    )
+
+
+# ---------------------------------------------------------------------- eval
+def run_eval(args: argparse.Namespace) -> int:
+    from ditvla.envs.baselines import policy_from_argument
+    from ditvla.envs.evaluate import EvalConfig, evaluate
+    from ditvla.envs.registry import suite_of
+
+    policy = policy_from_argument(
+        args.policy,
+        action_dim=suite_of(args.env).action_dim,
+        device=args.device,
+        head_dtype=args.head_dtype,
+    )
+    config = EvalConfig(**given_options(args, EvalConfig))
+    report = evaluate(policy, args.env, config, out=args.out)
+    print(report.markdown())
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def add_eval(commands: Commands, configured: bool) -> None:
+    evaluation = add_command(
+        commands,
+        "eval",
+        run_eval,
+        "success rates of a policy in a simulator",
+        "Roll a policy out in simulator episodes fixed by seed, in parallel worker "
+        "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, ci95}}, "
+        "mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end) and "
+        "OUT/videos/ (H.264).",
+    )
+    evaluation.add_argument(
+        "--policy", required=True, help="a saved policy folder, or the baselines random / expert"
+    )
+    evaluation.add_argument("--env", required=True, help=ENV_HELP)
+    evaluation.add_argument("--device", default="cpu", help="where the policy runs")
+    evaluation.add_argument(
+        "--head-dtype",
+        default="float32",
+        choices=get_args(HeadDType),
+        help="what the action head computes in: bfloat16 is faster on GPUs and on CPUs with "
+        "AVX512-BF16 or AMX, slower on others (bench/head_acceleration.py measures it)",
+    )
+    evaluation.add_argument("--out", default="outputs/eval", help="output folder")
+    if configured:
+        from ditvla.envs.evaluate import EvalConfig
+
+        add_config_options(evaluation, EvalConfig, exclude=("progress",))
