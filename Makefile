@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml plugins/lerobot_policy_ditvla/pyproject.toml scripts/in
 	bash scripts/install_system_deps.sh
 	$(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]' -e plugins/lerobot_policy_ditvla
+	$(VENV)/bin/pip install --quiet -e '.[all,dev]' -e plugins/lerobot_policy_ditvla
 	$(VENV)/bin/pip install --quiet --no-deps rpent-libero==0.2.0
 	touch $(STAMP)
 
