@@ -5,7 +5,8 @@ the root attributes (zarr's LocalStore replaces files atomically), then writes t
 arrays, then ``meta/*``, and clears the marker last. A store opened with the marker set
 is read as it was before the append (:mod:`~ditvla.datasets.store_index`), and the next
 append overwrites the leftover rows. ``add_arrays`` works the same way with
-``pending_arrays``.
+``pending_arrays``. The named :func:`~ditvla.crash_points.crash_point` calls let tests
+crash a process at each step and check what the store shows afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ditvla.crash_points import crash_point
 from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.store_index import StoreIndex
 from ditvla.datasets.store_layout import (
@@ -70,6 +72,7 @@ class StoreWriter:
             array = self._ensure_array(key, value)
             array.resize((n_frames + length, *value.shape[1:]))
             array[n_frames:] = value
+            crash_point("replay_buffer.append.array_written")
         seed_value = -1 if seed is None else int(seed)
         for name, value in (
             ("episode_ends", n_frames + length),
@@ -78,6 +81,7 @@ class StoreWriter:
         ):
             meta[name].resize((n_episodes + 1,))
             meta[name][n_episodes] = value
+        crash_point("replay_buffer.append.meta_written")
         attrs = dict(root.attrs)
         attrs.pop(PENDING_APPEND)
         attrs.pop("stats", None)  # stale once the frames change
