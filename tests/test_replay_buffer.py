@@ -152,6 +152,23 @@ def test_crash_mid_append_keeps_every_complete_episode(tmp_path):
         )
 
 
+def test_crash_in_the_first_append_leaves_an_empty_store_that_appends(tmp_path):
+    path = tmp_path / "first.zarr"
+    ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"])
+    result = append_in_a_child(path, "replay_buffer.append.array_written:1")  # data/front only
+    assert result.returncode == CRASH_EXIT_STATUS, result.stderr[-2000:]
+    buffer = ReplayBuffer.open(path, mode="a")
+    assert buffer.interrupted_append
+    assert buffer.n_episodes == 0 and buffer.keys == []
+    buffer.append_episode(make_episode(0, 60, size=64), task="t", instruction="x")
+    reopened = ReplayBuffer.open(path)
+    assert not reopened.interrupted_append and reopened.n_episodes == 1
+    np.testing.assert_array_equal(
+        reopened.get_episode(0)["wrist"], make_episode(0, 60, 64)["wrist"]
+    )
+    assert reopened.check() == []
+
+
 # ---------------------------------------------------------------- bad stores
 
 

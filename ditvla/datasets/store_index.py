@@ -145,7 +145,9 @@ def _committed_arrays(
 ) -> dict[str, zarr.Array]:
     """The ``data/`` arrays by key, each holding at least the committed frames (exactly
     those unless an append was interrupted); arrays an interrupted ``add_arrays`` left
-    are not among them."""
+    are not among them, nor are those of an interrupted first append (the store had none)."""
+    if interrupted and n_frames == 0:
+        return {}
     unfinished = set(attrs.get(PENDING_ARRAYS, ()))
     arrays = {}
     for key, array in sorted(data.arrays()):
