@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import zarr
 from conftest import make_episode
 
+from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 
 
@@ -91,37 +90,48 @@ def test_create_refuses_to_overwrite(small_store):
         ReplayBuffer.create(small_store, fps=10)
 
 
-APPEND_FOREVER = """
+APPEND_TWO = """
 import sys
 sys.path.insert(0, sys.argv[2])
 from conftest import make_episode
 from ditvla.datasets.replay_buffer import ReplayBuffer
 buffer = ReplayBuffer.open(sys.argv[1], mode="a")
-i = buffer.n_episodes
-while True:
+for i in range(buffer.n_episodes, buffer.n_episodes + 2):
     buffer.append_episode(make_episode(i, 60, size=64), task="t", instruction="x", seed=i)
-    print(i, flush=True)
-    i += 1
 """
 
+# Where the child dies while appending its second episode (an episode has four arrays:
+# front, wrist, state, action; each append passes array_written once per array).
+APPEND_CRASHES = [
+    "replay_buffer.append.array_written:6",  # half of its arrays written
+    "replay_buffer.append.array_written:8",  # every data array, no meta/episode_ends
+    "replay_buffer.append.meta_written:2",  # meta/* written, the marker not yet cleared
+]
 
-def test_sigkill_mid_append_keeps_every_complete_episode(tmp_path):
-    path = tmp_path / "killed.zarr"
+
+def append_in_a_child(path: Path, crash_at: str) -> subprocess.CompletedProcess:
+    """Run APPEND_TWO in a child process that crashes at the named point."""
+    tests_dir = str(Path(__file__).parent)
+    return subprocess.run(
+        [sys.executable, "-c", APPEND_TWO, str(path), tests_dir],
+        env={**os.environ, CRASH_AT_ENV: crash_at},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_crash_mid_append_keeps_every_complete_episode(tmp_path):
+    path = tmp_path / "crashed.zarr"
     buffer = ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"])
     buffer.append_episode(make_episode(0, 60, size=64), task="t", instruction="x")
-    tests_dir = str(Path(__file__).parent)
-    rng = np.random.default_rng(0)
-    interrupted = 0
-    for _ in range(5):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", APPEND_FOREVER, str(path), tests_dir], stdout=subprocess.PIPE
-        )
-        proc.stdout.readline()  # one episode appended: the child is in its append loop
-        time.sleep(rng.uniform(0, 0.5))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for crash_at in APPEND_CRASHES:
+        before = ReplayBuffer.open(path).n_episodes
+        result = append_in_a_child(path, crash_at)
+        assert result.returncode == CRASH_EXIT_STATUS, (crash_at, result.stderr[-2000:])
         buffer = ReplayBuffer.open(path)
-        interrupted += buffer.interrupted_append
+        # the child's first episode is complete and kept; nothing of its second shows
+        assert buffer.interrupted_append, crash_at
+        assert buffer.n_episodes == before + 1, crash_at
         assert buffer.n_frames == buffer.n_episodes * 60
         for key in ("front", "state", "action"):
             assert buffer.read_all(key).shape[0] == buffer.n_frames
@@ -130,8 +140,6 @@ def test_sigkill_mid_append_keeps_every_complete_episode(tmp_path):
             buffer.get_episode(last)["front"], make_episode(last, 60, size=64)["front"]
         )
         assert buffer.check() == []
-    # The kills land mid-append (appending is what the child spends its time on).
-    assert interrupted >= 1
     # After a crash, appending goes on and overwrites the partial episode.
     buffer = ReplayBuffer.open(path, mode="a")
     n = buffer.n_episodes
@@ -142,6 +150,23 @@ def test_sigkill_mid_append_keeps_every_complete_episode(tmp_path):
         np.testing.assert_array_equal(
             reopened.get_episode(i)["state"], make_episode(i, 60, size=64)["state"]
         )
+
+
+def test_crash_in_the_first_append_leaves_an_empty_store_that_appends(tmp_path):
+    path = tmp_path / "first.zarr"
+    ReplayBuffer.create(path, fps=10, cameras=["front", "wrist"])
+    result = append_in_a_child(path, "replay_buffer.append.array_written:1")  # data/front only
+    assert result.returncode == CRASH_EXIT_STATUS, result.stderr[-2000:]
+    buffer = ReplayBuffer.open(path, mode="a")
+    assert buffer.interrupted_append
+    assert buffer.n_episodes == 0 and buffer.keys == []
+    buffer.append_episode(make_episode(0, 60, size=64), task="t", instruction="x")
+    reopened = ReplayBuffer.open(path)
+    assert not reopened.interrupted_append and reopened.n_episodes == 1
+    np.testing.assert_array_equal(
+        reopened.get_episode(0)["wrist"], make_episode(0, 60, 64)["wrist"]
+    )
+    assert reopened.check() == []
 
 
 # ---------------------------------------------------------------- bad stores

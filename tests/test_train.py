@@ -1,4 +1,4 @@
-"""ditvla train: overfitting a small real store, exact resume after SIGKILL, DDP and FSDP2
+"""ditvla train: overfitting a small real store, exact resume after a crash, DDP and FSDP2
 on gloo."""
 
 from __future__ import annotations
@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import torch
 from test_policy import observation, write_reaching_store
 
+from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EpochSampler
@@ -112,32 +111,53 @@ def train_command(store, out, steps, *extra):
     ]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(store, tmp_path):
-    steps = 30
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(train_command(store, straight, steps), check=True, env=env, capture_output=True)
+RESUME_STEPS = 30
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    broken = tmp_path / "broken"
-    proc = subprocess.Popen(
-        train_command(store, broken, steps),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    latest = broken / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest.read_text().strip().removeprefix("step_"))
-    assert killed_at < steps  # the run was cut short, not finished
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
     subprocess.run(
-        train_command(store, broken, steps, "--resume"), check=True, env=env, capture_output=True
+        train_command(store, out, RESUME_STEPS), check=True, env=ONE_THREAD, capture_output=True
     )
-    np.testing.assert_allclose(losses(broken), losses(straight), rtol=1e-6)
-    a = DiTVLAPolicy.from_pretrained(straight / "policy").state_dict()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "latest", "half_written"),
+    [
+        # right after the second checkpoint (step 10) is complete
+        ("checkpoint.written:2", "step_0000010", None),
+        # half-way through writing the second one: its policy written, the rest not, and
+        # not renamed into place; the first (step 5) is the latest
+        ("checkpoint.policy_written:2", "step_0000005", "step_0000010.tmp"),
+    ],
+)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    store, uninterrupted_run, tmp_path, crash_at, latest, half_written
+):
+    broken = tmp_path / "broken"
+    crashed = subprocess.run(
+        train_command(store, broken, RESUME_STEPS),
+        env={**ONE_THREAD, CRASH_AT_ENV: crash_at},
+        capture_output=True,
+        text=True,
+    )
+    assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-3000:]
+    checkpoints = broken / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == latest
+    if half_written:
+        assert (checkpoints / half_written / "policy").is_dir()
+        assert not (checkpoints / half_written / "trainer_state.json").exists()
+    subprocess.run(
+        train_command(store, broken, RESUME_STEPS, "--resume"),
+        check=True,
+        env=ONE_THREAD,
+        capture_output=True,
+    )
+    np.testing.assert_allclose(losses(broken), losses(uninterrupted_run), rtol=1e-6)
+    a = DiTVLAPolicy.from_pretrained(uninterrupted_run / "policy").state_dict()
     b = DiTVLAPolicy.from_pretrained(broken / "policy").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

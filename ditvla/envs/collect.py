@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -173,85 +174,25 @@ def collect_demonstrations(
     config = replace(config or CollectConfig(), **settings)
     suite, tasks = parse_env(env_spec)
     cameras = suite.default_cameras if config.cameras is None else tuple(config.cameras)
-    episodes_per_task, image_size, workers = (
-        config.episodes_per_task,
-        config.image_size,
-        config.workers,
-    )
     report = CollectionReport()
     buffer: ReplayBuffer | None = None
     bar = tqdm(
-        total=episodes_per_task * len(tasks), desc="collect", unit="ep", disable=not config.progress
+        total=config.episodes_per_task * len(tasks),
+        desc="collect",
+        unit="ep",
+        disable=not config.progress,
     )
+    workers = config.workers
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     try:
         for task in tasks:
-            env = suite.make(task, cameras=cameras, image_size=image_size)
+            env = suite.make(task, cameras=cameras, image_size=config.image_size)
             try:
-                env.reset(seed=config.seed_start, options={"skip_images": True})
-                env.expert_action()  # a task without a scripted expert fails here, before any write
-                if config.multimodal:
-                    env.vary_expert(config.seed_start)  # likewise a suite without varied experts
+                _check_expert(env, config)
                 if buffer is None:
-                    buffer = ReplayBuffer.create(
-                        out,
-                        fps=round(env.fps, 3),
-                        cameras=list(cameras),
-                        state_keys=list(env.proprio_keys),
-                        privileged_keys=list(env.privileged_keys),
-                        action_space=suite.action_space,
-                        source=f"{suite.name} scripted experts ({env_spec})"
-                        + (
-                            f", detours of up to {config.detour_steps} steps"
-                            if config.detour_steps
-                            else ""
-                        )
-                        + (", multimodal (a way per episode)" if config.multimodal else ""),
-                        overwrite=config.overwrite,
-                    )
-                submit = (
-                    partial(_run_here, env, config.detour_steps, config.multimodal)
-                    if pool is None
-                    else partial(
-                        pool.submit,
-                        _expert_episode_in_worker,
-                        suite.name,
-                        task,
-                        cameras,
-                        image_size,
-                        config.detour_steps,
-                        config.multimodal,
-                    )
-                )
-                # Episodes run ahead in seed order (at most `workers` of them, never more
-                # than the successes still missing) and are written in seed order.
-                report.kept[task] = report.attempts[task] = 0
-                pending: deque[tuple[int, Future]] = deque()
-                next_seed, limit = config.seed_start, config.seed_start + 2 * episodes_per_task
-                while (
-                    report.kept[task] < episodes_per_task
-                    and report.attempts[task] < 2 * episodes_per_task
-                ):
-                    while (
-                        len(pending) < workers
-                        and report.kept[task] + len(pending) < episodes_per_task
-                        and next_seed < limit
-                    ):
-                        pending.append((next_seed, submit(next_seed)))
-                        next_seed += 1
-                    seed, future = pending.popleft()
-                    episode, success = future.result()
-                    report.attempts[task] += 1
-                    if success or config.keep_failures:
-                        buffer.append_episode(
-                            episode, task=task, instruction=env.instruction, seed=seed
-                        )
-                        report.kept[task] += 1
-                        report.frames += len(episode["action"])
-                        bar.update()
-                    bar.set_postfix_str(f"{task} ok {report.kept[task]}/{report.attempts[task]}")
-                for _, future in pending:
-                    future.cancel()
+                    buffer = _create_store(out, env_spec, suite, env, cameras, config)
+                submit = _episode_submitter(pool, env, suite.name, task, cameras, config)
+                _collect_task(buffer, task, env.instruction, submit, config, report, bar)
             finally:
                 env.close()
     finally:
@@ -259,3 +200,103 @@ def collect_demonstrations(
             pool.shutdown(cancel_futures=True)
         bar.close()
     return report
+
+
+def _check_expert(env: Any, config: CollectConfig) -> None:
+    """Ask ``env`` for what collecting needs, so that a task without a scripted expert
+    (or a suite without varied experts) fails before anything is written."""
+    env.reset(seed=config.seed_start, options={"skip_images": True})
+    env.expert_action()
+    if config.multimodal:
+        env.vary_expert(config.seed_start)
+
+
+def _create_store(
+    out: str | Path,
+    env_spec: str,
+    suite: Any,
+    env: Any,
+    cameras: tuple[str, ...],
+    config: CollectConfig,
+) -> ReplayBuffer:
+    """The empty store the episodes go into, described by the suite and the first task's
+    simulator."""
+    source = f"{suite.name} scripted experts ({env_spec})"
+    if config.detour_steps:
+        source += f", detours of up to {config.detour_steps} steps"
+    if config.multimodal:
+        source += ", multimodal (a way per episode)"
+    return ReplayBuffer.create(
+        out,
+        fps=round(env.fps, 3),
+        cameras=list(cameras),
+        state_keys=list(env.proprio_keys),
+        privileged_keys=list(env.privileged_keys),
+        action_space=suite.action_space,
+        source=source,
+        overwrite=config.overwrite,
+    )
+
+
+def _episode_submitter(
+    pool: ProcessPoolExecutor | None,
+    env: Any,
+    suite_name: str,
+    task: str,
+    cameras: tuple[str, ...],
+    config: CollectConfig,
+) -> Callable[[int], Future]:
+    """``submit(seed)``: starts the expert episode of ``seed`` in the pool, or runs it here
+    on ``env`` when there is no pool; either way a future of (arrays, success)."""
+    if pool is None:
+        return partial(_run_here, env, config.detour_steps, config.multimodal)
+    return partial(
+        pool.submit,
+        _expert_episode_in_worker,
+        suite_name,
+        task,
+        cameras,
+        config.image_size,
+        config.detour_steps,
+        config.multimodal,
+    )
+
+
+def _collect_task(
+    buffer: ReplayBuffer,
+    task: str,
+    instruction: str,
+    submit: Callable[[int], Future],
+    config: CollectConfig,
+    report: CollectionReport,
+    bar: tqdm,
+) -> None:
+    """Run ``task``'s episodes from ``config.seed_start`` on and append the ones kept,
+    until ``episodes_per_task`` are kept or twice as many were tried; counted in
+    ``report``.
+
+    Episodes run ahead in seed order (at most ``workers`` of them, never more than the
+    successes still missing) and are written in seed order."""
+    wanted = config.episodes_per_task
+    report.kept[task] = report.attempts[task] = 0
+    pending: deque[tuple[int, Future]] = deque()
+    next_seed, limit = config.seed_start, config.seed_start + 2 * wanted
+    while report.kept[task] < wanted and report.attempts[task] < 2 * wanted:
+        while (
+            len(pending) < config.workers
+            and report.kept[task] + len(pending) < wanted
+            and next_seed < limit
+        ):
+            pending.append((next_seed, submit(next_seed)))
+            next_seed += 1
+        seed, future = pending.popleft()
+        episode, success = future.result()
+        report.attempts[task] += 1
+        if success or config.keep_failures:
+            buffer.append_episode(episode, task=task, instruction=instruction, seed=seed)
+            report.kept[task] += 1
+            report.frames += len(episode["action"])
+            bar.update()
+        bar.set_postfix_str(f"{task} ok {report.kept[task]}/{report.attempts[task]}")
+    for _, future in pending:
+        future.cancel()

@@ -9,7 +9,9 @@ A checkpoint folder ``checkpoints/step_000500/`` holds:
   run continues exactly where the interrupted one stopped.
 
 It is written into ``step_000500.tmp`` and renamed; ``checkpoints/latest`` (a one-line
-file, replaced atomically) names the newest complete one.
+file, replaced atomically) names the newest complete one. A run killed at any point
+resumes from that one; the named crash points (:mod:`ditvla.crash_points`) let a test end
+a run half-way through writing a checkpoint, or right after one, and check exactly that.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ditvla.crash_points import crash_point
 
 LATEST = "latest"
 
@@ -98,6 +102,7 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp / "policy", state=policy_state)
+    crash_point("checkpoint.policy_written")  # half a checkpoint, not yet renamed into place
     if ema_state is not None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in ema_state.items()},
@@ -117,6 +122,7 @@ def write_checkpoint(
     latest_tmp = folder.parent / (LATEST + ".tmp")
     latest_tmp.write_text(folder.name + "\n")
     os.replace(latest_tmp, latest)
+    crash_point("checkpoint.written")
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:

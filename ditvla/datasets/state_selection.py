@@ -1,0 +1,69 @@
+"""Which of a store's arrays make up the state a policy reads.
+
+A store records proprioception (what a real robot has) apart from privileged simulator
+state (object poses, goals), so that a policy reads the latter only when asked, and
+every report can say which state it read. ``--state`` names the choice: ``proprio``,
+``full``, ``none`` or a list of arrays; this module turns it into array names, from the
+store's attributes and the arrays its :class:`~ditvla.datasets.store_index.StoreIndex`
+found.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ditvla.datasets.errors import DatasetError
+from ditvla.datasets.store_index import StoreIndex
+
+
+def state_keys(index: StoreIndex) -> list[str]:
+    """The arrays that make up the default state, in order."""
+    keys = index.attrs.get("state_keys")
+    if keys is None:
+        keys = ["state"] if "state" in index.arrays else []
+    return [k for k in keys if k in index.arrays] if index.arrays else list(keys)
+
+
+def privileged_keys(index: StoreIndex) -> list[str]:
+    """State arrays only a simulator knows (object poses, goals), recorded apart."""
+    keys = index.attrs.get("privileged_keys", [])
+    return [k for k in keys if k in index.arrays] if index.arrays else list(keys)
+
+
+def state_is_split(attrs: dict[str, Any]) -> bool:
+    """Whether proprioception and privileged state are told apart in a store with these
+    attributes. Meta-World stores written before they were hold one 39-D ``state`` of both."""
+    source = str(attrs.get("source", ""))
+    return bool(attrs.get("privileged_keys")) or not source.startswith("metaworld")
+
+
+def resolve_state(index: StoreIndex, selection: str) -> list[str]:
+    """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
+    store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:
+    the cameras and the instruction alone) or ``KEY[,KEY...]``."""
+    proprio, privileged = state_keys(index), privileged_keys(index)
+    if selection == "none":
+        return []
+    if selection == "full":
+        return [*proprio, *privileged]
+    if selection == "proprio":
+        if not state_is_split(index.attrs):
+            raise DatasetError(
+                f"{index.path}: its state mixes proprioception and privileged simulator state "
+                "(written before they were recorded apart); split it with `ditvla dataset "
+                "split-state`, or train on it as it is with --state full"
+            )
+        return proprio
+    keys = [key.strip() for key in selection.split(",") if key.strip()]
+    arrays, cameras = index.arrays, index.cameras
+    others = [k for k in arrays if k not in (*proprio, *privileged, *cameras, "action")]
+    state_arrays = [*proprio, *privileged, *others]
+    missing = [key for key in keys if key not in arrays or key in cameras]
+    if missing or not keys:
+        raise DatasetError(
+            f"{index.path}: --state {selection!r}: no state array "
+            f"{', '.join(missing) or '(none given)'}; the store has "
+            f"{', '.join(state_arrays) or 'none'} (proprio = {' + '.join(proprio) or 'none'}, "
+            f"full adds {' + '.join(privileged) or 'nothing'})"
+        )
+    return keys
