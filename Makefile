@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check ditvla tests bench plugins
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/dataloader.py
+	$(VENV)/bin/python -m bench.dataloader
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

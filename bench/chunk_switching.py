@@ -16,7 +16,7 @@ is the model's one estimate of the clean actions, blended with the planned ones 
 weights (the model never sees the frozen prefix); at 2 steps the second step sees the
 blended estimate, noised half-way, and can make the rest of the chunk follow it.
 
-    python bench/chunk_switching.py --policy outputs/mm/teacher/policy \\
+    python -m bench.chunk_switching --policy outputs/mm/teacher/policy \\
         --sim metaworld:reach-wall-v3 [--episodes 10] [--steps 10,2,1] [--student DIR]
 
 Last line: ``rtc through the runtime: jump at a switch latest -> rtc: <k> steps a -> b
@@ -32,8 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runtime import free_port
-
+from bench.loopback import free_port
 from ditvla.envs.evaluate import wilson_interval
 
 CLI = [sys.executable, "-m", "ditvla.cli"]
@@ -99,8 +98,12 @@ def describe(name: str, summary: dict) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chunk_switching",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--policy", type=Path, required=True)
     parser.add_argument("--sim", required=True, help="metaworld:<task>")
     parser.add_argument("--student", type=Path, help="a few-step student (ditvla distill)")
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=500, help="ticks per episode")
     parser.add_argument("--hz", type=float, default=50.0)
     parser.add_argument("--out", type=Path, default=Path("outputs/chunk_switching"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     plan = [(args.policy, int(k), f"{k} steps") for k in args.steps.split(",")]
     if args.student is not None:

@@ -8,7 +8,7 @@ default storage (AV1 video); LeRobotDataset decodes with its default backend
 (torchcodec when FFmpeg's libraries are present) and returns uint8 frames, as
 lerobot's own training script asks it to.
 
-    python bench/dataloader.py [--workers 2] [--batches 30]
+    python -m bench.dataloader [--workers 2] [--batches 30]
 
 Last line: ``dataloader speedup vs lerobot: <X>x``.
 """
@@ -74,9 +74,11 @@ def samples_per_second(loader: DataLoader, batches: int, warmup: int = 3) -> flo
     return count / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.dataloader",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--length", type=int, default=120, help="frames per episode")
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="timed batches per loader")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", help="where to write the datasets (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ditvla_bench_"))
     os.environ.setdefault("HF_HOME", str(workdir / "hf_home"))

@@ -8,7 +8,7 @@
 - `ditvla eval` with Meta-World's experts on MT10-style episodes that render both cameras
   every step (the worst case: a policy reading images at every step), 1 and 2 workers.
 
-    python bench/env_throughput.py [--steps 200] [--episodes 10]
+    python -m bench.env_throughput [--steps 200] [--episodes 10]
 """
 
 from __future__ import annotations
@@ -86,11 +86,15 @@ def evaluator_rate(episodes: int, workers: int) -> float:
     return 3 * episodes / ((time.perf_counter() - start) / 60)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.env_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--episodes", type=int, default=10, help="per task, 3 tasks")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     metaworld_cams = ("corner", "gripperPOV")
     two_cams = "2 cameras 128x128, fast rendering"

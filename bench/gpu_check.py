@@ -1,11 +1,11 @@
 """CUDA paths, checked on a GPU machine: bf16 training, and action-head latency in fp32,
 bf16 and under torch.compile.
 
-    python bench/gpu_check.py [--out DIR]
+    python -m bench.gpu_check [--out DIR]
 
 1. ``ditvla train`` on CUDA (bf16 autocast) over a small synthetic store: the loss must
    fall and stay finite; samples/s is printed.
-2. The DiT action head of ``bench/head_latency.py`` (width 384, 8 blocks, 256 context
+2. The DiT action head of ``bench.head_latency`` (width 384, 8 blocks, 256 context
    tokens, 10 Euler steps, batch 1): per-chunk latency in fp32, bf16, and fp32 +
    torch.compile of the denoising step.
 3. The trained policy's ``encode`` and ``act`` latency on the GPU.
@@ -146,13 +146,15 @@ def quantized_on_cuda(policy, store: Path) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default=".")
     parser.add_argument("--steps", type=int, default=150)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs on a GPU machine")
     from ditvla.policies.policy import DiTVLAPolicy

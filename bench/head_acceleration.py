@@ -11,7 +11,7 @@ latency at batch 1 (all arms timed in turn, medians), the relative action error 
 the reference on held-out frames of a store with the same initial noise, and, with
 ``--env``, success over the same episodes and noise (the evaluator's seeds 100000 up).
 
-    python bench/head_acceleration.py --policy runs/x/policy --dataset demos.zarr \\
+    python -m bench.head_acceleration --policy runs/x/policy --dataset demos.zarr \\
         [--student runs/x/student2 runs/x/student1] [--env metaworld:reach-wall-v3] \\
         [--episodes 20]
 
@@ -39,6 +39,11 @@ from pathlib import Path
 
 import torch
 
+from bench.compilation import compiled
+from bench.lerobot_adapter import LeRobotAdapter
+from bench.lerobot_batches import batches_for_lerobot, lerobot_batch
+from bench.lerobot_training import train_for
+from bench.smolvla_peer import smolvla_expert_sampler, tiny_smolvla
 from ditvla.contract import load_policy
 from ditvla.datasets.observations import observations_from_store
 from ditvla.policies.forecasting import ForecastConfig
@@ -93,7 +98,6 @@ def trained_smolvla(args, policy):
     trained on ``args.dataset`` (for ``--smolvla-budget-s`` seconds or ``--smolvla-steps``
     steps, then saved under OUT/smolvla) or loaded from ``--smolvla``; and its training
     record."""
-    from lerobot_peers import batches_for_lerobot, tiny_smolvla, train_for
     from safetensors.torch import load_model, save_model
 
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
@@ -134,9 +138,6 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
     """LeRobot's SmolVLA (:func:`trained_smolvla`): its success at each of SMOLVLA_STEPS
     over the same episodes, and its expert's latency against ``best_act`` (our fastest
     arm), eager and compiled."""
-    from head_latency import compiled
-    from lerobot_peers import LeRobotAdapter, lerobot_batch, smolvla_expert_sampler
-
     from ditvla.envs.evaluate import evaluate
 
     smolvla, pre, post, training = trained_smolvla(args, policy)
@@ -182,8 +183,13 @@ def smolvla_expert(args, policy, one: dict, best: Arm, best_act) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.head_acceleration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--policy", required=True)
     parser.add_argument(
         "--dataset", required=True, help="held-out frames: its last 20%% of episodes"
@@ -211,12 +217,17 @@ def main() -> None:
         help="as --smolvla-budget-s, for this many training steps (batch 32) instead",
     )
     parser.add_argument("--smolvla", help="a SmolVLA an earlier run saved (OUT/smolvla)")
-    args = parser.parse_args()
-    wants_smolvla = args.smolvla_budget_s or args.smolvla_steps or args.smolvla
-    if wants_smolvla and not args.env:
-        parser.error("the SmolVLA expert arms need --env (its fewest steps are set by success)")
+    return parser
 
-    torch.manual_seed(0)
+
+def wants_smolvla(args) -> bool:
+    """Whether the command asks for SmolVLA's expert arms (trained here or loaded)."""
+    return bool(args.smolvla_budget_s or args.smolvla_steps or args.smolvla)
+
+
+def load_arms(args) -> tuple[torch.nn.Module, dict[str, Arm]]:
+    """The policy and every arm of it: quantized (calibrated on 32 of the store's
+    frames), in bfloat16, and the students given, each quantized too."""
     policy = load_policy(args.policy)
     int8 = QuantizationConfig.from_layout(INT8_LAYOUT)
     calibration = observations_from_store(args.dataset, policy.spec, 32)
@@ -229,38 +240,52 @@ def main() -> None:
         name = "student" if len(set(counts)) == len(counts) else f"student {Path(folder).name}"
         students.append((name, student, quantize_policy(student, int8, calibration).model.eval()))
     policy_bf16 = load_policy(args.policy, head_dtype="bfloat16")
-    plans = arms(policy, policy_int8, policy_bf16, students)
-    held_out = observations_from_store(args.dataset, policy.spec, args.frames, held_out=True)
-    one = {
-        "images": {c: v[:1] for c, v in held_out[0]["images"].items()},
-        "instruction": held_out[0]["instruction"][:1],
-        "state": held_out[0]["state"][:1],
+    return policy, arms(policy, policy_int8, policy_bf16, students)
+
+
+def first_frame(observations: dict) -> dict:
+    """The first frame of a batch of observations, as a batch of one."""
+    return {
+        "images": {c: v[:1] for c, v in observations["images"].items()},
+        "instruction": observations["instruction"][:1],
+        "state": observations["state"][:1],
     }
-    with torch.inference_mode():
-        policies = {id(a.policy): a.policy for a in plans.values()}  # each encodes once
-        contexts = {key: p.encode(one) for key, p in policies.items()}
-        acts = {name: act_once(a, contexts[id(a.policy)], one) for name, a in plans.items()}
-        latency = dict(zip(plans, paired_median_ms(list(acts.values()), args.repeats), strict=True))
-        errors = {name: [] for name in plans}
-        generator = torch.Generator().manual_seed(0)
-        for obs in held_out:
-            ctx = {key: p.encode(obs) for key, p in policies.items()}
-            noise = torch.randn(len(obs["instruction"]), *policy.noise_shape, generator=generator)
-            chunks = {
-                name: a.policy.act(
-                    ctx[id(a.policy)],
-                    obs["state"],
-                    noise=noise,
-                    num_steps=a.steps,
-                    forecast=a.forecast,
-                )
-                for name, a in plans.items()
-            }
-            ref = chunks[next(iter(plans))]
-            for name, chunk in chunks.items():
-                errors[name].append(float((chunk - ref).norm() / ref.norm().clamp(min=1e-8)))
+
+
+@torch.inference_mode()
+def latency_and_error(args, policy, plans: dict[str, Arm], held_out: list[dict], one: dict):
+    """Each arm's ``act`` latency at batch 1 (timed in turn, medians), its timing closure,
+    and its relative action errors against the reference over ``held_out`` (the same
+    initial noise for every arm)."""
+    policies = {id(a.policy): a.policy for a in plans.values()}  # each encodes once
+    contexts = {key: p.encode(one) for key, p in policies.items()}
+    acts = {name: act_once(a, contexts[id(a.policy)], one) for name, a in plans.items()}
+    latency = dict(zip(plans, paired_median_ms(list(acts.values()), args.repeats), strict=True))
+    errors = {name: [] for name in plans}
+    generator = torch.Generator().manual_seed(0)
+    for obs in held_out:
+        ctx = {key: p.encode(obs) for key, p in policies.items()}
+        noise = torch.randn(len(obs["instruction"]), *policy.noise_shape, generator=generator)
+        chunks = {
+            name: a.policy.act(
+                ctx[id(a.policy)],
+                obs["state"],
+                noise=noise,
+                num_steps=a.steps,
+                forecast=a.forecast,
+            )
+            for name, a in plans.items()
+        }
+        ref = chunks[next(iter(plans))]
+        for name, chunk in chunks.items():
+            errors[name].append(float((chunk - ref).norm() / ref.norm().clamp(min=1e-8)))
+    return latency, acts, errors
+
+
+def arm_results(plans: dict[str, Arm], latency: dict, errors: dict) -> dict[str, dict]:
+    """Each arm's record: its steps, kind, latency, speed-up and mean action error."""
     ref_name = next(iter(plans))
-    results = {
+    return {
         name: {
             "steps": a.steps,
             "kind": a.kind,
@@ -271,21 +296,29 @@ def main() -> None:
         }
         for name, a in plans.items()
     }
-    if args.env:
-        from ditvla.envs.evaluate import EvalConfig
 
-        for name, a in plans.items():
-            summary = evaluate_with(
-                a.policy,
-                args.env,
-                EvalConfig(episodes_per_task=args.episodes),
-                num_inference_steps=a.steps,
-                forecast=a.forecast,
-            )
-            results[name]["success"] = summary["mean_success"]
-            results[name]["tasks"] = summary["tasks"]
-            results[name]["observation"] = summary["observation"]
-            print(f"{name}: success {summary['mean_success']:.1%}", flush=True)
+
+def add_success(args, plans: dict[str, Arm], results: dict[str, dict]) -> None:
+    """Each arm's success on ``args.env``, over the same episodes and noise, into
+    ``results``."""
+    from ditvla.envs.evaluate import EvalConfig
+
+    for name, a in plans.items():
+        summary = evaluate_with(
+            a.policy,
+            args.env,
+            EvalConfig(episodes_per_task=args.episodes),
+            num_inference_steps=a.steps,
+            forecast=a.forecast,
+        )
+        results[name]["success"] = summary["mean_success"]
+        results[name]["tasks"] = summary["tasks"]
+        results[name]["observation"] = summary["observation"]
+        print(f"{name}: success {summary['mean_success']:.1%}", flush=True)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    """The arms as a markdown table."""
     rows = [
         "| arm | act (batch 1) | vs reference | relative action error | success |",
         "|---|---|---|---|---|",
@@ -301,46 +334,75 @@ def main() -> None:
             f"{r['relative_action_error']:.3f} | {success} |"
         )
     print("\n".join(rows))
+
+
+def report_by_success(args, policy, plans, acts, one, results, out: Path) -> None:
+    """The last line with ``--env``: the fastest arm within 2 points of the reference's
+    success, plain Euler at that speed, and (when asked) SmolVLA's expert against it."""
+    ref_name = next(iter(plans))
+    a = results[ref_name]["success"]
+    keep = {n: r for n, r in results.items() if r["success"] >= a - 0.02}
+    best = max(keep, key=lambda n: keep[n]["speedup"])
+    # plain (float) Euler at that speed: the most steps that are at least as fast as
+    # the best arm, else the fewest steps (the fastest plain arm)
+    plain = sorted(
+        (r for n, r in results.items() if r["kind"] == "plain" and n != ref_name),
+        key=lambda r: r["steps"],
+    )
+    as_fast = [r for r in plain if r["speedup"] >= keep[best]["speedup"]]
+    match = as_fast[-1] if as_fast else (plain[0] if plain else None)
+    c = f"{match['success']:.1%} at {match['steps']} steps" if match else "n/a"
+    versus = "smolvla expert: not measured"
+    if wants_smolvla(args):
+        expert = smolvla_expert(args, policy, one, plans[best], acts[best])
+        results["smolvla expert"] = expert
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        versus = (
+            f"{expert['speedup_eager']:.2f}x vs smolvla expert at its fewest steps "
+            f"({expert['fewest_steps']} steps, success {expert['success'][10]:.1%} -> "
+            f"{expert['success'][expert['fewest_steps']]:.1%}; compiled both: "
+            f"{expert['speedup_compiled']:.2f}x; its expert in bfloat16 too: "
+            f"{expert['speedup_eager_vs_bf16']:.2f}x)"
+        )
+    print(
+        f"fastest within 2 points: {best} act {keep[best]['speedup']:.2f}x vs the "
+        f"reference (success {a:.1%} -> {keep[best]['success']:.1%}; plain euler at "
+        f"that speed {c}), {versus}"
+    )
+
+
+def report_by_action_error(results: dict[str, dict]) -> None:
+    """The last line without ``--env``: the fastest arm within 5% relative action error."""
+    keep = {n: r for n, r in results.items() if r["relative_action_error"] <= 0.05}
+    best = max(keep, key=lambda n: keep[n]["speedup"])
+    print(
+        f"fastest within 5% action error: {best} act {keep[best]['speedup']:.2f}x vs "
+        f"the reference (relative action error {keep[best]['relative_action_error']:.3f})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if wants_smolvla(args) and not args.env:
+        parser.error("the SmolVLA expert arms need --env (its fewest steps are set by success)")
+
+    torch.manual_seed(0)
+    policy, plans = load_arms(args)
+    held_out = observations_from_store(args.dataset, policy.spec, args.frames, held_out=True)
+    one = first_frame(held_out[0])
+    latency, acts, errors = latency_and_error(args, policy, plans, held_out, one)
+    results = arm_results(plans, latency, errors)
+    if args.env:
+        add_success(args, plans, results)
+    print_table(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.env:
-        a = results[ref_name]["success"]
-        keep = {n: r for n, r in results.items() if r["success"] >= a - 0.02}
-        best = max(keep, key=lambda n: keep[n]["speedup"])
-        # plain (float) Euler at that speed: the most steps that are at least as fast as
-        # the best arm, else the fewest steps (the fastest plain arm)
-        plain = sorted(
-            (r for n, r in results.items() if r["kind"] == "plain" and n != ref_name),
-            key=lambda r: r["steps"],
-        )
-        as_fast = [r for r in plain if r["speedup"] >= keep[best]["speedup"]]
-        match = as_fast[-1] if as_fast else (plain[0] if plain else None)
-        c = f"{match['success']:.1%} at {match['steps']} steps" if match else "n/a"
-        versus = "smolvla expert: not measured"
-        if wants_smolvla:
-            expert = smolvla_expert(args, policy, one, plans[best], acts[best])
-            results["smolvla expert"] = expert
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            versus = (
-                f"{expert['speedup_eager']:.2f}x vs smolvla expert at its fewest steps "
-                f"({expert['fewest_steps']} steps, success {expert['success'][10]:.1%} -> "
-                f"{expert['success'][expert['fewest_steps']]:.1%}; compiled both: "
-                f"{expert['speedup_compiled']:.2f}x; its expert in bfloat16 too: "
-                f"{expert['speedup_eager_vs_bf16']:.2f}x)"
-            )
-        print(
-            f"fastest within 2 points: {best} act {keep[best]['speedup']:.2f}x vs the "
-            f"reference (success {a:.1%} -> {keep[best]['success']:.1%}; plain euler at "
-            f"that speed {c}), {versus}"
-        )
+        report_by_success(args, policy, plans, acts, one, results, out)
     else:
-        keep = {n: r for n, r in results.items() if r["relative_action_error"] <= 0.05}
-        best = max(keep, key=lambda n: keep[n]["speedup"])
-        print(
-            f"fastest within 5% action error: {best} act {keep[best]['speedup']:.2f}x vs "
-            f"the reference (relative action error {keep[best]['relative_action_error']:.3f})"
-        )
+        report_by_action_error(results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ With ``--compile`` each is also timed with its denoising step (ours:
 ``torch.compile`` (TorchInductor, frozen weights, dynamic shapes); compilation (the first
 calls, minutes on this CPU) is printed, not timed.
 
-    python bench/head_latency.py [--repeats 20] [--compile]
+    python -m bench.head_latency [--repeats 20] [--compile]
 
 Last line: ``action chunk latency: <ours> ms vs lerobot smolvla <theirs> ms (<ratio>x)``
 at 256 context tokens and 10 steps (SmolVLA's default step count), both eager (the way
@@ -32,76 +32,12 @@ from pathlib import Path
 
 import torch
 
+from bench.compilation import compiled
+from bench.smolvla_peer import legacy_cache_crop, save_tiny_smolvlm
 from ditvla.policies.timing import paired_median_ms
 
 HORIZON, ACTION_DIM, STATE_DIM = 16, 7, 8
 VLM_WIDTH, VLM_LAYERS, EXPERT_WIDTH = 512, 8, 384
-
-
-def save_tiny_smolvlm(
-    folder: Path,
-    *,
-    width: int = VLM_WIDTH,
-    layers: int = VLM_LAYERS,
-    heads: int = 8,
-    head_dim: int | None = None,
-    vision_width: int = 64,
-    vision_layers: int = 1,
-    patch_size: int = 16,
-    image_size: int = 64,
-) -> None:
-    """A SmolVLM2-style config and processor on disk, with an offline tokenizer."""
-    from transformers import (
-        PreTrainedTokenizerFast,
-        SmolVLMConfig,
-        SmolVLMImageProcessor,
-        SmolVLMProcessor,
-        SmolVLMVideoProcessor,
-    )
-
-    from ditvla.policies.backbone import byte_level_tokenizer
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_tokenizer().backend_tokenizer,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        extra_special_tokens={
-            "fake_image_token": "<fake_token_around_image>",
-            "image_token": "<image>",
-            "global_image_token": "<global-img>",
-            "end_of_utterance_token": "<end_of_utterance>",
-        },
-    )
-    config = SmolVLMConfig(
-        vision_config=dict(
-            hidden_size=vision_width,
-            intermediate_size=2 * vision_width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        text_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            head_dim=head_dim or width // heads,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=4096,
-        ),
-        scale_factor=2,
-        image_token_id=tokenizer.image_token_id,
-    )
-    config.save_pretrained(folder)
-    SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(),
-        video_processor=SmolVLMVideoProcessor(),
-        tokenizer=tokenizer,
-        image_seq_len=(image_size // patch_size) ** 2 // 4,
-    ).save_pretrained(folder)
 
 
 def smolvla_model(folder: Path):
@@ -126,7 +62,6 @@ def smolvla_chunk(model, context: int, steps: int, step_fn=None):
     replaces ``model.denoise_step`` (compiled). LeRobot's own Euler loop runs the steps."""
     from lerobot.policies.common.flow_matching import euler_integrate
     from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
-    from lerobot_peers import legacy_cache_crop
 
     legacy_cache_crop()  # lerobot 0.6.1's cache.crop(prefix_len) on today's transformers
     step_fn = step_fn or model.denoise_step
@@ -191,24 +126,21 @@ def ditvla_chunk(head, context: int, steps: int, step_fn=None):
     return run
 
 
-def compiled(fn):
-    """``fn`` through torch.compile: TorchInductor with frozen weights, any shape."""
-    return torch.compile(fn, dynamic=True, options={"freezing": True})
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.head_latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
         "--compile", action="store_true", help="also time both denoising steps compiled"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="tiny_smolvlm_"))
-    save_tiny_smolvlm(folder)
+    save_tiny_smolvlm(folder, width=VLM_WIDTH, layers=VLM_LAYERS)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, fp32, chunk {HORIZON}x{ACTION_DIM}"
     )

@@ -18,7 +18,7 @@ steps at evaluation (training is unchanged), ``--eval-episodes`` the episodes.
 DiffusionPolicy reads no instruction: across the five tasks it tells them apart by the
 state (Meta-World's state includes the goal position) and the image only.
 
-    python bench/learning_vs_lerobot.py [--store demos.zarr] [--eval-episodes 50]
+    python -m bench.learning_vs_lerobot [--store demos.zarr] [--eval-episodes 50]
 
 Last line: ``mean success: ditvla <x> vs lerobot diffusion <y>``.
 """
@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+from bench.lerobot_adapter import LeRobotAdapter
+from bench.lerobot_training import train_for
+
 
 def train_lerobot(
     store: Path, root: Path, budget_s: float, inference_steps: int | None = None, seed: int = 0
@@ -45,7 +48,6 @@ def train_lerobot(
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
     from lerobot.policies.diffusion.processor_diffusion import make_diffusion_pre_post_processors
     from lerobot.utils.feature_utils import dataset_to_policy_features
-    from lerobot_peers import LeRobotAdapter, train_for
 
     from ditvla.contract import PolicySpec
     from ditvla.datasets.convert_lerobot import zarr_to_lerobot
@@ -102,8 +104,12 @@ def train_ditvla(store: Path, out: Path) -> tuple[Path, float]:
     return policy_dir, budget
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.learning_vs_lerobot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--store", help="the demo's demonstrations (collected when missing)")
     parser.add_argument("--out", default="outputs/learning_vs_lerobot")
     parser.add_argument("--eval-episodes", type=int, default=50, help="per task (50)")
@@ -116,7 +122,7 @@ def main() -> None:
     )
     parser.add_argument("--ditvla-policy", help="reuse a policy trained with the demo's settings")
     parser.add_argument("--budget-s", type=float, help="with --ditvla-policy: its training seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if bool(args.ditvla_policy) != bool(args.budget_s):
         parser.error("--ditvla-policy and --budget-s go together")
     os.environ.setdefault("MUJOCO_GL", "egl")

@@ -11,7 +11,7 @@ For a policy whose head is narrower than the `base` preset, a second table times
 arms on a base-sized head (width 384, 8 blocks; random weights: speed and memory only),
 where the matrix products are large enough for int8 kernels to matter.
 
-    python bench/quantize.py --policy runs/x/policy --calibration demos.zarr \
+    python -m bench.quantize --policy runs/x/policy --calibration demos.zarr \\
         --env metaworld:drawer-close-v3 --episodes 20 [--arms w8a8,w8a8-whole-head]
 
 Last line: ``w8a8: act <x>x faster, quantized-module memory -<y>%, success <float> ->
@@ -68,8 +68,13 @@ def arm_config(name: str, corrections: bool | None = None) -> QuantizationConfig
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quantize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--policy", required=True)
     parser.add_argument("--calibration", required=True)
     parser.add_argument("--env", default="metaworld:drawer-close-v3")
@@ -88,38 +93,28 @@ def main() -> None:
         help=f"comma-separated, of {', '.join(ARMS)} (all); the last line needs "
         f"{HEADLINE} (and shows {QUANTVLA_HEADLINE} beside it when run)",
     )
-    args = parser.parse_args()
-    arms = args.arms.split(",")
-    if unknown := set(arms) - set(ARMS):
-        parser.error(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    return parser
 
-    policy = DiTVLAPolicy.from_pretrained(args.policy).eval()
-    calibration = observations_from_store(args.calibration, policy.spec, args.frames)
-    held_out = observations_from_store(args.calibration, policy.spec, args.frames, held_out=True)
 
-    def success(model) -> tuple[float, dict]:
-        """Mean success, and each episode's outcome by (task, seed)."""
-        if args.episodes == 0:
-            return float("nan"), {}
-        report = evaluate(
-            model,
-            args.env,
-            episodes_per_task=args.episodes,
-            workers=args.workers,
-            videos_per_task=0,
-            progress=False,
-        )
-        outcomes = {(e.task, e.seed): e.success for e in report.episodes}
-        return report.summary()["mean_success"], outcomes
-
-    float_success, float_outcomes = success(policy)
-    print(
-        f"float policy: success {float_success:.1%} over {args.episodes} episodes per task "
-        f"({args.env})"
+def success(model, args) -> tuple[float, dict]:
+    """Mean success, and each episode's outcome by (task, seed)."""
+    if args.episodes == 0:
+        return float("nan"), {}
+    report = evaluate(
+        model,
+        args.env,
+        episodes_per_task=args.episodes,
+        workers=args.workers,
+        videos_per_task=0,
+        progress=False,
     )
+    outcomes = {(e.task, e.seed): e.success for e in report.episodes}
+    return report.summary()["mean_success"], outcomes
+
+
+def quantized_arms(args, arms: list[str], policy, calibration, held_out, float_outcomes) -> dict:
+    """Each arm quantized, measured and evaluated, one table row each; the arms that ran,
+    by name: (measure's report, success)."""
     print(
         "| scheme | backend | layout | ATM/OHB | memory saved | encode | act | "
         "rel. action error | success | episodes flipped |"
@@ -133,7 +128,7 @@ def main() -> None:
             continue
         result = quantize_policy(policy, arm_config(name), calibration)
         report = measure(policy, result, held_out)
-        rate, outcomes = success(result.model)
+        rate, outcomes = success(result.model, args)
         # same episodes, same noise: the episodes whose outcome quantization changed
         flipped = sum(outcomes[key] != float_outcomes[key] for key in outcomes)
         results[name] = (report, rate)
@@ -143,11 +138,11 @@ def main() -> None:
             f"{report['act_speedup']:.2f}x | {report['relative_action_error']:.4f} | {rate:.1%} | "
             f"{flipped} of {len(outcomes)} |"
         )
+    return results
 
-    if policy.config.head.width < HEAD_PRESETS["base"]["width"]:
-        base_sized_head(policy, held_out, arms)
-    if HEADLINE not in results:
-        return
+
+def print_headline(results: dict, float_success: float) -> None:
+    """The last line: the whole-head layout, with QuantVLA's beside it when it ran."""
     report, rate = results[HEADLINE]
     beside = ""
     if QUANTVLA_HEADLINE in results:
@@ -161,6 +156,31 @@ def main() -> None:
         f"-{report['memory_saved']:.0%}, success {float_success:.1%} -> {rate:.1%} "
         f"(layout {ARMS[HEADLINE][2]}{beside})"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    arms = args.arms.split(",")
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+
+    policy = DiTVLAPolicy.from_pretrained(args.policy).eval()
+    calibration = observations_from_store(args.calibration, policy.spec, args.frames)
+    held_out = observations_from_store(args.calibration, policy.spec, args.frames, held_out=True)
+    float_success, float_outcomes = success(policy, args)
+    print(
+        f"float policy: success {float_success:.1%} over {args.episodes} episodes per task "
+        f"({args.env})"
+    )
+    results = quantized_arms(args, arms, policy, calibration, held_out, float_outcomes)
+    if policy.config.head.width < HEAD_PRESETS["base"]["width"]:
+        base_sized_head(policy, held_out, arms)
+    if HEADLINE in results:
+        print_headline(results, float_success)
 
 
 def base_sized_head(policy: DiTVLAPolicy, held_out: list[dict], arms: list[str]) -> None:

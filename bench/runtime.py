@@ -17,7 +17,7 @@ async-inference gRPC/pickle path, on loopback, in the same run.
    that only listens and asks for the session — flood the server with garbage, huge,
    many-framed, deeply nested and replayed messages and count what they receive.
 
-    python bench/runtime.py [--duration 120] [--round-trips 300] [--hostile]
+    python -m bench.runtime [--duration 120] [--round-trips 300] [--hostile]
 
 Last line: ``50 Hz control: ...`` or, with --hostile, ``hostile 50 Hz: p99 jitter <x> ms,
 missed <n>; robot got <a>/<b> chunks, intruders got <c>``.
@@ -30,7 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,14 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.loopback import free_port
+
 OBS_IMAGES = {"corner": (128, 128, 3), "gripperPOV": (128, 128, 3)}
 STATE_DIM, HORIZON, ACTION_DIM = 39, 16, 7
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- 1. control loop
@@ -312,8 +307,12 @@ def lerobot_round_trips(n: int) -> np.ndarray:
     return np.array(times[20:]) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.runtime",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--duration", type=float, default=120.0, help="control-loop seconds")
     parser.add_argument("--round-trips", type=int, default=300)
     parser.add_argument(
@@ -322,7 +321,7 @@ def main() -> None:
         help="keyed server; three local peers without admitted keys flood it and try to "
         "read chunks (no round trips then)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     if args.hostile:
         with tempfile.TemporaryDirectory() as folder:

@@ -9,7 +9,7 @@ patches) and its expert at the VLM's width (multiplier 1.0, 2 layers), against o
 preset (the same VLM sizes, a 2-block DiT head of width 128). Batches are drawn once
 from a zarr store and given to both in turn, so data loading is not timed.
 
-    python bench/train_throughput.py [--steps 20]
+    python -m bench.train_throughput [--steps 20]
 
 Last line: ``training throughput: ditvla <x> samples/s vs lerobot smolvla <y> samples/s``.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lerobot_peers import tiny_smolvla
 from torch.utils.data import DataLoader
+
+from bench.smolvla_peer import tiny_smolvla
 
 BATCH, HORIZON, ACTION_DIM, STATE_DIM, IMAGE = 32, 16, 7, 8, 64
 
@@ -66,12 +67,14 @@ def to_lerobot_batch(batch: dict, tokenizer) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.train_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per policy")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
     from ditvla.policies.config import PolicyConfig

@@ -15,7 +15,7 @@
 
 Writes ``docs/vla_setting.md`` (table) and ``OUT/results.json``.
 
-    python bench/vla_setting.py [--episodes 50] [--out outputs/vla_setting]
+    python -m bench.vla_setting [--episodes 50] [--out outputs/vla_setting]
 
 Last line: ``vla setting: success <x>%, blank images <y>%, shuffled instructions <z>%
 (instruction-decides suite: <w>% vs shuffled <v>%); lerobot smolvla <s>%``.
@@ -35,14 +35,21 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.lerobot_adapter import LeRobotAdapter
+from bench.lerobot_batches import batches_for_lerobot
+from bench.lerobot_training import train_for
+from bench.smolvla_peer import tiny_smolvla
+
 
 def suite_mean(summary: dict, tasks) -> float:
     return float(np.mean([summary["tasks"][t]["success_rate"] for t in tasks]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.vla_setting",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="outputs/vla_setting")
     parser.add_argument("--store", help="the demo's demonstrations (collected when missing)")
@@ -51,11 +58,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, help="the training seconds it took")
     parser.add_argument("--skip-smolvla", action="store_true")
     parser.add_argument("--table", default="docs/vla_setting.md")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lerobot_peers import LeRobotAdapter, batches_for_lerobot, tiny_smolvla, train_for
-
     from ditvla.contract import load_policy
     from ditvla.demo import FULL
     from ditvla.envs.collect import collect_demonstrations
@@ -109,9 +115,9 @@ def main() -> None:
     w = suite_mean(results["none"], COLOUR_REACH)
     v = suite_mean(results["shuffled_instructions"], COLOUR_REACH)
     s = results["smolvla"]["mean_success"] if "smolvla" in results else float("nan")
-    write_table(
-        Path(args.table), results, args, describe_observation(results["none"]["observation"])
-    )
+    command = shlex.join(["python", "-m", "bench.vla_setting", *argv])
+    observation = describe_observation(results["none"]["observation"])
+    write_table(Path(args.table), results, args, observation, command)
     print(
         f"vla setting: success {x:.1%}, blank images {y:.1%}, shuffled instructions {z:.1%} "
         f"(instruction-decides suite: {w:.1%} vs shuffled {v:.1%}); lerobot smolvla {s:.1%}"
@@ -124,7 +130,8 @@ def load_data_spec(store: Path, spec):
     return ReplayBufferDataset(store, cameras=spec.cameras, state_keys=spec.state_keys).data_spec()
 
 
-def write_table(path: Path, results: dict, args, observation: str) -> None:
+def write_table(path: Path, results: dict, args, observation: str, command: str) -> None:
+    """The arms' table under the command that measured it, written to ``path`` and printed."""
     arms = [
         ("ditvla", results["none"]),
         ("ditvla, blank images", results["blank_images"]),
@@ -138,7 +145,7 @@ def write_table(path: Path, results: dict, args, observation: str) -> None:
     lines = [
         "# The VLA setting: pixels, proprioception and words",
         "",
-        f"`{shlex.join(['python', *sys.argv])}` on the 2-core CPU. The policy "
+        f"`{command}` on the 2-core CPU. The policy "
         f"read: {observation}. Training budget {results['budget_s'] / 60:.1f} minutes (the "
         f"demo's run); {args.episodes} episodes per task on seeds 100000 and up, the same "
         "episodes and initial noise for every arm (95% Wilson intervals).",
