@@ -43,6 +43,12 @@ class CheckpointError(DitvlaError, RuntimeError):
     """A policy folder that is incomplete, damaged, of another format or version."""
 
 
+# The state a policy reads, by selection (``--state`` of train, the demo, to-lerobot):
+# proprioception (the store's ``state_keys``: what a real robot has; the default
+# everywhere), ``full`` (with the simulator's privileged object poses and goals), ``none``
+# (cameras and words alone), or arrays by name (``KEY[,KEY...]``).
+STATE_PROPRIO, STATE_FULL, STATE_NONE = "proprio", "full", "none"
+
 # Normalization statistics per feature: {key: {name: [value per channel]}}.
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 Stats = dict[str, dict[str, list[float]]]
@@ -144,6 +150,7 @@ class ReducedPrecisionHead(Protocol):
 
     def set_head_dtype(self, name: HeadDType) -> None:
         """Run ``act``'s denoising in this dtype from now on (inference only)."""
+
 
 # config.json "format" -> "module:class" of the policy that reads it.
 POLICY_FORMATS = {"ditvla.policy": "ditvla.policies.policy:DiTVLAPolicy"}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ditvla.cli.config_options import option_flags, override_flags
-from ditvla.contract import load_policy
+from ditvla.contract import STATE_PROPRIO, load_policy
 from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH
@@ -142,7 +142,7 @@ def _plot_loss(metrics: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, *, quick: bool = False, state: str = "proprio") -> int:
+def run_demo(out: Path, *, quick: bool = False, state: str = STATE_PROPRIO) -> int:
     recipe = QUICK if quick else FULL
     recipe = replace(recipe, train=replace(recipe.train, state=state))
     out.mkdir(parents=True, exist_ok=True)

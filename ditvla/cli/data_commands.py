@@ -7,6 +7,7 @@ import argparse
 
 from ditvla.cli.config_options import add_config_options, given_options
 from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
+from ditvla.contract import STATE_PROPRIO
 
 
 # ---------------------------------------------------------------------- collect
@@ -188,7 +189,7 @@ def add_convert(commands: Commands, configured: bool) -> None:
     )
     to_lerobot.add_argument(
         "--state",
-        default="proprio",
+        default=STATE_PROPRIO,
         help="the arrays concatenated into observation.state, as ditvla train --state: "
         "proprio (the store's state_keys), full, none or KEY[,KEY...]",
     )

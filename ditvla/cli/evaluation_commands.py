@@ -8,7 +8,7 @@ from typing import get_args
 
 from ditvla.cli.config_options import add_config_options, given_options
 from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
-from ditvla.contract import HeadDType
+from ditvla.contract import STATE_PROPRIO, HeadDType
 
 
 # ---------------------------------------------------------------------- demo
@@ -35,7 +35,7 @@ def add_demo(commands: Commands, configured: bool) -> None:
     demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 min)")
     demo.add_argument(
         "--state",
-        default="proprio",
+        default=STATE_PROPRIO,
         help="the state the policy reads: proprio (hand and gripper; the VLA setting) or full "
         "(with Meta-World's privileged object poses and goal)",
     )

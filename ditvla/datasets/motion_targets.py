@@ -24,6 +24,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+from ditvla.errors import ConfigError
 
 FLOW_METHODS = ("dis", "farneback")
 DERIVED_GROUP = "derived"
@@ -38,9 +39,9 @@ class MotionTargetSpec:
 
     def __post_init__(self) -> None:
         if self.method not in FLOW_METHODS:
-            raise ValueError(f"unknown flow method {self.method!r}; choose {FLOW_METHODS}")
+            raise ConfigError(f"unknown flow method {self.method!r}; choose {FLOW_METHODS}")
         if self.k < 1 or self.size < 2:
-            raise ValueError(f"need k >= 1 and size >= 2, got k={self.k}, size={self.size}")
+            raise ConfigError(f"need k >= 1 and size >= 2, got k={self.k}, size={self.size}")
 
 
 def _gray(frame: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ class FlowEstimator:
 
     def __init__(self, method: str = "dis"):
         if method not in FLOW_METHODS:
-            raise ValueError(f"unknown flow method {method!r}; choose {FLOW_METHODS}")
+            raise ConfigError(f"unknown flow method {method!r}; choose {FLOW_METHODS}")
         self.method = method
         self._dis = None
         if method == "dis":

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ditvla.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SampleFrames:
@@ -44,7 +46,7 @@ class SequenceSampler:
         episodes: Sequence[int] | None = None,
     ):
         if n_obs_steps < 1 or horizon < 1:
-            raise ValueError(f"n_obs_steps and horizon must be >= 1, got {n_obs_steps}, {horizon}")
+            raise ConfigError(f"n_obs_steps and horizon must be >= 1, got {n_obs_steps}, {horizon}")
         episode_ends = np.asarray(episode_ends, dtype=np.int64)
         starts = np.concatenate([[0], episode_ends[:-1]]).astype(np.int64)
         selected = np.arange(len(episode_ends)) if episodes is None else np.asarray(episodes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ditvla.contract import STATE_FULL, STATE_NONE, STATE_PROPRIO
 from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.store_index import StoreIndex
 
@@ -42,11 +43,11 @@ def resolve_state(index: StoreIndex, selection: str) -> list[str]:
     store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:
     the cameras and the instruction alone) or ``KEY[,KEY...]``."""
     proprio, privileged = state_keys(index), privileged_keys(index)
-    if selection == "none":
+    if selection == STATE_NONE:
         return []
-    if selection == "full":
+    if selection == STATE_FULL:
         return [*proprio, *privileged]
-    if selection == "proprio":
+    if selection == STATE_PROPRIO:
         if not state_is_split(index.attrs):
             raise DatasetError(
                 f"{index.path}: its state mixes proprioception and privileged simulator state "

@@ -29,6 +29,7 @@ from ditvla.datasets.store_layout import (
     Task,
     is_image_array,
 )
+from ditvla.errors import ConfigError
 
 
 @dataclass
@@ -54,7 +55,7 @@ class StoreIndex:
 def open_store_group(path: Path, mode: str) -> zarr.Group:
     """The root group of the store at ``path``: ``mode="r"`` to read, ``"a"`` to append."""
     if mode not in ("r", "a"):
-        raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        raise ConfigError(f"mode must be 'r' or 'a', got {mode!r}")
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
     try:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.envs.registry import SUITES, parse_env
+from ditvla.errors import ConfigError
 
 
 @dataclass
@@ -155,11 +156,11 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         if self.episodes_per_task < 1:
-            raise ValueError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
+            raise ConfigError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.detour_steps < 0:
-            raise ValueError(f"detour_steps must be >= 0, got {self.detour_steps}")
+            raise ConfigError(f"detour_steps must be >= 0, got {self.detour_steps}")
 
 
 def collect_demonstrations(

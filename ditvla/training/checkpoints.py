@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ditvla.contract import CheckpointError
 from ditvla.crash_points import crash_point
 
 LATEST = "latest"
@@ -139,7 +140,7 @@ def read_checkpoint(
     """Restore the optimizer and the RNGs; return the trainer state and the EMA weights."""
     meta = json.loads((folder / "trainer_state.json").read_text())
     if "optimizer" not in meta:
-        raise ValueError(
+        raise CheckpointError(
             f"{folder}: holds the weights only (written by a sharded run): it does not resume"
         )
     tensors = load_file(str(folder / "optimizer.safetensors"))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditvla.contract import STATE_PROPRIO
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.errors import ConfigError
 from ditvla.policies.config import PresetName
@@ -97,7 +98,7 @@ class TrainConfig:
     preset: PresetName = "tiny"
     policy_overrides: dict[str, Any] = field(default_factory=dict)
     cameras: tuple[str, ...] | None = None
-    state: str = "proprio"
+    state: str = STATE_PROPRIO
     auxiliary: str = ""
     steps: int = 2000
     batch_size: int = 64
