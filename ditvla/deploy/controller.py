@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditvla.deploy.action_limits import merged_limits
 from ditvla.deploy.errors import ServerUnavailable
 from ditvla.deploy.messages import Message
 from ditvla.deploy.robots import Robot
@@ -59,7 +60,8 @@ class ControllerConfig:
             or rtc (real-time chunking: the server inpaints; executed as latest).
         ensemble_decay: ensemble: weight exp(-decay * i) of the i-th oldest chunk.
         watchdog_s: hold the robot when the newest chunk arrived longer ago than this.
-        action_low / action_high: clip every action to these bounds.
+        action_low / action_high: refuse chunks with an action beyond these bounds
+            (default: the server's limits).
         realtime: run the loop under SCHED_FIFO where the OS permits it (root,
             CAP_SYS_NICE or an rtprio limit).
     """
@@ -138,7 +140,7 @@ def hello(channel: ClientChannel, robot_name: str, hz: float) -> str:
 
 def adopt_spec(channel: ClientChannel, spec: Message, nonce: str) -> bool:
     """Start the session ``spec`` names if it answers our hello of ``nonce``."""
-    if spec.type != "spec" or spec.meta.get("nonce") != nonce or "refused" in spec.meta:
+    if spec.type != "spec" or spec.meta.get("nonce") != nonce:
         return False
     channel.codec.start_session(spec.session)
     return True
@@ -152,10 +154,6 @@ def handshake(
     while time.monotonic() < end:
         nonce = hello(channel, robot_name, hz)
         reply = channel.receive(timeout_ms=500)
-        if reply is not None and reply.type == "spec" and "refused" in reply.meta:
-            raise ServerUnavailable(
-                f"the policy server refused this robot: {reply.meta['refused']}"
-            )
         if reply is not None and adopt_spec(channel, reply, nonce):
             return reply
     raise ServerUnavailable(
@@ -195,7 +193,14 @@ class Controller:
         self.channel, self.robot, self.config = channel, robot, config
         self.name = name
         self.period = 1.0 / config.hz
-        self.low, self.high = self._limits(spec)
+        arrays = spec.arrays if spec is not None else {}
+        self.low, self.high = merged_limits(
+            robot.action_dim,
+            arrays.get("action_low"),
+            arrays.get("action_high"),
+            config.action_low,
+            config.action_high,
+        )
         self.refused: Counter[str] = Counter()
         self.chunks_received = 0
         self._nonce: str | None = None
@@ -211,18 +216,6 @@ class Controller:
 
     def stop(self, *_: object) -> None:
         self._stop = True
-
-    def _limits(self, spec: Message | None) -> tuple[np.ndarray, np.ndarray]:
-        dim = self.robot.action_dim
-        low, high = np.full(dim, -np.inf, np.float32), np.full(dim, np.inf, np.float32)
-        if spec is not None:
-            low = spec.arrays.get("action_low", low)
-            high = spec.arrays.get("action_high", high)
-        if self.config.action_low is not None:
-            low = np.full(dim, self.config.action_low, np.float32)
-        if self.config.action_high is not None:
-            high = np.full(dim, self.config.action_high, np.float32)
-        return low, high
 
     def _chunk_problem(self, message: Message, episode: int) -> str | None:
         """Why a message from the server must not drive the robot, or None."""
