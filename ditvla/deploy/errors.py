@@ -7,3 +7,7 @@ class TransportError(RuntimeError):
 
 class ServerUnavailable(TransportError):
     """No policy server answered the controller's handshake."""
+
+
+class RobotUnavailable(RuntimeError):
+    """The robot asked for cannot be driven here (its package is not installed)."""
