@@ -142,3 +142,17 @@ def test_train_offers_every_field_of_the_training_and_policy_configs():
 def test_option_help_shows_the_config_default():
     help_text = subcommand("train").format_help()
     assert "optimizer steps (default: 2000)" in " ".join(help_text.split())
+
+
+def test_the_controller_and_the_server_import_no_simulator_dataset_or_lerobot_library():
+    """A robot computer runs `ditvla robot` and `ditvla serve` without simulators,
+    dataset libraries or LeRobot installed (the simulated robot and the LeRobot adapter
+    are imported only when asked for)."""
+    code = (
+        "import sys, ditvla.deploy.controller, ditvla.deploy.server; print([m for m in "
+        "('mujoco', 'metaworld', 'robosuite', 'zarr', 'h5py', 'lerobot') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
