@@ -64,8 +64,8 @@ class ControllerConfig:
             or rtc (real-time chunking: the server inpaints; executed as latest).
         ensemble_decay: ensemble: weight exp(-decay * i) of the i-th oldest chunk.
         watchdog_s: hold the robot when the newest chunk arrived longer ago than this.
-        action_low / action_high: refuse chunks with an action beyond these bounds
-            (default: the server's limits).
+        action_low / action_high: refuse chunks with an action beyond these bounds (when
+            none is given, beyond the server's limits).
         realtime: run the loop under SCHED_FIFO where the OS permits it (root,
             CAP_SYS_NICE or an rtprio limit).
     """
