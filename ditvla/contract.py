@@ -43,6 +43,10 @@ class CheckpointError(DitvlaError, RuntimeError):
     """A policy folder that is incomplete, damaged, of another format or version."""
 
 
+# Evaluation episodes are seeded from here up, demonstrations from 0 up: the two never
+# share an episode (the evaluator, ``ditvla robot --sim`` and ``collect`` agree on it).
+EVAL_SEED_START = 100_000
+
 # The state a policy reads, by selection (``--state`` of train, the demo, to-lerobot):
 # proprioception (the store's ``state_keys``: what a real robot has; the default
 # everywhere), ``full`` (with the simulator's privileged object poses and goals), ``none``

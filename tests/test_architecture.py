@@ -163,3 +163,17 @@ def test_no_class_or_function_outgrows_a_reading():
             if lines > limit:
                 too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} {lines}")
     assert not too_long
+
+
+def test_the_controller_and_the_server_import_no_simulator_dataset_or_lerobot_library():
+    """A robot computer runs `ditvla robot` and `ditvla serve` without simulators,
+    dataset libraries or LeRobot installed (the simulated robot and the LeRobot adapter
+    are imported only when asked for)."""
+    code = (
+        "import sys, ditvla.deploy.controller, ditvla.deploy.server; print([m for m in "
+        "('mujoco', 'metaworld', 'robosuite', 'zarr', 'h5py', 'lerobot') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import zmq
 
+from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.errors import TransportError
 from ditvla.deploy.keys import client_keys, generate_keypair, server_keys
 from ditvla.deploy.messages import (
@@ -230,6 +231,19 @@ def test_rtc_weights_freeze_the_delay_and_decay_over_the_overlap():
     weights = rtc_weights(16, delay=3, planned=planned)
     assert (weights[:3] == 1).all() and (weights[10:] == 0).all()
     assert np.all(np.diff(weights[3:10]) < 0) and 0 < weights[9] < weights[3] < 1
+
+
+def test_action_limits_default_to_the_widened_training_range_and_options_replace_a_side():
+    low, high = widened_range([-1.0, 0.0], [1.0, 0.0])
+    np.testing.assert_allclose(low, [-1.201, -0.001])
+    np.testing.assert_allclose(high, [1.201, 0.001])
+    low, high = merged_limits(2, low, high, None, 0.5)
+    assert low.dtype == high.dtype == np.float32
+    np.testing.assert_allclose(low, [-1.201, -0.001], rtol=1e-6)
+    np.testing.assert_array_equal(high, [0.5, 0.5])
+    low, high = merged_limits(2, None, None, -2.0, None)  # nobody bounds the top
+    np.testing.assert_array_equal(low, [-2.0, -2.0])
+    assert np.isposinf(high).all()
 
 
 @pytest.mark.parametrize("schedule", [FlowMatching(), DDPM()])

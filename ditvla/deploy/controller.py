@@ -1,42 +1,50 @@
 """The robot controller process, ``ditvla robot``: a fixed-rate control loop.
 
-The loop runs under SCHED_FIFO where the OS permits (see :func:`use_realtime_priority`).
-Each tick: wait for the tick's deadline (sleep, then spin the last 0.5 ms, or 2 ms without
-real-time priority, when a woken process may wait for a busy core), take in the chunks that arrived,
-execute the action due at this tick — or hold the robot when none is due, when the
-newest chunk is older than the watchdog allows, or when the action is not finite — then
-send the tick's observation (state every tick, camera frames when the cameras have new
-ones).
+Each tick: wait for the tick's deadline on the controller's clock (:mod:`ditvla.deploy.clock`:
+real time under SCHED_FIFO where the OS permits; a test's own clock in tests), take in the
+chunks that arrived, execute the action due at this tick — or hold the robot when none is
+due, when the newest chunk is older than the watchdog allows, or when the action is not
+finite — then send the tick's observation (state every tick, camera frames when the cameras
+have new ones).
 
 Per tick it records the start jitter, the work time and what was executed; per chunk
 the observation-to-action latency. A live line shows control rate, p99 jitter, latency,
 deadline misses and the server's System 1 / System 2 rates; the rows are saved as CSV
 and a summary as JSON. SIGINT / SIGTERM end the loop cleanly with the robot held.
+
+A session (:func:`run_session`) is the same for every robot — handshake, the robot checked
+against the policy's spec, the loop, late chunks counted, metrics written — and the robots
+differ only in how they are built and how their episodes run (:func:`run_sim`,
+:func:`run_lerobot`). The robots live in modules of their own, imported only when used,
+so that this module imports no simulator and no LeRobot.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import secrets
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditvla.contract import EVAL_SEED_START
+from ditvla.deploy.action_limits import merged_limits
+from ditvla.deploy.clock import Clock, MonotonicClock, control_clock
 from ditvla.deploy.errors import ServerUnavailable
 from ditvla.deploy.messages import Message
-from ditvla.deploy.robots import Robot
+from ditvla.deploy.robot import Robot
 from ditvla.deploy.schedule import ActionSchedule, MergeRule, safe_actions
 from ditvla.deploy.transport import ClientChannel
-from ditvla.envs.registry import parse_env
-from ditvla.envs.schema import EVAL_SEED_START
+from ditvla.errors import ConfigError
 
 # A chunk may start at most this many ticks in the future (1 s at 50 Hz), and must still
 # have an action at most this many ticks ago; outside, it is refused.
@@ -45,8 +53,7 @@ PAST_TICKS = 0
 MAX_CHUNK = 1024  # actions per chunk
 REHELLO_S = 2.0  # nothing from the server for this long: say hello again (it may have restarted)
 DRAIN_S = 1.5  # longer than the server's max_context_age_s: it has stopped sending by then
-SPIN_S = 0.002  # without real-time priority a woken process may wait for a busy core
-REALTIME_SPIN_S = 0.0005
+DRAIN_POLL_S = 0.05
 
 
 @dataclass
@@ -59,7 +66,8 @@ class ControllerConfig:
             or rtc (real-time chunking: the server inpaints; executed as latest).
         ensemble_decay: ensemble: weight exp(-decay * i) of the i-th oldest chunk.
         watchdog_s: hold the robot when the newest chunk arrived longer ago than this.
-        action_low / action_high: clip every action to these bounds.
+        action_low / action_high: refuse chunks with an action beyond these bounds (when
+            none is given, beyond the server's limits).
         realtime: run the loop under SCHED_FIFO where the OS permits it (root,
             CAP_SYS_NICE or an rtprio limit).
     """
@@ -71,22 +79,6 @@ class ControllerConfig:
     action_low: float | None = None
     action_high: float | None = None
     realtime: bool = True
-
-
-REALTIME_PRIORITY = 50
-
-
-def use_realtime_priority() -> bool:
-    """Put this process under SCHED_FIFO (as robot control loops run); False if not allowed.
-
-    On a loaded machine a normal-priority process that wakes for its tick can wait for a
-    core for several milliseconds; a real-time one preempts the others at once. Needs root
-    or CAP_SYS_NICE (or an rtprio limit in /etc/security/limits.conf)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
-        return True
-    except (PermissionError, AttributeError, OSError):
-        return False
 
 
 @dataclass
@@ -138,7 +130,7 @@ def hello(channel: ClientChannel, robot_name: str, hz: float) -> str:
 
 def adopt_spec(channel: ClientChannel, spec: Message, nonce: str) -> bool:
     """Start the session ``spec`` names if it answers our hello of ``nonce``."""
-    if spec.type != "spec" or spec.meta.get("nonce") != nonce or "refused" in spec.meta:
+    if spec.type != "spec" or spec.meta.get("nonce") != nonce:
         return False
     channel.codec.start_session(spec.session)
     return True
@@ -152,10 +144,6 @@ def handshake(
     while time.monotonic() < end:
         nonce = hello(channel, robot_name, hz)
         reply = channel.receive(timeout_ms=500)
-        if reply is not None and reply.type == "spec" and "refused" in reply.meta:
-            raise ServerUnavailable(
-                f"the policy server refused this robot: {reply.meta['refused']}"
-            )
         if reply is not None and adopt_spec(channel, reply, nonce):
             return reply
     raise ServerUnavailable(
@@ -168,13 +156,13 @@ def check_spec(spec: Message, robot: Robot) -> None:
     """ValueError unless the robot can serve the policy: its action width, and limits of
     that width."""
     if spec.meta["action_dim"] != robot.action_dim:
-        raise ValueError(
+        raise ConfigError(
             f"the policy acts in {spec.meta['action_dim']} dimensions, the robot in "
             f"{robot.action_dim}"
         )
     for name in ("action_low", "action_high"):
         if name in spec.arrays and spec.arrays[name].shape != (robot.action_dim,):
-            raise ValueError(f"the server's {name} has shape {spec.arrays[name].shape}")
+            raise ConfigError(f"the server's {name} has shape {spec.arrays[name].shape}")
 
 
 class Controller:
@@ -182,7 +170,9 @@ class Controller:
     scheduled — its width, a window of ticks around now (:data:`PAST_TICKS` behind,
     :data:`AHEAD_TICKS` ahead), the action limits (``--action-low/--action-high``, else
     the server's, from the policy's training range) — and one that fails is dropped and
-    counted by reason in :attr:`refused`; with nothing valid due, the robot holds."""
+    counted by reason in :attr:`refused`; with nothing valid due, the robot holds.
+
+    ``clock``: what the loop waits on (real time by default; a test may pass its own)."""
 
     def __init__(
         self,
@@ -191,15 +181,24 @@ class Controller:
         config: ControllerConfig,
         spec: Message | None = None,
         name: str = "robot",
+        clock: Clock | None = None,
     ):
         self.channel, self.robot, self.config = channel, robot, config
         self.name = name
+        self.clock = clock or MonotonicClock()
         self.period = 1.0 / config.hz
-        self.low, self.high = self._limits(spec)
+        arrays = spec.arrays if spec is not None else {}
+        self.low, self.high = merged_limits(
+            robot.action_dim,
+            arrays.get("action_low"),
+            arrays.get("action_high"),
+            config.action_low,
+            config.action_high,
+        )
         self.refused: Counter[str] = Counter()
         self.chunks_received = 0
         self._nonce: str | None = None
-        self._heard_at = time.monotonic()
+        self._heard_at = self.clock.now()
         self.schedule = ActionSchedule(
             "latest" if config.merge == "rtc" else config.merge, config.ensemble_decay
         )
@@ -207,22 +206,14 @@ class Controller:
         self.missed = 0
         self.tick = 0
         self._stop = False
-        self.spin_s = SPIN_S
 
     def stop(self, *_: object) -> None:
         self._stop = True
 
-    def _limits(self, spec: Message | None) -> tuple[np.ndarray, np.ndarray]:
-        dim = self.robot.action_dim
-        low, high = np.full(dim, -np.inf, np.float32), np.full(dim, np.inf, np.float32)
-        if spec is not None:
-            low = spec.arrays.get("action_low", low)
-            high = spec.arrays.get("action_high", high)
-        if self.config.action_low is not None:
-            low = np.full(dim, self.config.action_low, np.float32)
-        if self.config.action_high is not None:
-            high = np.full(dim, self.config.action_high, np.float32)
-        return low, high
+    @property
+    def stopped(self) -> bool:
+        """Asked to stop (SIGINT / SIGTERM): no more ticks."""
+        return self._stop
 
     def _chunk_problem(self, message: Message, episode: int) -> str | None:
         """Why a message from the server must not drive the robot, or None."""
@@ -260,17 +251,6 @@ class Controller:
             self._heard_at = now
         return latency, last
 
-    def prepare_clock(self) -> None:
-        """Real-time priority for this process if configured and permitted."""
-        if self.config.realtime and use_realtime_priority():
-            self.spin_s = REALTIME_SPIN_S
-        elif self.config.realtime:
-            print(
-                "note: real-time priority not permitted (needs root, CAP_SYS_NICE or an rtprio "
-                "limit); tick jitter will be higher on a loaded machine",
-                file=sys.stderr,
-            )
-
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGTERM, self.stop)
@@ -284,17 +264,14 @@ class Controller:
         last_chunk_at = -np.inf
         s1 = s2 = None
         previous_action, previous_source = None, None
-        start = time.monotonic()
+        start = self.clock.now()
         first_tick = self.tick
         for n in range(max_ticks):
             if self._stop:
                 break
             deadline = start + n * self.period
-            while (remaining := deadline - time.monotonic()) > self.spin_s:
-                time.sleep(remaining - self.spin_s)
-            while time.monotonic() < deadline:
-                pass
-            began = time.monotonic()
+            self.clock.sleep_until(deadline)
+            began = self.clock.now()
             latency, chunk = self._take_in(episode, began)
             if chunk is not None:
                 last_chunk_at = began
@@ -319,7 +296,7 @@ class Controller:
                 self.robot.hold()
                 previous_action = None
             self._send_observation(episode, began)
-            finished = time.monotonic()
+            finished = self.clock.now()
             if finished > deadline + self.period:
                 self.missed += 1
             self.records.append(
@@ -349,10 +326,11 @@ class Controller:
 
     def drain(self, seconds: float = DRAIN_S) -> None:
         """After the last tick: take in (and count, not run) what is still on its way."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            message = self.channel.receive(timeout_ms=50)
-            self.chunks_received += message is not None and message.type == "actions"
+        end = self.clock.now() + seconds
+        while (now := self.clock.now()) < end:
+            self.clock.sleep_until(min(end, now + DRAIN_POLL_S))
+            received = self.channel.receive_all()
+            self.chunks_received += sum(message.type == "actions" for message in received)
 
     def _send_observation(self, episode: int, now: float) -> None:
         """The tick's state (and new frames); a robot reading NaN sends nothing (and holds
@@ -432,7 +410,9 @@ class RunConfig:
 
     Args:
         episodes: --sim: episodes to run.
-        seed_start: --sim: the first episode's seed (then +1 per episode).
+        seed_start: --sim: the first episode's seed (then +1 per episode); the
+            evaluator's first by default, so that no episode is one demonstrations are
+            collected on.
         max_steps: ticks per episode.
         duration_s: run for this many seconds instead (--sim: new episodes as they end;
             --robot: one run of this length, 60 s when not given).
@@ -447,6 +427,41 @@ class RunConfig:
 
 
 LEROBOT_DEFAULT_DURATION_S = 60.0
+SWITCH_INTERVAL_S = 0.0005  # --sim: the control thread gets the GIL back from the cameras fast
+
+
+def run_session(
+    channel: ClientChannel,
+    name: str,
+    robot_for: Callable[[Message], Robot],
+    run_episodes: Callable[[Controller], list[dict]],
+    *,
+    config: ControllerConfig,
+    out: Path | None = None,
+    install_signals: bool = True,
+    clock: Clock | None = None,
+) -> ControlSummary:
+    """One session with a policy server, whatever the robot: the handshake, the robot the
+    server's spec asks for (``robot_for(spec)``, checked against the spec), the control
+    loop as ``run_episodes(controller)`` drives it (it returns the episodes' results), the
+    robot closed whatever happens, the chunks still on their way counted, the metrics
+    written to ``out``. ``clock``: real time (under SCHED_FIFO where permitted) by default."""
+    spec = handshake(channel, name, config.hz)
+    robot = robot_for(spec)
+    try:
+        check_spec(spec, robot)
+        clock = clock or control_clock(config.realtime)
+        controller = Controller(channel, robot, config, spec, name, clock=clock)
+        if install_signals:
+            controller.install_signal_handlers()
+        episodes = run_episodes(controller)
+    finally:
+        robot.close()
+    controller.drain()
+    summary = controller.summary(episodes)
+    if out is not None:
+        controller.write(out, summary)
+    return summary
 
 
 def run_lerobot(
@@ -459,26 +474,26 @@ def run_lerobot(
     run: RunConfig,
     out: Path | None = None,
 ) -> ControlSummary:
-    """Drive a LeRobot robot for ``run.duration_s`` seconds (one run, no episodes)."""
-    from ditvla.deploy.robots import LeRobotRobot
+    """Drive a LeRobot robot for ``run.duration_s`` seconds (one run, no episodes). The
+    robot is built (its type and options checked) at once and connected when the server
+    has answered."""
+    from ditvla.deploy.lerobot_robot import LeRobotRobot
 
     robot = LeRobotRobot(robot_type, options, instruction=instruction)
-    try:
-        name = f"lerobot:{robot_type}"
-        spec = handshake(channel, name, config.hz)
-        check_spec(spec, robot)
-        controller = Controller(channel, robot, config, spec, name)
-        controller.install_signal_handlers()
-        controller.prepare_clock()
-        duration = run.duration_s or LEROBOT_DEFAULT_DURATION_S
-        controller.run_episode(0, int(duration * config.hz))
-    finally:
-        robot.close()
-    controller.drain()
-    summary = controller.summary([])
-    if out is not None:
-        controller.write(out, summary)
-    return summary
+    ticks = int((run.duration_s or LEROBOT_DEFAULT_DURATION_S) * config.hz)
+
+    def one_run(controller: Controller) -> list[dict]:
+        controller.run_episode(0, ticks)
+        return []
+
+    return run_session(
+        channel,
+        f"lerobot:{robot_type}",
+        lambda spec: robot.connect(),
+        one_run,
+        config=config,
+        out=out,
+    )
 
 
 def run_sim(
@@ -492,75 +507,55 @@ def run_sim(
 ) -> ControlSummary:
     """Drive a simulated robot for ``run.episodes`` episodes (or ``run.duration_s``
     seconds, starting new episodes as they end)."""
-    from ditvla.deploy.robots import SimRobot
+    from ditvla.deploy.sim_robot import sim_robot_for
 
     run = run or RunConfig()
-    episodes, seed_start, max_steps = run.episodes, run.seed_start, run.max_steps
-    duration_s, camera_hz = run.duration_s, run.camera_hz
-
-    sys.setswitchinterval(0.0005)  # the control thread gets the GIL back from the cameras fast
-    name = f"sim:{sim}"
-    spec = handshake(channel, name, config.hz)
-    state_keys = spec.meta.get("state_keys", ["state"]) if spec.meta["state_dim"] else None
-    try:
-        parse_env(sim)[0].env_class.check_state_keys(state_keys or ())
-    except ValueError as exc:
-        raise ValueError(
-            f"the policy served at {channel.address} reads state {' + '.join(state_keys)}: {exc}"
-        ) from None
-    robot = SimRobot(
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    robot_for = partial(
+        sim_robot_for,
         sim,
-        cameras=spec.meta["cameras"],
-        image_size=spec.meta["image_size"],
-        camera_hz=camera_hz,
-        max_episode_steps=max_steps,
-        state_keys=state_keys,
+        served_at=channel.address,
+        camera_hz=run.camera_hz,
+        max_episode_steps=run.max_steps,
     )
-    try:
-        state_dim = robot.env.observation_space["state"].shape[0]
-        if spec.meta["state_dim"] not in (0, state_dim):
-            raise ValueError(
-                f"the policy reads a {spec.meta['state_dim']}-D state, {sim} gives {state_dim}"
-            )
-        check_spec(spec, robot)
-    except ValueError:
-        robot.close()
-        raise
-    controller = Controller(channel, robot, config, spec, name)
-    if install_signals:
-        controller.install_signal_handlers()
-    controller.prepare_clock()
+    return run_session(
+        channel,
+        f"sim:{sim}",
+        robot_for,
+        partial(_sim_episodes, run=run, sim=sim),
+        config=config,
+        out=out,
+        install_signals=install_signals,
+    )
+
+
+def _sim_episodes(controller: Controller, *, run: RunConfig, sim: str) -> list[dict]:
+    """Episodes of the simulated robot (``controller.robot``), each from its seed, until
+    ``run.episodes`` or ``run.duration_s`` is done; each one's result."""
+    robot, clock, hz = controller.robot, controller.clock, controller.config.hz
+    end = clock.now() + run.duration_s if run.duration_s else np.inf
+    total = int(run.duration_s * hz) if run.duration_s else None
     results = []
-    end = time.monotonic() + duration_s if duration_s else np.inf
-    total = int(duration_s * config.hz) if duration_s else None
-    try:
-        with tqdm(total=total, unit="tick", desc=f"robot {sim}", file=sys.stderr) as bar:
-            episode = 0
-            while not controller._stop and time.monotonic() < end:
-                if not duration_s and episode >= episodes:
-                    break
-                robot.reset(seed_start + episode)
-                ticks_left = int((end - time.monotonic()) * config.hz) if duration_s else max_steps
-                ticks = controller.run_episode(
-                    episode,
-                    min(max_steps, ticks_left),
-                    done=lambda: robot.success or robot.truncated,
-                    progress=bar,
-                )
-                results.append(
-                    {
-                        "episode": episode,
-                        "seed": seed_start + episode,
-                        "success": bool(robot.success),
-                        "steps": ticks,
-                    }
-                )
-                episode += 1
-    finally:
-        robot.hold()
-        robot.close()
-    controller.drain()
-    summary = controller.summary(results)
-    if out is not None:
-        controller.write(out, summary)
-    return summary
+    with tqdm(total=total, unit="tick", desc=f"robot {sim}", file=sys.stderr) as bar:
+        while not controller.stopped and clock.now() < end:
+            episode = len(results)
+            if not run.duration_s and episode >= run.episodes:
+                break
+            robot.reset(run.seed_start + episode)
+            ticks_left = int((end - clock.now()) * hz) if run.duration_s else run.max_steps
+            ticks = controller.run_episode(
+                episode,
+                min(run.max_steps, ticks_left),
+                done=lambda: robot.success or robot.truncated,
+                progress=bar,
+            )
+            success = bool(robot.success)
+            results.append(
+                {
+                    "episode": episode,
+                    "seed": run.seed_start + episode,
+                    "success": success,
+                    "steps": ticks,
+                }
+            )
+    return results

@@ -9,3 +9,7 @@ class TransportError(DitvlaError, RuntimeError):
 
 class ServerUnavailable(TransportError):
     """No policy server answered the controller's handshake."""
+
+
+class RobotUnavailable(DitvlaError, RuntimeError):
+    """The robot asked for cannot be driven here (its package is not installed)."""

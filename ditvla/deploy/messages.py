@@ -103,7 +103,7 @@ SCHEMAS: dict[str, MessageSchema] = {
         meta={"robot": Field(str), "control_hz": Field((int, float), low=0.1, high=10_000.0)},
         optional_meta={"nonce": Field(str)},
     ),
-    # server -> controller: what the policy needs (or why it refuses the robot)
+    # server -> controller: what the policy needs
     "spec": MessageSchema(
         "server",
         meta={
@@ -113,7 +113,6 @@ SCHEMAS: dict[str, MessageSchema] = {
             "action_dim": Field(int, low=1, high=256),
         },
         optional_meta={
-            "refused": Field(str),
             "policy": Field(str),
             "state_keys": Field(list, max_items=32),
             "nonce": Field(str),

@@ -22,6 +22,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from ditvla.errors import ConfigError
+
 MergeRule = Literal["latest", "ensemble", "rtc"]
 MERGE_RULES = get_args(MergeRule)
 
@@ -39,7 +41,9 @@ class _Chunk:
 class ActionSchedule:
     def __init__(self, rule: str = "latest", ensemble_decay: float = 0.01, max_chunks: int = 16):
         if rule not in MERGE_RULES:
-            raise ValueError(f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}")
+            raise ConfigError(
+                f"unknown merge rule {rule!r}; choose one of {', '.join(MERGE_RULES)}"
+            )
         self.rule = rule
         self.ensemble_decay = ensemble_decay
         self.max_chunks = max_chunks

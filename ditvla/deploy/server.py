@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ditvla.contract import HeadDType, load_policy
+from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.keys import ServerKeys
 from ditvla.deploy.messages import Message
 from ditvla.deploy.schedule import (
@@ -41,9 +42,9 @@ from ditvla.deploy.schedule import (
     safe_actions,
 )
 from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel
+from ditvla.errors import ConfigError
 
 SYSTEM2_TIMEOUT_S = 30.0
-ACTION_LIMIT_MARGIN = 0.1  # of the training range's width, on each side
 MAX_MESSAGES_PER_TICK = 16
 # Below the controller's priority when they share a machine: System 1 a little, System 2 more.
 SYSTEM1_NICE = 5
@@ -87,7 +88,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
-            raise ValueError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
+            raise ConfigError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
 
 
 @dataclass
@@ -265,25 +266,16 @@ class PolicyServer:
         return Message("spec", meta, self.action_limits())
 
     def action_limits(self) -> dict[str, np.ndarray]:
-        """The limits a controller holds actions to unless told others: the server's
-        clipping bounds if set, else the policy's training range widened by
-        :data:`ACTION_LIMIT_MARGIN` of its width on each side."""
+        """The limits a controller holds actions to unless told others (see
+        :mod:`ditvla.deploy.action_limits`); none when a side is unbounded."""
         spec, config = self.spec, self.config
-        if spec.action_low is None:
-            low = np.full(spec.action_dim, -np.inf)
-            high = np.full(spec.action_dim, np.inf)
-        else:
-            low, high = np.asarray(spec.action_low), np.asarray(spec.action_high)
-            margin = ACTION_LIMIT_MARGIN * (high - low) + 1e-3
-            low, high = low - margin, high + margin
-        if config.action_low is not None:
-            low = np.full(spec.action_dim, config.action_low)
-        if config.action_high is not None:
-            high = np.full(spec.action_dim, config.action_high)
-        finite = np.isfinite(low) & np.isfinite(high)
-        if not finite.all():
+        low = high = None
+        if spec.action_low is not None:
+            low, high = widened_range(spec.action_low, spec.action_high)
+        low, high = merged_limits(spec.action_dim, low, high, config.action_low, config.action_high)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
             return {}
-        return {"action_low": low.astype(np.float32), "action_high": high.astype(np.float32)}
+        return {"action_low": low, "action_high": high}
 
     def _observation_fits(self, message: Message) -> bool:
         """State of the policy's width; camera frames (S, S, 3) of the policy's cameras."""

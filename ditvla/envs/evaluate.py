@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.contract import ChunkPolicy, PolicySpec
+from ditvla.contract import EVAL_SEED_START, ChunkPolicy, PolicySpec
 from ditvla.envs.evaluation_report import (
     EpisodeResult,
     EvaluationReport,
@@ -46,7 +46,6 @@ from ditvla.envs.evaluation_report import (
 )
 from ditvla.envs.registry import Suite, parse_env
 from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
-from ditvla.envs.schema import EVAL_SEED_START
 from ditvla.envs.videos import write_video
 from ditvla.errors import ConfigError
 

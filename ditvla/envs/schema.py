@@ -24,9 +24,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from ditvla.contract import EVAL_SEED_START
 from ditvla.errors import ConfigError
 
-EVAL_SEED_START = 100_000
+__all__ = ["EVAL_SEED_START", "SimulatorEnv"]
 
 
 class SimulatorEnv(gym.Env):

@@ -1,44 +1,33 @@
-"""What the controller drives: a simulator stepped in real time, or a LeRobot robot.
-
-Both give the controller the same four calls: ``observe() -> (state, images or None)``,
-``send_action(action)``, ``hold()`` (no motion), ``close()``.
+"""A Meta-World task as the robot (``ditvla robot --sim metaworld:<task>``).
 
 The simulated robot behaves like a real one where timing matters: physics advances one
-control step per tick in the control loop (well under a millisecond for metaworld), and its cameras
-run in their own process at ``camera_hz``, rendering a snapshot of the robot's state —
-frames arrive asynchronously, one rendering time old, as from real cameras, and
+control step per tick in the control loop (well under a millisecond for metaworld), and its
+cameras run in their own process at ``camera_hz``, rendering a snapshot of the robot's
+state — frames arrive asynchronously, one rendering time old, as from real cameras, and
 rendering (milliseconds per frame on a CPU) never delays a control tick.
+
+This module imports MuJoCo and the simulator environments: the controller imports it only
+for ``--sim``, so a machine that drives a real robot needs neither.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing as mp
 import os
-import pkgutil
 import time
-from typing import Any, Protocol
 
 import mujoco
 import numpy as np
 
+from ditvla.deploy.messages import Message
 from ditvla.envs.metaworld_env import MetaWorldEnv, upright
 from ditvla.envs.registry import parse_env
 from ditvla.envs.rendering import fast_scene
+from ditvla.errors import ConfigError
 
 CAMERA_NICE = 10
 MAX_IMAGE_SIZE = 1024
-
-
-class Robot(Protocol):
-    instruction: str
-    action_dim: int
-
-    def observe(self) -> tuple[np.ndarray, dict[str, np.ndarray] | None]: ...
-    def send_action(self, action: np.ndarray) -> None: ...
-    def hold(self) -> None: ...
-    def close(self) -> None: ...
 
 
 def _camera_main(conn, task: str, cameras: list[str], size: int) -> None:
@@ -120,9 +109,9 @@ class SimRobot:
     ):
         suite, tasks = parse_env(spec)
         if suite.name != "metaworld":
-            raise ValueError(f"--sim drives metaworld tasks, got {spec!r}")
+            raise ConfigError(f"--sim drives metaworld tasks, got {spec!r}")
         if len(tasks) != 1:
-            raise ValueError(f"--sim drives one task, got {len(tasks)} from {spec!r}")
+            raise ConfigError(f"--sim drives one task, got {len(tasks)} from {spec!r}")
         self.task = tasks[0]
         # the env renders nothing itself: the camera process does
         self.env = MetaWorldEnv(
@@ -135,7 +124,7 @@ class SimRobot:
         unknown = [cam for cam in cameras if cam not in known]
         if unknown or not 0 < image_size <= MAX_IMAGE_SIZE:
             self.env.close()
-            raise ValueError(
+            raise ConfigError(
                 f"the policy asks for camera(s) {unknown} at {image_size} px; {spec} has "
                 f"{', '.join(known)}, up to {MAX_IMAGE_SIZE} px"
             )
@@ -178,48 +167,31 @@ class SimRobot:
         self.env.close()
 
 
-class LeRobotRobot:
-    """Any LeRobot ``Robot``, driven through its own API (``--robot TYPE key=value ...``).
-
-    The state is the robot's float observation features in their declared order, the
-    images its camera features; actions map onto its action features in order. ``hold``
-    sends the present positions back as the goal (position-controlled arms).
-    Not exercised here: this machine has no robot attached.
-    """
-
-    def __init__(self, robot_type: str, options: dict[str, Any], instruction: str):
-        import lerobot.robots as robots
-        from lerobot.robots import RobotConfig, make_robot_from_config
-
-        for module in pkgutil.iter_modules(robots.__path__):  # registers the config types
-            with contextlib.suppress(ImportError):  # a robot whose extras are missing
-                importlib.import_module(f"lerobot.robots.{module.name}")
-        known = sorted(RobotConfig.get_known_choices())
-        if robot_type not in known:
-            raise ValueError(f"unknown lerobot robot {robot_type!r}; known: {', '.join(known)}")
-        config = RobotConfig.get_choice_class(robot_type)(**options)
-        self.robot = make_robot_from_config(config)
-        self.robot.connect()
-        self.instruction = instruction
-        features = self.robot.observation_features
-        self.state_keys = [k for k, v in features.items() if v is float]
-        self.camera_keys = [k for k, v in features.items() if isinstance(v, tuple)]
-        self.action_keys = list(self.robot.action_features)
-        self.action_dim = len(self.action_keys)
-        self._last: dict[str, Any] = {}
-
-    def observe(self) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        self._last = self.robot.get_observation()
-        state = np.asarray([self._last[k] for k in self.state_keys], np.float32)
-        return state, {k: np.asarray(self._last[k]) for k in self.camera_keys}
-
-    def send_action(self, action: np.ndarray) -> None:
-        self.robot.send_action(dict(zip(self.action_keys, map(float, action), strict=True)))
-
-    def hold(self) -> None:
-        if self._last:
-            self.robot.send_action({k: float(self._last[k]) for k in self.action_keys})
-
-    def close(self) -> None:
-        self.hold()
-        self.robot.disconnect()
+def sim_robot_for(
+    sim: str, spec: Message, *, served_at: str, camera_hz: float, max_episode_steps: int
+) -> SimRobot:
+    """The simulated robot a policy's ``spec`` asks for: its cameras at its image size, the
+    state parts it reads; ValueError when ``sim`` cannot give them (``served_at``: the
+    server's address, for the message)."""
+    state_keys = spec.meta.get("state_keys", ["state"]) if spec.meta["state_dim"] else None
+    try:
+        parse_env(sim)[0].env_class.check_state_keys(state_keys or ())
+    except ValueError as exc:
+        raise ConfigError(
+            f"the policy served at {served_at} reads state {' + '.join(state_keys)}: {exc}"
+        ) from None
+    robot = SimRobot(
+        sim,
+        cameras=spec.meta["cameras"],
+        image_size=spec.meta["image_size"],
+        camera_hz=camera_hz,
+        max_episode_steps=max_episode_steps,
+        state_keys=state_keys,
+    )
+    state_dim = robot.env.observation_space["state"].shape[0]
+    if spec.meta["state_dim"] not in (0, state_dim):
+        robot.close()
+        raise ConfigError(
+            f"the policy reads a {spec.meta['state_dim']}-D state, {sim} gives {state_dim}"
+        )
+    return robot
