@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_store
-from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
 from ditvla.cli import main
 from ditvla.datasets.convert_lerobot import lerobot_to_zarr, zarr_to_lerobot
@@ -71,6 +71,7 @@ def test_zarr_to_lerobot_and_back_is_lossless_with_image_storage(tmp_path):
     )
     reloaded = LeRobotDataset("local/again", root=target)
     assert reloaded.num_episodes == 2 and reloaded.fps == 15
+    assert reloaded.meta.names["observation.state"] == [f"state.{i}" for i in range(5)]
     item = reloaded[3 + 2]  # episode 1, frame 2
     np.testing.assert_allclose(item["action"].numpy(), episodes[1]["action"][2])
     assert item["task"] == "stack block 1"
@@ -121,6 +122,14 @@ def test_composed_state_becomes_observation_state(tmp_path):
     }
     buffer.append_episode(episode, task="t", instruction="go")
     dataset = zarr_to_lerobot(store, tmp_path / "lr", progress=False)
+    # its names say which arrays, so that a policy trained on it can ask an env for them
+    assert LeRobotDatasetMetadata("local/lr", root=tmp_path / "lr").names["observation.state"] == [
+        "ee_pos.0",
+        "ee_pos.1",
+        "ee_pos.2",
+        "gripper.0",
+        "gripper.1",
+    ]
     item = dataset[1]
     np.testing.assert_allclose(
         item["observation.state"].numpy(),

@@ -6,25 +6,38 @@ lines (which find the plugin as any installed plugin is found), real Meta-World 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+import draccus
 import numpy as np
 import pytest
 import torch
+from draccus.utils import DecodingError
 from lerobot.configs import PreTrainedConfig
+from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+from lerobot_policy_ditvla.configuration_ditvla import (
+    DitvlaConfig,
+    DitvlaSettingError,
+    state_keys_of,
+)
 from lerobot_policy_ditvla.modeling_ditvla import DitvlaPolicy
 from lerobot_policy_ditvla.processor_ditvla import make_ditvla_pre_post_processors
 
 from ditvla.cli import main
 from ditvla.contract import CheckpointError, load_policy
+from ditvla.datasets.convert_lerobot import state_names
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.envs.collect import collect_demonstrations
+from ditvla.policies.config import POLICY_PRESETS, PolicyConfig
 from ditvla.policies.lerobot_layout import processor_descriptions
 from ditvla.training.trainer import TrainConfig, train
 
@@ -83,6 +96,7 @@ def stores(tmp_path_factory):
 
 
 def test_lerobot_train_checkpoint_runs_in_ditvla_eval(stores, tmp_path):
+    """No --policy.state_keys: the dataset names the arrays of its observation.state."""
     _, lerobot_root = stores
     result = _run(
         [
@@ -90,8 +104,8 @@ def test_lerobot_train_checkpoint_runs_in_ditvla_eval(stores, tmp_path):
             "--policy.type=ditvla",
             "--policy.device=cpu",
             "--policy.push_to_hub=false",
-            '--policy.state_keys=["proprio"]',
             "--policy.horizon=8",
+            "--policy.head.width=64",
             "--dataset.repo_id=local/reach_lr",
             f"--dataset.root={lerobot_root}",
             "--steps=3",
@@ -110,6 +124,7 @@ def test_lerobot_train_checkpoint_runs_in_ditvla_eval(stores, tmp_path):
     policy = load_policy(checkpoint)
     assert policy.spec.cameras == ("corner2",) and policy.spec.state_keys == ("proprio",)
     assert policy.spec.state_dim == 8 and policy.spec.horizon == 8
+    assert policy.config.head.width == 64 and policy.config.head.depth == 2  # over the preset
     stats = LeRobotDatasetMetadata("local/reach_lr", root=lerobot_root).stats
     np.testing.assert_allclose(  # LeRobot's dataset statistics are the policy's normalizer
         policy.normalizer.action__center.numpy(), stats["action"]["mean"], rtol=1e-5, atol=1e-6
@@ -309,3 +324,114 @@ def test_lerobot_sharded_training_wraps_the_blocks_ditvla_shards(stores):
     wrapped = [module for module in policy.modules() if wraps(module)]
     assert wrapped and {id(m) for m in wrapped} == {id(m) for m in shard_units(policy.model)}
     assert policy._fsdp_wrap_modules == ["Idefics3EncoderLayer", "LlamaDecoderLayer"]
+
+
+def test_the_state_keys_come_from_the_dataset_and_a_contradiction_is_refused(stores):
+    _, lerobot_root = stores
+    meta = LeRobotDatasetMetadata("local/reach_lr", root=lerobot_root)
+    assert meta.features["observation.state"]["names"] == state_names({"proprio": 8})
+    config = make_policy_config("ditvla", device="cpu", state_keys=["hand"])
+    with pytest.raises(DitvlaSettingError, match=r"made of \['proprio'\].*leave --policy"):
+        make_policy(config, ds_meta=meta)
+    # what ditvla writes is read back; names that say something else are not a state's arrays
+    names = state_names({"ee_pos": 3, "gripper.left": 1, "obj": 2})
+    assert state_keys_of({"names": names}) == ["ee_pos", "gripper.left", "obj"]
+    for other in (
+        None,
+        [],
+        ["x", "y"],
+        ["shoulder.pos", "elbow.pos"],
+        ["a.0", "a.2"],
+        ["a.0", "b.0", "a.1"],
+        {"motors": ["a.0"]},
+    ):
+        assert state_keys_of({"names": other}) is None, other
+
+
+@dataclass
+class LerobotCommandLine:
+    """The policy part of LeRobot's command lines (``TrainPipelineConfig.policy``)."""
+
+    policy: PreTrainedConfig | None = None
+
+
+def lerobot_policy_options(*options: str) -> PreTrainedConfig:
+    """``--policy.type=ditvla`` and ``options``, parsed as lerobot-train parses them."""
+    args = ["--policy.type=ditvla", "--policy.device=cpu", *options]
+    return draccus.parse(LerobotCommandLine, args=args).policy
+
+
+def policy_settings(config_class: type = PolicyConfig, prefix: str = ""):
+    """(path, value) for every PolicyConfig field a user sets (not filled in from the data),
+    nested ones by dotted path; the value is the default, or a path for a None default."""
+    instance = config_class()
+    hints = typing.get_type_hints(config_class)
+    for spec in dataclasses.fields(config_class):
+        if spec.name in getattr(config_class, "filled_in", ()):
+            continue
+        value = getattr(instance, spec.name)
+        if dataclasses.is_dataclass(value):
+            yield from policy_settings(type(value), f"{prefix}{spec.name}.")
+        else:
+            assert value is not None or str in typing.get_args(hints[spec.name]), spec.name
+            yield f"{prefix}{spec.name}", "some/folder" if value is None else value
+
+
+def _setting_case(path: str, value):
+    if path == "backbone.family":  # PolicyConfig.preset passes family twice (config.py)
+        return pytest.param(path, value, marks=pytest.mark.xfail(strict=True), id=path)
+    return pytest.param(path, value, id=path)
+
+
+REFUSED = {"auxiliary_weight": "the auxiliary head learns privileged arrays"}
+
+
+@pytest.mark.parametrize(("path", "value"), [_setting_case(*s) for s in policy_settings()])
+def test_every_policy_config_setting_is_a_lerobot_option(path, value):
+    """A field added to PolicyConfig is a --policy.* option of lerobot-train that reaches
+    the model's configuration, or it is refused by name."""
+    # the command line's values are YAML: strings quoted, or "off" would be read as false
+    text = json.dumps(value)
+    # DitvlaConfig's own options (lerobot-train's --policy.* without the prefix): the
+    # same parser, without building every other registered policy's
+    options = [f"--{path}={text}", "--device=cpu"]
+    if path in REFUSED:
+        with pytest.raises(DitvlaSettingError, match=REFUSED[path]):
+            draccus.parse(DitvlaConfig, args=options)
+        return
+    config = draccus.parse(DitvlaConfig, args=options)
+    given = config.given_settings()
+    for part in path.split("."):
+        given = given[part]
+    assert given == value
+    config.input_features = {
+        "observation.images.top": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 32, 32)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(5,)),
+    }
+    config.output_features = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(4,))}
+    model = config.model_config()
+    for part in path.split("."):
+        model = getattr(model, part)
+    assert model == value
+
+
+def test_settings_are_checked_as_ditvla_checks_them_and_untrainable_heads_refused():
+    config = lerobot_policy_options("--policy.head.width=64", "--policy.forecast.mode=taylor")
+    assert config.given_settings() == {"head": {"width": 64}, "forecast": {"mode": "taylor"}}
+    described = config.described_model()
+    assert (described.head.width, described.head.depth) == (64, 2)  # over the tiny preset
+    with pytest.raises(
+        DecodingError, match=r"PolicyConfig.*n_action_steps must be in 1\.\.horizon"
+    ):
+        lerobot_policy_options("--policy.horizon=4", "--policy.n_action_steps=8")
+    with pytest.raises(DecodingError, match=r"foresight\.kind=motion: the foresight head learns"):
+        lerobot_policy_options("--policy.foresight.kind=motion")
+    with pytest.raises(DitvlaSettingError, match="lerobot-train's batches do not carry"):
+        make_policy_config("ditvla", device="cpu", auxiliary_weight=0.5)
+
+
+def test_the_presets_offered_are_ditvlas(capsys):
+    with pytest.raises(SystemExit):
+        lerobot_policy_options("--policy.preset=huge")
+    choices = ", ".join(repr(name) for name in POLICY_PRESETS)
+    assert f"invalid choice: 'huge' (choose from {choices})" in capsys.readouterr().err

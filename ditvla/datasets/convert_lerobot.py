@@ -7,9 +7,14 @@ Key mapping (lerobot -> zarr):
 - any other numeric ``observation.<name>`` -> ``<name>`` (dots become underscores)
 - the per-frame ``task`` string -> the episode's task and instruction
 
-The other way, a store whose state is composed of several arrays (``state_keys``, e.g. a
-LIBERO conversion) gets ``observation.state`` = their concatenation, and each part is
-kept as ``observation.<part>`` too.
+The other way, every array is written as ``observation.<name>`` (``action`` as itself), and
+``observation.state`` is the state a policy reads: the arrays ``--state`` selects (by
+default the store's ``state_keys``, e.g. Meta-World's ``proprio``), concatenated. Which
+arrays those are is kept in the dataset, so that a policy trained on it knows what to ask
+an environment for: ``observation.state``'s ``names`` in ``meta/info.json`` are
+``<array>.<index>`` for each value (``proprio.0`` ... ``proprio.7``), LeRobot's
+per-value names, which its tools carry along and its viewers print. The LeRobot plugin
+(``lerobot_policy_ditvla``) reads its ``state_keys`` from them.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ LEROBOT_INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "
 IMAGE_PREFIX = "observation.images."
 # lerobot's default video codec (SVT-AV1) dies with SIGFPE on 16x16 frames; 32x32 works.
 MIN_VIDEO_SIDE_PX = 32
+OBS_STATE = "observation.state"
 
 
 def _zarr_key(lerobot_key: str) -> str:
     if lerobot_key.startswith(IMAGE_PREFIX):
         return lerobot_key.removeprefix(IMAGE_PREFIX).replace(".", "_")
-    if lerobot_key == "observation.state":
+    if lerobot_key == OBS_STATE:
         return "state"
     return lerobot_key.removeprefix("observation.").replace(".", "_")
 
@@ -124,47 +130,13 @@ def zarr_to_lerobot(
 
     ``state`` names the arrays concatenated into ``observation.state`` as ``ditvla train
     --state`` does (proprio, full, none or KEY[,KEY...]); every array is also written
-    under its own name."""
+    under its own name. ``observation.state``'s names say which arrays it is made of
+    (see the module's docstring)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    buffer = ReplayBuffer.open(store)
     root = Path(root)
-    if root.exists():
-        raise DatasetError(f"{root}: already exists; LeRobot writes a new dataset folder")
-    if buffer.fps != round(buffer.fps):
-        raise DatasetError(f"{store}: LeRobot needs an integer fps, the store has {buffer.fps}")
-    if "action" not in buffer.keys:
-        raise DatasetError(f"{store}: missing array data/action")
-    features: dict[str, dict] = {}
-    columns: dict[str, str] = {}  # lerobot key -> zarr key ("" for the composed state)
-    for key in buffer.keys:
-        shape = buffer.shape(key)
-        if key in buffer.cameras:
-            if use_videos and min(shape[:2]) < MIN_VIDEO_SIDE_PX:
-                raise DatasetError(
-                    f"{store}: data/{key} frames are {shape[0]}x{shape[1]}, too small for "
-                    f"lerobot's AV1 video encoder (at least {MIN_VIDEO_SIDE_PX} px a side); "
-                    "store them as images instead (--storage image)"
-                )
-            lerobot_key = IMAGE_PREFIX + key
-            features[lerobot_key] = {
-                "dtype": "video" if use_videos else "image",
-                "shape": shape,
-                "names": ["height", "width", "channels"],
-            }
-        else:
-            lerobot_key = "action" if key == "action" else f"observation.{key}"
-            features[lerobot_key] = {
-                "dtype": "float32",
-                "shape": shape or (1,),
-                "names": None,
-            }
-        columns[lerobot_key] = key
-    state_keys = buffer.resolve_state(state) if buffer.state_is_split or state != "proprio" else []
-    if state_keys and state_keys != ["state"]:
-        dim = sum(int(np.prod(buffer.shape(k) or (1,))) for k in state_keys)
-        features["observation.state"] = {"dtype": "float32", "shape": (dim,), "names": None}
-        columns["observation.state"] = ""
+    buffer = _store_to_convert(store, root)
+    features, columns = _lerobot_features(buffer, store, use_videos, state)
     dataset = LeRobotDataset.create(
         repo_id or f"local/{root.name}",
         fps=int(buffer.fps),
@@ -173,6 +145,81 @@ def zarr_to_lerobot(
         robot_type=robot_type or buffer.attrs.get("robot_type"),
         use_videos=use_videos,
     )
+    _write_episodes(buffer, dataset, columns, progress)
+    dataset.finalize()
+    return dataset
+
+
+def _store_to_convert(store: str | Path, root: Path) -> ReplayBuffer:
+    """The replay buffer at ``store``, checked for what a new LeRobot dataset needs."""
+    buffer = ReplayBuffer.open(store)
+    if root.exists():
+        raise DatasetError(f"{root}: already exists; LeRobot writes a new dataset folder")
+    if buffer.fps != round(buffer.fps):
+        raise DatasetError(f"{store}: LeRobot needs an integer fps, the store has {buffer.fps}")
+    if "action" not in buffer.keys:
+        raise DatasetError(f"{store}: missing array data/action")
+    return buffer
+
+
+def _lerobot_features(
+    buffer: ReplayBuffer, store: str | Path, use_videos: bool, state: str
+) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """LeRobot's feature descriptions, and the arrays each feature is made of: one per
+    array, plus ``observation.state`` composed of the arrays ``state`` selects."""
+    features: dict[str, dict] = {}
+    columns: dict[str, list[str]] = {}
+    for key in buffer.keys:
+        if key in buffer.cameras:
+            lerobot_key = IMAGE_PREFIX + key
+            features[lerobot_key] = _camera_feature(buffer, key, store, use_videos)
+        else:
+            lerobot_key = "action" if key == "action" else f"observation.{key}"
+            shape = buffer.shape(key) or (1,)
+            features[lerobot_key] = {"dtype": "float32", "shape": shape, "names": None}
+        columns[lerobot_key] = [key]
+    state_keys = buffer.resolve_state(state) if buffer.state_is_split or state != "proprio" else []
+    if state_keys and state_keys != ["state"]:
+        dim = sum(_width(buffer, k) for k in state_keys)
+        features[OBS_STATE] = {"dtype": "float32", "shape": (dim,), "names": None}
+        columns[OBS_STATE] = state_keys
+    if OBS_STATE in features:
+        features[OBS_STATE]["names"] = state_names(
+            {k: _width(buffer, k) for k in columns[OBS_STATE]}
+        )
+    return features, columns
+
+
+def _width(buffer: ReplayBuffer, key: str) -> int:
+    """How many values a frame of array ``key`` holds."""
+    return int(np.prod(buffer.shape(key) or (1,)))
+
+
+def state_names(widths: dict[str, int]) -> list[str]:
+    """``observation.state``'s names for a state made of the arrays ``widths`` (name ->
+    width), in order: ``<array>.<index>`` for each value."""
+    return [f"{key}.{i}" for key, width in widths.items() for i in range(width)]
+
+
+def _camera_feature(buffer: ReplayBuffer, key: str, store: str | Path, use_videos: bool) -> dict:
+    shape = buffer.shape(key)
+    if use_videos and min(shape[:2]) < MIN_VIDEO_SIDE_PX:
+        raise DatasetError(
+            f"{store}: data/{key} frames are {shape[0]}x{shape[1]}, too small for "
+            f"lerobot's AV1 video encoder (at least {MIN_VIDEO_SIDE_PX} px a side); "
+            "store them as images instead (--storage image)"
+        )
+    return {
+        "dtype": "video" if use_videos else "image",
+        "shape": shape,
+        "names": ["height", "width", "channels"],
+    }
+
+
+def _write_episodes(
+    buffer: ReplayBuffer, dataset, columns: dict[str, list[str]], progress: bool
+) -> None:
+    """Every episode of ``buffer`` into ``dataset``, frame by frame."""
     with tqdm(
         total=buffer.n_frames, desc="zarr -> lerobot", unit="frame", disable=not progress
     ) as bar:
@@ -180,25 +227,17 @@ def zarr_to_lerobot(
             episode = buffer.get_episode(episode_index)
             task = buffer.episode_task(episode_index)
             text = task.instruction or task.name or "unspecified task"
-            length = len(episode["action"])
-            for t in range(length):
+            for t in range(len(episode["action"])):
                 frame: dict = {"task": text}
-                for lerobot_key, key in columns.items():
-                    if key:
-                        value = episode[key][t]
-                        frame[lerobot_key] = (
-                            value
-                            if key in buffer.cameras
-                            else np.atleast_1d(value.astype(np.float32))
-                        )
+                for lerobot_key, keys in columns.items():
+                    if keys[0] in buffer.cameras:
+                        frame[lerobot_key] = episode[keys[0]][t]
                     else:
                         frame[lerobot_key] = np.concatenate(
-                            [np.atleast_1d(episode[k][t]).astype(np.float32) for k in state_keys]
+                            [np.atleast_1d(episode[k][t]).astype(np.float32) for k in keys]
                         )
                 dataset.add_frame(frame)
                 bar.update()
             # One camera after the other: a process pool forked from this process (which
             # runs zarr's I/O threads) is asking for deadlocks, and conversion is a one-off.
             dataset.save_episode(parallel_encoding=False)
-    dataset.finalize()
-    return dataset

@@ -7,6 +7,6 @@ policy is ditvla's own :class:`~ditvla.policies.policy.DiTVLAPolicy`; this packa
 maps LeRobot's batches, statistics and folders onto it.
 """
 
-from lerobot_policy_ditvla.configuration_ditvla import DitvlaConfig
+from lerobot_policy_ditvla.configuration_ditvla import DitvlaConfig, DitvlaSettingError
 
-__all__ = ["DitvlaConfig"]
+__all__ = ["DitvlaConfig", "DitvlaSettingError"]

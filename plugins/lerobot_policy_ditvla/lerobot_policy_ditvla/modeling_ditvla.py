@@ -116,6 +116,11 @@ class DitvlaPolicy(PreTrainedPolicy):
                 problems.append(
                     f"{key}: the policy reads {feature.shape}, the data has {tuple(got.shape)}"
                 )
+            elif key == OBS_STATE and config.state_keys not in (None, model.config.state_keys):
+                problems.append(
+                    f"{key}: the policy reads {' + '.join(model.config.state_keys)}, the "
+                    f"data's is {' + '.join(config.state_keys)}"
+                )
         if problems:
             raise ValueError("ditvla policy and data do not match: " + "; ".join(problems))
 
