@@ -77,7 +77,6 @@ def lerobot_train(args, lerobot_root: Path, run: Path) -> list[str]:
         "--policy.type=ditvla",
         "--policy.device=cpu",
         "--policy.push_to_hub=false",
-        '--policy.state_keys=["proprio"]',
         f"--policy.optimizer_lr={args.lr}",
         f"--dataset.repo_id=local/{lerobot_root.name}",
         f"--dataset.root={lerobot_root}",

@@ -53,6 +53,35 @@ EVAL_SEED_START = 100_000
 # (cameras and words alone), or arrays by name (``KEY[,KEY...]``).
 STATE_PROPRIO, STATE_FULL, STATE_NONE = "proprio", "full", "none"
 
+
+def state_feature_names(widths: dict[str, int]) -> list[str]:
+    """The names of a flat state's values, for a dataset's feature description
+    (LeRobot's ``observation.state``): ``<array>.<index>`` for each value of each array
+    (name -> width), in order, so that a reader knows which arrays the state is made of."""
+    return [f"{key}.{i}" for key, width in widths.items() for i in range(width)]
+
+
+def state_keys_of_names(names: Any) -> list[str] | None:
+    """The arrays a state is made of, read back from :func:`state_feature_names`' names;
+    None when the names are absent or say something else (a robot's joint names, say)."""
+    if not isinstance(names, list) or not names:
+        return None
+    keys: list[str] = []
+    next_index = 0
+    for name in map(str, names):
+        key, _, index = name.rpartition(".")
+        if not key or not index.isdigit():
+            return None
+        if keys and key == keys[-1] and int(index) == next_index:
+            next_index += 1
+        elif int(index) == 0 and key not in keys:
+            keys.append(key)
+            next_index = 1
+        else:
+            return None
+    return keys
+
+
 # Normalization statistics per feature: {key: {name: [value per channel]}}.
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 Stats = dict[str, dict[str, list[float]]]

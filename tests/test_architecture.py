@@ -51,6 +51,7 @@ def test_the_lerobot_plugin_adapts_and_ditvla_never_imports_lerobot_policies():
             assert not any(n.split(".")[0] == "lerobot" for n in names), name
     allowed = {
         "ditvla.contract",
+        "ditvla.errors",
         "ditvla.policies.config",
         "ditvla.policies.policy",
         "ditvla.training.trainer",

@@ -34,7 +34,7 @@ from lerobot_policy_ditvla.processor_ditvla import make_ditvla_pre_post_processo
 
 from ditvla.cli import main
 from ditvla.contract import CheckpointError, load_policy
-from ditvla.datasets.convert_lerobot import state_names
+from ditvla.contract import state_feature_names as state_names
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.envs.collect import collect_demonstrations
 from ditvla.policies.config import POLICY_PRESETS, PolicyConfig
@@ -378,8 +378,6 @@ def policy_settings(config_class: type = PolicyConfig, prefix: str = ""):
 
 
 def _setting_case(path: str, value):
-    if path == "backbone.family":  # PolicyConfig.preset passes family twice (config.py)
-        return pytest.param(path, value, marks=pytest.mark.xfail(strict=True), id=path)
     return pytest.param(path, value, id=path)
 
 

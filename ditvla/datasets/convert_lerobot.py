@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditvla.contract import STATE_PROPRIO, state_feature_names
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 
 # Columns every LeRobot dataset has, which the replay buffer keeps in its own way.
@@ -123,7 +124,7 @@ def zarr_to_lerobot(
     repo_id: str | None = None,
     use_videos: bool = True,
     robot_type: str | None = None,
-    state: str = "proprio",
+    state: str = STATE_PROPRIO,
     progress: bool = True,
 ):
     """Write the replay buffer at ``store`` as a LeRobot dataset in ``root``; returns it.
@@ -178,13 +179,14 @@ def _lerobot_features(
             shape = buffer.shape(key) or (1,)
             features[lerobot_key] = {"dtype": "float32", "shape": shape, "names": None}
         columns[lerobot_key] = [key]
-    state_keys = buffer.resolve_state(state) if buffer.state_is_split or state != "proprio" else []
+    split = buffer.state_is_split or state != STATE_PROPRIO
+    state_keys = buffer.resolve_state(state) if split else []
     if state_keys and state_keys != ["state"]:
         dim = sum(_width(buffer, k) for k in state_keys)
         features[OBS_STATE] = {"dtype": "float32", "shape": (dim,), "names": None}
         columns[OBS_STATE] = state_keys
     if OBS_STATE in features:
-        features[OBS_STATE]["names"] = state_names(
+        features[OBS_STATE]["names"] = state_feature_names(
             {k: _width(buffer, k) for k in columns[OBS_STATE]}
         )
     return features, columns
@@ -193,12 +195,6 @@ def _lerobot_features(
 def _width(buffer: ReplayBuffer, key: str) -> int:
     """How many values a frame of array ``key`` holds."""
     return int(np.prod(buffer.shape(key) or (1,)))
-
-
-def state_names(widths: dict[str, int]) -> list[str]:
-    """``observation.state``'s names for a state made of the arrays ``widths`` (name ->
-    width), in order: ``<array>.<index>`` for each value."""
-    return [f"{key}.{i}" for key, width in widths.items() for i in range(width)]
 
 
 def _camera_feature(buffer: ReplayBuffer, key: str, store: str | Path, use_videos: bool) -> dict:

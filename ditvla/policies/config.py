@@ -151,7 +151,7 @@ class PolicyConfig:
         if name not in POLICY_PRESETS:
             raise ConfigError(f"unknown policy preset {name!r}; choose {', '.join(POLICY_PRESETS)}")
         family, head_size = POLICY_PRESETS[name]
-        backbone = BackboneConfig(family=family, **overrides.pop("backbone", {}))
+        backbone = BackboneConfig(**{"family": family, **overrides.pop("backbone", {})})
         head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
         foresight = ForesightConfig(**overrides.pop("foresight", {}))
         return cls(backbone=backbone, head=head, foresight=foresight, **overrides)

@@ -32,11 +32,13 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_IMAGES, OBS_STATE
 
+from ditvla.contract import state_keys_of_names
+from ditvla.errors import DitvlaError
 from ditvla.policies.config import PolicyConfig, PresetName
 from ditvla.training.trainer import TrainConfig
 
 
-class DitvlaSettingError(Exception):
+class DitvlaSettingError(DitvlaError):
     """A ``--policy.*`` setting that ditvla cannot take. Not a ValueError: LeRobot's
     command-line parser (draccus) replaces a ValueError raised while it builds a config with
     "Couldn't instantiate class DitvlaConfig", and prints this error's message."""
@@ -118,23 +120,7 @@ def state_keys_of(feature: dict[str, Any] | None) -> list[str] | None:
     description's ``names`` as ``ditvla convert to-lerobot`` writes them (``<array>.<i>``
     for each value: ``proprio.0`` ... ``proprio.7``); None when the names are absent or
     say something else (a robot's joint names, say)."""
-    names = (feature or {}).get("names")
-    if not isinstance(names, list) or not names:
-        return None
-    keys: list[str] = []
-    next_index = 0
-    for name in map(str, names):
-        key, _, index = name.rpartition(".")
-        if not key or not index.isdigit():
-            return None
-        if keys and key == keys[-1] and int(index) == next_index:
-            next_index += 1
-        elif int(index) == 0 and key not in keys:
-            keys.append(key)
-            next_index = 1
-        else:
-            return None
-    return keys
+    return state_keys_of_names((feature or {}).get("names"))
 
 
 @PreTrainedConfig.register_subclass("ditvla")
