@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_policy import observation, write_reaching_store
 
+from ditvla.contract import CheckpointError
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
@@ -224,7 +225,7 @@ def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
     # its checkpoints hold the whole weights (and EMA) but no optimizer state
     checkpoint = fsdp / "checkpoints" / "step_0000002"
     DiTVLAPolicy.from_pretrained(checkpoint / "policy")
-    with pytest.raises(ValueError, match="does not resume"):
+    with pytest.raises(CheckpointError, match="does not resume"):
         from ditvla.training.checkpoints import read_checkpoint
 
         read_checkpoint(checkpoint, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
