@@ -81,7 +81,7 @@ def stage_features(policy, images: dict[str, np.ndarray], instructions: list[str
     tokens = backbone.image_tokens(flat)
     ids, mask = backbone.tokenize(instructions, policy.device)
     context, context_mask = backbone(pixels, ids, mask)
-    per_camera = tokens.shape[1]
+    per_camera = tokens.shape[1] + (backbone.keypoint_reader is not None)  # + a keypoint token
     out = {}
     for c, camera in enumerate(cameras):
         rows = slice(c, None, n_cams)

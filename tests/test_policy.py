@@ -386,6 +386,43 @@ def test_a_convolutional_stem_cuts_the_same_patches_and_survives_saving(store, t
         DiTVLAPolicy(qwen)
 
 
+def test_spatial_softmax_finds_a_single_bright_pixel():
+    from ditvla.policies.keypoints import SpatialSoftmax
+
+    maps = torch.full((1, 2, 9, 17), -30.0)
+    maps[0, 0, 2, 12] = 30.0  # row 2 of 9, column 12 of 17
+    maps[0, 1, 8, 0] = 30.0  # the bottom-left corner
+    x0, x1, y0, y1 = SpatialSoftmax()(maps)[0].tolist()
+    assert (x0, y0) == pytest.approx((12 / 16 * 2 - 1, 2 / 8 * 2 - 1), abs=1e-4)
+    assert (x1, y1) == pytest.approx((-1.0, 1.0), abs=1e-4)
+
+
+def test_keypoint_tokens_learn_where_things_are_and_survive_saving(store, tmp_path):
+    policy, dataset = make_policy(store, backbone={"keypoints": 8})
+    obs = observation(dataset)
+    context = policy.encode(obs)
+    plain, _ = make_policy(store)
+    # one keypoint token per camera beside its image tokens
+    assert context.tokens.shape[1] == plain.encode(obs).tokens.shape[1] + 1
+    as_if_trained(policy.head)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
+    loss, _ = policy(batch)
+    loss.backward()
+    reader = policy.backbone.keypoint_reader
+    assert reader.maps[0].weight.grad.abs().sum() > 0  # the action loss trains the reader
+    policy.save_pretrained(tmp_path / "keypoints")
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "keypoints")
+    noise = torch.randn(1, *policy.noise_shape)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise)
+    )
+    qwen = PolicyConfig.preset(
+        "tiny-qwen", cameras=["cam"], action_dim=2, backbone={"keypoints": 4}
+    )
+    with pytest.raises(ValueError, match="keypoints"):
+        DiTVLAPolicy(qwen)
+
+
 @pytest.mark.parametrize("conditioning", ["cross_attention", "in_context"])
 def test_context_film_trains_acts_and_reads_the_instruction(store, conditioning):
     torch.manual_seed(0)

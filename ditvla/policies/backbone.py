@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditvla.errors import ConfigError
+from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
@@ -70,6 +71,10 @@ class BackboneConfig:
             (starting as the identity). A direct path from the words to which parts of
             the image the tokens keep ("the green ball" vs "the blue ball"), which a tiny
             language model trained from scratch is slow to find through attention.
+        keypoints: per camera, this many spatial-softmax keypoints of a small
+            convolutional network reading the full frame, as one extra token beside the
+            camera's image tokens (where small things are, as coordinates; see
+            ditvla.policies.keypoints). 0: none.
     """
 
     family: Family = "idefics3"
@@ -87,6 +92,7 @@ class BackboneConfig:
     instruction_first: bool = False
     conv_stem: bool = False
     language_film: bool = False
+    keypoints: int = 0
 
 
 def byte_level_tokenizer():
@@ -267,6 +273,11 @@ class VLMBackbone(nn.Module):
             )
             nn.init.zeros_(self.language_film[1].weight)  # the identity until trained
             nn.init.zeros_(self.language_film[1].bias)
+        self.keypoint_reader: KeypointReader | None = None
+        if config.keypoints:
+            if self.family == "qwen2_5_vl":
+                raise ConfigError("keypoints: Qwen2.5-VL's 3-D positions assume image grids")
+            self.keypoint_reader = KeypointReader(config.keypoints, self.width)
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -373,6 +384,9 @@ class VLMBackbone(nn.Module):
         b, n_cams = images.shape[:2]
         image_tokens = self.image_tokens(images.flatten(0, 1))
         per_camera = image_tokens.shape[1]
+        if self.keypoint_reader is not None:  # read from the full frames
+            keypoints = self.keypoint_reader(images.flatten(0, 1)).to(image_tokens.dtype)
+            image_tokens = torch.cat([image_tokens, keypoints], dim=1)
         embed = self.language.get_input_embeddings()
         positions = None
         if self.family == "qwen2_5_vl":  # each camera's tokens between the vision markers
