@@ -62,10 +62,12 @@ def test_augmentation_shifts_all_steps_alike(small_store):
 
 
 def test_dataset_rejects_unknown_camera_and_key(small_store):
-    with pytest.raises(DatasetError, match="missing array data/top"):
+    with pytest.raises(DatasetError, match="no camera top; the store's cameras are front, wrist"):
         ReplayBufferDataset(small_store, cameras=["top"])
-    with pytest.raises(DatasetError, match="not a camera"):
+    with pytest.raises(DatasetError, match="no camera state; the store's cameras are front, wrist"):
         ReplayBufferDataset(small_store, cameras=["state"])
+    with pytest.raises(DatasetError, match="missing array data/elbow"):
+        ReplayBufferDataset(small_store, state_keys=["elbow"])
 
 
 def test_stats_are_computed_once_and_stored(small_store):

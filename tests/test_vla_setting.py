@@ -84,8 +84,17 @@ def test_auxiliary_targets_are_learned_in_training_and_never_read(reach_store, t
         }
     )
     assert chunk.shape == (policy.config.horizon, 4)
-    with pytest.raises(DatasetError, match=r"no state array hand.*has proprio, objects, goal"):
+    with pytest.raises(
+        DatasetError, match=r"--auxiliary 'hand'.*privileged arrays are objects, goal"
+    ):
         train(TrainConfig(out=str(tmp_path / "bad"), auxiliary="hand", **common))
+    with pytest.raises(DatasetError, match=r"--auxiliary 'proprio'.*privileged arrays are"):
+        train(TrainConfig(out=str(tmp_path / "bad"), auxiliary="proprio", **common))
+    every = train(TrainConfig(out=str(tmp_path / "all"), auxiliary="privileged", **common))
+    config = json.loads((every / "config.json").read_text())["policy"]
+    assert config["auxiliary_keys"] == ["objects", "goal"] and config["auxiliary_dim"] == 31
+    with pytest.raises(DatasetError, match=r"hold 32x32 frames, not 64; collect at that size"):
+        train(TrainConfig(out=str(tmp_path / "big"), image_size=64, **common))
 
 
 def test_training_reads_proprioception_unless_asked(reach_store, tmp_path):

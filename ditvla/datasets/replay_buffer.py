@@ -45,6 +45,7 @@ from ditvla.datasets.chunk_files import FrameReader
 from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.state_selection import (
     privileged_keys,
+    resolve_auxiliary,
     resolve_state,
     state_is_split,
     state_keys,
@@ -182,6 +183,10 @@ class ReplayBuffer:
         """Whether proprioception and privileged state are told apart in this store.
         Meta-World stores written before they were hold one 39-D ``state`` of both."""
         return state_is_split(self.attrs)
+
+    def resolve_auxiliary(self, selection: str) -> list[str]:
+        """The privileged arrays ``--auxiliary`` names (see :mod:`state_selection`)."""
+        return resolve_auxiliary(self._index, selection)
 
     def resolve_state(self, selection: str) -> list[str]:
         """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the

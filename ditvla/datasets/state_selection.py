@@ -38,6 +38,25 @@ def state_is_split(attrs: dict[str, Any]) -> bool:
     return bool(attrs.get("privileged_keys")) or not source.startswith("metaworld")
 
 
+def resolve_auxiliary(index: StoreIndex, selection: str) -> list[str]:
+    """The privileged arrays an auxiliary head learns to predict: ``privileged`` (every
+    one the store records) or ``KEY[,KEY...]``, each one of them."""
+    privileged = privileged_keys(index)
+    keys = (
+        privileged
+        if selection == "privileged"
+        else [key.strip() for key in selection.split(",") if key.strip()]
+    )
+    missing = [key for key in keys if key not in privileged]
+    if missing or not keys:
+        raise DatasetError(
+            f"{index.path}: --auxiliary {selection!r}: no privileged array "
+            f"{', '.join(missing) or '(none given)'}; the store's privileged arrays are "
+            f"{', '.join(privileged) or 'none'}"
+        )
+    return keys
+
+
 def resolve_state(index: StoreIndex, selection: str) -> list[str]:
     """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
     store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:

@@ -96,11 +96,14 @@ class ReplayBufferDataset(Dataset):
         self.cameras = list(buffer.cameras if cameras is None else cameras)
         self.state_keys = list(buffer.state_keys if state_keys is None else state_keys)
         self.action_key = action_key
-        for key in [*self.cameras, *self.state_keys, action_key]:
+        unknown = [cam for cam in self.cameras if cam not in buffer.cameras]
+        if unknown:
+            raise DatasetError(
+                f"{self.path}: no camera {', '.join(unknown)}; the store's cameras are "
+                f"{', '.join(buffer.cameras) or 'none'}"
+            )
+        for key in [*self.state_keys, action_key]:
             buffer.array(key)  # names the store and the key if it is missing
-        for cam in self.cameras:
-            if cam not in buffer.cameras:
-                raise DatasetError(f"{self.path}: data/{cam} is not a camera (uint8 T,H,W,3)")
         self.augmentation = augmentation
         self.future_frame = future_frame
         if future_frame is not None and (

@@ -62,12 +62,15 @@ class TrainConfig:
             config ({"head": {"width": 384}}).
         cameras: the cameras the policy reads, comma-separated (default: every camera of the
             store).
+        image_size: the side of the camera frames the policy reads; the store must hold
+            frames of that size (default: the store's).
         state: the state the policy reads: proprio (what a real robot has: the store's
             state_keys), full (with the simulator's privileged object poses and goals), none,
             or arrays by name, KEY[,KEY...].
-        auxiliary: arrays, KEY[,KEY...], that an auxiliary head learns to predict from the
-            VLM's context during training (e.g. goal: the backbone must then encode where
-            the instructed target is); the policy never reads them. Empty: none.
+        auxiliary: privileged arrays, KEY[,KEY...] or privileged (every one the store
+            records), that an auxiliary head learns to predict from the VLM's context during
+            training (e.g. goal: the backbone must then encode where the instructed target
+            is); the policy never reads them. Empty: none.
         steps: optimizer steps.
         batch_size: samples per optimizer step, over all processes and micro-batches.
         grad_accum: micro-batches per optimizer step.
@@ -98,6 +101,7 @@ class TrainConfig:
     preset: PresetName = "tiny"
     policy_overrides: dict[str, Any] = field(default_factory=dict)
     cameras: tuple[str, ...] | None = None
+    image_size: int | None = None
     state: str = STATE_PROPRIO
     auxiliary: str = ""
     steps: int = 2000

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ditvla.contract import DataSpec
+from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
@@ -38,6 +39,13 @@ def training_dataset(
             config.dataset, cameras=config.cameras, state_keys=state_keys
         ).data_spec()
     )
+    if config.image_size is not None and config.image_size != data.image_size:
+        raise DatasetError(
+            f"{config.dataset}: its cameras ({', '.join(data.cameras)}) hold "
+            f"{data.image_size}x{data.image_size} frames, not {config.image_size}; collect at "
+            f"that size (ditvla collect --image-size {config.image_size}) or leave "
+            "--image-size out"
+        )
     policy_config = PolicyConfig.for_data(data, config.preset, **config.policy_overrides)
     if processes.main and policy_config.state_dim and policy_config.state_norm == "mean_std":
         _warn_narrow_state(data.stats, policy_config.state_keys)
@@ -63,7 +71,7 @@ def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: s
     """The auxiliary head's targets: the named arrays, standardized with the store's
     statistics, attached to the dataset; their names and width recorded in the config."""
     buffer = ReplayBuffer.open(dataset.path)
-    keys = buffer.resolve_state(selection)
+    keys = buffer.resolve_auxiliary(selection)
     stats = load_or_compute_stats(buffer)
     parts = []
     for key in keys:
