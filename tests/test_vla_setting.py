@@ -97,6 +97,33 @@ def test_auxiliary_targets_are_learned_in_training_and_never_read(reach_store, t
         train(TrainConfig(out=str(tmp_path / "big"), image_size=64, **common))
 
 
+def test_the_auxiliary_prediction_can_condition_the_action_head(reach_store, tmp_path):
+    # enough steps past the warm-up for the head's zero-initialized modulation to move
+    common = dict(dataset=str(reach_store), steps=30, batch_size=4, num_workers=0, progress=False)
+    overrides = {"auxiliary_input": True}
+    folder = train(
+        TrainConfig(
+            out=str(tmp_path / "in"), auxiliary="goal", policy_overrides=overrides, **common
+        )
+    )
+    policy = DiTVLAPolicy.from_pretrained(folder)
+    assert policy.head.config.state_dim == 8 + 3  # proprio, then the predicted goal
+    episode = ReplayBuffer.open(reach_store).get_episode(0)
+    observation = {
+        "images": {"behindGripper": episode["behindGripper"][0]},
+        "state": episode["proprio"][0],
+        "instruction": "reach the green ball",
+    }
+    context = policy.encode(observation)
+    assert context.estimate.shape == (1, 3)
+    noise = torch.randn(1, *policy.noise_shape)
+    chunk = policy.act(context, observation["state"], noise=noise)
+    context.estimate = context.estimate + 3.0  # the goal read elsewhere: the head follows
+    assert not torch.allclose(policy.act(context, observation["state"], noise=noise), chunk)
+    with pytest.raises(ValueError, match="auxiliary_input: the action head reads"):
+        train(TrainConfig(out=str(tmp_path / "x"), policy_overrides=overrides, **common))
+
+
 def test_training_reads_proprioception_unless_asked(reach_store, tmp_path):
     common = dict(dataset=str(reach_store), steps=2, batch_size=4, num_workers=0, progress=False)
     policy_dir = train(TrainConfig(out=str(tmp_path / "p"), **common))

@@ -59,6 +59,10 @@ class PolicyConfig:
             --auxiliary``.
         auxiliary_dim: their total width.
         auxiliary_weight: the auxiliary loss's weight.
+        auxiliary_input: the auxiliary head's prediction also conditions the action head,
+            beside the state: the head reads the positions the backbone reads off its
+            cameras as it would read privileged state (trained on the predictions, never
+            on the true values, so acting sees what training saw).
         forecast: feature forecasting in the sampler (TaylorSeer; off by default).
         distilled_steps: a few-step student's step count (``ditvla distill``): its head
             was trained to sample in that many steps, and more are refused; 0 for a
@@ -94,6 +98,7 @@ class PolicyConfig:
     auxiliary_keys: list[str] = field(default_factory=list)
     auxiliary_dim: int = 0
     auxiliary_weight: float = 1.0
+    auxiliary_input: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     foresight: ForesightConfig = field(default_factory=ForesightConfig)

@@ -37,7 +37,7 @@ def action_loss(
             f"batch action has shape {tuple(actions.shape)}, expected "
             f"(B, {config.horizon}, {config.action_dim})"
         )
-    state = policy.normalized_state(state)
+    state = policy.head_state(context, state)
     target_actions = policy.normalizer.normalize("action", actions)
     valid = ~torch.as_tensor(action_is_pad).to(device).bool()
     cache, n = context.cache, config.noise_samples
@@ -86,7 +86,9 @@ def auxiliary_loss(
             f"the policy learns to predict {', '.join(policy.config.auxiliary_keys)} but "
             "the batch has no 'auxiliary' targets"
         )
-    predicted = policy.auxiliary(context.tokens, context.mask)
+    predicted = context.estimate
+    if predicted is None:
+        predicted = policy.auxiliary(context.tokens, context.mask)
     target = torch.as_tensor(targets["auxiliary"]).to(policy.device).float()
     return ((predicted - target) ** 2).mean()
 

@@ -36,6 +36,7 @@ from ditvla.contract import (
     PolicySpec,
     Stats,
 )
+from ditvla.errors import ConfigError
 from ditvla.policies import checkpoint, losses
 from ditvla.policies.auxiliary_head import AuxiliaryHead
 from ditvla.policies.backbone import VLMBackbone
@@ -60,6 +61,8 @@ class Context:
     tokens: torch.Tensor  # (B, L, width)
     mask: torch.Tensor  # (B, L)
     cache: ContextCache
+    # the auxiliary head's prediction (B, auxiliary_dim) when it conditions the action head
+    estimate: torch.Tensor | None = None
 
 
 class DiTVLAPolicy(nn.Module):
@@ -76,6 +79,12 @@ class DiTVLAPolicy(nn.Module):
         self.backbone = VLMBackbone(config.backbone, vlm_config=vlm_config, tokenizer=tokenizer)
         head = config.head
         head.context_dim, head.state_dim = self.backbone.width, config.state_dim
+        if config.auxiliary_input and not config.auxiliary_keys:
+            raise ConfigError(
+                "auxiliary_input: the action head reads the auxiliary head's "
+                "prediction, so auxiliary targets are needed (--auxiliary ...)"
+            )
+        head.state_dim += config.auxiliary_dim if config.auxiliary_input else 0
         head.action_dim, head.horizon = config.action_dim, config.horizon
         self.head = DiTActionHead(head)
         self.schedule = make_schedule(config.objective, config.num_train_timesteps)
@@ -83,7 +92,10 @@ class DiTVLAPolicy(nn.Module):
         if config.state_dim:
             modes["state"] = config.state_norm
         self.normalizer = Normalizer(stats or _identity_stats(config), modes)
-        self._register_fixed_actions(config)
+        # an action dimension the demonstrations never moved comes out at its one value
+        fixed, values = fixed_actions(config)
+        self.register_buffer("fixed_actions", fixed, persistent=False)
+        self.register_buffer("fixed_action_values", values, persistent=False)
         # trained jointly, never run by encode / act / select_action
         self.foresight: MotionForesightHead | LatentForesightHead | None = None
         if config.foresight.kind == "motion":
@@ -97,18 +109,6 @@ class DiTVLAPolicy(nn.Module):
             self.auxiliary = AuxiliaryHead(self.backbone.width, config.auxiliary_dim)
         self._queue: deque[torch.Tensor] = deque()
         self.last_forecaster: Forecaster | None = None  # the last chunk's (its step counts)
-
-    def _register_fixed_actions(self, config: PolicyConfig) -> None:
-        """An action dimension the demonstrations never moved (a gripper left alone) comes
-        out at its one value: no normalizer can scale a zero spread, so the model's error
-        on it would pass through unscaled (and beyond the limits a controller enforces)."""
-        fixed = torch.zeros(config.action_dim, dtype=torch.bool)
-        values = torch.zeros(config.action_dim)
-        if config.action_range:
-            low, high = (torch.tensor(v, dtype=torch.float32) for v in config.action_range)
-            fixed, values = high - low < CONSTANT_SPREAD, low
-        self.register_buffer("fixed_actions", fixed, persistent=False)
-        self.register_buffer("fixed_action_values", values, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +177,9 @@ class DiTVLAPolicy(nn.Module):
         """A context from VLM tokens (B, L, width) and mask (B, L) computed elsewhere (the
         runtime's System 2 process): the head's per-layer cache is built here."""
         tokens, mask = tokens.to(self.device), mask.to(self.device).bool()
-        return Context(tokens, mask, self.head.prepare_context(tokens, mask, trim_padding=True))
+        cache = self.head.prepare_context(tokens, mask, trim_padding=True)
+        estimate = self.auxiliary(tokens, mask) if self.config.auxiliary_input else None
+        return Context(tokens, mask, cache, estimate)
 
     @torch.no_grad()
     def act(self, context: Context, state: Any = None, **options: Any) -> torch.Tensor:
@@ -220,13 +222,20 @@ class DiTVLAPolicy(nn.Module):
             self.head,
             self.schedule,
             context.cache,
-            self.normalized_state(state),
+            self.head_state(context, state),
             noise.to(self.device),
             steps,
             forecast=forecast or self.config.forecast,
             guide=guide,
         )
         return chunk
+
+    def head_state(self, context: Context, state: Any) -> torch.Tensor | None:
+        """What the action head reads beside the context: the normalized state, and the
+        auxiliary head's prediction when it conditions the head; None for neither."""
+        parts = [self.normalized_state(state), context.estimate]
+        parts = [part for part in parts if part is not None]
+        return torch.cat(parts, dim=-1) if parts else None
 
     def normalized_state(self, state: Any) -> torch.Tensor | None:
         """``state`` (B, D) or (D,) in the robot's units, checked and normalized; None for
@@ -306,6 +315,18 @@ class DiTVLAPolicy(nn.Module):
     ) -> DiTVLAPolicy:
         """Load a folder written by :meth:`save_pretrained` (no network access)."""
         return checkpoint.load_policy_folder(cls, folder, map_location)
+
+
+def fixed_actions(config: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which action dimensions the demonstrations never moved (a gripper left alone), and
+    their one value: no normalizer can scale a zero spread, so the model's error on them
+    would pass through unscaled (and beyond the limits a controller enforces)."""
+    fixed = torch.zeros(config.action_dim, dtype=torch.bool)
+    values = torch.zeros(config.action_dim)
+    if config.action_range:
+        low, high = (torch.tensor(v, dtype=torch.float32) for v in config.action_range)
+        fixed, values = high - low < CONSTANT_SPREAD, low
+    return fixed, values
 
 
 def _identity_stats(config: PolicyConfig) -> Stats:

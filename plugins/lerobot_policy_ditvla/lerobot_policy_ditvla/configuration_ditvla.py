@@ -141,8 +141,8 @@ class DitvlaConfig(PreTrainedConfig, PolicySettings):
             PolicyConfig (PolicySettings, generated from it; PolicyConfig's docstring and
             those of its nested configs say what each does), None for the preset's:
             ``--policy.horizon=8``, ``--policy.head.width=128``. A foresight.kind other
-            than off and auxiliary_weight are refused: LeRobot's batches carry no targets
-            for those heads (train them with ``ditvla train``).
+            than off, auxiliary_weight and auxiliary_input are refused: LeRobot's batches
+            carry no targets for those heads (train them with ``ditvla train``).
         optimizer_lr / optimizer_weight_decay / optimizer_grad_clip_norm /
             scheduler_warmup_steps: AdamW with linear warm-up and cosine decay to 0, as
             ``ditvla train``.
@@ -191,9 +191,10 @@ class DitvlaConfig(PreTrainedConfig, PolicySettings):
                 f"--policy.foresight.kind={self.foresight.kind}: the foresight head learns "
                 "the optical flow or the frame t + k"
             )
-        elif self.auxiliary_weight is not None:
+        elif self.auxiliary_weight is not None or self.auxiliary_input:
+            setting = "auxiliary_weight" if self.auxiliary_weight is not None else "auxiliary_input"
             head = (
-                "--policy.auxiliary_weight: the auxiliary head learns privileged arrays "
+                f"--policy.{setting}: the auxiliary head learns privileged arrays "
                 "(ditvla train --auxiliary)"
             )
         else:
