@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+import zmq.auth
 
 from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.errors import TransportError
@@ -83,6 +84,10 @@ def _header(frame: bytes) -> dict:
             "'tick' has type str",
         ),
         (lambda f: _with_header(f, meta={**_header(f)["meta"], "cmd": "rm"}), "unexpected meta"),
+        (  # JSON carries a lone surrogate, which a tokenizer cannot take
+            lambda f: _with_header(f, meta={**_header(f)["meta"], "instruction": "go \ud800 now"}),
+            "no lone surrogates",
+        ),
         (lambda f: f + b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
     ],
 )
@@ -158,6 +163,35 @@ def test_key_files_are_private_never_overwritten_and_checked(tmp_path):
     assert link.read_text() == "x"
     with pytest.raises(TransportError, match="not a regular file"):
         client_keys(tmp_path)
+
+
+def test_keygen_writes_a_whole_pair_or_nothing(tmp_path):
+    generate_keypair(tmp_path, "robot")
+    (tmp_path / "robot.key").unlink()  # only the secret file is left
+    with pytest.raises(TransportError, match=r"robot\.key_secret exists"):
+        generate_keypair(tmp_path, "robot")
+    assert not (tmp_path / "robot.key").exists()  # no public key that does not match it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["robot.key_secret"]
+    generate_keypair(tmp_path, "robot", force=True)
+    public = zmq.auth.load_certificate(tmp_path / "robot.key")[0]
+    assert public == zmq.auth.load_certificate(tmp_path / "robot.key_secret")[0]
+
+
+def test_an_allow_list_others_could_write_to_is_refused(tmp_path):
+    generate_keypair(tmp_path, "server")
+    generate_keypair(tmp_path, "robot")
+    server_keys(tmp_path)
+    (tmp_path / "robot.key").chmod(0o666)
+    with pytest.raises(TransportError, match=r"robot\.key: writable by others"):
+        server_keys(tmp_path)
+    (tmp_path / "robot.key").chmod(0o644)
+    tmp_path.chmod(0o777)
+    with pytest.raises(TransportError, match="anyone can add a key"):
+        server_keys(tmp_path)
+    tmp_path.chmod(0o755)
+    (tmp_path / "intruder.key").symlink_to(tmp_path / "robot.key")
+    with pytest.raises(TransportError, match=r"intruder\.key: an allowed key that is not"):
+        server_keys(tmp_path)
 
 
 def test_curve_admits_the_robot_and_keeps_others_out(tmp_path):

@@ -140,8 +140,9 @@ class FakeRobot:
 
     instruction = "close the drawer"
 
-    def __init__(self, action_dim=4, state_dim=39, bad_frames=0):
+    def __init__(self, action_dim=4, state_dim=39, bad_frames=0, action_bounds=None):
         self.action_dim, self.state_dim, self.bad_frames = action_dim, state_dim, bad_frames
+        self.action_bounds = action_bounds
         self.actions: list[np.ndarray] = []
         self.held = self.observed = 0
         self.closed = False
@@ -191,15 +192,17 @@ class FakeServer:
     [-1, 1], the state parts ``state_keys``), each observation with the chunks
     ``chunks(tick, episode, observations so far)`` gives: (start tick, episode, actions)."""
 
-    def __init__(self, state_keys=("proprio",), chunks=unfit_chunks):
+    def __init__(self, state_keys=("proprio",), chunks=unfit_chunks, limits=True):
         self.session = secrets.token_hex(4)
         self.state_keys = list(state_keys)
         self.chunks = chunks
+        self.limits = limits  # False: a policy that recorded no action range
         self.observations = 0
 
     def answer(self, message: Message) -> list[Message]:
         if message.type == "hello":
             limits = {"action_low": -np.ones(4, np.float32), "action_high": np.ones(4, np.float32)}
+            limits = limits if self.limits else {}
             spec = {"cameras": ["corner"], "image_size": 32, "state_dim": 8, "action_dim": 4}
             spec.update(state_keys=self.state_keys, nonce=message.meta["nonce"])
             return [Message("spec", spec, limits)]
@@ -537,6 +540,24 @@ def test_the_controller_holds_on_chunks_that_do_not_fit_its_robot(tmp_path):
     }
 
 
+def test_without_the_servers_limits_the_robots_own_bounds_hold(tmp_path):
+    """A policy that recorded no action range (or a compromised server that sends none):
+    chunks beyond the robot's own action space never reach it."""
+
+    def far(tick, episode, observations):  # |a| = 4 against a robot in [-1, 1]
+        return [(tick + 1, episode, np.full((8, 4), 4.0, np.float32))]
+
+    bounds = (-np.ones(4, np.float32), np.ones(4, np.float32))
+    device = FakeRobot(state_dim=8, action_bounds=bounds)
+    server = FakeServer(chunks=far, limits=False)
+    channel, _, summary = session_with(server, device, 30, tmp_path)
+    assert channel.sent_chunks > 0 and device.actions == []
+    assert summary["refused_chunks"]["beyond the action limits"] == channel.sent_chunks - 1
+    unbounded = FakeRobot(state_dim=8)  # a robot that declares no bounds runs them
+    session_with(FakeServer(chunks=far, limits=False), unbounded, 30, tmp_path / "free")
+    assert unbounded.actions and np.all(unbounded.actions[0] == 4.0)
+
+
 def test_the_controller_measures_how_far_actions_jump_when_a_new_chunk_takes_over(tmp_path):
     def alternating(tick, episode, observations):  # every 6th observation: 0s, then 0.5s
         if observations % 6:
@@ -565,7 +586,7 @@ def test_a_robot_reading_nan_holds_and_the_loop_goes_on():
     from ditvla.deploy.transport import ClientChannel
 
     class NaNRobot:
-        instruction, action_dim = "", 4
+        instruction, action_dim, action_bounds = "", 4, None
 
         def __init__(self):
             self.held = self.moved = 0

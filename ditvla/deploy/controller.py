@@ -169,8 +169,9 @@ class Controller:
     """The fixed-rate loop. Every chunk is checked against the robot before it is
     scheduled — its width, a window of ticks around now (:data:`PAST_TICKS` behind,
     :data:`AHEAD_TICKS` ahead), the action limits (``--action-low/--action-high``, else
-    the server's, from the policy's training range) — and one that fails is dropped and
-    counted by reason in :attr:`refused`; with nothing valid due, the robot holds.
+    the server's, from the policy's training range, else the robot's own) — and one
+    that fails is dropped and counted by reason in :attr:`refused`; with nothing valid
+    due, the robot holds.
 
     ``clock``: what the loop waits on (real time by default; a test may pass its own)."""
 
@@ -187,11 +188,14 @@ class Controller:
         self.name = name
         self.clock = clock or MonotonicClock()
         self.period = 1.0 / config.hz
+        # the server's limits, else the robot's own (a policy may have recorded none)
         arrays = spec.arrays if spec is not None else {}
+        own_low, own_high = robot.action_bounds or (None, None)
+        low, high = arrays.get("action_low"), arrays.get("action_high")
         self.low, self.high = merged_limits(
             robot.action_dim,
-            arrays.get("action_low"),
-            arrays.get("action_high"),
+            own_low if low is None else low,
+            own_high if high is None else high,
             config.action_low,
             config.action_high,
         )

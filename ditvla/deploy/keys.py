@@ -3,13 +3,16 @@
 A key folder holds ``NAME.key`` (the public key) and ``NAME.key_secret`` (the key pair)
 in ZeroMQ's certificate format. The server reads ``server.key_secret`` and admits the
 clients whose public keys lie in the folder; a robot reads its own ``robot.key_secret``
-and ``server.key``. Secret files are written 0600, never through a symbolic link and
-never over an existing file unless asked; a secret file that others can read is refused.
+and ``server.key``. A pair is written whole or not at all: secret files 0600, never
+through a symbolic link and never over an existing file unless asked. A secret file that
+others can read is refused, and so is an allow-list that others could add a key to (a
+public key or the folder writable by others, or a key file that is not a regular file).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,32 +34,52 @@ class ClientKeys:
     server_public: bytes
 
 
-def _write_new(path: Path, text: str, mode: int, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    if force and (path.exists() or path.is_symlink()):
-        path.unlink()  # a link is removed, never followed
-    try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
-        raise TransportError(f"{path} exists; pass --force to replace it") from None
+def _write_temporary(folder: Path, text: str, mode: int) -> Path:
+    """``text`` in a new file of ``folder`` (``mode``, whatever the umask), not yet named."""
+    path = folder / f".keygen-{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(path, mode)  # whatever the umask
+    os.chmod(path, mode)
+    return path
+
+
+def _existing(paths: list[Path]) -> list[Path]:
+    return [path for path in paths if path.exists() or path.is_symlink()]
 
 
 def generate_keypair(folder: str | Path, name: str, *, force: bool = False) -> Path:
-    """Write ``folder/name.key`` and ``folder/name.key_secret`` (0600); returns the latter."""
+    """Write ``folder/name.key`` and ``folder/name.key_secret`` (0600), both or neither;
+    returns the latter."""
     import zmq
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    targets = [folder / f"{name}.key_secret", folder / f"{name}.key"]
+    if not force and _existing(targets):
+        found = ", ".join(str(path) for path in _existing(targets))
+        raise TransportError(f"{found} exists; pass --force to replace the pair")
     public, secret = zmq.curve_keypair()
     header = "#   ZeroMQ CURVE certificate written by ditvla keygen\n"
     pub = f'{header}metadata\ncurve\n    public-key = "{public.decode()}"\n'
     sec = pub + f'    secret-key = "{secret.decode()}"\n'
-    _write_new(folder / f"{name}.key", pub, 0o644, force)
-    _write_new(folder / f"{name}.key_secret", sec, 0o600, force)
-    return folder / f"{name}.key_secret"
+    written = [_write_temporary(folder, sec, 0o600), _write_temporary(folder, pub, 0o644)]
+    named: list[Path] = []
+    try:
+        for source, target in zip(written, targets, strict=True):
+            if force:
+                os.replace(source, target)  # a link at the target is replaced, not followed
+            else:
+                os.link(source, target)  # never over a file that appeared meanwhile
+            named.append(target)
+    except FileExistsError:
+        for target in named:  # the pair stays whole: the half already named goes
+            target.unlink()
+        raise TransportError(f"{target} appeared meanwhile; nothing was written") from None
+    finally:
+        for source in written:
+            source.unlink(missing_ok=True)
+    return targets[0]
 
 
 def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
@@ -81,9 +104,25 @@ def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+def _check_allow_list(folder: Path) -> None:
+    """TransportError unless only its owner can add a key to ``folder``'s allow-list."""
+    if folder.stat().st_mode & 0o002:
+        raise TransportError(f"{folder}: anyone can add a key to this folder; chmod o-w it")
+    for path in sorted(folder.glob("*.key")):
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            raise TransportError(f"{path}: an allowed key that is not a regular file (a link?)")
+        if info.st_mode & 0o022:
+            raise TransportError(
+                f"{path}: writable by others (mode {stat.S_IMODE(info.st_mode):o}), so "
+                "anyone could put their key in the allow-list; chmod 644 it"
+            )
+
+
 def server_keys(folder: str | Path) -> ServerKeys:
     folder = Path(folder)
     public, secret = _load(folder / "server.key_secret", secret=True)
+    _check_allow_list(folder)
     return ServerKeys(public, secret, folder)
 
 

@@ -46,6 +46,7 @@ class LeRobotRobot:
         config = RobotConfig.get_choice_class(robot_type)(**options)
         self.robot = make_robot_from_config(config)
         self.instruction = instruction
+        self.action_bounds = None  # LeRobot's action features declare no range
         self._last: dict[str, Any] = {}
 
     def connect(self) -> LeRobotRobot:

@@ -66,15 +66,29 @@ class Field:
         if isinstance(value, int | float):
             if not (math.isfinite(value) and self.low <= value <= self.high):
                 raise MessageError(f"meta {name!r} = {value!r} outside [{self.low}, {self.high}]")
-        elif isinstance(value, str) and len(value) > 1024:
-            raise MessageError(f"meta {name!r} is longer than 1024 characters")
+        elif isinstance(value, str) and (len(value) > 1024 or not _is_text(value)):
+            raise MessageError(
+                f"meta {name!r} must be text of at most 1024 characters (no lone surrogates)"
+            )
         elif isinstance(value, list) and not (
             len(value) <= self.max_items
             and all(isinstance(item, str) and 0 < len(item) <= 64 for item in value)
+            and all(_is_text(item) for item in value)
         ):
             raise MessageError(
                 f"meta {name!r} must be a list of at most {self.max_items} short strings"
             )
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is text every reader takes: a string holding a lone UTF-16
+    surrogate (which JSON's ``\\ud800`` escape can make) is not, and a tokenizer raises
+    on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

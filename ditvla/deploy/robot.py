@@ -16,10 +16,13 @@ import numpy as np
 class Robot(Protocol):
     """``observe() -> (state (D,), camera frames {name: uint8 (S, S, 3)} or None when no
     new ones)``, ``send_action(action (A,))``, ``hold()`` (no motion), ``close()`` (held,
-    then released)."""
+    then released). ``action_bounds``: the robot's own limits ``(low (A,), high (A,))``,
+    which the controller holds chunks to when neither the server nor its options give
+    any; None for a robot that declares none."""
 
     instruction: str
     action_dim: int
+    action_bounds: tuple[np.ndarray, np.ndarray] | None
 
     def observe(self) -> tuple[np.ndarray, dict[str, np.ndarray] | None]: ...
     def send_action(self, action: np.ndarray) -> None: ...

@@ -119,6 +119,7 @@ class SimRobot:
         )
         self.instruction = self.env.instruction
         self.action_dim = self.env.action_space.shape[0]
+        self.action_bounds = (self.env.action_space.low, self.env.action_space.high)
         model = self.env.mujoco_model
         known = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
         unknown = [cam for cam in cameras if cam not in known]
