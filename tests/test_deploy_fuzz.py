@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from ditvla.deploy.messages import Codec, Message, MessageError, check_message, decode, encode
-from ditvla.deploy.transport import ServerChannel
+from ditvla.deploy.transport import ServerChannel, SessionGate
 
 INPUTS = 20_000
 SOCKET_INPUTS = 2_000
@@ -136,7 +136,9 @@ def test_a_session_receiver_takes_each_valid_message_once():
 
 @pytest.mark.slow
 def test_a_real_socket_counts_every_hostile_message_and_still_serves():
-    with ServerChannel("tcp://127.0.0.1:0") as server:
+    # hellos judged by the decoder alone here (the session gate has its own test)
+    gate = SessionGate(silence_s=0, hello_burst=10**6)
+    with ServerChannel("tcp://127.0.0.1:0", gate=gate) as server:
         server.accept(b"nobody", "s")  # a session no hostile peer holds
         raw = zmq.Context.instance().socket(zmq.DEALER)
         raw.connect(server.address)
@@ -152,6 +154,6 @@ def test_a_real_socket_counts_every_hostile_message_and_still_serves():
                     delivered += 1
                     assert received[1].type == "hello"  # only a hello passes without the session
         assert delivered + server.rejected_total == len(batches)
-        raw.send(encode(Message("hello", {"robot": "sim", "control_hz": 50.0})))
+        raw.send(encode(Message("hello", {"robot": "sim", "control_hz": 50.0, "nonce": "last"})))
         assert server.receive(timeout_ms=2000) is not None  # still serving
         raw.close(linger=0)

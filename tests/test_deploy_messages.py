@@ -23,7 +23,7 @@ from ditvla.deploy.messages import (
     encode,
 )
 from ditvla.deploy.schedule import ActionSchedule, rtc_weights
-from ditvla.deploy.transport import ClientChannel, ServerChannel, is_loopback
+from ditvla.deploy.transport import ClientChannel, ServerChannel, SessionGate, is_loopback
 from ditvla.policies.noise_schedules import DDPM, FlowMatching
 
 
@@ -204,7 +204,7 @@ def test_curve_admits_the_robot_and_keeps_others_out(tmp_path):
         stranger = ClientChannel(server.address, keys=client_keys(other))
         plain = zmq.Context.instance().socket(zmq.DEALER)
         plain.connect(server.address)
-        stranger.send(Message("hello", {"robot": "x", "control_hz": 50.0}))
+        stranger.send(Message("hello", {"robot": "x", "control_hz": 50.0, "nonce": "x"}))
         plain.send(b"garbage")
         with ClientChannel(server.address, keys=client_keys(tmp_path)) as robot:
             robot.send(Message("hello", {"robot": "sim", "control_hz": 50.0, "nonce": "n1"}))
@@ -229,7 +229,7 @@ def test_channel_survives_garbage_and_delivers_the_next_message():
         with ClientChannel(server.address) as client:
             # garbage now, the good message later: the wait goes on past the garbage
             raw.send(b"garbage")
-            hello = Message("hello", {"robot": "sim", "control_hz": 50.0})
+            hello = Message("hello", {"robot": "sim", "control_hz": 50.0, "nonce": "n1"})
             later = threading.Timer(0.3, client.send, [hello])
             later.start()
             received = server.receive(timeout_ms=5000)
@@ -237,6 +237,48 @@ def test_channel_survives_garbage_and_delivers_the_next_message():
         raw.close(linger=0)
     assert received is not None and received[1].meta["robot"] == "sim"
     assert server.rejected_total == 3
+
+
+def _hello(nonce: str) -> Message:
+    return Message("hello", {"robot": "sim", "control_hz": 50.0, "nonce": nonce})
+
+
+def test_a_robot_keeps_its_session_until_it_goes_silent():
+    """Another peer's hello neither takes a live session nor reaches the server; replayed
+    hellos and a peer's hellos in a flood are refused; a silent robot's session opens."""
+    now = [0.0]
+    gate = SessionGate(silence_s=2.0, hello_burst=1, hellos_per_s=4, clock=lambda: now[0])
+    server = ServerChannel("tcp://127.0.0.1:0", gate=gate)
+    robot, other = ClientChannel(server.address), ClientChannel(server.address)
+    with server, robot, other:
+        robot.send(_hello("robot-1"))
+        peer, _ = server.receive(timeout_ms=5000)
+        server.accept(peer, "s1")
+        robot_frame = encode(_hello("robot-1"))  # a byte-exact copy of its hello
+        other.send(_hello("other-1"))  # the session is live: refused
+        other._socket.send(robot_frame)  # a replay: refused
+        now[0] += 0.1
+        robot.send(_hello("robot-2"))  # its own hellos, too fast: refused
+        assert server.receive(timeout_ms=1000) is None
+        assert server.rejected == {
+            "session held by another robot": 1,
+            "replayed hello": 1,
+            "hellos too fast": 1,
+        }
+        now[0] += 1.5  # the robot spoke 1.6 s ago: still its session
+        other.send(_hello("other-2"))
+        assert server.receive(timeout_ms=1000) is None
+        robot.codec.start_session("s1")
+        robot.send(Message("reset", {"episode": 1}))
+        assert server.receive(timeout_ms=5000)[1].type == "reset"  # heard now
+        now[0] += 1.9
+        other.send(_hello("other-3"))
+        assert server.receive(timeout_ms=1000) is None
+        now[0] += 0.3  # 2.2 s of silence: another robot may open a session
+        other.send(_hello("other-4"))
+        received = server.receive(timeout_ms=5000)
+        assert received is not None and received[1].meta["nonce"] == "other-4"
+    assert server.rejected["session held by another robot"] == 3
 
 
 def test_latest_rule_switches_to_the_newest_chunk_and_holds_past_the_end():

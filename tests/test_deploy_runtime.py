@@ -38,8 +38,15 @@ WAIT_S = 120.0  # how long a test waits for a condition: far beyond what it take
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
     torch.manual_seed(0)
+    # an untrained head's actions, within the range a trained policy records (the server
+    # holds chunks to it, and the controller to the robot's own bounds without one)
     config = PolicyConfig.preset(
-        "tiny", cameras=["corner"], image_size=32, state_dim=39, action_dim=4
+        "tiny",
+        cameras=["corner"],
+        image_size=32,
+        state_dim=39,
+        action_dim=4,
+        action_range=([-8.0] * 4, [8.0] * 4),
     )
     folder = tmp_path_factory.mktemp("runtime") / "policy"
     DiTVLAPolicy(config).save_pretrained(folder)
@@ -477,7 +484,8 @@ HOSTILE_FRAMES = [
 @pytest.mark.slow
 def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_path):
     """A keyed server on loopback: peers without an admitted key are refused at the
-    handshake; an admitted but buggy peer's garbage is counted; the robot is served."""
+    handshake; an admitted but buggy peer's garbage is counted, and its hellos do not take
+    the robot's session; the robot is served."""
     import zmq
 
     from ditvla.deploy.keys import client_keys, generate_keypair
@@ -507,11 +515,14 @@ def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_
             plain.send(frame)
             buggy._socket.send(frame)
         buggy._socket.send_multipart([b"x"] * 50)  # many frames
-        stranger.send(Message("hello", {"robot": "intruder", "control_hz": 50.0}))
+        stranger.send(Message("hello", {"robot": "intruder", "control_hz": 50.0, "nonce": "x"}))
         with ClientChannel(address, keys=client_keys(keys, "robot")) as channel:
             controller = controller_for(channel, FakeRobot())
+            for i in range(20):  # an admitted peer tries to take the session, as fast as it can
+                buggy.send(Message("hello", {"robot": "b", "control_hz": 50.0, "nonce": str(i)}))
             run_until(controller, lambda: acting(controller))
         assert acting(controller), "the robot was not served"
+        assert buggy.receive(timeout_ms=200) is None, "a second peer got the spec"
         # nobody else got anything: the stranger never passed the handshake
         assert stranger.receive(timeout_ms=200) is None and plain.poll(200) == 0
         assert server.poll() is None, "the server died"

@@ -114,8 +114,11 @@ SCHEMAS: dict[str, MessageSchema] = {
     # controller -> server: what the robot has (answered with "spec"); opens a session
     "hello": MessageSchema(
         "controller",
-        meta={"robot": Field(str), "control_hz": Field((int, float), low=0.1, high=10_000.0)},
-        optional_meta={"nonce": Field(str)},
+        meta={
+            "robot": Field(str),
+            "control_hz": Field((int, float), low=0.1, high=10_000.0),
+            "nonce": Field(str),  # fresh per hello: a replayed hello is refused
+        },
     ),
     # server -> controller: what the policy needs
     "spec": MessageSchema(

@@ -260,9 +260,8 @@ class PolicyServer:
             "state_keys": list(spec.state_keys),
             "action_dim": spec.action_dim,
             "policy": str(self.config.policy)[-1024:],
+            "nonce": hello.meta["nonce"],
         }
-        if "nonce" in hello.meta:
-            meta["nonce"] = hello.meta["nonce"]
         return Message("spec", meta, self.action_limits())
 
     def action_limits(self) -> dict[str, np.ndarray]:

@@ -2,7 +2,10 @@
 
 The server binds a ROUTER socket and talks to one peer: the robot whose ``hello`` opened
 the current session (ZeroMQ names each connection; a chunk goes to that connection and
-nowhere else). A controller or System 2 connects a DEALER socket. Either side sends
+nowhere else). The session is that robot's until it goes silent (:class:`SessionGate`):
+another peer's ``hello`` is refused meanwhile, and so are a replayed ``hello`` (its nonce
+seen before) and a peer's hellos beyond :data:`HELLO_BURST` at :data:`HELLOS_PER_S`.
+A controller or System 2 connects a DEALER socket. Either side sends
 whenever it has something, nothing waits for a reply, and ZeroMQ reconnects by itself.
 Sends never block: when the peer is gone or its queue is full the message is dropped
 (a real-time loop must not stall on a socket) and counted.
@@ -21,8 +24,10 @@ at a bounded number of messages, so a flood cannot hold its caller.
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import zmq
@@ -33,6 +38,13 @@ from ditvla.deploy.messages import MAX_MESSAGE_BYTES, Codec, Message, MessageErr
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 MAX_MESSAGES_PER_RECEIVE = 64
+# a session whose robot has sent nothing for this long may be opened by another's hello
+# (a controller observes every tick, and says hello again after 2 s without news)
+SESSION_SILENCE_S = 2.0
+# a peer's hellos: a burst of this many, then this many per second (a handshake says
+# hello every 0.5 s; a busy server may read a few of them at once)
+HELLO_BURST, HELLOS_PER_S = 4, 2.0
+_REMEMBERED = 4096  # nonces and peers the gate remembers, the oldest forgotten first
 _REFUSED_HANDSHAKES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -123,11 +135,62 @@ class _Channel:
         self.close()
 
 
+class SessionGate:
+    """Which hellos a server hears: the reason to refuse one, or None.
+
+    A hello whose nonce was seen before is a replay; a peer's hellos beyond a burst of
+    ``hello_burst``, refilled at ``hellos_per_s``, are a flood (a token bucket per peer);
+    while the session's robot was heard within ``silence_s``, a hello from any other peer
+    is refused (the robot keeps its session until it goes silent). ``clock``: seconds,
+    monotonic."""
+
+    def __init__(
+        self,
+        silence_s: float = SESSION_SILENCE_S,
+        hello_burst: int = HELLO_BURST,
+        hellos_per_s: float = HELLOS_PER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.silence_s, self.clock = silence_s, clock
+        self.hello_burst, self.hellos_per_s = hello_burst, hellos_per_s
+        self.heard_at = -math.inf
+        self._nonces: dict[str, None] = {}
+        self._buckets: dict[bytes, tuple[float, float]] = {}  # peer: (tokens, at)
+
+    def heard(self) -> None:
+        """The session's robot spoke (or its session just began)."""
+        self.heard_at = self.clock()
+
+    def refusal(self, peer: bytes, holder: bytes | None, hello: Message) -> str | None:
+        now = self.clock()
+        nonce = hello.meta["nonce"]
+        if nonce in self._nonces:
+            return "replayed hello"
+        _remember(self._nonces, nonce, None)
+        tokens, at = self._buckets.get(peer, (self.hello_burst, now))
+        tokens = min(self.hello_burst, tokens + (now - at) * self.hellos_per_s)
+        _remember(self._buckets, peer, (max(0.0, tokens - 1), now))
+        if tokens < 1:
+            return "hellos too fast"
+        if holder not in (None, peer) and now - self.heard_at < self.silence_s:
+            return "session held by another robot"
+        return None
+
+
+def _remember(memory: dict, key, value) -> None:
+    """``memory[key] = value`` as its newest entry, the oldest forgotten past the bound."""
+    memory.pop(key, None)
+    memory[key] = value
+    if len(memory) > _REMEMBERED:
+        del memory[next(iter(memory))]
+
+
 class ServerChannel(_Channel):
     """The server's end: a bound ROUTER that talks to the peer of the current session.
 
-    ``receive`` returns ``(peer, message)``: a ``hello`` from any admitted peer (the server
-    decides whether to :meth:`accept` it), anything else only from the accepted peer."""
+    ``receive`` returns ``(peer, message)``: a ``hello`` the :class:`SessionGate` lets
+    through (the server decides whether to :meth:`accept` it), anything else only from
+    the accepted peer."""
 
     def __init__(
         self,
@@ -135,6 +198,7 @@ class ServerChannel(_Channel):
         *,
         keys: ServerKeys | None = None,
         accepts_from: tuple[str, ...] = ("controller",),
+        gate: SessionGate | None = None,
     ):
         if keys is None and not is_loopback(address):
             raise TransportError(
@@ -146,6 +210,7 @@ class ServerChannel(_Channel):
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails at once
         super().__init__(socket, Codec(accepts_from), address)
         self.peer: bytes | None = None
+        self.gate = gate or SessionGate()
         self._auth = None
         if keys is not None:
             from zmq.auth.thread import ThreadAuthenticator
@@ -167,6 +232,7 @@ class ServerChannel(_Channel):
         """Make ``peer`` the one this channel talks to, in a new session."""
         self.peer = peer
         self.codec.start_session(session)
+        self.gate.heard()
 
     def send(self, message: Message) -> bool:
         """Send to the accepted peer; False (and counted) when it had to be dropped."""
@@ -190,9 +256,16 @@ class ServerChannel(_Channel):
             message = self._decode(frames[1])
             if message is None:
                 continue
-            if message.type != "hello" and peer != self.peer:
+            if message.type == "hello":
+                refusal = self.gate.refusal(peer, self.peer, message)
+                if refusal is not None:
+                    self._reject(refusal, f"a hello refused: {refusal}")
+                    continue
+            elif peer != self.peer:
                 self._reject("not the session's peer", f"a {message.type} from another peer")
                 continue
+            if peer == self.peer:
+                self.gate.heard()
             return peer, message
         return None
 
