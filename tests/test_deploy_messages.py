@@ -21,6 +21,7 @@ from ditvla.deploy.messages import (
     MessageError,
     decode,
     encode,
+    observation_bytes,
 )
 from ditvla.deploy.schedule import ActionSchedule, rtc_weights
 from ditvla.deploy.transport import ClientChannel, ServerChannel, SessionGate, is_loopback
@@ -279,6 +280,26 @@ def test_a_robot_keeps_its_session_until_it_goes_silent():
         received = server.receive(timeout_ms=5000)
         assert received is not None and received[1].meta["nonce"] == "other-4"
     assert server.rejected["session held by another robot"] == 3
+
+
+def test_a_frame_beyond_the_policys_largest_observation_is_cut_off():
+    """The server's frame cap is what its policy's observations need, so a message of
+    many large frames is dropped at its first frame (ZeroMQ would buffer it whole)."""
+    cap = observation_bytes(cameras=2, image_size=64, state_dim=8)
+    assert len(encode(observation(np.zeros(8, np.float32)))) > cap  # 128 px frames
+    with ServerChannel("tcp://127.0.0.1:0", max_frame_bytes=cap) as server:
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.connect(server.address)
+        raw.send_multipart([b"x" * (cap + 1)] * 100)
+        with ClientChannel(server.address) as robot:
+            robot.send(_hello("robot"))
+            received = server.receive(timeout_ms=5000)
+            assert received is not None and received[1].meta["nonce"] == "robot"
+        # never read, so never counted: with a cap of the whole 32 MiB, it arrives
+        # whole and is refused as "a message of 100 frames"
+        assert all(server.receive(timeout_ms=100) is None for _ in range(10))
+        assert server.rejected_total == 0
+        raw.close(linger=0)
 
 
 def test_latest_rule_switches_to_the_newest_chunk_and_holds_past_the_end():

@@ -178,6 +178,12 @@ class Message:
 
 
 # ---------------------------------------------------------------------- encoding
+def observation_bytes(cameras: int, image_size: int, state_dim: int) -> int:
+    """The largest frame an ``observation`` can fill for a policy: the length prefix, a
+    header at its limit, a float32 state and ``cameras`` uint8 (S, S, 3) frames."""
+    return _LENGTH.size + MAX_HEADER_BYTES + 4 * state_dim + cameras * image_size**2 * 3
+
+
 def encode(message: Message) -> bytes:
     """One frame: length-prefixed JSON header, then the arrays' raw bytes."""
     check_message(message)

@@ -33,7 +33,7 @@ import torch
 from ditvla.contract import HeadDType, load_policy
 from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.keys import ServerKeys
-from ditvla.deploy.messages import Message
+from ditvla.deploy.messages import Message, observation_bytes
 from ditvla.deploy.schedule import (
     MERGE_RULES,
     ActionSchedule,
@@ -230,7 +230,9 @@ class PolicyServer:
         self.policy = load_policy(config.policy, head_dtype=config.head_dtype)
         self.spec = self.policy.spec
         self.stats = ServerStats()
-        self.channel = ServerChannel(config.address, keys=config.keys)
+        spec = self.spec  # a frame larger than its largest observation is cut off by ZeroMQ
+        largest = observation_bytes(len(spec.cameras), spec.image_size, spec.state_dim)
+        self.channel = ServerChannel(config.address, keys=config.keys, max_frame_bytes=largest)
         self.system2 = System2(config)
         self._stop = False
         self._sent = ActionSchedule("latest")

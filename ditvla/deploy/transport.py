@@ -68,12 +68,13 @@ def is_loopback(address: str) -> bool:
         return False  # a host name or "*": not provably local
 
 
-def _socket(kind: int) -> zmq.Socket:
+def _socket(kind: int, max_frame_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
     socket = zmq.Context.instance().socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 64)
     socket.setsockopt(zmq.RCVHWM, 256)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # per frame; a message is one frame
+    # per frame (a message is one frame); a peer that sends a larger one is disconnected
+    socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     return socket
 
 
@@ -190,7 +191,10 @@ class ServerChannel(_Channel):
 
     ``receive`` returns ``(peer, message)``: a ``hello`` the :class:`SessionGate` lets
     through (the server decides whether to :meth:`accept` it), anything else only from
-    the accepted peer."""
+    the accepted peer. ``max_frame_bytes``: ZeroMQ disconnects a peer whose frame is
+    larger (the server passes what its policy's largest observation needs). ZeroMQ
+    buffers a message of many frames whole before it is read and caps only each frame,
+    so the tighter that cap, the less such a message can take."""
 
     def __init__(
         self,
@@ -199,6 +203,7 @@ class ServerChannel(_Channel):
         keys: ServerKeys | None = None,
         accepts_from: tuple[str, ...] = ("controller",),
         gate: SessionGate | None = None,
+        max_frame_bytes: int = MAX_MESSAGE_BYTES,
     ):
         if keys is None and not is_loopback(address):
             raise TransportError(
@@ -206,7 +211,7 @@ class ServerChannel(_Channel):
                 "`ditvla keygen KEYS --name server` and `--name robot`, then pass --keys KEYS "
                 "to serve and robot"
             )
-        socket = _socket(zmq.ROUTER)
+        socket = _socket(zmq.ROUTER, max_frame_bytes)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails at once
         super().__init__(socket, Codec(accepts_from), address)
         self.peer: bytes | None = None
