@@ -341,6 +341,7 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         address,
         tmp_path / "server.log",
         *("--merge", "rtc", "--head-dtype", "bfloat16", "--stats-json", str(server_stats)),
+        *("--device", "cpu", "--system2-device", "cpu"),
     )
     try:
         # 1. an episode streams chunks from both systems and is executed on the tick axis
@@ -654,3 +655,22 @@ def test_a_robot_that_cannot_build_the_policy_state_refuses_naming_both(tmp_path
     _, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert "reads state proprio + elbow" in err and "offers proprio, objects, goal" in err
+
+
+def test_serve_names_a_device_this_machine_lacks_before_loading_anything(policy_dir):
+    from ditvla.deploy.server import ServeConfig
+    from ditvla.errors import ConfigError
+
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=rf"'cuda:{missing}': this machine has {missing} CUDA"):
+        ServeConfig(policy=str(policy_dir), system2_device=f"cuda:{missing}")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'; use auto, cpu, cuda or cuda:N"):
+        ServeConfig(policy=str(policy_dir), device="gpu0")
+    result = subprocess.run(
+        [*CLI, "serve", "--policy", str(policy_dir), "--device", f"cuda:{missing}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "this machine has" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -42,6 +42,7 @@ from ditvla.deploy.schedule import (
     safe_actions,
 )
 from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel
+from ditvla.devices import device_named
 from ditvla.errors import ConfigError
 
 SYSTEM2_TIMEOUT_S = 30.0
@@ -70,6 +71,8 @@ class ServeConfig:
         num_inference_steps: denoising steps per chunk (default: the policy's own).
         head_dtype: what System 1's action head computes in: float32, or bfloat16 (faster
             on GPUs and on CPUs with AVX512-BF16 or AMX, slower on others; measure it).
+        device: where System 1 runs the policy (cpu, cuda, cuda:N).
+        system2_device: where System 2 runs the VLM (empty: where System 1 runs).
     """
 
     policy: str
@@ -85,10 +88,14 @@ class ServeConfig:
     action_high: float | None = None
     num_inference_steps: int | None = None
     head_dtype: HeadDType = "float32"
+    device: str = "cpu"
+    system2_device: str = ""
 
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
             raise ConfigError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
+        for device in (self.device, self.system2_device or self.device):
+            device_named(device)  # a device this machine lacks is named now, not mid-load
 
 
 @dataclass
@@ -113,12 +120,14 @@ def _rate(previous: float, interval: float) -> float:
 
 
 # ---------------------------------------------------------------------- System 2
-def _system2_main(policy_dir: str, address: str, session: str, threads: int, hz: float) -> None:
+def _system2_main(
+    policy_dir: str, address: str, session: str, threads: int, hz: float, device: str
+) -> None:
     """System 2 process: observations with images in, context tokens out."""
     os.nice(SYSTEM2_NICE - SYSTEM1_NICE)  # the server's niceness is inherited
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us
-    policy = load_policy(policy_dir)
+    policy = load_policy(policy_dir, device=device)
     cameras = policy.spec.cameras
     size = (policy.spec.image_size, policy.spec.image_size, 3)
     with PairChannel(address, bind=False, accepts_from=("controller",)) as channel:
@@ -189,6 +198,7 @@ class System2:
                 self.channel.codec.session,
                 config.system2_threads,
                 config.system2_hz,
+                config.system2_device or config.device,
             ),
             daemon=True,
             name="ditvla-system2",
@@ -227,7 +237,7 @@ class PolicyServer:
         self.config = config
         os.nice(SYSTEM1_NICE)
         torch.set_num_threads(config.system1_threads)
-        self.policy = load_policy(config.policy, head_dtype=config.head_dtype)
+        self.policy = load_policy(config.policy, config.device, head_dtype=config.head_dtype)
         self.spec = self.policy.spec
         self.stats = ServerStats()
         spec = self.spec  # a frame larger than its largest observation is cut off by ZeroMQ
@@ -358,12 +368,16 @@ class PolicyServer:
                 delay = math.ceil((started - received_at + mean_act_s) * self.control_hz)
                 inpaint = (planned[0], rtc_weights(horizon, delay, planned[1]))
         with torch.inference_mode():
-            chunk = self.policy.act(
-                context,
-                state[None],
-                num_steps=self.config.num_inference_steps,
-                inpaint=inpaint,
-            )[0].numpy()
+            chunk = (
+                self.policy.act(
+                    context,
+                    state[None],
+                    num_steps=self.config.num_inference_steps,
+                    inpaint=inpaint,
+                )[0]
+                .cpu()
+                .numpy()
+            )  # the copy to the host waits for the device's work
         now = time.monotonic()
         self.stats.act_ms.append((now - started) * 1e3)
         del self.stats.act_ms[:-200]

@@ -471,7 +471,10 @@ def measure(
     }
     models = {"float": float_policy, "quantized": quantized}
     with torch.inference_mode():  # each pair timed in turn: same machine load for both
-        encode_ms = paired_median_ms([lambda m=m: m.encode(one) for m in models.values()], repeats)
+        device = next(float_policy.parameters()).device
+        encode_ms = paired_median_ms(
+            [lambda m=m: m.encode(one) for m in models.values()], repeats, device=device
+        )
         contexts = [m.encode(one) for m in models.values()]
         act_ms = paired_median_ms(
             [
@@ -479,6 +482,7 @@ def measure(
                 for m, c in zip(models.values(), contexts, strict=True)
             ],
             repeats,
+            device=device,
         )
     timings = {
         name: {"encode_ms": e, "act_ms": a}

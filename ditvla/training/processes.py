@@ -16,14 +16,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ditvla.devices import device_named
+
 T = TypeVar("T")
-
-
-def device_named(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else the CPU) or a torch device name."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)
