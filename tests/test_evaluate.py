@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 
 import av
@@ -12,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from ditvla.cli import main
 from ditvla.contract import PolicySpec
 from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
 from ditvla.envs.evaluate import evaluate, wilson_interval
+from ditvla.envs.evaluation_runs import EvaluationRunError, merge_runs
+from ditvla.errors import ConfigError
 from ditvla.policies.config import PolicyConfig
 from ditvla.policies.policy import DiTVLAPolicy
 
@@ -173,3 +177,63 @@ def test_unknown_task_lists_valid_ones():
             RandomPolicy(action_dim=4), "metaworld:fly-v3", episodes_per_task=1, progress=False
         )
     assert np.isfinite(wilson_interval(1, 2)).all()
+
+
+class CountingExpert(ExpertPolicy):
+    """The scripted expert, keeping which episodes it was asked to act in."""
+
+    def __init__(self):
+        super().__init__()
+        self.episodes: set[tuple[str, int]] = set()
+
+    def predict_action_chunk(self, observation, **kwargs):
+        self.episodes.update(zip(observation["task"], observation["seed"], strict=True))
+        return super().predict_action_chunk(observation, **kwargs)
+
+
+def _results(folder):
+    summary = json.loads((folder / "results.json").read_text())
+    summary.pop("seconds")
+    episodes = sorted((folder / "episodes.jsonl").read_text().splitlines())
+    return summary, episodes
+
+
+def test_shards_merge_into_the_report_of_one_machine(tmp_path):
+    run = dict(episodes_per_task=3, max_steps=60, videos_per_task=0, progress=False)
+    evaluate(ExpertPolicy(), TASKS, out=tmp_path / "whole", **run)
+    for i in range(2):
+        evaluate(ExpertPolicy(), TASKS, out=tmp_path / f"shard{i}", shard=f"{i}/2", **run)
+    shards = [str(tmp_path / f"shard{i}") for i in range(2)]
+    assert main(["eval", "merge", *shards, "--out", str(tmp_path / "merged")]) == 0
+    assert _results(tmp_path / "merged") == _results(tmp_path / "whole")
+    with pytest.raises(EvaluationRunError, match=r"0/2 \.\. 1/2; got 0/2"):
+        merge_runs([tmp_path / "shard0"], tmp_path / "x")
+    with pytest.raises(EvaluationRunError, match=r"got 0/1, 0/2"):
+        merge_runs([tmp_path / "shard0", tmp_path / "whole"], tmp_path / "x")
+    other = tmp_path / "other"  # shard 1 of a run with another step limit
+    shutil.copytree(tmp_path / "shard1", other)
+    recorded = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**recorded, "max_steps": 50}))
+    with pytest.raises(EvaluationRunError, match="hold different evaluations"):
+        merge_runs([tmp_path / "shard0", other], tmp_path / "x")
+    with pytest.raises(ConfigError, match="shard must be I/N with 0 <= I < N"):
+        evaluate(ExpertPolicy(), TASKS, shard="2/2", **run)
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
+    run = dict(episodes_per_task=3, max_steps=60, videos_per_task=0, progress=False)
+    evaluate(ExpertPolicy(), TASKS, out=tmp_path / "whole", **run)
+    folder = tmp_path / "interrupted"
+    evaluate(ExpertPolicy(), TASKS, out=folder, **run)
+    lines = (folder / "episodes.jsonl").read_text().splitlines()
+    kept = lines[:2]
+    (folder / "episodes.jsonl").write_text("\n".join(kept) + "\n" + lines[2][:17])  # torn
+    (folder / "results.json").unlink()
+    expert = CountingExpert()
+    evaluate(expert, TASKS, out=folder, resume=True, **run)
+    done = {(json.loads(line)["task"], json.loads(line)["seed"]) for line in kept}
+    every = {(t, 100000 + i) for t in ("reach-v3", "drawer-close-v3") for i in range(3)}
+    assert expert.episodes == every - done  # the torn line's episode ran again
+    assert _results(folder) == _results(tmp_path / "whole")
+    with pytest.raises(EvaluationRunError, match=r"max_steps differ"):
+        evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, **{**run, "max_steps": 50})

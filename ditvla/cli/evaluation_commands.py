@@ -46,6 +46,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ditvla.envs.baselines import policy_from_argument
     from ditvla.envs.evaluate import EvalConfig, evaluate
     from ditvla.envs.registry import suite_of
+    from ditvla.errors import ConfigError
+
+    if args.policy is None or args.env is None:
+        raise ConfigError("ditvla eval needs --policy and --env (or: ditvla eval merge DIR...)")
 
     policy = policy_from_argument(
         args.policy,
@@ -60,6 +64,15 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval_merge(args: argparse.Namespace) -> int:
+    from ditvla.envs.evaluation_runs import merge_runs
+
+    report = merge_runs([Path(folder) for folder in args.folders], Path(args.out))
+    print(report.markdown())
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
 def add_eval(commands: Commands, configured: bool) -> None:
     evaluation = add_command(
         commands,
@@ -68,13 +81,15 @@ def add_eval(commands: Commands, configured: bool) -> None:
         "success rates of a policy in a simulator",
         "Roll a policy out in simulator episodes fixed by seed, in parallel worker "
         "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, ci95}}, "
-        "mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end) and "
-        "OUT/videos/ (H.264).",
+        "mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end), OUT/run.json "
+        "(what was evaluated) and OUT/videos/ (H.264). Split a run across machines with "
+        "--shard I/N and join the shards with `ditvla eval merge`; --resume finishes an "
+        "interrupted run.",
     )
     evaluation.add_argument(
-        "--policy", required=True, help="a saved policy folder, or the baselines random / expert"
+        "--policy", help="a saved policy folder, or the baselines random / expert (required)"
     )
-    evaluation.add_argument("--env", required=True, help=ENV_HELP)
+    evaluation.add_argument("--env", help=ENV_HELP + " (required)")
     evaluation.add_argument("--device", default="cpu", help="where the policy runs")
     evaluation.add_argument(
         "--head-dtype",
@@ -88,3 +103,16 @@ def add_eval(commands: Commands, configured: bool) -> None:
         from ditvla.envs.evaluate import EvalConfig
 
         add_config_options(evaluation, EvalConfig, exclude=("progress",))
+    actions = evaluation.add_subparsers(dest="eval_command", metavar="[merge]")
+    merge = add_command(
+        actions,
+        "merge",
+        run_eval_merge,
+        "join the shards of one evaluation (--shard I/N) into one report",
+        "Read every shard's folder (run.json, episodes.jsonl), check they are all the shards "
+        "of one run and each finished, and write OUT/results.json, results.md, "
+        "episodes.jsonl and run.json: the report one machine would have written for the same "
+        "episodes.",
+    )
+    merge.add_argument("folders", nargs="+", metavar="DIR", help="the shards' --out folders")
+    merge.add_argument("--out", required=True, help="the merged report's folder")

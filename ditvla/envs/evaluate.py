@@ -16,7 +16,9 @@ copy) are compared on the same noise as well as the same episodes.
 Faults stay local: a policy output with NaN or the wrong shape, or an error raised by the
 simulator, fails that episode with the reason recorded; a worker process that dies is
 replaced and its episode retried once (then marked failed); results are appended to
-``episodes.jsonl`` as they come.
+``episodes.jsonl`` as they come. An evaluation can be split across machines (``shard``),
+resumed after an interruption (``resume``) and its shards merged: see
+:mod:`ditvla.envs.evaluation_runs`.
 
 Why not gymnasium's vector envs: they batch observations into fixed spaces (our
 observations carry images only on the steps that need them), reset every sub-env to one
@@ -29,7 +31,7 @@ import json
 import multiprocessing as mp
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +46,7 @@ from ditvla.envs.evaluation_report import (
     describe_observation,
     wilson_interval,
 )
+from ditvla.envs.evaluation_runs import episode_jobs, parse_shard, start_run, write_report
 from ditvla.envs.registry import Suite, parse_env
 from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
 from ditvla.envs.videos import write_video
@@ -76,6 +79,10 @@ class EvalConfig:
             blank_images (every camera frame black), shuffled_instructions (each episode
             gets the instruction of another of the evaluated tasks, fixed by its seed).
         progress: show a progress bar.
+        shard: I/N: every N-th episode from the I-th, one machine's share (ditvla eval
+            merge joins the shards); empty: every episode.
+        resume: keep the episodes the output folder holds from the same evaluation and
+            run only the others.
     """
 
     episodes_per_task: int = 50
@@ -85,8 +92,11 @@ class EvalConfig:
     videos_per_task: int = 1
     probe: Probe = "none"
     progress: bool = True
+    shard: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
+        parse_shard(self.shard)
         if self.episodes_per_task < 1 or self.workers < 1:
             raise ConfigError(
                 f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
@@ -155,6 +165,7 @@ class _Rollouts:
         config: EvalConfig,
         report: EvaluationReport,
         out: Path | None,
+        jobs: list[tuple[str, int]],
     ):
         self.suite, self.spec, self.config, self.report, self.out = suite, spec, config, report, out
         self.instructions = {task: suite.instruction(task) for task in tasks}
@@ -166,9 +177,7 @@ class _Rollouts:
             if record_videos
             else spec.cameras
         )
-        self.jobs = deque(
-            (task, config.seed_start + i) for task in tasks for i in range(config.episodes_per_task)
-        )
+        self.jobs = deque(jobs)
         self.tries: dict[tuple[str, int], int] = {}
         context = mp.get_context("spawn")
         worker_args = (
@@ -360,12 +369,23 @@ def evaluate(
         }
     )
     policy.reset()
+    jobs = episode_jobs(tasks, config.episodes_per_task, config.seed_start, config.shard)
     out = Path(out) if out is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "episodes.jsonl").write_text("")
+        run = {
+            "suite": suite.name,
+            "tasks": tasks,
+            **{k: getattr(config, k) for k in _RUN_SETTINGS},
+            "observation": report.observation,
+            "policy": _described(spec),
+        }
+        report.episodes.extend(start_run(out, json.loads(json.dumps(run)), config.resume))
+    elif config.resume:
+        raise ConfigError("resume reads the output folder of an earlier run: give it --out")
+    done = {(e.task, e.seed) for e in report.episodes}
+    jobs = [job for job in jobs if job not in done]
     start = time.perf_counter()
-    rollouts = _Rollouts(suite, tasks, spec, config, report, out)
+    rollouts = _Rollouts(suite, tasks, spec, config, report, out, jobs)
     try:
         while rollouts.busy:
             rollouts.start_idle()
@@ -375,6 +395,14 @@ def evaluate(
         rollouts.close()
     report.seconds = time.perf_counter() - start
     if out is not None:
-        (out / "results.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
-        (out / "results.md").write_text(report.markdown() + "\n")
+        write_report(out, report)
     return report
+
+
+# what makes two evaluations the same run (with the tasks, the observation and the policy)
+_RUN_SETTINGS = ("episodes_per_task", "seed_start", "max_steps", "probe", "shard")
+
+
+def _described(spec: PolicySpec) -> dict[str, Any]:
+    """What a run records of its policy: the spec's fields (a resumed run must match)."""
+    return asdict(spec) if is_dataclass(spec) else {"spec": repr(spec)}
