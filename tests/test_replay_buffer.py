@@ -16,6 +16,7 @@ from conftest import make_episode
 
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+from ditvla.datasets.statistics import compute_stats, load_or_compute_stats, stats_cache_file
 
 
 def test_round_trip_of_episodes_and_metadata(small_store):
@@ -288,3 +289,26 @@ def test_opens_zarr_v2_store(tmp_path):
     np.testing.assert_array_equal(sample["action"].numpy(), data["action"][5:8])
     with pytest.raises(DatasetError, match="v2 stores open read-only"):
         ReplayBuffer.open(path, mode="a")
+
+
+def test_a_store_by_url_reads_as_its_folder_does_and_keeps_its_stats_here(
+    small_store, tmp_path, monkeypatch
+):
+    """Through fsspec (file:// here; s3://, gs:// the same way with their filesystems):
+    read-only, the store untouched, its statistics kept in this machine's cache."""
+    monkeypatch.setenv("DITVLA_CACHE", str(tmp_path / "cache"))
+    url = small_store.as_uri()
+    remote, local = ReplayBuffer.open(url), ReplayBuffer.open(small_store)
+    assert remote.path == url and remote.episode_ends.tolist() == [5, 8, 16]
+    for i in range(3):
+        for key, array in local.get_episode(i).items():
+            np.testing.assert_array_equal(remote.get_episode(i)[key], array)
+    stats = load_or_compute_stats(remote)
+    assert stats_cache_file(url).exists() and "stats" not in ReplayBuffer.open(small_store).attrs
+    assert stats == compute_stats(local) == load_or_compute_stats(ReplayBuffer.open(url))
+    with pytest.raises(DatasetError, match="a store by URL opens read-only"):
+        ReplayBuffer.open(url, mode="a")
+    with pytest.raises(DatasetError, match="needs fsspec's filesystem for its scheme"):
+        ReplayBuffer.open("nosuchfs://bucket/demos.zarr")
+    with pytest.raises(DatasetError, match="not a zarr replay buffer"):
+        ReplayBuffer.open((tmp_path / "nothing.zarr").as_uri())

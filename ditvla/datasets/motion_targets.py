@@ -24,6 +24,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
+from ditvla.datasets.store_index import is_url
 from ditvla.errors import ConfigError
 
 FLOW_METHODS = ("dis", "farneback")
@@ -117,6 +118,11 @@ def load_or_compute_motion_targets(
 ) -> tuple[np.ndarray, float]:
     """Cached targets (float16) of the store at ``path`` (computed and saved if missing or
     stale), and their root-mean-square value (the scale the head normalizes by)."""
+    if is_url(path):
+        raise DatasetError(
+            f"{path}: motion targets are cached inside the store, and a store by URL opens "
+            "read-only; copy it to a local folder to train a motion-foresight head"
+        )
     buffer = ReplayBuffer.open(path)
     name = f"motion.{spec.camera}"
     wanted = {**asdict(spec), "n_frames": buffer.n_frames}

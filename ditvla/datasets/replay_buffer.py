@@ -50,7 +50,12 @@ from ditvla.datasets.state_selection import (
     state_is_split,
     state_keys,
 )
-from ditvla.datasets.store_index import StoreIndex, open_store_group, read_store_index
+from ditvla.datasets.store_index import (
+    StoreIndex,
+    is_url,
+    open_store_group,
+    read_store_index,
+)
 from ditvla.datasets.store_layout import Task, create_store_group, is_image_array
 from ditvla.datasets.store_writer import StoreWriter
 
@@ -65,7 +70,7 @@ class ReplayBuffer:
     :class:`DatasetError` that names the store, the array and the rows.
     """
 
-    def __init__(self, root: zarr.Group, path: Path, *, writable: bool):
+    def __init__(self, root: zarr.Group, path: Path | str, *, writable: bool):
         self._root = root
         self.path = path
         self.writable = writable
@@ -110,9 +115,10 @@ class ReplayBuffer:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> ReplayBuffer:
-        """Open and validate an existing store; ``mode="a"`` to append episodes."""
-        path = Path(path)
-        return cls(open_store_group(path, mode), path, writable=mode == "a")
+        """Open and validate an existing store: a folder, or a URL (``s3://bucket/x.zarr``,
+        read-only, through fsspec); ``mode="a"`` to append episodes."""
+        location = path if is_url(path) else Path(path)
+        return cls(open_store_group(location, mode), location, writable=mode == "a")
 
     # ------------------------------------------------------------------ the index
     @property

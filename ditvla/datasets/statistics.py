@@ -9,13 +9,19 @@ reader recomputes them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ditvla.contract import STAT_NAMES, Stats
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.store_index import is_url
 
 MAX_IMAGE_FRAMES_FOR_STATS = 512
 
@@ -52,15 +58,37 @@ def compute_stats(buffer: ReplayBuffer, keys: Sequence[str] | None = None) -> St
     return stats
 
 
-def load_or_compute_stats(buffer: ReplayBuffer) -> Stats:
-    """The store's statistics, computed and saved with the store the first time."""
-    cached = buffer.attrs.get("stats")
-    if (
-        cached
+def _fits(cached: Any, buffer: ReplayBuffer) -> bool:
+    return (
+        isinstance(cached, dict)
         and cached.get("n_frames") == buffer.n_frames
-        and set(cached["keys"]) >= set(buffer.keys)
-    ):
+        and set(cached.get("keys", {})) >= set(buffer.keys)
+    )
+
+
+def stats_cache_file(location: str) -> Path:
+    """Where the statistics of a store by URL are kept on this machine: one file per URL
+    under ``$DITVLA_CACHE`` (default ``~/.cache/ditvla``), shared by every run."""
+    root = Path(os.environ.get("DITVLA_CACHE", Path.home() / ".cache" / "ditvla"))
+    return root / "stats" / f"{hashlib.sha256(location.encode()).hexdigest()[:24]}.json"
+
+
+def load_or_compute_stats(buffer: ReplayBuffer) -> Stats:
+    """The store's statistics, computed and saved with the store the first time (for a
+    store by URL, which opens read-only, in a file on this machine instead)."""
+    cached = buffer.attrs.get("stats")
+    if _fits(cached, buffer):
         return cached["keys"]
+    if is_url(buffer.path):
+        cache = stats_cache_file(buffer.path)
+        if cache.exists() and _fits(cached := json.loads(cache.read_text()), buffer):
+            return cached["keys"]
+        stats = compute_stats(buffer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps({"n_frames": buffer.n_frames, "keys": stats}))
+        os.replace(partial, cache)
+        return stats
     stats = compute_stats(buffer)
     if buffer.writable:
         buffer.set_attrs(stats={"n_frames": buffer.n_frames, "keys": stats})

@@ -52,14 +52,44 @@ class StoreIndex:
     episode_seed: np.ndarray
 
 
-def open_store_group(path: Path, mode: str) -> zarr.Group:
-    """The root group of the store at ``path``: ``mode="r"`` to read, ``"a"`` to append."""
+def is_url(location: str | Path) -> bool:
+    """Whether ``location`` names a store by URL (``s3://``, ``gs://``, ``file://``...)."""
+    return isinstance(location, str) and "://" in location
+
+
+def _url_store(url: str) -> zarr.abc.store.Store:
+    """A read-only store at ``url`` through fsspec (credentials and options from fsspec's
+    own configuration: environment variables or ``~/.config/fsspec``)."""
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(url, read_only=True)
+    except (ImportError, ValueError) as exc:  # no filesystem for the scheme
+        raise DatasetError(
+            f"{url}: cannot open ({exc}); a store by URL needs fsspec's filesystem for its "
+            "scheme (s3://: pip install s3fs; gs://: gcsfs)"
+        ) from None
+
+
+def open_store_group(location: Path | str, mode: str) -> zarr.Group:
+    """The root group of the store at ``location`` (a folder, or a URL read through
+    fsspec): ``mode="r"`` to read, ``"a"`` to append (folders only)."""
     if mode not in ("r", "a"):
         raise ConfigError(f"mode must be 'r' or 'a', got {mode!r}")
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file or directory")
+    if is_url(location):
+        if mode != "r":
+            raise DatasetError(
+                f"{location}: a store by URL opens read-only; write into a local folder "
+                "and upload it"
+            )
+        target = _url_store(location)
+    elif not Path(location).exists():
+        raise DatasetError(f"{location}: no such file or directory")
+    else:
+        target = str(location)
+    path = location
     try:
-        root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        root = zarr.open_group(target, mode="r" if mode == "r" else "r+")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise DatasetError(
             f"{path}: not a zarr replay buffer (expected a zarr group with data/ and "
