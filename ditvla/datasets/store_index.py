@@ -87,23 +87,22 @@ def open_store_group(location: Path | str, mode: str) -> zarr.Group:
         raise DatasetError(f"{location}: no such file or directory")
     else:
         target = str(location)
-    path = location
     try:
         root = zarr.open_group(target, mode="r" if mode == "r" else "r+")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise DatasetError(
-            f"{path}: not a zarr replay buffer (expected a zarr group with data/ and "
+            f"{location}: not a zarr replay buffer (expected a zarr group with data/ and "
             f"meta/episode_ends): {exc}"
         ) from None
     if mode == "a" and root.metadata.zarr_format != 3:
         raise DatasetError(
-            f"{path}: zarr v{root.metadata.zarr_format} stores open read-only; to append "
+            f"{location}: zarr v{root.metadata.zarr_format} stores open read-only; to append "
             "episodes, write them into a new store (ReplayBuffer.create)"
         )
     return root
 
 
-def read_store_index(root: zarr.Group, path: Path) -> StoreIndex:
+def read_store_index(root: zarr.Group, path: Path | str) -> StoreIndex:
     """Check the store's layout and metadata and index what it holds; a
     :class:`DatasetError` names the first thing found wrong."""
     attrs = dict(root.attrs)

@@ -34,7 +34,6 @@ from ditvla.contract import DataSpec, Stats
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.sequence_sampler import SampleFrames, SequenceSampler
 from ditvla.datasets.statistics import concat_stats, load_or_compute_stats
-from ditvla.datasets.store_index import is_url
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,8 @@ class ReplayBufferDataset(Dataset):
         augmentation: ImageAugmentation | None = None,
         future_frame: tuple[str, int] | None = None,
     ):
-        self.path = path if is_url(path) else Path(path)
-        buffer = ReplayBuffer.open(self.path)
+        buffer = ReplayBuffer.open(path)
+        self.path = buffer.path  # a folder, or a URL as given
         self.cameras = list(buffer.cameras if cameras is None else cameras)
         self.state_keys = list(buffer.state_keys if state_keys is None else state_keys)
         self.action_key = action_key

@@ -44,10 +44,6 @@ def _write_temporary(folder: Path, text: str, mode: int) -> Path:
     return path
 
 
-def _existing(paths: list[Path]) -> list[Path]:
-    return [path for path in paths if path.exists() or path.is_symlink()]
-
-
 def generate_keypair(folder: str | Path, name: str, *, force: bool = False) -> Path:
     """Write ``folder/name.key`` and ``folder/name.key_secret`` (0600), both or neither;
     returns the latter."""
@@ -56,8 +52,9 @@ def generate_keypair(folder: str | Path, name: str, *, force: bool = False) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     targets = [folder / f"{name}.key_secret", folder / f"{name}.key"]
-    if not force and _existing(targets):
-        found = ", ".join(str(path) for path in _existing(targets))
+    existing = [path for path in targets if path.exists() or path.is_symlink()]
+    if existing and not force:
+        found = ", ".join(str(path) for path in existing)
         raise TransportError(f"{found} exists; pass --force to replace the pair")
     public, secret = zmq.curve_keypair()
     header = "#   ZeroMQ CURVE certificate written by ditvla keygen\n"

@@ -71,8 +71,9 @@ class ServeConfig:
         num_inference_steps: denoising steps per chunk (default: the policy's own).
         head_dtype: what System 1's action head computes in: float32, or bfloat16 (faster
             on GPUs and on CPUs with AVX512-BF16 or AMX, slower on others; measure it).
-        device: where System 1 runs the policy (cpu, cuda, cuda:N).
+        device: where System 1 runs the policy (auto, cpu, cuda, cuda:N).
         system2_device: where System 2 runs the VLM (empty: where System 1 runs).
+        Both are resolved to a device this machine has (ConfigError otherwise).
     """
 
     policy: str
@@ -94,8 +95,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
             raise ConfigError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
-        for device in (self.device, self.system2_device or self.device):
-            device_named(device)  # a device this machine lacks is named now, not mid-load
+        # a device this machine lacks is named now, not half-way through loading
+        self.device = str(device_named(self.device))
+        self.system2_device = str(device_named(self.system2_device or self.device))
 
 
 @dataclass
@@ -198,7 +200,7 @@ class System2:
                 self.channel.codec.session,
                 config.system2_threads,
                 config.system2_hz,
-                config.system2_device or config.device,
+                config.system2_device,
             ),
             daemon=True,
             name="ditvla-system2",
@@ -240,8 +242,10 @@ class PolicyServer:
         self.policy = load_policy(config.policy, config.device, head_dtype=config.head_dtype)
         self.spec = self.policy.spec
         self.stats = ServerStats()
-        spec = self.spec  # a frame larger than its largest observation is cut off by ZeroMQ
-        largest = observation_bytes(len(spec.cameras), spec.image_size, spec.state_dim)
+        # ZeroMQ cuts off a peer whose frame outgrows the policy's largest observation
+        largest = observation_bytes(
+            len(self.spec.cameras), self.spec.image_size, self.spec.state_dim
+        )
         self.channel = ServerChannel(config.address, keys=config.keys, max_frame_bytes=largest)
         self.system2 = System2(config)
         self._stop = False
@@ -368,16 +372,10 @@ class PolicyServer:
                 delay = math.ceil((started - received_at + mean_act_s) * self.control_hz)
                 inpaint = (planned[0], rtc_weights(horizon, delay, planned[1]))
         with torch.inference_mode():
-            chunk = (
-                self.policy.act(
-                    context,
-                    state[None],
-                    num_steps=self.config.num_inference_steps,
-                    inpaint=inpaint,
-                )[0]
-                .cpu()
-                .numpy()
-            )  # the copy to the host waits for the device's work
+            chunks = self.policy.act(
+                context, state[None], num_steps=self.config.num_inference_steps, inpaint=inpaint
+            )
+        chunk = chunks[0].cpu().numpy()  # the copy to the host waits for the device's work
         now = time.monotonic()
         self.stats.act_ms.append((now - started) * 1e3)
         del self.stats.act_ms[:-200]

@@ -31,7 +31,7 @@ import json
 import multiprocessing as mp
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -377,7 +377,7 @@ def evaluate(
             "tasks": tasks,
             **{k: getattr(config, k) for k in _RUN_SETTINGS},
             "observation": report.observation,
-            "policy": _described(spec),
+            "policy": asdict(spec),  # a resumed run must be of the same policy
         }
         report.episodes.extend(start_run(out, json.loads(json.dumps(run)), config.resume))
     elif config.resume:
@@ -401,8 +401,3 @@ def evaluate(
 
 # what makes two evaluations the same run (with the tasks, the observation and the policy)
 _RUN_SETTINGS = ("episodes_per_task", "seed_start", "max_steps", "probe", "shard")
-
-
-def _described(spec: PolicySpec) -> dict[str, Any]:
-    """What a run records of its policy: the spec's fields (a resumed run must match)."""
-    return asdict(spec) if is_dataclass(spec) else {"spec": repr(spec)}
