@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.statistics import load_or_compute_stats
 from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
 from ditvla.envs.collect import collect_demonstrations
 from ditvla.envs.evaluate import evaluate
 from ditvla.envs.registry import parse_env
 from ditvla.envs.robosuite_env import RobosuiteEnv
+from ditvla.training.processes import join_processes
+from ditvla.training.trainer import TrainConfig
+from ditvla.training.training_data import training_dataset
 
 
 def test_task_names_and_unknown_ones():
@@ -116,3 +122,41 @@ def test_collect_writes_expert_episodes_to_a_store(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "mm.zarr").exists()
+
+
+@pytest.mark.filterwarnings("ignore:state .proprio. dimensions")
+def test_tasks_with_privileged_arrays_of_other_widths_share_one_store(tmp_path):
+    """Lift records 10 object numbers, PickPlaceCan 14: the store pads them to 14 with a
+    mask, the statistics read only the real columns, the auxiliary targets are 0 in the
+    padding, and a policy cannot read the padded array as state."""
+    store = tmp_path / "two.zarr"
+    report = collect_demonstrations(
+        "robosuite:Lift,PickPlaceCan",
+        store,
+        episodes_per_task=1,
+        cameras=("agentview",),
+        image_size=32,
+        workers=1,
+        progress=False,
+    )
+    assert report.kept == {"Lift": 1, "PickPlaceCan": 1}
+    buffer = ReplayBuffer.open(store)
+    assert buffer.shape("objects") == (14,) and buffer.shape("objects_valid") == (14,)
+    lift, can = (buffer.get_episode(e) for e in (0, 1))
+    assert lift["objects_valid"][:, :10].all() and not lift["objects_valid"][:, 10:].any()
+    assert not lift["objects"][:, 10:].any() and can["objects_valid"].all()
+    stats = load_or_compute_stats(buffer)["objects"]
+    both = np.concatenate([lift["objects"][:, :10], can["objects"][:, :10]])
+    np.testing.assert_allclose(stats["mean"][:10], both.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["mean"][10:], can["objects"][:, 10:].mean(0), rtol=1e-4)
+    np.testing.assert_allclose(stats["std"][10:], can["objects"][:, 10:].std(0), rtol=1e-3)
+
+    config = TrainConfig(dataset=str(store), out=str(tmp_path / "run"), auxiliary="objects")
+    _, _, dataset = training_dataset(config, join_processes("cpu"))
+    targets = dataset.frame_targets["auxiliary"]
+    lift_frames = slice(0, len(lift["action"]))
+    assert targets.shape == (buffer.n_frames, 14)
+    assert not targets[lift_frames, 10:].any() and targets[lift_frames, :10].any()
+    for state in ("full", "proprio,objects"):
+        with pytest.raises(DatasetError, match=r"objects differs in width between the store"):
+            training_dataset(replace(config, state=state), join_processes("cpu"))

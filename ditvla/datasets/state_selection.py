@@ -15,6 +15,7 @@ from typing import Any
 from ditvla.contract import STATE_FULL, STATE_NONE, STATE_PROPRIO
 from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.store_index import StoreIndex
+from ditvla.datasets.store_layout import valid_mask_key
 
 
 def state_keys(index: StoreIndex) -> list[str]:
@@ -29,6 +30,12 @@ def privileged_keys(index: StoreIndex) -> list[str]:
     """State arrays only a simulator knows (object poses, goals), recorded apart."""
     keys = index.attrs.get("privileged_keys", [])
     return [k for k in keys if k in index.arrays] if index.arrays else list(keys)
+
+
+def padded_keys(index: StoreIndex) -> list[str]:
+    """The privileged arrays stored padded (their width differs between tasks), each with
+    its ``valid_mask_key`` array beside it."""
+    return [k for k in privileged_keys(index) if valid_mask_key(k) in index.arrays]
 
 
 def state_is_split(attrs: dict[str, Any]) -> bool:
@@ -61,6 +68,18 @@ def resolve_state(index: StoreIndex, selection: str) -> list[str]:
     """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
     store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:
     the cameras and the instruction alone) or ``KEY[,KEY...]``."""
+    keys = _selected_state(index, selection)
+    padded = [key for key in keys if key in padded_keys(index)]
+    if padded:
+        raise DatasetError(
+            f"{index.path}: --state {selection!r}: {', '.join(padded)} differs in width "
+            "between the store's tasks (stored padded), so one policy cannot read it as "
+            "state; learn it as an auxiliary target (--auxiliary), or train per task"
+        )
+    return keys
+
+
+def _selected_state(index: StoreIndex, selection: str) -> list[str]:
     proprio, privileged = state_keys(index), privileged_keys(index)
     if selection == STATE_NONE:
         return []
@@ -76,7 +95,8 @@ def resolve_state(index: StoreIndex, selection: str) -> list[str]:
         return proprio
     keys = [key.strip() for key in selection.split(",") if key.strip()]
     arrays, cameras = index.arrays, index.cameras
-    others = [k for k in arrays if k not in (*proprio, *privileged, *cameras, "action")]
+    masks = [valid_mask_key(k) for k in privileged]
+    others = [k for k in arrays if k not in (*proprio, *privileged, *masks, *cameras, "action")]
     state_arrays = [*proprio, *privileged, *others]
     missing = [key for key in keys if key not in arrays or key in cameras]
     if missing or not keys:

@@ -20,32 +20,45 @@ from typing import Any
 import numpy as np
 
 from ditvla.contract import STAT_NAMES, Stats
+from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.store_index import is_url
+from ditvla.datasets.store_layout import valid_mask_key
 
 MAX_IMAGE_FRAMES_FOR_STATS = 512
 
 
-def _array_stats(values: np.ndarray) -> dict[str, list[float]]:
-    """Per-feature statistics of (N, ...) values, reduced over every axis but the last."""
+def _array_stats(values: np.ndarray, valid: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Per-feature statistics of (N, ...) values, reduced over every axis but the last;
+    only over the entries ``valid`` marks (a padded array's real columns) when given."""
     flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
-    q01, q99 = np.quantile(flat, [0.01, 0.99], axis=0)
+    if valid is not None:
+        valid = valid.reshape(flat.shape)
+        if not valid.any(0).all():
+            raise DatasetError(
+                f"columns {np.flatnonzero(~valid.any(0)).tolist()} are marked padding in "
+                "every frame"
+            )
+        flat = np.where(valid, flat, np.nan)
+    q01, q99 = np.nanquantile(flat, [0.01, 0.99], axis=0)
     return {
-        "mean": flat.mean(0).tolist(),
-        "std": flat.std(0).tolist(),
-        "min": flat.min(0).tolist(),
-        "max": flat.max(0).tolist(),
+        "mean": np.nanmean(flat, 0).tolist(),
+        "std": np.nanstd(flat, 0).tolist(),
+        "min": np.nanmin(flat, 0).tolist(),
+        "max": np.nanmax(flat, 0).tolist(),
         "q01": q01.tolist(),
         "q99": q99.tolist(),
     }
 
 
 def compute_stats(buffer: ReplayBuffer, keys: Sequence[str] | None = None) -> Stats:
-    """Statistics of ``data/<key>`` for every key (default: all arrays of the store)."""
+    """Statistics of ``data/<key>`` for every key (default: all arrays of the store); a
+    padded privileged array's over its real columns only (its ``valid_mask_key`` array)."""
     stats: Stats = {}
     for key in keys or buffer.keys:
         if buffer.n_frames == 0:
             continue
+        valid = None
         if key in buffer.cameras:
             count = min(buffer.n_frames, MAX_IMAGE_FRAMES_FOR_STATS)
             frames = np.linspace(0, buffer.n_frames - 1, count).astype(np.int64)
@@ -54,7 +67,12 @@ def compute_stats(buffer: ReplayBuffer, keys: Sequence[str] | None = None) -> St
             values = buffer.read_all(key)
             if values.ndim == 1:
                 values = values[:, None]
-        stats[key] = _array_stats(values)
+            if valid_mask_key(key) in buffer.keys:
+                valid = buffer.read_all(valid_mask_key(key))
+        try:
+            stats[key] = _array_stats(values, valid)
+        except DatasetError as exc:
+            raise DatasetError(f"{buffer.path}: data/{key}: {exc}") from None
     return stats
 
 

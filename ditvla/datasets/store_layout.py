@@ -7,7 +7,7 @@ names and numbers that reading (:mod:`~ditvla.datasets.store_index`) and writing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,37 @@ PENDING_ARRAYS = "pending_arrays"  # the names of an add_arrays
 # read whole into memory by the sampler, so they get large chunks.
 LOW_DIM_CHUNK_ROWS = 4096
 META_CHUNK_ROWS = 4096
+
+
+# A privileged array whose width differs between the tasks of a store (robosuite's object
+# observations: 10 numbers for Lift, 14 for PickPlaceCan) is stored zero-padded to the
+# widest task's, beside a boolean array of the same shape that marks the real columns of
+# each frame: data/objects (T, 14) with data/objects_valid (T, 14).
+VALID_SUFFIX = "_valid"
+
+
+def valid_mask_key(key: str) -> str:
+    """The array marking which columns of the padded privileged array ``key`` are real."""
+    return key + VALID_SUFFIX
+
+
+def padded_to_widths(
+    episode: Mapping[str, np.ndarray], widths: Mapping[str, int]
+) -> dict[str, np.ndarray]:
+    """``episode`` with each array named in ``widths`` zero-padded (T, w) -> (T, widths[key])
+    and its ``valid_mask_key`` array beside it (True on the w real columns)."""
+    arrays = dict(episode)
+    for key, width in widths.items():
+        values = np.asarray(arrays[key])
+        length, real = values.shape[0], values.shape[1]
+        if real > width:
+            raise ValueError(f"array {key!r} has {real} columns, more than the {width} stored")
+        padded = np.zeros((length, width), values.dtype)
+        padded[:, :real] = values
+        valid = np.zeros((length, width), np.bool_)
+        valid[:, :real] = True
+        arrays[key], arrays[valid_mask_key(key)] = padded, valid
+    return arrays
 
 
 def blosc_zstd() -> BloscCodec:

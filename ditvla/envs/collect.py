@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.store_layout import padded_to_widths
 from ditvla.envs.registry import SUITES, parse_env
 from ditvla.errors import ConfigError
 
@@ -183,6 +184,7 @@ def collect_demonstrations(
         unit="ep",
         disable=not config.progress,
     )
+    widths = _privileged_widths(suite, tasks)
     workers = config.workers
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     try:
@@ -193,7 +195,7 @@ def collect_demonstrations(
                 if buffer is None:
                     buffer = _create_store(out, env_spec, suite, env, cameras, config)
                 submit = _episode_submitter(pool, env, suite.name, task, cameras, config)
-                _collect_task(buffer, task, env.instruction, submit, config, report, bar)
+                _collect_task(buffer, task, env.instruction, submit, widths, config, report, bar)
             finally:
                 env.close()
     finally:
@@ -201,6 +203,24 @@ def collect_demonstrations(
             pool.shutdown(cancel_futures=True)
         bar.close()
     return report
+
+
+def _privileged_widths(suite: Any, tasks: list[str]) -> dict[str, int]:
+    """The privileged state parts whose width differs between ``tasks``, each with the
+    widest task's width: their arrays are stored padded to it, with a mask (see
+    :func:`~ditvla.datasets.store_layout.padded_to_widths`). Empty for one task, or when
+    every task gives each part one width."""
+    if len(tasks) < 2 or not suite.env_class.privileged_keys:
+        return {}
+    seen: dict[str, set[int]] = {}
+    for task in tasks:
+        env = suite.make(task, cameras=())
+        try:
+            for key in env.privileged_keys:
+                seen.setdefault(key, set()).add(env.state_dims[key])
+        finally:
+            env.close()
+    return {key: max(widths) for key, widths in seen.items() if len(widths) > 1}
 
 
 def _check_expert(env: Any, config: CollectConfig) -> None:
@@ -268,13 +288,14 @@ def _collect_task(
     task: str,
     instruction: str,
     submit: Callable[[int], Future],
+    widths: dict[str, int],
     config: CollectConfig,
     report: CollectionReport,
     bar: tqdm,
 ) -> None:
-    """Run ``task``'s episodes from ``config.seed_start`` on and append the ones kept,
-    until ``episodes_per_task`` are kept or twice as many were tried; counted in
-    ``report``.
+    """Run ``task``'s episodes from ``config.seed_start`` on and append the ones kept
+    (the privileged parts named in ``widths`` padded to them), until
+    ``episodes_per_task`` are kept or twice as many were tried; counted in ``report``.
 
     Episodes run ahead in seed order (at most ``workers`` of them, never more than the
     successes still missing) and are written in seed order."""
@@ -294,6 +315,8 @@ def _collect_task(
         episode, success = future.result()
         report.attempts[task] += 1
         if success or config.keep_failures:
+            if widths:
+                episode = padded_to_widths(episode, widths)
             buffer.append_episode(episode, task=task, instruction=instruction, seed=seed)
             report.kept[task] += 1
             report.frames += len(episode["action"])

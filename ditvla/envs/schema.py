@@ -79,6 +79,7 @@ class SimulatorEnv(gym.Env):
     ) -> None:
         self.state_keys = tuple(self.proprio_keys if state_keys is None else state_keys)
         self.check_state_keys(self.state_keys)
+        self.state_dims = dict(state_dims)  # the width of every state part offered
         state_dim = sum(state_dims[key] for key in self.state_keys)
         self.cameras = tuple(cameras)
         self.image_size = image_size

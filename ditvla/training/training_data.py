@@ -21,6 +21,7 @@ from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
+from ditvla.datasets.store_layout import valid_mask_key
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
 from ditvla.policies.config import PolicyConfig
 from ditvla.policies.normalizer import NARROW_STD, narrow_features
@@ -69,7 +70,8 @@ def training_dataset(
 
 def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: str) -> None:
     """The auxiliary head's targets: the named arrays, standardized with the store's
-    statistics, attached to the dataset; their names and width recorded in the config."""
+    statistics (a padded array's padding is 0, what the head learns to say there),
+    attached to the dataset; their names and width recorded in the config."""
     buffer = ReplayBuffer.open(dataset.path)
     keys = buffer.resolve_auxiliary(selection)
     stats = load_or_compute_stats(buffer)
@@ -78,7 +80,10 @@ def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: s
         values = buffer.read_all(key).astype(np.float32).reshape(buffer.n_frames, -1)
         mean = np.asarray(stats[key]["mean"], np.float32)
         std = np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
-        parts.append((values - mean) / std)
+        standardized = (values - mean) / std
+        if valid_mask_key(key) in buffer.keys:
+            standardized *= buffer.read_all(valid_mask_key(key)).reshape(standardized.shape)
+        parts.append(standardized)
     dataset.frame_targets["auxiliary"] = np.concatenate(parts, axis=1)
     policy_config.auxiliary_keys = list(keys)
     policy_config.auxiliary_dim = int(dataset.frame_targets["auxiliary"].shape[1])
