@@ -123,11 +123,81 @@ def test_our_config_follows_this_install_and_a_users_own_is_kept(tmp_path, monke
     assert yaml.safe_load((users / "config.yaml").read_text())["bddl_files"] == "/my/bddl"
 
 
-def test_collect_refuses_libero_before_writing_anything(tmp_path):
+def test_experts_grasp_pull_and_turn_from_the_official_init_states(tmp_path):
+    """One official episode each: a bottle into the basket, a bowl by its rim onto the
+    plate, the middle drawer pulled open with the hand pitched, the stove's knob pushed
+    round."""
+    from ditvla.envs.baselines import ExpertPolicy
+    from ditvla.envs.evaluate import evaluate
+
+    report = evaluate(
+        ExpertPolicy(),
+        "libero:object/4,spatial/0,goal/0,goal/7",
+        episodes_per_task=1,
+        workers=2,
+        progress=False,
+    )
+    outcome = {e.task: (e.success, e.error) for e in report.episodes}
+    assert outcome == {
+        task: (True, None)
+        for task in ("libero_object/4", "libero_spatial/0", "libero_goal/0", "libero_goal/7")
+    }
+
+
+def test_collect_draws_new_placements_and_writes_what_the_converter_writes(tmp_path):
+    """Two suites in one store: the converter's keys, cameras and 8-D state; object states
+    of other widths padded with a mask; starts drawn from the BDDL regions by seed (the
+    same seed, the same start), none of them an evaluation init state."""
+    from ditvla.datasets.replay_buffer import ReplayBuffer
     from ditvla.envs.collect import collect_demonstrations
 
-    with pytest.raises(ValueError, match="LIBERO has no scripted experts"):
+    report = collect_demonstrations(
+        "libero:object/0,spatial/0",
+        tmp_path / "demos.zarr",
+        episodes_per_task=1,
+        image_size=32,
+        detour_steps=10,
+        workers=1,
+        progress=False,
+    )
+    assert report.kept == {"libero_object/0": 1, "libero_spatial/0": 1}
+    buffer = ReplayBuffer.open(tmp_path / "demos.zarr")
+    assert buffer.cameras == ["agentview", "eye_in_hand"]
+    assert buffer.state_keys == ["ee_pos", "ee_ori", "gripper_states"]
+    assert {"joint_states", "objects", "objects_valid", "action"} <= set(buffer.keys)
+    assert buffer.shape("action") == (7,) and buffer.episode_seed.tolist() == [0, 0]
+    widths = [buffer.get_episode(e)["objects_valid"][0].sum() for e in range(2)]
+    assert widths[0] != widths[1] and buffer.shape("objects") == (max(widths),)
+
+    env = LiberoEnv("libero_object/0", cameras=())
+    try:
+        sim, domain = env._env.sim, env._env.env
+        columns = []
+        for name in domain.objects_dict:
+            start, _ = sim.model.get_joint_qpos_addr(domain.objects_dict[name].joints[-1])
+            columns += [start, start + 1]  # x, y (settling moves z)
+        starts = {}
+        for seed in (0, 0, 1):
+            env.reset(seed=seed)
+            placed = sim.data.qpos[columns].copy()
+            assert not starts or seed not in starts or np.allclose(starts[seed], placed)
+            starts[seed] = placed
+        assert not np.allclose(starts[0], starts[1], atol=1e-4)
+        stored = env.init_states[:, 1:][:, columns]
+        env.reset(seed=100_003)  # an evaluation seed: init state 3, after settling
+        settled = sim.data.qpos[columns]
+        for placed in starts.values():
+            assert np.abs(stored - placed).max(axis=1).min() > 1e-4
+        assert np.abs(stored[3] - settled).max() < 0.005
+    finally:
+        env.close()
+
+
+def test_a_goal_without_an_expert_is_refused_before_writing_anything(tmp_path):
+    from ditvla.envs.collect import collect_demonstrations
+
+    with pytest.raises(ValueError, match=r"no scripted expert for the LIBERO goal \(close"):
         collect_demonstrations(
-            "libero:goal/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False
+            "libero:90/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False
         )
     assert not (tmp_path / "x.zarr").exists()

@@ -40,8 +40,10 @@ def add_collect(commands: Commands, configured: bool) -> None:
     collect.add_argument(
         "--env",
         required=True,
-        help=f"{ENV_HELP}; scripted experts exist for metaworld and robosuite Lift, Stack, "
-        "PickPlaceCan",
+        help=f"{ENV_HELP}; scripted experts exist for metaworld, robosuite Lift, Stack, "
+        "PickPlaceCan, and LIBERO goals of putting things in or on others, opening the "
+        "cabinet's drawers and turning the stove on (libero:spatial, object, goal; "
+        "libero_10's two-part goals where both parts are of these)",
     )
     collect.add_argument("--out", required=True, help="the zarr store to write")
     if configured:

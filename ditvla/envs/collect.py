@@ -39,9 +39,9 @@ class CollectionReport:
 
 
 def recorded_state_keys(env: Any) -> tuple[str, ...]:
-    """The state parts a store records, each as its own array: proprioception, then the
-    privileged parts."""
-    return (*env.proprio_keys, *env.privileged_keys)
+    """The state parts a store records, each as its own array: proprioception, the
+    privileged parts, then the other parts the environment records."""
+    return (*env.proprio_keys, *env.privileged_keys, *env.recorded_keys)
 
 
 def detour(seed: int, max_steps: int) -> tuple[int, np.ndarray]:

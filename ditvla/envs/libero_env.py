@@ -1,8 +1,10 @@
 """LIBERO's five suites behind the ditvla observation schema, under the official protocol.
 
-Protocol (as LIBERO's and openpi's evaluation scripts run it): episode ``seed`` of a task
-starts from the task's stored init state ``seed % 50`` (so seeds 100000..100049 are the
-official 50 episodes), then 10 no-op steps (arm still, gripper open) let the objects
+Protocol (as LIBERO's and openpi's evaluation scripts run it): evaluation episode
+``seed`` (``EVAL_SEED_START`` = 100000 on) of a task starts from the task's stored init
+state ``seed % 50`` (so seeds 100000..100049 are the official 50 episodes); a
+demonstration seed (below 100000) draws its own placement from the task's BDDL regions,
+never one of those init states; then 10 no-op steps (arm still, gripper open) let the objects
 settle before the policy acts; the per-suite step limits count the policy's steps
 (spatial 280, object 280, goal 300, libero_10 520, libero_90 400); success is LIBERO's
 ``check_success`` (the BDDL goal predicates). Actions are 7-D OSC_POSE deltas (xyz,
@@ -34,7 +36,8 @@ import numpy as np
 
 from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
 from ditvla.envs.errors import SimulatorUnavailable
-from ditvla.envs.schema import SimulatorEnv
+from ditvla.envs.libero_experts import LiberoExpert
+from ditvla.envs.schema import EVAL_SEED_START, SimulatorEnv
 from ditvla.errors import ConfigError
 
 SUITE_STEPS = {
@@ -202,10 +205,15 @@ class LiberoEnv(SimulatorEnv):
 
     State parts (named as ``ditvla convert libero`` names the arrays): ``ee_pos``,
     ``ee_ori`` (axis-angle), ``gripper_states`` — the proprioception, 8-D, the default —
-    and ``joint_states`` (7-D); ``state`` is the 8-D proprioception in one part.
+    and ``joint_states`` (7-D); ``state`` is the 8-D proprioception in one part;
+    ``objects`` (privileged) is LIBERO's object-state observation (each object's pose and
+    its pose relative to the hand), whose width depends on the task's objects.
+    ``expert_action`` is a scripted expert's (:mod:`~ditvla.envs.libero_experts`).
     """
 
     proprio_keys = ("ee_pos", "ee_ori", "gripper_states")
+    privileged_keys = ("objects",)
+    recorded_keys = ("joint_states",)  # as `ditvla convert libero` writes
     other_state_keys: ClassVar[dict[str, bool]] = {"state": False, "joint_states": False}
 
     def __init__(
@@ -226,14 +234,7 @@ class LiberoEnv(SimulatorEnv):
         suite, index = self.task.split("/")
         spec = _benchmark(suite).get_task(int(index))
         self.instruction = spec.language
-        self._declare(
-            cameras=cameras,
-            image_size=image_size,
-            state_dims=STATE_DIMS,
-            state_keys=state_keys,
-            action_dim=ACTION_DIM,
-            max_episode_steps=max_episode_steps or SUITE_STEPS[suite],
-        )
+        self.check_state_keys(self.proprio_keys if state_keys is None else state_keys)
         from libero.libero import get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
 
@@ -248,9 +249,19 @@ class LiberoEnv(SimulatorEnv):
             ignore_done=True,
             hard_reset=False,  # the init state sets the whole simulation state anyway
         )
+        objects = self._env.env.observation_spec()["object-state"].shape[0]
+        self._declare(
+            cameras=cameras,
+            image_size=image_size,
+            state_dims={**STATE_DIMS, "objects": objects},
+            state_keys=state_keys,
+            action_dim=ACTION_DIM,
+            max_episode_steps=max_episode_steps or SUITE_STEPS[suite],
+        )
         self._renderer = FastOffscreenRenderer(self._env.sim)
         self.fps = float(self._env.env.control_freq)
         self._raw: dict[str, np.ndarray] = {}
+        self._expert: LiberoExpert | None = None
 
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera`` (our name)."""
@@ -262,12 +273,40 @@ class LiberoEnv(SimulatorEnv):
 
     # ------------------------------------------------------------------ simulator
     def _reset_simulator(self, seed: int) -> None:
-        """Init state ``seed % N``, then the protocol's no-op steps."""
+        """An evaluation seed (``EVAL_SEED_START`` on): init state ``seed % N``. A
+        demonstration seed (below it): a placement drawn from the task's BDDL regions with
+        that seed, checked to be none of the init states. Then the protocol's no-op steps.
+        The fixtures' small random offsets are drawn with the seed in both cases."""
+        self._expert = None
         self._env.seed(seed)
-        self._env.reset()
-        self._raw = self._env.set_init_state(self.init_states[seed % len(self.init_states)])
+        numpy_state = np.random.get_state()  # LIBERO's samplers draw from NumPy's global
+        np.random.seed(seed % 2**32)
+        try:
+            self._raw = self._env.reset()
+        finally:
+            np.random.set_state(numpy_state)
+        if seed >= EVAL_SEED_START:
+            self._raw = self._env.set_init_state(self.init_states[seed % len(self.init_states)])
+        else:
+            self._check_not_an_init_state(seed)
         for _ in range(NUM_WAIT_STEPS):
             self._raw, _, _, _ = self._env.step(NO_OP)
+
+    def _check_not_an_init_state(self, seed: int) -> None:
+        """A demonstration must not start where an evaluation episode does: a placement
+        with every object within 0.1 mm of its place in a stored init state is refused.
+        (The BDDL regions are small, LIBERO-Object's about 1 cm across, so a fresh draw
+        can come within millimetres of an init state: it is another episode of the same
+        distribution, as LIBERO's own demonstrations are.)"""
+        sim, domain = self._env.sim, self._env.env
+        columns = []
+        for name in domain.objects_dict:
+            start, _ = sim.model.get_joint_qpos_addr(domain.objects_dict[name].joints[-1])
+            columns += range(start, start + 3)
+        placed = sim.data.qpos[columns]
+        stored = self.init_states[:, 1:][:, columns]  # a flattened state starts with time
+        if np.any(np.abs(stored - placed).max(axis=1) < 1e-4):
+            raise RuntimeError(f"{self.task}: seed {seed} drew one of the evaluation init states")
 
     def _step_simulator(self, action: np.ndarray) -> tuple[float, bool]:
         self._raw, reward, _, _ = self._env.step(action.astype(np.float64))
@@ -280,16 +319,18 @@ class LiberoEnv(SimulatorEnv):
             "ee_ori": _quat_to_axis_angle(raw["robot0_eef_quat"]),
             "gripper_states": raw["robot0_gripper_qpos"],
             "joint_states": raw["robot0_joint_pos"],
+            "objects": raw["object-state"],
         }
         parts = {key: np.asarray(value, np.float32) for key, value in parts.items()}
         parts["state"] = np.concatenate([parts[key] for key in self.proprio_keys])
         return parts
 
     def expert_action(self) -> np.ndarray:
-        raise ConfigError(
-            "LIBERO has no scripted experts; its human demonstrations are converted with "
-            "`ditvla convert libero`"
-        )
+        """The scripted expert's action (:mod:`~ditvla.envs.libero_experts`), from the
+        simulator's object poses; a task whose goal it does not cover is refused by name."""
+        if self._expert is None:
+            self._expert = LiberoExpert(self._env.env, lambda: self._raw["robot0_eef_quat"])
+        return self._expert.action(self._raw["robot0_eef_pos"])
 
     def close(self) -> None:
         self._env.close()

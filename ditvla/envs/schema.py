@@ -35,12 +35,15 @@ class SimulatorEnv(gym.Env):
     end-effector pose, gripper; the default state), ``privileged_keys`` (what only the
     simulator knows: object poses, goals), and ``other_state_keys`` (other parts it can
     build — older names a saved policy may read, subsets — each marked privileged or
-    not). ``state_keys`` picks the parts, in order, that make up ``observation["state"]``."""
+    not), of which ``recorded_keys`` are stored by ``ditvla collect`` too (beside the
+    proprioceptive and privileged parts). ``state_keys`` picks the parts, in order, that
+    make up ``observation["state"]``."""
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"]}
     proprio_keys: ClassVar[tuple[str, ...]] = ()
     privileged_keys: ClassVar[tuple[str, ...]] = ()
     other_state_keys: ClassVar[dict[str, bool]] = {}
+    recorded_keys: ClassVar[tuple[str, ...]] = ()  # other parts a collection stores too
 
     instruction: str
     fps: float

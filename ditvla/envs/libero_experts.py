@@ -1,0 +1,409 @@
+"""Scripted experts for LIBERO, from privileged simulator state (as robosuite's are).
+
+An expert reads the task's BDDL goal (``parsed_problem["goal_state"]``, a list of
+predicates) and works through it one predicate at a time, moving on when LIBERO says the
+predicate holds; so the two-part goals of LIBERO-10 compose from the same parts.
+
+Covered: ``In(object, region)`` and ``On(object, target)`` where the region or target
+is an object (the basket, a plate, a bowl), a fixture's surface (the stove, the top of
+the cabinet, the wine rack) or a region of the table; ``Open`` of the wooden cabinet's
+drawers (grasping the handle with the hand pitched toward the cabinet, then pulling);
+``In(object, a drawer)`` (the drawer opened first); ``TurnOn`` of the flat stove
+(pushing its knob's ridge round). Not covered, refused by name when the expert is first
+asked for an action: closing things, turning things off, the microwave.
+
+Geometry comes from the simulator each step: an object's world box is the box around its
+collision geoms (:func:`body_box`), so tall bottles are grasped by the neck, wide bowls
+by the rim, and a target's top is where its collision geometry ends. Actions are
+OSC_POSE position deltas (1.0 = a 5 cm goal offset), proportional on the hand's error,
+with the orientation left as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ditvla.errors import ConfigError
+
+OPEN, CLOSED = -1.0, 1.0
+ACTION_DIM = 7
+# MuJoCo geom types whose extents are known from their sizes.
+_SPHERE, _CYLINDER, _BOX = 2, 5, 6
+
+Target = Callable[[], tuple[np.ndarray, float]]  # () -> (centre (3,), top z)
+GAIN = 25.0  # position action per metre of error (1.0 = a 5 cm goal offset)
+
+
+def move_towards(hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
+    """The action that moves the hand from ``hand`` towards ``goal`` (proportional on
+    the error, no turn) with the gripper at ``gripper`` (-1 open, +1 closed)."""
+    action = np.zeros(ACTION_DIM, np.float32)
+    action[:3] = np.clip((goal - hand) * GAIN, -1.0, 1.0)
+    action[6] = gripper
+    return action
+
+
+def body_box(sim: Any, body_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """World axis-aligned box (low, high corners) around the collision geoms of body
+    ``body_id`` and the bodies under it."""
+    model, data = sim.model, sim.data
+    low, high = np.full(3, np.inf), np.full(3, -np.inf)
+    for geom in range(model.ngeom):
+        if model.geom_contype[geom] == 0 and model.geom_conaffinity[geom] == 0:
+            continue  # visual only
+        body = model.geom_bodyid[geom]
+        while body not in (0, body_id):
+            body = model.body_parentid[body]
+        if body != body_id:
+            continue
+        size = model.geom_size[geom]
+        if model.geom_type[geom] == _SPHERE:
+            half = np.full(3, size[0])
+        else:
+            if model.geom_type[geom] == _BOX:
+                local = size
+            elif model.geom_type[geom] == _CYLINDER:
+                local = np.array([size[0], size[0], size[1]])
+            else:  # capsules and meshes: their bounding sizes
+                local = np.array([size[0], size[0], size[1] or size[0]])
+            half = np.abs(data.geom_xmat[geom].reshape(3, 3)) @ local
+        centre = data.geom_xpos[geom]
+        low, high = np.minimum(low, centre - half), np.maximum(high, centre + half)
+    if not np.all(np.isfinite(low)):
+        raise ConfigError(f"body {model.body_id2name(body_id)!r} has no collision geometry")
+    return low, high
+
+
+class PickAndPlace:
+    """Grasp one object and put it down on or into a target.
+
+    Phases: hover above the grasp point, descend (until there, or stalled against
+    something), close, lift, carry above the target, lower until the object's bottom is
+    ``release_above`` over the target's top, open, back off up. An object that leaves the
+    hand on the way is grasped again. Grasp point: the middle of the object's box; for a
+    tall object ``neck`` below its top; for one too wide to straddle (a bowl, a plate),
+    on its rim, where the fingers close (along world y).
+    """
+
+    HOVER = 0.08
+    CLOSE_STEPS = 10
+    OPEN_STEPS = 8
+    LIFT = 0.10  # at least this far up from where it was grasped, before carrying
+    WIDE = 0.07  # wider than this (in x and y) is grasped by the rim
+    FINGER_AXIS = np.array([0.0, 1.0, 0.0])
+    DROPPED = 0.04  # the object this far from where the hand holds it: it fell out
+
+    def __init__(
+        self, sim: Any, body_id: int, target: Target, release_above: float = 0.05, neck=0.035
+    ):
+        self.sim, self.body_id, self.target = sim, body_id, target
+        self.release_above, self.neck = release_above, neck
+        self.phase, self.counter, self.last_z = "hover", 0, None
+        self.hold: np.ndarray | None = None  # hand minus grasp point, as grasped
+        self.lift_z = -np.inf
+
+    def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where to grasp the object now, and its box (low, high)."""
+        low, high = body_box(self.sim, self.body_id)
+        centre = (low + high) / 2
+        point = np.array([centre[0], centre[1], max(centre[2], high[2] - self.neck)])
+        half = (high - low) / 2
+        if 2 * min(half[0], half[1]) > self.WIDE:
+            point += self.FINGER_AXIS * (abs(half @ self.FINGER_AXIS) - 0.012)
+            point[2] = high[2] - 0.02
+        return point, low, high
+
+    def _move(self, hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
+        return move_towards(hand, goal, gripper)
+
+    def action(self, hand: np.ndarray) -> np.ndarray:
+        """The action for the hand (end-effector) position ``hand``."""
+        grasp, low, high = self.grasp_point()
+        held = self.phase in ("lift", "carry", "lower") and self.hold is not None
+        if held and np.linalg.norm(hand - self.hold - grasp) > self.DROPPED:
+            self.phase, self.hold = "rise", None
+        if self.phase == "rise":  # up and open, then grasp again
+            if hand[2] > high[2] + self.HOVER - 0.02:
+                self.phase = "hover"
+            return self._move(hand, np.array([hand[0], hand[1], high[2] + self.HOVER]), OPEN)
+        if self.phase == "hover":
+            goal = np.array([grasp[0], grasp[1], high[2] + self.HOVER])
+            if np.linalg.norm((goal - hand)[:2]) < 0.008 and abs(goal[2] - hand[2]) < 0.03:
+                self.phase, self.counter, self.last_z = "descend", 0, None
+            return self._move(hand, goal, OPEN)
+        if self.phase == "descend":
+            stalled = self.last_z is not None and abs(self.last_z - hand[2]) < 0.001
+            self.counter = self.counter + 1 if stalled else 0
+            self.last_z = hand[2]
+            if np.linalg.norm(grasp - hand) < 0.01 or self.counter >= 5:
+                self.phase, self.counter = "close", 0
+            return self._move(hand, grasp, OPEN)
+        if self.phase == "close":
+            self.counter += 1
+            if self.counter >= self.CLOSE_STEPS:
+                self.phase, self.hold, self.lift_z = "lift", hand - grasp, hand[2] + self.LIFT
+            return self._move(hand, hand, CLOSED)
+        centre, top = self.target()
+        height = grasp[2] - low[2]  # from the object's bottom up to where it is held
+        carry_z = max(top + self.release_above + height + 0.05, self.lift_z)
+        offset = hand - grasp
+        over_target = np.array([centre[0] + offset[0], centre[1] + offset[1], carry_z])
+        if self.phase == "lift":
+            if hand[2] > carry_z - 0.02:
+                self.phase = "carry"
+            return self._move(hand, np.array([hand[0], hand[1], carry_z]), CLOSED)
+        if self.phase == "carry":
+            if np.linalg.norm((over_target - hand)[:2]) < 0.01:
+                self.phase = "lower"
+            return self._move(hand, over_target, CLOSED)
+        if self.phase == "lower":
+            release_z = top + self.release_above
+            if low[2] - release_z < 0.01:
+                self.phase, self.counter = "release", 0
+            over_target[2] = hand[2] + release_z - low[2]
+            return self._move(hand, over_target, CLOSED)
+        if self.phase == "release":
+            self.counter += 1
+            if self.counter >= self.OPEN_STEPS:
+                self.phase = "retreat"
+            return self._move(hand, hand, OPEN)
+        return self._move(hand, hand + np.array([0.0, 0.0, 0.05]), OPEN)
+
+
+# Handle bars of the wooden cabinet's drawers, in each drawer body's frame (LIBERO's
+# wooden_cabinet.xml); a drawer opens along the body's -y axis.
+CABINET_HANDLES = {
+    "top": np.array([-0.00278, -0.10161, 0.18393]),
+    "middle": np.array([-0.00278, -0.10161, 0.11041]),
+    "bottom": np.array([-0.00278, -0.10161, 0.04114]),
+}
+DRAWER_OPEN = -0.155  # the slide joint's position to pull to (open below -0.14)
+KNOB_ON = 0.6  # the stove knob's angle to push to (on from 0.5 rad)
+
+
+def _transforms() -> Any:
+    """robosuite's rotation helpers (imported when an expert first turns the hand)."""
+    from robosuite.utils import transform_utils
+
+    return transform_utils
+
+
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    """The rotation matrix of ``angle`` radians about ``axis``."""
+    axis = axis / np.linalg.norm(axis)
+    return _transforms().quat2mat(_transforms().axisangle2quat(axis * angle))
+
+
+def _rotation_error(target: np.ndarray, quat: np.ndarray) -> np.ndarray:
+    """Axis-angle (3,) that turns the hand's orientation ``quat`` (x, y, z, w, robosuite's
+    order) into ``target`` (3x3), in the world frame."""
+    current = _transforms().quat2mat(quat)
+    return _transforms().quat2axisangle(_transforms().mat2quat(target @ current.T))
+
+
+class PullDrawer:
+    """Open a drawer of the wooden cabinet: pitch the hand a quarter turn to point at the
+    cabinet (the closed fingers then grip the horizontal bar from above and below; a
+    downward hand would hit the drawer above with its palm), stop in front of the handle,
+    move in, close, pull until the drawer is open, let go, and back off turning the hand
+    down again."""
+
+    ROTATION_GAIN = 3.0  # action per radian of error (1 = 0.5 rad)
+    CLOSE_STEPS = 10
+    OPEN_STEPS = 8
+    FRONT = 0.12  # stop this far in front of the handle first
+    TRIES = 40  # steps moving in before backing out to try again
+
+    def __init__(self, sim: Any, body: str, joint: str, handle: np.ndarray, quat: Callable):
+        self.sim, self.body, self.joint, self.local = sim, body, joint, handle
+        self.quat = quat  # () -> the hand's orientation (x, y, z, w)
+        self.phase, self.counter = "front", 0
+        self.target_rotation: np.ndarray | None = None
+        self.start_rotation: np.ndarray | None = None
+        self.back_from: np.ndarray | None = None
+
+    def handle(self) -> tuple[np.ndarray, np.ndarray]:
+        """The handle's world position and the direction that opens the drawer."""
+        rotation = self.sim.data.get_body_xmat(self.body)
+        return self.sim.data.get_body_xpos(self.body) + rotation @ self.local, -rotation[:, 1]
+
+    def _move(self, hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
+        action = move_towards(hand, goal, gripper)
+        error = _rotation_error(self.target_rotation, self.quat())
+        action[3:6] = np.clip(error * self.ROTATION_GAIN, -1.0, 1.0)
+        return action
+
+    def action(self, hand: np.ndarray) -> np.ndarray:
+        handle, pull = self.handle()
+        if self.target_rotation is None:  # pointing down -> pointing into the cabinet
+            axis = np.cross(np.array([0.0, 0.0, -1.0]), -pull)
+            self.start_rotation = _transforms().quat2mat(self.quat())
+            self.target_rotation = _rotation(axis, np.pi / 2) @ self.start_rotation
+        if self.phase == "front":
+            goal = handle + pull * self.FRONT
+            turned = np.linalg.norm(_rotation_error(self.target_rotation, self.quat())) < 0.08
+            if np.linalg.norm(goal - hand) < 0.01 and turned:
+                self.phase, self.counter = "in", 0
+            return self._move(hand, goal, OPEN)
+        if self.phase == "in":
+            self.counter += 1
+            if np.linalg.norm(handle - hand) < 0.01:
+                self.phase, self.counter = "close", 0
+            elif self.counter > self.TRIES:
+                self.phase = "front"
+            along = max(float((hand - handle) @ pull) - 0.03, 0.0)
+            return self._move(hand, handle + pull * along, OPEN)
+        if self.phase == "close":
+            self.counter += 1
+            if self.counter >= self.CLOSE_STEPS:
+                self.phase = "pull"
+            return self._move(hand, handle, CLOSED)
+        if self.phase == "pull":
+            if self.sim.data.get_joint_qpos(self.joint) < DRAWER_OPEN:
+                self.phase, self.counter = "release", 0
+            return self._move(hand, handle + pull * 0.05, CLOSED)
+        if self.phase == "release":
+            self.counter += 1
+            if self.counter >= self.OPEN_STEPS:
+                self.phase, self.back_from = "back", hand.copy()
+                self.target_rotation = self.start_rotation
+            return self._move(hand, hand, OPEN)
+        # back off and up while turning the hand down again; then it is done
+        goal = self.back_from + pull * 0.08 + np.array([0.0, 0.0, 0.06])
+        turned = np.linalg.norm(_rotation_error(self.target_rotation, self.quat())) < 0.08
+        if self.phase == "back" and turned and np.linalg.norm(goal - hand) < 0.02:
+            self.phase = "retreat"
+        return self._move(hand, goal, OPEN)
+
+
+class TurnKnob:
+    """Turn the flat stove on: the closed hand comes down beside one end of the knob's
+    ridge and pushes it round (counter-clockwise seen from above) past ``KNOB_ON``."""
+
+    HOVER = 0.06
+
+    def __init__(self, sim: Any, body: str, joint: str):
+        self.sim, self.body, self.joint = sim, body, joint
+        self.phase = "hover"
+
+    def _move(self, hand: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        return move_towards(hand, goal, CLOSED)
+
+    def action(self, hand: np.ndarray) -> np.ndarray:
+        knob = self.sim.data.get_body_xpos(self.body)
+        start = knob + np.array([0.04, -0.035, 0.03])  # beside the ridge's +x end
+        end = knob + np.array([0.0, 0.06, 0.03])
+        if self.phase == "hover":
+            goal = start + np.array([0.0, 0.0, self.HOVER])
+            if np.linalg.norm(goal - hand) < 0.01:
+                self.phase = "descend"
+            return self._move(hand, goal)
+        if self.phase == "descend":
+            if np.linalg.norm(start - hand) < 0.008:
+                self.phase = "push"
+            return self._move(hand, start)
+        if self.phase == "push":
+            if self.sim.data.get_joint_qpos(self.joint) > KNOB_ON:
+                self.phase = "retreat"
+            return self._move(hand, end)
+        return self._move(hand, hand + np.array([0.0, 0.0, 0.05]))
+
+
+Part = PickAndPlace | PullDrawer | TurnKnob
+
+
+class LiberoExpert:
+    """The expert of one LIBERO episode: its goal's predicates in order, each done by one
+    or more parts (a drawer is opened before something is put in it). A part hands over
+    to the next once its own check holds and it has let go (its ``retreat`` phase)."""
+
+    def __init__(self, domain: Any, hand_orientation: Callable[[], np.ndarray]):
+        """``domain``: LIBERO's task environment (``OffScreenRenderEnv(...).env``), just
+        reset to the episode's start; ``hand_orientation``: () -> the hand's current
+        orientation quaternion (x, y, z, w)."""
+        self.domain, self.hand_orientation = domain, hand_orientation
+        self.steps: list[tuple[Part, Callable[[], bool]]] = []
+        for predicate in domain.parsed_problem["goal_state"]:
+            self.steps += self._steps(list(predicate))  # refuses what it cannot do
+        self.current = 0
+
+    def _holds(self, predicate: list[str]) -> Callable[[], bool]:
+        return lambda: bool(self.domain._eval_predicate(predicate))
+
+    def _steps(self, predicate: list[str]) -> list[tuple[Part, Callable[[], bool]]]:
+        domain, name = self.domain, predicate[0].lower()
+        holds = self._holds(predicate)
+        if name in ("in", "on") and len(predicate) == 3 and predicate[1] in domain.objects_dict:
+            _, moved, where = predicate
+            place = PickAndPlace(domain.sim, domain.obj_body_id[moved], self._target(where))
+            drawer = self._drawer(where)
+            if drawer is None:
+                return [(place, holds)]
+            opened = self._holds(["open", where])
+            return [(drawer, opened), (place, holds)]
+        if name == "open" and len(predicate) == 2 and self._drawer(predicate[1]):
+            return [(self._drawer(predicate[1]), holds)]
+        if name == "turnon" and len(predicate) == 2:
+            stove = domain.fixtures_dict.get(predicate[1])
+            if stove is not None and type(stove).__name__ == "FlatStove":
+                joint = stove.joints[0]
+                return [(TurnKnob(domain.sim, f"{predicate[1]}_button", joint), holds)]
+        raise ConfigError(
+            f"no scripted expert for the LIBERO goal ({' '.join(predicate)}); experts cover "
+            "putting an object in or on another object, a fixture's surface, a table region "
+            "or a drawer, opening the wooden cabinet's drawers and turning the flat stove "
+            "on (not closing, turning off, or the microwave)"
+        )
+
+    def _drawer(self, where: str) -> PullDrawer | None:
+        """The part that opens ``where`` when it is a drawer of the wooden cabinet."""
+        site = self.domain.object_sites_dict.get(where)
+        joints = list(getattr(site, "joints", None) or [])
+        fixture = self.domain.fixtures_dict.get(getattr(site, "parent_name", None))
+        if not joints or type(fixture).__name__ != "WoodenCabinet":
+            return None
+        prefix = f"{site.parent_name}_"
+        level = joints[0].removeprefix(prefix).removesuffix("_level")
+        if level not in CABINET_HANDLES:
+            return None
+        body = f"{prefix}cabinet_{level}"
+        return PullDrawer(
+            self.domain.sim, body, joints[0], CABINET_HANDLES[level], self.hand_orientation
+        )
+
+    def _target(self, where: str) -> Target:
+        """Where ``where`` (an object, an object's contain region, a fixture's site or a
+        table region) is now: (centre, top z)."""
+        domain, sim = self.domain, self.domain.sim
+        owner = where.removesuffix("_contain_region")
+        if owner in domain.objects_dict:
+            body = domain.obj_body_id[owner]
+
+            def object_top() -> tuple[np.ndarray, float]:
+                low, high = body_box(sim, body)
+                return (low + high) / 2, float(high[2])
+
+            return object_top
+        if where in domain.object_sites_dict:
+            size = domain.object_sites_dict[where].size
+            size = np.zeros(3) if size is None else np.asarray(size, np.float64)
+
+            def site_top() -> tuple[np.ndarray, float]:
+                centre = np.array(sim.data.get_site_xpos(where))
+                vertical = np.abs(sim.data.get_site_xmat(where)[2]) @ size
+                return centre, float(centre[2] + vertical)
+
+            return site_top
+        raise ConfigError(f"the LIBERO goal names {where!r}, which the scene does not hold")
+
+    def action(self, hand: np.ndarray) -> np.ndarray:
+        """The action for the hand position ``hand``, from the current part."""
+        while self.current < len(self.steps) - 1:
+            part, done = self.steps[self.current]
+            if part.phase != "retreat" or not done():
+                break
+            self.current += 1
+        return self.steps[self.current][0].action(hand)
