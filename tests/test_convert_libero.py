@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from ditvla.cli import main
-from ditvla.datasets.convert_libero import LIBERO_STATE_KEYS, convert_libero_hdf5
+from ditvla.datasets.convert_libero import (
+    LIBERO_STATE_KEYS,
+    convert_libero_hdf5,
+    zarr_to_libero_hdf5,
+)
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 
 
@@ -161,3 +165,60 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ditvla: error: ") and "nope.hdf5: no such file" in err
     assert "Traceback" not in err
+
+
+def test_a_store_goes_back_to_libero_files_and_converts_again_unchanged(
+    libero_folder, tmp_path, capsys
+):
+    """zarr -> LIBERO HDF5 (the layout of LIBERO's create_dataset.py) -> zarr keeps every
+    value, and the files hold what LIBERO's own files hold besides the MuJoCo states."""
+    folder, _ = libero_folder
+    first = tmp_path / "first.zarr"
+    convert_libero_hdf5([folder], first, progress=False)
+    assert main(["convert", "to-libero", str(first), "--out", str(tmp_path / "h5")]) == 0
+    assert "2 LIBERO HDF5 files" in capsys.readouterr().out
+    with h5py.File(tmp_path / "h5" / "open_the_drawer_demo.hdf5", "r") as f:
+        data = f["data"]
+        assert json.loads(data.attrs["problem_info"])["language_instruction"] == "open the drawer"
+        assert data.attrs["num_demos"] == 1 and data.attrs["total"] == 5
+        demo = data["demo_0"]
+        assert demo.attrs["num_samples"] == 5 and demo["dones"][-1] == 1
+        assert set(demo["obs"]) == {
+            "agentview_rgb",
+            "eye_in_hand_rgb",
+            "ee_pos",
+            "ee_ori",
+            "ee_states",
+            "gripper_states",
+            "joint_states",
+        }
+        np.testing.assert_array_equal(
+            demo["obs"]["ee_states"][:, 3:], np.asarray(demo["obs"]["ee_ori"])
+        )
+    again = convert_libero_hdf5([tmp_path / "h5"], tmp_path / "again.zarr", progress=False)
+    before = ReplayBuffer.open(first)
+    assert again.n_episodes == before.n_episodes == 3
+    for episode in range(3):
+        assert again.episode_task(episode).instruction == before.episode_task(episode).instruction
+        got, want = again.get_episode(episode), before.get_episode(episode)
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(DatasetError, match="already exist"):
+        zarr_to_libero_hdf5(first, tmp_path / "h5", progress=False)
+
+
+def test_a_store_without_libero_arrays_is_refused_by_name(tmp_path):
+    buffer = ReplayBuffer.create(tmp_path / "s.zarr", fps=10, cameras=["agentview"])
+    buffer.append_episode(
+        {
+            "agentview": np.zeros((3, 8, 8, 3), np.uint8),
+            "state": np.zeros((3, 4)),
+            "action": np.zeros((3, 7)),
+        },
+        task="t",
+        instruction="do it",
+    )
+    with pytest.raises(DatasetError, match=r"needs arrays eye_in_hand, ee_pos, ee_ori"):
+        zarr_to_libero_hdf5(tmp_path / "s.zarr", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

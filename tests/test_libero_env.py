@@ -148,6 +148,7 @@ def test_collect_draws_new_placements_and_writes_what_the_converter_writes(tmp_p
     """Two suites in one store: the converter's keys, cameras and 8-D state; object states
     of other widths padded with a mask; starts drawn from the BDDL regions by seed (the
     same seed, the same start), none of them an evaluation init state."""
+    from ditvla.datasets.convert_libero import convert_libero_hdf5, zarr_to_libero_hdf5
     from ditvla.datasets.replay_buffer import ReplayBuffer
     from ditvla.envs.collect import collect_demonstrations
 
@@ -168,6 +169,16 @@ def test_collect_draws_new_placements_and_writes_what_the_converter_writes(tmp_p
     assert buffer.shape("action") == (7,) and buffer.episode_seed.tolist() == [0, 0]
     widths = [buffer.get_episode(e)["objects_valid"][0].sum() for e in range(2)]
     assert widths[0] != widths[1] and buffer.shape("objects") == (max(widths),)
+    # LIBERO's own file layout and back: what the converter reads comes back unchanged.
+    zarr_to_libero_hdf5(tmp_path / "demos.zarr", tmp_path / "h5", progress=False)
+    again = convert_libero_hdf5([tmp_path / "h5"], tmp_path / "again.zarr", progress=False)
+    assert [again.episode_task(e).instruction for e in range(2)] == [
+        buffer.episode_task(e).instruction for e in range(2)
+    ]
+    for episode in range(2):
+        converted, collected = again.get_episode(episode), buffer.get_episode(episode)
+        for key in converted:
+            np.testing.assert_array_equal(converted[key], collected[key])
 
     env = LiberoEnv("libero_object/0", cameras=())
     try:

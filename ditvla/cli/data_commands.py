@@ -119,6 +119,16 @@ def run_convert_libero(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert_to_libero(args: argparse.Namespace) -> int:
+    from ditvla.datasets.convert_libero import zarr_to_libero_hdf5
+
+    files = zarr_to_libero_hdf5(
+        args.store, args.out, flip_images=not args.no_flip, overwrite=args.overwrite
+    )
+    print(f"{args.out}: {len(files)} LIBERO HDF5 files ({', '.join(f.name for f in files)})")
+    return 0
+
+
 def run_convert_from_lerobot(args: argparse.Namespace) -> int:
     from ditvla.datasets.convert_lerobot import lerobot_to_zarr
     from ditvla.datasets.dataset_info import describe
@@ -160,6 +170,24 @@ def add_convert(commands: Commands, configured: bool) -> None:
         "--no-flip", action="store_true", help="keep images as stored (LIBERO's are upside down)"
     )
     libero.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    to_libero = add_command(
+        formats,
+        "to-libero",
+        run_convert_to_libero,
+        "zarr -> LIBERO HDF5 demonstrations",
+        "Write a zarr replay buffer holding LIBERO's arrays (cameras agentview and "
+        "eye_in_hand; ee_pos, ee_ori, gripper_states, joint_states; action), as `ditvla "
+        "collect --env libero:...` and `ditvla convert libero` write them, in LIBERO's HDF5 "
+        "layout: one <task>_demo.hdf5 per task. The MuJoCo states LIBERO's own files carry "
+        "for replay are not in a store and are not written.",
+    )
+    to_libero.add_argument("store", help="the zarr replay buffer")
+    to_libero.add_argument("--out", required=True, help="the folder to write the files into")
+    to_libero.add_argument(
+        "--no-flip", action="store_true", help="keep images upright (LIBERO's are upside down)"
+    )
+    to_libero.add_argument("--overwrite", action="store_true", help="replace existing files")
 
     from_lerobot = add_command(
         formats,

@@ -1,4 +1,4 @@
-"""LIBERO HDF5 demonstrations (the official layout) to a zarr replay buffer.
+"""LIBERO HDF5 demonstrations (the official layout) to a zarr replay buffer, and back.
 
 One LIBERO file holds the demonstrations of one task::
 
@@ -13,6 +13,14 @@ the LIBERO evaluation environments and openpi's conversion present them), the fo
 low-dimensional arrays under their own names, ``state_keys`` = ee_pos + ee_ori +
 gripper_states (the 8-D state openpi and OpenVLA-OFT use), and ``action``. The task name
 is the file name without ``_demo``.
+
+:func:`zarr_to_libero_hdf5` writes a store holding those arrays (``ditvla collect --env
+libero:...`` writes them) in the same layout, one file per task, as LIBERO's
+``scripts/create_dataset.py`` does: images upside down again, ``ee_states`` (ee_pos +
+ee_ori), ``rewards`` and ``dones`` (1 on the last frame), the instruction in
+``problem_info``, ``num_samples`` per demo and ``num_demos`` / ``total``. What the store
+does not hold is not written: the MuJoCo ``states`` and ``model_file`` that LIBERO's
+files carry for replaying a demonstration in the simulator.
 """
 
 from __future__ import annotations
@@ -158,3 +166,72 @@ def convert_libero_hdf5(
                     buffer.append_episode(episode, task=task, instruction=instruction)
                     bar.update()
     return buffer
+
+
+def zarr_to_libero_hdf5(
+    store: str | Path,
+    out: str | Path,
+    *,
+    flip_images: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Write the episodes of ``store`` as LIBERO HDF5 files in the folder ``out``, one per
+    task (``<task>_demo.hdf5``, a ``/`` in the name as ``_``); returns the files."""
+    buffer = ReplayBuffer.open(store)
+    needed = [*LIBERO_CAMERAS.values(), *LIBERO_LOW_DIM, "action"]
+    missing = [key for key in needed if key not in buffer.keys]
+    if missing:
+        raise DatasetError(
+            f"{store}: LIBERO's layout needs arrays {', '.join(missing)}, which the store "
+            f"lacks (it has {', '.join(buffer.keys)})"
+        )
+    by_task: dict[str, list[int]] = {}
+    for episode in range(buffer.n_episodes):
+        by_task.setdefault(buffer.episode_task(episode).name, []).append(episode)
+    out = Path(out)
+    files = {task: out / f"{task.replace('/', '_')}_demo.hdf5" for task in by_task}
+    existing = [str(f) for f in files.values() if f.exists()]
+    if existing and not overwrite:
+        raise DatasetError(f"{', '.join(existing)}: already exist(s) (pass overwrite=True)")
+    out.mkdir(parents=True, exist_ok=True)
+    cameras = {camera: source for source, camera in LIBERO_CAMERAS.items()}
+    with tqdm(
+        total=buffer.n_episodes, desc="zarr -> libero", unit="demo", disable=not progress
+    ) as bar:
+        for task, episodes in by_task.items():
+            partial = files[task].with_suffix(".partial")
+            with h5py.File(partial, "w") as f:
+                data = f.create_group("data")
+                instruction = buffer.episode_task(episodes[0]).instruction
+                data.attrs["problem_info"] = json.dumps(
+                    {"problem_name": task, "language_instruction": instruction}
+                )
+                data.attrs["macros_image_convention"] = "opengl"  # upside down, as LIBERO's
+                total = 0
+                for i, episode in enumerate(episodes):
+                    arrays = buffer.get_episode(episode)
+                    length = len(arrays["action"])
+                    demo = data.create_group(f"demo_{i}")
+                    demo.attrs["num_samples"] = length
+                    demo.create_dataset("actions", data=arrays["action"].astype(np.float64))
+                    obs = demo.create_group("obs")
+                    for camera, source in cameras.items():
+                        frames = arrays[camera]
+                        obs.create_dataset(
+                            source, data=frames[:, ::-1, ::-1] if flip_images else frames
+                        )
+                    for key in LIBERO_LOW_DIM:
+                        obs.create_dataset(key, data=arrays[key].astype(np.float64))
+                    ee_states = np.hstack([arrays["ee_pos"], arrays["ee_ori"]])
+                    obs.create_dataset("ee_states", data=ee_states.astype(np.float64))
+                    last = np.zeros(length, np.uint8)
+                    last[-1] = 1
+                    demo.create_dataset("rewards", data=last)
+                    demo.create_dataset("dones", data=last)
+                    total += length
+                    bar.update()
+                data.attrs["num_demos"] = len(episodes)
+                data.attrs["total"] = total
+            partial.replace(files[task])
+    return list(files.values())
