@@ -9,9 +9,16 @@ patches) and its expert at the VLM's width (multiplier 1.0, 2 layers), against o
 preset (the same VLM sizes, a 2-block DiT head of width 128). Batches are drawn once
 from a zarr store and given to both in turn, so data loading is not timed.
 
+The demo's recipe is measured beside it: two 64x64 cameras, a 4-D state, the goal
+position as the auxiliary head's target (what ``ditvla demo`` trains; it does not
+augment), 16x4 chunks, the demo's TrainConfig turned into a policy and its training
+samples by ``ditvla train``'s own code; SmolVLA reads the same two cameras, state and
+chunks (it has no auxiliary head: that work is ours alone, and counted).
+
     python -m bench.train_throughput [--steps 20]
 
-Last line: ``training throughput: ditvla <x> samples/s vs lerobot smolvla <y> samples/s``.
+Last line: ``training throughput: ditvla <x> samples/s vs lerobot smolvla <y> samples/s
+(demo recipe: <x2> vs <y2>)``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,7 @@ from torch.utils.data import DataLoader
 from bench.smolvla_peer import tiny_smolvla
 
 BATCH, HORIZON, ACTION_DIM, STATE_DIM, IMAGE = 32, 16, 7, 8, 64
+DEMO_ACTION_DIM, DEMO_STATE_DIM = 4, 4  # Meta-World's
 
 
 def write_store(path: Path) -> None:
@@ -49,6 +58,30 @@ def write_store(path: Path) -> None:
         )
 
 
+def write_demo_store(path: Path) -> None:
+    """A store shaped like the demo's: its two cameras, proprioception, the goal."""
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+    from ditvla.demo import DEMO_CAMERAS
+
+    buffer = ReplayBuffer.create(
+        path,
+        fps=80,
+        cameras=list(DEMO_CAMERAS),
+        state_keys=["proprio"],
+        privileged_keys=["goal"],
+        overwrite=True,
+    )
+    rng = np.random.default_rng(1)
+    for e in range(6):
+        episode = {
+            cam: rng.integers(0, 256, (50, IMAGE, IMAGE, 3), dtype=np.uint8) for cam in DEMO_CAMERAS
+        }
+        episode["proprio"] = rng.normal(size=(50, DEMO_STATE_DIM))
+        episode["goal"] = rng.normal(size=(50, 3))
+        episode["action"] = rng.uniform(-1, 1, size=(50, DEMO_ACTION_DIM))
+        buffer.append_episode(episode, task=f"t{e}", instruction=f"reach goal number {e}")
+
+
 def to_lerobot_batch(batch: dict, tokenizer) -> dict:
     tokens = tokenizer(
         batch["instruction"],
@@ -57,14 +90,69 @@ def to_lerobot_batch(batch: dict, tokenizer) -> dict:
         truncation=True,
         return_tensors="pt",
     )
+    images = {
+        f"observation.images.{cam}": frames[:, -1].permute(0, 3, 1, 2).float() / 255.0
+        for cam, frames in batch["images"].items()
+    }
     return {
-        "observation.images.cam": batch["images"]["cam"][:, -1].permute(0, 3, 1, 2).float() / 255.0,
+        **images,
         "observation.state": batch["state"][:, -1],
         "action": batch["action"],
         "action_is_pad": batch["action_is_pad"],
         "observation.language.tokens": tokens["input_ids"],
         "observation.language.attention_mask": tokens["attention_mask"].bool(),
     }
+
+
+def _batches(dataset, count: int) -> list[dict]:
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return [b for _, b in zip(range(count), loader, strict=False)]
+
+
+def _step_fn(policy, batches: list[dict]):
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(i: int) -> None:
+        loss, _ = policy(batches[i % len(batches)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def compare(ours, batches: list[dict], theirs, steps: int) -> dict[str, float]:
+    """Samples/s of both policies on the same batches, their steps taken in turn (so a
+    change of load hits both alike), the median of ``steps`` after 3 warm-up steps."""
+    tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
+    runs = {
+        "ditvla": _step_fn(ours.train(), batches),
+        "smolvla": _step_fn(theirs.train(), [to_lerobot_batch(b, tokenizer) for b in batches]),
+    }
+    for step in runs.values():
+        for i in range(3):
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(3, steps + 3):
+        for name, step in runs.items():
+            start = time.perf_counter()
+            step(i)
+            times[name].append(time.perf_counter() - start)
+    params = {"ditvla": ours, "smolvla": theirs}
+    rates = {name: BATCH / statistics.median(t) for name, t in times.items()}
+    for name in runs:
+        size = sum(p.numel() for p in params[name].parameters()) / 1e6
+        print(
+            f"  {name:8s}: {rates[name]:7.1f} samples/s  ({size:.2f}M parameters, "
+            f"median of {steps} steps, batch {BATCH})"
+        )
+    return rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,22 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
+    from ditvla.demo import FULL
     from ditvla.policies.config import PolicyConfig
     from ditvla.policies.policy import DiTVLAPolicy
+    from ditvla.training.processes import join_processes
+    from ditvla.training.training_data import training_dataset
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="ditvla_train_bench_"))
     write_store(work / "store.zarr")
     dataset = ReplayBufferDataset(work / "store.zarr", n_obs_steps=1, horizon=HORIZON)
-    loader = DataLoader(
-        dataset,
-        batch_size=BATCH,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(0),
-    )
-    batches = [b for _, b in zip(range(args.steps + 3), loader, strict=False)]
-
     ours = DiTVLAPolicy(
         PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=dataset.sampler.horizon),
         dataset.stats(),
@@ -100,47 +182,27 @@ def main(argv: list[str] | None = None) -> None:
     theirs, _, _ = tiny_smolvla(
         work / "smolvlm", dataset.data_spec(), horizon=HORIZON, n_action_steps=HORIZON
     )
-    tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
-    their_batches = [to_lerobot_batch(b, tokenizer) for b in batches]
+    print("one camera, matched tiny sizes:")
+    rates = compare(ours, _batches(dataset, args.steps + 3), theirs, args.steps)
 
-    def step_fn(policy, batch):
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-
-        def step(i):
-            loss, _ = policy(batch[i % len(batch)])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        return step
-
-    runs = {
-        "ditvla": step_fn(ours.train(), batches),
-        "smolvla": step_fn(theirs.train(), their_batches),
-    }
-    for step in runs.values():
-        for i in range(3):
-            step(i)
-    times = {name: [] for name in runs}
-    for i in range(3, args.steps + 3):
-        for name, step in runs.items():  # in turn: load changes hit both alike
-            start = time.perf_counter()
-            step(i)
-            times[name].append(time.perf_counter() - start)
-    params = {
-        "ditvla": sum(p.numel() for p in ours.parameters()),
-        "smolvla": sum(p.numel() for p in theirs.parameters()),
-    }
-    rates = {name: BATCH / statistics.median(t) for name, t in times.items()}
-    for name in runs:
-        print(
-            f"{name:8s}: {rates[name]:7.1f} samples/s  ({params[name] / 1e6:.2f}M parameters, "
-            f"median of {args.steps} steps, batch {BATCH})"
-        )
+    write_demo_store(work / "demo.zarr")
+    demo_train = replace(FULL.train, dataset=str(work / "demo.zarr"), out=str(work / "run"))
+    policy_config, data, demo_dataset = training_dataset(demo_train, join_processes("cpu"))
+    horizon = policy_config.horizon
+    demo_ours = DiTVLAPolicy(policy_config, data.stats)
+    demo_theirs, _, _ = tiny_smolvla(
+        work / "smolvlm_demo", data, horizon=horizon, n_action_steps=horizon
+    )
+    print(
+        f"the demo's recipe ({' + '.join(data.cameras)}, auxiliary target "
+        f"{demo_train.auxiliary}; SmolVLA the same cameras, no auxiliary head):"
+    )
+    demo = compare(demo_ours, _batches(demo_dataset, args.steps + 3), demo_theirs, args.steps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
     print(
         f"training throughput: ditvla {rates['ditvla']:.1f} samples/s vs lerobot smolvla "
-        f"{rates['smolvla']:.1f} samples/s"
+        f"{rates['smolvla']:.1f} samples/s (demo recipe: {demo['ditvla']:.1f} vs "
+        f"{demo['smolvla']:.1f})"
     )
 
 
