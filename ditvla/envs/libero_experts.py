@@ -13,7 +13,7 @@ drawers (grasping the handle with the hand pitched toward the cabinet, then pull
 asked for an action: closing things, turning things off, the microwave.
 
 Geometry comes from the simulator each step: an object's world box is the box around its
-collision geoms (:func:`body_box`), so tall bottles are grasped by the neck, wide bowls
+collision geoms (:func:`geoms_box`), so tall bottles are grasped by the neck, wide bowls
 by the rim, and a target's top is where its collision geometry ends. Actions are
 OSC_POSE position deltas (1.0 = a 5 cm goal offset), proportional on the hand's error,
 with the orientation left as it is.
@@ -46,11 +46,11 @@ def move_towards(hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarr
     return action
 
 
-def body_box(sim: Any, body_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """World axis-aligned box (low, high corners) around the collision geoms of body
-    ``body_id`` and the bodies under it."""
-    model, data = sim.model, sim.data
-    low, high = np.full(3, np.inf), np.full(3, -np.inf)
+def body_geoms(model: Any, body_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The collision geoms of body ``body_id`` and the bodies under it, and each one's
+    half extents (G, 3) in its own frame (boxes exact; cylinders, capsules and meshes by
+    their bounding sizes)."""
+    geoms, extents = [], []
     for geom in range(model.ngeom):
         if model.geom_contype[geom] == 0 and model.geom_conaffinity[geom] == 0:
             continue  # visual only
@@ -59,22 +59,28 @@ def body_box(sim: Any, body_id: int) -> tuple[np.ndarray, np.ndarray]:
             body = model.body_parentid[body]
         if body != body_id:
             continue
-        size = model.geom_size[geom]
-        if model.geom_type[geom] == _SPHERE:
-            half = np.full(3, size[0])
+        size, kind = model.geom_size[geom], model.geom_type[geom]
+        if kind == _SPHERE:
+            local = np.full(3, size[0])
+        elif kind == _BOX:
+            local = np.asarray(size[:3])
+        elif kind == _CYLINDER:
+            local = np.array([size[0], size[0], size[1]])
         else:
-            if model.geom_type[geom] == _BOX:
-                local = size
-            elif model.geom_type[geom] == _CYLINDER:
-                local = np.array([size[0], size[0], size[1]])
-            else:  # capsules and meshes: their bounding sizes
-                local = np.array([size[0], size[0], size[1] or size[0]])
-            half = np.abs(data.geom_xmat[geom].reshape(3, 3)) @ local
-        centre = data.geom_xpos[geom]
-        low, high = np.minimum(low, centre - half), np.maximum(high, centre + half)
-    if not np.all(np.isfinite(low)):
+            local = np.array([size[0], size[0], size[1] or size[0]])
+        geoms.append(geom)
+        extents.append(local)
+    if not geoms:
         raise ConfigError(f"body {model.body_id2name(body_id)!r} has no collision geometry")
-    return low, high
+    return np.array(geoms), np.array(extents, np.float64)
+
+
+def geoms_box(sim: Any, geoms: np.ndarray, extents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World axis-aligned box (low, high corners) around ``geoms`` as they are now."""
+    centres = sim.data.geom_xpos[geoms]
+    rotations = np.abs(sim.data.geom_xmat[geoms].reshape(-1, 3, 3))
+    half = np.einsum("gij,gj->gi", rotations, extents)
+    return (centres - half).min(axis=0), (centres + half).max(axis=0)
 
 
 class PickAndPlace:
@@ -99,7 +105,8 @@ class PickAndPlace:
     def __init__(
         self, sim: Any, body_id: int, target: Target, release_above: float = 0.05, neck=0.035
     ):
-        self.sim, self.body_id, self.target = sim, body_id, target
+        self.sim, self.target = sim, target
+        self.geoms = body_geoms(sim.model, body_id)
         self.release_above, self.neck = release_above, neck
         self.phase, self.counter, self.last_z = "hover", 0, None
         self.hold: np.ndarray | None = None  # hand minus grasp point, as grasped
@@ -107,7 +114,7 @@ class PickAndPlace:
 
     def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where to grasp the object now, and its box (low, high)."""
-        low, high = body_box(self.sim, self.body_id)
+        low, high = geoms_box(self.sim, *self.geoms)
         centre = (low + high) / 2
         point = np.array([centre[0], centre[1], max(centre[2], high[2] - self.neck)])
         half = (high - low) / 2
@@ -380,10 +387,10 @@ class LiberoExpert:
         domain, sim = self.domain, self.domain.sim
         owner = where.removesuffix("_contain_region")
         if owner in domain.objects_dict:
-            body = domain.obj_body_id[owner]
+            geoms = body_geoms(sim.model, domain.obj_body_id[owner])
 
             def object_top() -> tuple[np.ndarray, float]:
-                low, high = body_box(sim, body)
+                low, high = geoms_box(sim, *geoms)
                 return (low + high) / 2, float(high[2])
 
             return object_top

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -17,6 +18,10 @@ import torch
 from ditvla.envs.registry import SUITES
 
 WORKER_TIMEOUT_S = 120.0
+# Simulators a worker keeps built (the tasks it ran last): episodes come task by task, and
+# one LIBERO scene holds about a gigabyte, so keeping every task's would not fit a
+# 30-task evaluation in memory.
+KEPT_SIMULATORS = 2
 
 
 class SimulatorError(RuntimeError):
@@ -35,7 +40,7 @@ def _worker_main(
     """One simulator process: answers reset/step/close commands over a pipe."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    envs: dict[str, Any] = {}
+    envs: OrderedDict[str, Any] = OrderedDict()  # least recently used first
     env: Any = None
 
     def reply(obs: dict[str, Any], success: bool, truncated: bool) -> None:
@@ -52,6 +57,8 @@ def _worker_main(
                 if command == "reset":
                     task, seed, render = args
                     if task not in envs:
+                        while len(envs) >= KEPT_SIMULATORS:
+                            envs.popitem(last=False)[1].close()
                         envs[task] = SUITES[suite].make(
                             task,
                             cameras=cameras,
@@ -59,6 +66,7 @@ def _worker_main(
                             max_episode_steps=max_steps,
                             state_keys=state_keys,
                         )
+                    envs.move_to_end(task)
                     env = envs[task]
                     obs, _ = env.reset(seed=seed, options={"skip_images": not render})
                     reply(obs, False, False)
