@@ -1,0 +1,102 @@
+"""LIBERO end to end on this CPU: scripted experts, training, the official protocol.
+
+For one suite (object, spatial or goal):
+
+1. the scripted experts under the official protocol (``ditvla eval --policy expert``, the
+   50 stored init states per task): what the demonstrations can be at best;
+2. demonstrations from the experts (collected when missing), each episode's start drawn
+   from the task's BDDL regions with its seed, never one of the 50 evaluation starts;
+   two cameras (agentview, eye_in_hand) at 64 px, the 8-D proprioception, the
+   instruction, LIBERO's object states recorded as privileged arrays;
+3. ``ditvla train`` with :data:`RECIPE` (the tiny preset, the demo's settings, the
+   object states as the auxiliary head's targets: read at training time, never acting);
+4. ``ditvla eval`` under the official protocol (50 episodes per task on the init states);
+5. LeRobot's SmolVLA, built offline at the tiny preset's sizes and trained on the same
+   store for the same wall-clock, evaluated by the same evaluator on the same episodes.
+
+The policy reads the two cameras, proprioception only (ee_pos, ee_ori, gripper_states)
+and the instruction. Writes ``OUT/results.json``.
+
+    python -m bench.libero --suite object [--out outputs/libero] [--tasks 0,3]
+        [--demos 50] [--steps 6000] [--episodes 50] [--skip-smolvla]
+
+Last line: ``libero <suite>: ditvla <x>% (weakest task <m>%), lerobot smolvla <s>%,
+experts <e>%; <minutes> min``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from bench.objects import RECIPE, Store, Suite, collected, smolvla_arm, success, train_and_evaluate
+
+CAMERAS = ("agentview", "eye_in_hand")
+IMAGE_SIZE = 64
+DETOUR_STEPS = 10
+
+
+def expert_success(env: str, out: Path, episodes: int) -> dict:
+    """The scripted experts under the official protocol."""
+    from ditvla.envs.baselines import ExpertPolicy
+    from ditvla.envs.evaluate import evaluate
+
+    report = evaluate(ExpertPolicy(), env, out=out / "experts", episodes_per_task=episodes)
+    print(f"experts:\n{report.markdown()}", flush=True)
+    return {"eval": report.summary()}
+
+
+def weakest(result: dict) -> tuple[str, float]:
+    tasks = result["eval"]["tasks"]
+    name = min(tasks, key=lambda t: tasks[t]["success_rate"])
+    return name, tasks[name]["success_rate"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.libero",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--suite", required=True, choices=("object", "spatial", "goal"))
+    parser.add_argument("--out", default="outputs/libero")
+    parser.add_argument("--tasks", default="", help="task indices (default: all ten)")
+    parser.add_argument("--demos", type=int, default=50, help="demonstrations per task")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps")
+    parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
+    parser.add_argument("--skip-smolvla", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out) / args.suite
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [f"{args.suite}/{i.strip()}" for i in args.tasks.split(",") if i.strip()]
+    env = "libero:" + (",".join(tasks) if tasks else args.suite)
+    store = Store(
+        f"libero_{args.suite}", env, args.demos, CAMERAS, IMAGE_SIZE, detour_steps=DETOUR_STEPS
+    )
+    suite = Suite(args.suite, (store,), train={**RECIPE, "steps": args.steps})
+    start = time.perf_counter()
+    results = {"experts": expert_success(env, out, args.episodes)}
+    path = collected(store, out)
+    results["ditvla"] = train_and_evaluate(store, path, suite, out, args.episodes)
+    if not args.skip_smolvla:
+        results["smolvla"] = smolvla_arm(
+            path, results["ditvla"]["policy"], env, results["ditvla"]["train_s"], args.episodes
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    minutes = (time.perf_counter() - start) / 60
+    task, rate = weakest(results["ditvla"])
+    smolvla = f"{success(results['smolvla']):.1%}" if "smolvla" in results else "not run"
+    print(
+        f"libero {args.suite}: ditvla {success(results['ditvla']):.1%} (weakest task {task} "
+        f"{rate:.0%}), lerobot smolvla {smolvla}, experts {success(results['experts']):.1%}; "
+        f"{minutes:.0f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
