@@ -185,3 +185,49 @@ def test_multimodal_experts_take_either_way_around_the_wall(tmp_path):
     assert set(ways) == {"left", "right"}  # one start, two ways: the same frame, two chunks
     starts = np.stack([buffer.get_episode(i)["proprio"][0, :3] for i in range(6)])
     assert np.ptp(starts, axis=0).max() < 0.02
+
+
+def test_a_collection_resumes_into_its_store_and_refuses_another(tmp_path):
+    """--resume keeps the episodes a store holds and goes on from each task's next seed:
+    the same (task, seed) episodes as one uninterrupted run."""
+    common = dict(image_size=16, workers=1, progress=False)
+    env = "metaworld:reach-v3,door-open-v3"
+    collect_demonstrations(env, tmp_path / "whole.zarr", episodes_per_task=3, **common)
+    collect_demonstrations(env, tmp_path / "parts.zarr", episodes_per_task=2, **common)
+    report = collect_demonstrations(
+        env, tmp_path / "parts.zarr", episodes_per_task=3, resume=True, **common
+    )
+    assert report.kept == {"reach-v3": 3, "door-open-v3": 3}
+    whole, parts = (
+        ReplayBuffer.open(tmp_path / "whole.zarr"),
+        ReplayBuffer.open(tmp_path / "parts.zarr"),
+    )
+
+    def by_episode(buffer):
+        return {
+            (buffer.episode_task(e).name, int(buffer.episode_seed[e])): buffer.get_episode(e)
+            for e in range(buffer.n_episodes)
+        }
+
+    expected, resumed = by_episode(whole), by_episode(parts)
+    assert resumed.keys() == expected.keys() and len(resumed) == 6
+    for key, episode in expected.items():
+        for name, values in episode.items():
+            np.testing.assert_array_equal(resumed[key][name], values, err_msg=f"{key} {name}")
+    again = collect_demonstrations(
+        env, tmp_path / "parts.zarr", episodes_per_task=3, resume=True, **common
+    )
+    assert again.kept == report.kept and ReplayBuffer.open(tmp_path / "parts.zarr").n_episodes == 6
+    with pytest.raises(ValueError, match=r"another collection; cameras: the store's \['corner'\]"):
+        collect_demonstrations(
+            env,
+            tmp_path / "parts.zarr",
+            episodes_per_task=3,
+            resume=True,
+            cameras=("behindGripper",),
+            image_size=16,
+            workers=1,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="already exists; --resume finishes"):
+        collect_demonstrations(env, tmp_path / "parts.zarr", episodes_per_task=3, **common)

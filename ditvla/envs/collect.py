@@ -141,6 +141,9 @@ class CollectConfig:
             left or right end; other tasks approach from the left or the right), so that
             one observation has several valid action chunks.
         overwrite: replace an existing store.
+        resume: finish an interrupted collection into the same store: the episodes it
+            holds are kept and each task goes on from the seed after its last one (the
+            store must be of the same suite, tasks, cameras, image size and options).
         progress: show a progress bar.
     """
 
@@ -153,6 +156,7 @@ class CollectConfig:
     detour_steps: int = 0
     multimodal: bool = False
     overwrite: bool = False
+    resume: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -162,6 +166,8 @@ class CollectConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.detour_steps < 0:
             raise ConfigError(f"detour_steps must be >= 0, got {self.detour_steps}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume keeps a store's episodes, overwrite replaces them: pick one")
 
 
 def collect_demonstrations(
@@ -178,6 +184,8 @@ def collect_demonstrations(
     cameras = suite.default_cameras if config.cameras is None else tuple(config.cameras)
     report = CollectionReport()
     buffer: ReplayBuffer | None = None
+    if config.resume and Path(out).exists():
+        buffer = _resumed_store(out, _source(env_spec, suite, config), cameras, config)
     bar = tqdm(
         total=config.episodes_per_task * len(tasks),
         desc="collect",
@@ -232,6 +240,16 @@ def _check_expert(env: Any, config: CollectConfig) -> None:
         env.vary_expert(config.seed_start)
 
 
+def _source(env_spec: str, suite: Any, config: CollectConfig) -> str:
+    """What a store's ``source`` attribute says about the collection that wrote it."""
+    source = f"{suite.name} scripted experts ({env_spec})"
+    if config.detour_steps:
+        source += f", detours of up to {config.detour_steps} steps"
+    if config.multimodal:
+        source += ", multimodal (a way per episode)"
+    return source
+
+
 def _create_store(
     out: str | Path,
     env_spec: str,
@@ -242,11 +260,11 @@ def _create_store(
 ) -> ReplayBuffer:
     """The empty store the episodes go into, described by the suite and the first task's
     simulator."""
-    source = f"{suite.name} scripted experts ({env_spec})"
-    if config.detour_steps:
-        source += f", detours of up to {config.detour_steps} steps"
-    if config.multimodal:
-        source += ", multimodal (a way per episode)"
+    if Path(out).exists() and not config.overwrite:
+        raise ConfigError(
+            f"{out}: already exists; --resume finishes the collection that wrote it, "
+            "--overwrite replaces it"
+        )
     return ReplayBuffer.create(
         out,
         fps=round(env.fps, 3),
@@ -254,9 +272,38 @@ def _create_store(
         state_keys=list(env.proprio_keys),
         privileged_keys=list(env.privileged_keys),
         action_space=suite.action_space,
-        source=source,
+        source=_source(env_spec, suite, config),
         overwrite=config.overwrite,
     )
+
+
+def _resumed_store(
+    out: str | Path, source: str, cameras: tuple[str, ...], config: CollectConfig
+) -> ReplayBuffer:
+    """The store of an interrupted collection, opened to append, after checking it was
+    written by this one (an append cut short leaves it as it was before that episode)."""
+    buffer = ReplayBuffer.open(out, mode="a")
+    checks = (
+        ("source", buffer.attrs.get("source"), source),
+        ("cameras", list(buffer.cameras), list(cameras)),
+    )
+    if cameras and buffer.cameras and buffer.n_frames:
+        size = buffer.shape(buffer.cameras[0])[0]
+        checks += (("image size", size, config.image_size),)
+    differs = [
+        f"{name}: the store's {held!r}, asked {asked!r}"
+        for name, held, asked in checks
+        if held != asked
+    ]
+    seeds, last = buffer.episode_seed, config.seed_start + 2 * config.episodes_per_task - 1
+    if buffer.n_episodes and not config.seed_start <= seeds.min() <= seeds.max() <= last:
+        differs.append(
+            f"seeds: the store's {seeds.min()}..{seeds.max()}, this collection's "
+            f"{config.seed_start}..{last}"
+        )
+    if differs:
+        raise ConfigError(f"{out}: written by another collection; " + "; ".join(differs))
+    return buffer
 
 
 def _episode_submitter(
@@ -300,9 +347,18 @@ def _collect_task(
     Episodes run ahead in seed order (at most ``workers`` of them, never more than the
     successes still missing) and are written in seed order."""
     wanted = config.episodes_per_task
-    report.kept[task] = report.attempts[task] = 0
+    # Seeds run in order, so a resumed task has tried every seed up to its last stored one.
+    stored = [
+        int(seed)
+        for episode, seed in enumerate(buffer.episode_seed)
+        if buffer.episode_task(episode).name == task
+    ]
+    report.kept[task] = len(stored)
+    report.attempts[task] = max(stored) + 1 - config.seed_start if stored else 0
+    bar.update(min(len(stored), wanted))
     pending: deque[tuple[int, Future]] = deque()
-    next_seed, limit = config.seed_start, config.seed_start + 2 * wanted
+    next_seed = config.seed_start + report.attempts[task]
+    limit = config.seed_start + 2 * wanted
     while report.kept[task] < wanted and report.attempts[task] < 2 * wanted:
         while (
             len(pending) < config.workers
