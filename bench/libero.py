@@ -32,7 +32,15 @@ import os
 import time
 from pathlib import Path
 
-from bench.objects import RECIPE, Store, Suite, collected, smolvla_arm, success, train_and_evaluate
+from bench.store_runs import (
+    RECIPE,
+    Store,
+    Suite,
+    collected,
+    smolvla_arm,
+    success,
+    train_and_evaluate,
+)
 
 CAMERAS = ("agentview", "eye_in_hand")
 IMAGE_SIZE = 64

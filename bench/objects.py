@@ -28,39 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.lerobot_adapter import LeRobotAdapter
-from bench.lerobot_batches import batches_for_lerobot
-from bench.lerobot_training import train_for
-from bench.smolvla_peer import tiny_smolvla
+from bench.store_runs import (
+    RECIPE,
+    Store,
+    Suite,
+    collected,
+    smolvla_arm,
+    success,
+    train_and_evaluate,
+)
 
-
-@dataclass(frozen=True)
-class Store:
-    """One store of demonstrations and the environment its policy is evaluated on."""
-
-    name: str
-    env: str
-    episodes_per_task: int
-    cameras: tuple[str, ...]
-    image_size: int
-    detour_steps: int = 0
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    stores: tuple[Store, ...]
-    train: dict = field(default_factory=dict)  # TrainConfig fields over ditvla's defaults
-
-
-# the demo's training settings, with every privileged array the store records (object
-# poses, the goal) as the auxiliary head's targets: read at training time, never acting
-RECIPE = {"batch_size": 32, "lr": 1e-3, "auxiliary": "privileged"}
 META_WORLD_CAMERAS = ("corner3", "behindGripper")
 ROBOSUITE_CAMERAS = ("agentview", "robot0_eye_in_hand")
 SUITES = {
@@ -78,69 +58,6 @@ SUITES = {
         train={**RECIPE, "steps": 4000},
     ),
 }
-
-
-def collected(store: Store, out: Path) -> Path:
-    from ditvla.envs.collect import CollectConfig, collect_demonstrations
-
-    path = out / f"{store.name}.zarr"
-    if not path.exists():
-        config = CollectConfig(
-            episodes_per_task=store.episodes_per_task,
-            cameras=store.cameras,
-            image_size=store.image_size,
-            detour_steps=store.detour_steps,
-        )
-        collect_demonstrations(store.env, path, config)
-    return path
-
-
-def train_and_evaluate(store: Store, path: Path, suite: Suite, out: Path, episodes: int) -> dict:
-    """``ditvla train`` (defaults + the suite's fields) and ``ditvla eval`` of one store."""
-    from ditvla.contract import load_policy
-    from ditvla.envs.evaluate import evaluate
-    from ditvla.training.trainer import TrainConfig, train
-
-    config = TrainConfig(dataset=str(path), out=str(out / store.name), num_workers=0, **suite.train)
-    start = time.perf_counter()
-    policy_dir = train(config)
-    seconds = time.perf_counter() - start
-    print(f"{store.name}: trained in {seconds / 60:.1f} min", flush=True)
-    report = evaluate(
-        load_policy(policy_dir),
-        store.env,
-        out=out / f"{store.name}_eval",
-        episodes_per_task=episodes,
-        videos_per_task=1,
-    )
-    print(report.markdown(), flush=True)
-    return {"train_s": seconds, "policy": str(policy_dir), "eval": report.summary()}
-
-
-def smolvla_arm(path: Path, policy_dir: str, env: str, budget_s: float, episodes: int) -> dict:
-    """SmolVLA at the tiny preset's sizes, trained on the same store for ``budget_s``."""
-    from ditvla.contract import load_policy
-    from ditvla.datasets.torch_dataset import ReplayBufferDataset
-    from ditvla.envs.evaluate import evaluate
-    from ditvla.training.trainer import TrainConfig
-
-    spec = load_policy(policy_dir).spec
-    data = ReplayBufferDataset(path, cameras=spec.cameras, state_keys=spec.state_keys).data_spec()
-    with tempfile.TemporaryDirectory() as folder:
-        smolvla, pre, post = tiny_smolvla(
-            Path(folder), data, horizon=spec.horizon, n_action_steps=spec.n_action_steps
-        )
-        batches = batches_for_lerobot(path, spec, batch_size=TrainConfig.batch_size)
-        training = train_for(smolvla, pre, batches, budget_s, name="lerobot smolvla")
-        adapter = LeRobotAdapter(smolvla, pre, post, spec, reads_task=True)
-        report = evaluate(adapter, env, episodes_per_task=episodes, videos_per_task=0)
-    print(f"lerobot smolvla:\n{report.markdown()}", flush=True)
-    return {"training": training, "eval": report.summary()}
-
-
-def success(result: dict, task: str | None = None) -> float:
-    summary = result["eval"]
-    return summary["mean_success"] if task is None else summary["tasks"][task]["success_rate"]
 
 
 def main(argv: list[str] | None = None) -> None:
