@@ -111,7 +111,6 @@ class PickAndPlace:
         self.phase, self.counter, self.last_z = "hover", 0, None
         self.hold: np.ndarray | None = None  # hand minus grasp point, as grasped
         self.lift_z = -np.inf
-        self.retreat_to: np.ndarray | None = None
 
     def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where to grasp the object now, and its box (low, high)."""
@@ -176,16 +175,9 @@ class PickAndPlace:
         if self.phase == "release":
             self.counter += 1
             if self.counter >= self.OPEN_STEPS:
-                self.phase, self.counter = "retreat", 0
-                self.retreat_to = hand + np.array([0.0, 0.0, self.HOVER])
+                self.phase = "retreat"
             return self._move(hand, hand, OPEN)
-        self.counter += 1  # retreat: up to hover height over where it let go
-        return self._move(hand, self.retreat_to, OPEN)
-
-    def try_again(self) -> None:
-        """Start over from the object where it now is (the goal did not hold)."""
-        self.phase, self.counter, self.last_z, self.hold = "hover", 0, None, None
-        self.lift_z = -np.inf
+        return self._move(hand, hand + np.array([0.0, 0.0, 0.05]), OPEN)
 
 
 # Handle bars of the wooden cabinet's drawers, in each drawer body's frame (LIBERO's
@@ -414,22 +406,11 @@ class LiberoExpert:
             return site_top
         raise ConfigError(f"the LIBERO goal names {where!r}, which the scene does not hold")
 
-    RETRY_AFTER = 15  # steps of backing off after letting go, before trying again
-
     def action(self, hand: np.ndarray) -> np.ndarray:
-        """The action for the hand position ``hand``, from the current part. A placing
-        part whose goal does not hold once it has backed off starts over."""
+        """The action for the hand position ``hand``, from the current part."""
         while self.current < len(self.steps) - 1:
             part, done = self.steps[self.current]
             if part.phase != "retreat" or not done():
                 break
             self.current += 1
-        part, done = self.steps[self.current]
-        if (
-            isinstance(part, PickAndPlace)
-            and part.phase == "retreat"
-            and part.counter >= self.RETRY_AFTER
-            and not done()
-        ):
-            part.try_again()
-        return part.action(hand)
+        return self.steps[self.current][0].action(hand)
