@@ -195,7 +195,6 @@ def zarr_to_libero_hdf5(
     if existing and not overwrite:
         raise DatasetError(f"{', '.join(existing)}: already exist(s) (pass overwrite=True)")
     out.mkdir(parents=True, exist_ok=True)
-    cameras = {camera: source for source, camera in LIBERO_CAMERAS.items()}
     with tqdm(
         total=buffer.n_episodes, desc="zarr -> libero", unit="demo", disable=not progress
     ) as bar:
@@ -216,7 +215,7 @@ def zarr_to_libero_hdf5(
                     demo.attrs["num_samples"] = length
                     demo.create_dataset("actions", data=arrays["action"].astype(np.float64))
                     obs = demo.create_group("obs")
-                    for camera, source in cameras.items():
+                    for source, camera in LIBERO_CAMERAS.items():
                         frames = arrays[camera]
                         obs.create_dataset(
                             source, data=frames[:, ::-1, ::-1] if flip_images else frames

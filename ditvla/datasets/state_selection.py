@@ -68,8 +68,8 @@ def resolve_state(index: StoreIndex, selection: str) -> list[str]:
     """The state arrays ``selection`` names: ``proprio`` (what a real robot has, the
     store's ``state_keys``), ``full`` (with the privileged arrays), ``none`` (no state:
     the cameras and the instruction alone) or ``KEY[,KEY...]``."""
-    keys = _selected_state(index, selection)
-    padded = [key for key in keys if key in padded_keys(index)]
+    keys, padded_arrays = _selected_state(index, selection), padded_keys(index)
+    padded = [key for key in keys if key in padded_arrays]
     if padded:
         raise DatasetError(
             f"{index.path}: --state {selection!r}: {', '.join(padded)} differs in width "

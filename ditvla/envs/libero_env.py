@@ -262,6 +262,11 @@ class LiberoEnv(SimulatorEnv):
         self.fps = float(self._env.env.control_freq)
         self._raw: dict[str, np.ndarray] = {}
         self._expert: LiberoExpert | None = None
+        # where each movable object's position sits in qpos (and, after the time, in a
+        # flattened init state)
+        model, objects = self._env.sim.model, self._env.env.objects_dict.values()
+        starts = [model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in objects]
+        self._placement_columns = [start + axis for start in starts for axis in range(3)]
 
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera`` (our name)."""
@@ -298,12 +303,8 @@ class LiberoEnv(SimulatorEnv):
         (The BDDL regions are small, LIBERO-Object's about 1 cm across, so a fresh draw
         can come within millimetres of an init state: it is another episode of the same
         distribution, as LIBERO's own demonstrations are.)"""
-        sim, domain = self._env.sim, self._env.env
-        columns = []
-        for name in domain.objects_dict:
-            start, _ = sim.model.get_joint_qpos_addr(domain.objects_dict[name].joints[-1])
-            columns += range(start, start + 3)
-        placed = sim.data.qpos[columns]
+        columns = self._placement_columns
+        placed = self._env.sim.data.qpos[columns]
         stored = self.init_states[:, 1:][:, columns]  # a flattened state starts with time
         if np.any(np.abs(stored - placed).max(axis=1) < 1e-4):
             raise RuntimeError(f"{self.task}: seed {seed} drew one of the evaluation init states")

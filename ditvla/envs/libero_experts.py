@@ -123,9 +123,6 @@ class PickAndPlace:
             point[2] = high[2] - 0.02
         return point, low, high
 
-    def _move(self, hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
-        return move_towards(hand, goal, gripper)
-
     def action(self, hand: np.ndarray) -> np.ndarray:
         """The action for the hand (end-effector) position ``hand``."""
         grasp, low, high = self.grasp_point()
@@ -135,24 +132,24 @@ class PickAndPlace:
         if self.phase == "rise":  # up and open, then grasp again
             if hand[2] > high[2] + self.HOVER - 0.02:
                 self.phase = "hover"
-            return self._move(hand, np.array([hand[0], hand[1], high[2] + self.HOVER]), OPEN)
+            return move_towards(hand, np.array([hand[0], hand[1], high[2] + self.HOVER]), OPEN)
         if self.phase == "hover":
             goal = np.array([grasp[0], grasp[1], high[2] + self.HOVER])
             if np.linalg.norm((goal - hand)[:2]) < 0.008 and abs(goal[2] - hand[2]) < 0.03:
                 self.phase, self.counter, self.last_z = "descend", 0, None
-            return self._move(hand, goal, OPEN)
+            return move_towards(hand, goal, OPEN)
         if self.phase == "descend":
             stalled = self.last_z is not None and abs(self.last_z - hand[2]) < 0.001
             self.counter = self.counter + 1 if stalled else 0
             self.last_z = hand[2]
             if np.linalg.norm(grasp - hand) < 0.01 or self.counter >= 5:
                 self.phase, self.counter = "close", 0
-            return self._move(hand, grasp, OPEN)
+            return move_towards(hand, grasp, OPEN)
         if self.phase == "close":
             self.counter += 1
             if self.counter >= self.CLOSE_STEPS:
                 self.phase, self.hold, self.lift_z = "lift", hand - grasp, hand[2] + self.LIFT
-            return self._move(hand, hand, CLOSED)
+            return move_towards(hand, hand, CLOSED)
         centre, top = self.target()
         height = grasp[2] - low[2]  # from the object's bottom up to where it is held
         carry_z = max(top + self.release_above + height + 0.05, self.lift_z)
@@ -161,23 +158,23 @@ class PickAndPlace:
         if self.phase == "lift":
             if hand[2] > carry_z - 0.02:
                 self.phase = "carry"
-            return self._move(hand, np.array([hand[0], hand[1], carry_z]), CLOSED)
+            return move_towards(hand, np.array([hand[0], hand[1], carry_z]), CLOSED)
         if self.phase == "carry":
             if np.linalg.norm((over_target - hand)[:2]) < 0.01:
                 self.phase = "lower"
-            return self._move(hand, over_target, CLOSED)
+            return move_towards(hand, over_target, CLOSED)
         if self.phase == "lower":
             release_z = top + self.release_above
             if low[2] - release_z < 0.01:
                 self.phase, self.counter = "release", 0
             over_target[2] = hand[2] + release_z - low[2]
-            return self._move(hand, over_target, CLOSED)
+            return move_towards(hand, over_target, CLOSED)
         if self.phase == "release":
             self.counter += 1
             if self.counter >= self.OPEN_STEPS:
                 self.phase = "retreat"
-            return self._move(hand, hand, OPEN)
-        return self._move(hand, hand + np.array([0.0, 0.0, 0.05]), OPEN)
+            return move_towards(hand, hand, OPEN)
+        return move_towards(hand, hand + np.array([0.0, 0.0, 0.05]), OPEN)
 
 
 # Handle bars of the wooden cabinet's drawers, in each drawer body's frame (LIBERO's
@@ -296,9 +293,6 @@ class TurnKnob:
         self.sim, self.body, self.joint = sim, body, joint
         self.phase = "hover"
 
-    def _move(self, hand: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        return move_towards(hand, goal, CLOSED)
-
     def action(self, hand: np.ndarray) -> np.ndarray:
         knob = self.sim.data.get_body_xpos(self.body)
         start = knob + np.array([0.04, -0.035, 0.03])  # beside the ridge's +x end
@@ -307,16 +301,16 @@ class TurnKnob:
             goal = start + np.array([0.0, 0.0, self.HOVER])
             if np.linalg.norm(goal - hand) < 0.01:
                 self.phase = "descend"
-            return self._move(hand, goal)
+            return move_towards(hand, goal, CLOSED)
         if self.phase == "descend":
             if np.linalg.norm(start - hand) < 0.008:
                 self.phase = "push"
-            return self._move(hand, start)
+            return move_towards(hand, start, CLOSED)
         if self.phase == "push":
             if self.sim.data.get_joint_qpos(self.joint) > KNOB_ON:
                 self.phase = "retreat"
-            return self._move(hand, end)
-        return self._move(hand, hand + np.array([0.0, 0.0, 0.05]))
+            return move_towards(hand, end, CLOSED)
+        return move_towards(hand, hand + np.array([0.0, 0.0, 0.05]), CLOSED)
 
 
 Part = PickAndPlace | PullDrawer | TurnKnob
@@ -351,8 +345,8 @@ class LiberoExpert:
                 return [(place, holds)]
             opened = self._holds(["open", where])
             return [(drawer, opened), (place, holds)]
-        if name == "open" and len(predicate) == 2 and self._drawer(predicate[1]):
-            return [(self._drawer(predicate[1]), holds)]
+        if name == "open" and len(predicate) == 2 and (drawer := self._drawer(predicate[1])):
+            return [(drawer, holds)]
         if name == "turnon" and len(predicate) == 2:
             stove = domain.fixtures_dict.get(predicate[1])
             if stove is not None and type(stove).__name__ == "FlatStove":
