@@ -397,6 +397,24 @@ def test_spatial_softmax_finds_a_single_bright_pixel():
     assert (x1, y1) == pytest.approx((-1.0, 1.0), abs=1e-4)
 
 
+def test_the_attention_pooled_auxiliary_head_reads_only_real_tokens():
+    from ditvla.errors import ConfigError
+    from ditvla.policies.auxiliary_head import AuxiliaryHead
+
+    torch.manual_seed(0)
+    head = AuxiliaryHead(16, 3, "attention")
+    tokens, mask = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False  # the second row's last three tokens are padding
+    before = head(tokens, mask)
+    tokens[1, 7:] = 100.0
+    after = head(tokens, mask)
+    assert after.shape == (2, 3) and torch.allclose(before, after)
+    tokens[1, 0] = torch.randn(16)  # a real token moves the prediction
+    assert not torch.allclose(head(tokens, mask)[1], after[1])
+    with pytest.raises(ConfigError, match="auxiliary_pooling must be mean or attention"):
+        PolicyConfig(action_dim=4, auxiliary_pooling="max")
+
+
 def test_keypoint_tokens_learn_where_things_are_and_survive_saving(store, tmp_path):
     policy, dataset = make_policy(store, backbone={"keypoints": 8})
     obs = observation(dataset)

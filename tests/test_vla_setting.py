@@ -100,7 +100,8 @@ def test_auxiliary_targets_are_learned_in_training_and_never_read(reach_store, t
 def test_the_auxiliary_prediction_can_condition_the_action_head(reach_store, tmp_path):
     # enough steps past the warm-up for the head's zero-initialized modulation to move
     common = dict(dataset=str(reach_store), steps=30, batch_size=4, num_workers=0, progress=False)
-    overrides = {"auxiliary_input": True}
+    # the attention pooling here (the mean is the default, which the other tests train)
+    overrides = {"auxiliary_input": True, "auxiliary_pooling": "attention"}
     folder = train(
         TrainConfig(
             out=str(tmp_path / "in"), auxiliary="goal", policy_overrides=overrides, **common

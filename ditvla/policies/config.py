@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from ditvla.contract import DataSpec
 from ditvla.errors import ConfigError
+from ditvla.policies.auxiliary_head import AuxiliaryPooling
 from ditvla.policies.backbone import BackboneConfig, Family
 from ditvla.policies.dit_head import HEAD_PRESETS, ActionHeadConfig
 from ditvla.policies.forecasting import ForecastConfig
@@ -63,6 +64,9 @@ class PolicyConfig:
             beside the state: the head reads the positions the backbone reads off its
             cameras as it would read privileged state (trained on the predictions, never
             on the true values, so acting sees what training saw).
+        auxiliary_pooling: how the auxiliary head pools the context: mean (of every
+            token) or attention (a few learned queries, each a softmax over the tokens,
+            so that a query can settle on the patches where an object is seen).
         forecast: feature forecasting in the sampler (TaylorSeer; off by default).
         distilled_steps: a few-step student's step count (``ditvla distill``): its head
             was trained to sample in that many steps, and more are refused; 0 for a
@@ -99,6 +103,7 @@ class PolicyConfig:
     auxiliary_dim: int = 0
     auxiliary_weight: float = 1.0
     auxiliary_input: bool = False
+    auxiliary_pooling: AuxiliaryPooling = "mean"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
     foresight: ForesightConfig = field(default_factory=ForesightConfig)
@@ -121,6 +126,10 @@ class PolicyConfig:
                     f"foresight camera {self.foresight.camera!r} is not one of {self.cameras}"
                 )
         make_schedule(self.objective)  # validates the name
+        if self.auxiliary_pooling not in ("mean", "attention"):
+            raise ConfigError(
+                f"auxiliary_pooling must be mean or attention, got {self.auxiliary_pooling!r}"
+            )
         if self.n_action_steps == 0:
             self.n_action_steps = max(1, self.horizon // 2)
         if not 1 <= self.n_action_steps <= self.horizon:

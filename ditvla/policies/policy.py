@@ -106,7 +106,9 @@ class DiTVLAPolicy(nn.Module):
             )
         self.auxiliary: AuxiliaryHead | None = None
         if config.auxiliary_keys:
-            self.auxiliary = AuxiliaryHead(self.backbone.width, config.auxiliary_dim)
+            self.auxiliary = AuxiliaryHead(
+                self.backbone.width, config.auxiliary_dim, config.auxiliary_pooling
+            )
         self._queue: deque[torch.Tensor] = deque()
         self.last_forecaster: Forecaster | None = None  # the last chunk's (its step counts)
 
