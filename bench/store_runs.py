@@ -4,10 +4,13 @@ and train LeRobot's SmolVLA on the same store for the same wall-clock."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.lerobot_adapter import LeRobotAdapter
 from bench.lerobot_batches import batches_for_lerobot
@@ -76,11 +79,13 @@ def train_and_evaluate(store: Store, path: Path, suite: Suite, out: Path, episod
     return {"train_s": seconds, "policy": str(policy_dir), "eval": report.summary()}
 
 
-def smolvla_arm(path: Path, policy_dir: str, env: str, budget_s: float, episodes: int) -> dict:
-    """SmolVLA at the tiny preset's sizes, trained on the same store for ``budget_s``."""
+@contextlib.contextmanager
+def trained_smolvla(path: Path, policy_dir: str, budget_s: float) -> Iterator[tuple[Any, dict]]:
+    """SmolVLA at the tiny preset's sizes, trained on the store at ``path`` for
+    ``budget_s`` seconds, reading what the policy in ``policy_dir`` reads: (a policy the
+    evaluator runs, its training record), for the ``with`` block."""
     from ditvla.contract import load_policy
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
-    from ditvla.envs.evaluate import evaluate
     from ditvla.training.trainer import TrainConfig
 
     spec = load_policy(policy_dir).spec
@@ -91,7 +96,14 @@ def smolvla_arm(path: Path, policy_dir: str, env: str, budget_s: float, episodes
         )
         batches = batches_for_lerobot(path, spec, batch_size=TrainConfig.batch_size)
         training = train_for(smolvla, pre, batches, budget_s, name="lerobot smolvla")
-        adapter = LeRobotAdapter(smolvla, pre, post, spec, reads_task=True)
+        yield LeRobotAdapter(smolvla, pre, post, spec, reads_task=True), training
+
+
+def smolvla_arm(path: Path, policy_dir: str, env: str, budget_s: float, episodes: int) -> dict:
+    """SmolVLA at the tiny preset's sizes, trained on the same store for ``budget_s``."""
+    from ditvla.envs.evaluate import evaluate
+
+    with trained_smolvla(path, policy_dir, budget_s) as (adapter, training):
         report = evaluate(adapter, env, episodes_per_task=episodes, videos_per_task=0)
     print(f"lerobot smolvla:\n{report.markdown()}", flush=True)
     return {"training": training, "eval": report.summary()}

@@ -101,8 +101,10 @@ def add_eval(commands: Commands, configured: bool) -> None:
     evaluation.add_argument("--out", default="outputs/eval", help="output folder")
     if configured:
         from ditvla.envs.evaluate import EvalConfig
+        from ditvla.envs.perturbations import describe_axes
 
         add_config_options(evaluation, EvalConfig, exclude=("progress",))
+        evaluation.epilog = "--perturb axes and levels: " + describe_axes()
     actions = evaluation.add_subparsers(dest="eval_command", metavar="[merge]")
     merge = add_command(
         actions,

@@ -47,7 +47,9 @@ from ditvla.envs.evaluation_report import (
     wilson_interval,
 )
 from ditvla.envs.evaluation_runs import episode_jobs, parse_shard, start_run, write_report
+from ditvla.envs.perturbations import Perturbation, ReceivedPerturbation, check_policy_reads
 from ditvla.envs.registry import Suite, parse_env
+from ditvla.envs.rewordings import read_rewordings
 from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
 from ditvla.envs.videos import write_video
 from ditvla.errors import ConfigError
@@ -83,6 +85,12 @@ class EvalConfig:
             merge joins the shards); empty: every episode.
         resume: keep the episodes the output folder holds from the same evaluation and
             run only the others.
+        perturb: AXIS=LEVEL[,AXIS=LEVEL...]: what the policy meets beyond its training
+            inputs, drawn from each episode's seed (same episodes and initial noise as
+            unperturbed): camera, lighting, table, background and robot in the simulator,
+            pixels, state and instruction in what the policy receives; levels small,
+            medium, large (instruction also file). See ditvla.envs.perturbations.
+        rewordings: a file of TASK<TAB>REWORDING lines, for --perturb instruction=file.
     """
 
     episodes_per_task: int = 50
@@ -94,9 +102,17 @@ class EvalConfig:
     progress: bool = True
     shard: str = ""
     resume: bool = False
+    perturb: str = ""
+    rewordings: str = ""
 
     def __post_init__(self) -> None:
         parse_shard(self.shard)
+        perturbation = Perturbation.parse(self.perturb)
+        if (perturbation.level("instruction") == "file") != bool(self.rewordings):
+            raise ConfigError(
+                "--perturb instruction=file reads its rewordings from --rewordings FILE, "
+                "and --rewordings is for instruction=file only"
+            )
         if self.episodes_per_task < 1 or self.workers < 1:
             raise ConfigError(
                 f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
@@ -115,10 +131,12 @@ class _Slot:
     obs: dict | None = None
     frames: list | None = None
     noise: torch.Generator | None = None  # the episode's own, for a policy's initial noise
+    received: ReceivedPerturbation | None = None  # what the policy receives, perturbed
 
     def clear(self) -> None:
         """Free the slot for the next episode."""
         self.job, self.frames, self.queue, self.noise = None, None, deque(), None
+        self.received = None
 
 
 def _batch(
@@ -127,10 +145,22 @@ def _batch(
     cameras: tuple[str, ...],
     probe: Probe,
     instructions: dict[str, str],
+    received: list[ReceivedPerturbation] | None = None,
 ) -> dict[str, Any]:
     """The policy's batch; ``task`` and ``seed`` name each row's episode (for policies
     that keep per-episode history). ``probe`` blanks the frames or swaps each episode's
-    instruction for another of ``instructions`` (by task), chosen by the episode's seed."""
+    instruction for another of ``instructions`` (by task), chosen by the episode's seed.
+    ``received``: each row's perturbation of its frames, state and instruction."""
+    if received is not None:
+        observations = [
+            {
+                **o,
+                "images": {cam: r.frame(o["images"][cam]) for cam in cameras},
+                "state": r.state_of(o["state"]),
+                "instruction": r.instruction,
+            }
+            for o, r in zip(observations, received, strict=True)
+        ]
     images = {cam: np.stack([o["images"][cam] for o in observations]) for cam in cameras}
     said = [o["instruction"] for o in observations]
     if probe == "blank_images":
@@ -169,6 +199,8 @@ class _Rollouts:
     ):
         self.suite, self.spec, self.config, self.report, self.out = suite, spec, config, report, out
         self.instructions = {task: suite.instruction(task) for task in tasks}
+        self.perturbation = Perturbation.parse(config.perturb)
+        self.rewordings = read_rewordings(config.rewordings, tasks) if config.rewordings else None
         self.video_cameras = spec.cameras or suite.default_cameras[:1]
         record_videos = out is not None and config.videos_per_task > 0
         self.videos_left = {t: config.videos_per_task if record_videos else 0 for t in tasks}
@@ -187,6 +219,7 @@ class _Rollouts:
             config.max_steps,
             spec.reads_expert_action,
             tuple(spec.state_keys) if spec.state_dim else None,
+            self.perturbation.name(),
         )
         self.slots = [
             _Slot(SimulatorWorker(context, *worker_args))
@@ -254,6 +287,10 @@ class _Rollouts:
             slot.steps, slot.queue = 0, deque()
             if self.spec.noise_shape is not None:
                 slot.noise = torch.Generator().manual_seed(seed)
+            if self.perturbation:
+                slot.received = ReceivedPerturbation(
+                    self.perturbation, task, seed, self.instructions[task], self.rewordings
+                )
             slot.frames = [] if self.videos_left[task] > 0 else None
             if slot.frames is not None:
                 self.videos_left[task] -= 1
@@ -280,7 +317,10 @@ class _Rollouts:
                 f"{self.suite.name} gives {observations[0]['state'].shape[0]}-D"
             )
         jobs = [s.job for s in needing]
-        batch = _batch(observations, jobs, spec.cameras, self.config.probe, self.instructions)
+        received = [s.received for s in needing] if self.perturbation else None
+        batch = _batch(
+            observations, jobs, spec.cameras, self.config.probe, self.instructions, received
+        )
         options = {}  # the episodes' own initial noise, for a diffusion policy
         if spec.noise_shape is not None:
             rows = [torch.randn(spec.noise_shape, generator=s.noise) for s in needing]
@@ -357,6 +397,7 @@ def evaluate(
     suite, tasks = parse_env(env_spec)
     spec = policy.spec
     state_keys = _checked_state_keys(suite, spec)
+    check_policy_reads(Perturbation.parse(config.perturb), spec.cameras, spec.state_dim)
     privileged = spec.reads_expert_action or suite.env_class.reads_privileged_state(
         state_keys or ()
     )
@@ -366,6 +407,7 @@ def evaluate(
             "state_keys": list(state_keys or ()),
             "privileged_state": privileged,
             "probe": config.probe,
+            "perturb": Perturbation.parse(config.perturb).name(),
         }
     )
     policy.reset()
@@ -400,4 +442,12 @@ def evaluate(
 
 
 # what makes two evaluations the same run (with the tasks, the observation and the policy)
-_RUN_SETTINGS = ("episodes_per_task", "seed_start", "max_steps", "probe", "shard")
+_RUN_SETTINGS = (
+    "episodes_per_task",
+    "seed_start",
+    "max_steps",
+    "probe",
+    "shard",
+    "perturb",
+    "rewordings",
+)

@@ -38,7 +38,8 @@ class EpisodeResult:
 @dataclass
 class EvaluationReport:
     """Episodes, and what the policy read: ``observation`` = {"cameras", "state_keys",
-    "privileged_state", "probe"} (every report says which state the policy read)."""
+    "privileged_state", "probe", "perturb"} (every report says which state the policy
+    read, and what was perturbed)."""
 
     episodes: list[EpisodeResult] = field(default_factory=list)
     seconds: float = 0.0
@@ -96,7 +97,9 @@ def describe_observation(observation: dict[str, Any]) -> str:
         if observation["privileged_state"]
         else ("proprioception only")
     )
-    probe = observation.get("probe", "none")
-    return f"cameras {cameras}, state {state} ({kind}), instruction" + (
-        f"; probe: {probe.replace('_', ' ')}" if probe != "none" else ""
+    probe, perturb = observation.get("probe", "none"), observation.get("perturb", "")
+    return (
+        f"cameras {cameras}, state {state} ({kind}), instruction"
+        + (f"; probe: {probe.replace('_', ' ')}" if probe != "none" else "")
+        + (f"; perturbed: {perturb}" if perturb else "")
     )

@@ -37,6 +37,7 @@ import numpy as np
 from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
 from ditvla.envs.errors import SimulatorUnavailable
 from ditvla.envs.libero_experts import LiberoExpert
+from ditvla.envs.robosuite_env import move_arm_joints, observed_again
 from ditvla.envs.schema import EVAL_SEED_START, SimulatorEnv
 from ditvla.errors import ConfigError
 
@@ -272,6 +273,20 @@ class LiberoEnv(SimulatorEnv):
         """One upright uint8 (H, W, 3) frame of ``camera`` (our name)."""
         frame = self._renderer.render(CAMERAS[camera], self.image_size)
         return np.ascontiguousarray(frame[::-1, ::-1])
+
+    # ------------------------------------------------------------------ perturbation
+    @property
+    def mujoco_model(self) -> Any:
+        return self._env.sim.model._model
+
+    def mujoco_camera(self, camera: str) -> str:
+        return CAMERAS[camera]
+
+    def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
+        move_arm_joints(self._env.env, rng, level)
+
+    def scene_changed(self) -> None:
+        self._raw = observed_again(self._env.env)
 
     def success(self) -> bool:
         return bool(self._env.check_success())

@@ -97,6 +97,7 @@ ROUTES = {
 APPROACH_OFFSETS = {"left": (-0.1, 0.0, 0.05), "right": (0.1, 0.0, 0.05)}
 VIA_POINT_REACHED = 0.04  # metres from a via-point that count as passing it
 VIA_POINT_GAIN = 10.0  # the proportional gain towards a via-point, as Meta-World's experts
+HAND_SETTLE_STEPS = 50  # mocap steps that bring the hand to a moved start (as _reset_hand)
 
 
 def all_tasks() -> list[str]:
@@ -346,6 +347,26 @@ class MetaWorldEnv(SimulatorEnv):
         name = sorted(routes)[int(rng.integers(len(routes)))]
         self._via_points = [np.asarray(point, np.float64) for point in routes[name]]
         return name
+
+    # ------------------------------------------------------------------ perturbation
+    def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
+        """The hand's start moved by the level's distance in a random direction (the arm
+        follows Meta-World's mocap target, as at its own reset)."""
+        from ditvla.envs.perturbations import ROBOT_HAND
+
+        env = self._env
+        direction = rng.normal(size=3)
+        start = env.tcp_center + ROBOT_HAND[level] * direction / np.linalg.norm(direction)
+        mocap = env.model.body_mocapid[env.data.body("mocap").id]
+        for _ in range(HAND_SETTLE_STEPS):
+            env.data.mocap_pos[mocap][:] = start
+            env.do_simulation([-1, 1], env.frame_skip)
+
+    def scene_changed(self) -> None:
+        env = self._env
+        mujoco.mj_forward(env.model, env.data)
+        env._prev_obs = env._get_curr_obs_combined_no_goal()  # as Meta-World's reset
+        self._raw_obs = env._get_obs().astype(np.float64)
 
     def close(self) -> None:
         self._env.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -144,6 +144,17 @@ class RobosuiteEnv(SimulatorEnv):
         """One upright uint8 (H, W, 3) frame of ``camera``."""
         return np.ascontiguousarray(self._renderer.render(camera, self.image_size)[::-1])
 
+    # ------------------------------------------------------------------ perturbation
+    @property
+    def mujoco_model(self) -> Any:
+        return self._env.sim.model._model
+
+    def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
+        move_arm_joints(self._env, rng, level)
+
+    def scene_changed(self) -> None:
+        self._raw = observed_again(self._env)
+
     # ------------------------------------------------------------------ simulator
     def _reset_simulator(self, seed: int) -> None:
         saved = np.random.get_state()
@@ -178,6 +189,25 @@ class RobosuiteEnv(SimulatorEnv):
 
 
 # ---------------------------------------------------------------------- scripted expert
+def move_arm_joints(env: Any, rng: np.random.Generator, level: str) -> None:
+    """A robosuite environment's arm joints each moved by a uniform offset within the
+    ``robot`` axis's level (the perturbation of a start; robosuite and LIBERO)."""
+    from ditvla.envs.perturbations import ROBOT_JOINTS
+
+    sim, robot = env.sim, env.robots[0]
+    columns = [sim.model.get_joint_qpos_addr(joint) for joint in robot.robot_joints]
+    offsets = rng.uniform(-ROBOT_JOINTS[level], ROBOT_JOINTS[level], len(columns))
+    sim.data.qpos[columns] += offsets
+    sim.data.qvel[:] = 0.0
+
+
+def observed_again(env: Any) -> dict[str, np.ndarray]:
+    """A robosuite environment's observations recomputed after its model or state was
+    changed outside a step (kinematics first)."""
+    env.sim.forward()
+    return env._get_observations(force_update=True)
+
+
 class _PickPlaceExpert:
     """Pick an object and (optionally) put it down at a target, from privileged poses.
 

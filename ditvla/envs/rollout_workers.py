@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ditvla.envs.perturbations import Perturbation
 from ditvla.envs.registry import SUITES
 
 WORKER_TIMEOUT_S = 120.0
@@ -36,8 +37,10 @@ def _worker_main(
     max_steps: int | None,
     with_expert: bool,
     state_keys: tuple[str, ...] | None,
+    perturb: str = "",
 ) -> None:
-    """One simulator process: answers reset/step/close commands over a pipe."""
+    """One simulator process: answers reset/step/close commands over a pipe; its
+    simulators apply ``perturb``'s scene axes at every reset."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     envs: OrderedDict[str, Any] = OrderedDict()  # least recently used first
@@ -66,6 +69,7 @@ def _worker_main(
                             max_episode_steps=max_steps,
                             state_keys=state_keys,
                         )
+                        envs[task].perturb(Perturbation.parse(perturb))
                     envs.move_to_end(task)
                     env = envs[task]
                     obs, _ = env.reset(seed=seed, options={"skip_images": not render})

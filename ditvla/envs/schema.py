@@ -10,7 +10,9 @@ cameras (their entry is empty). An episode ends
 when the task succeeds (``terminated``) or after ``max_episode_steps`` (``truncated``).
 
 A simulator subclass implements ``_reset_simulator(seed)``, ``_step_simulator(action) ->
-(reward, success)``, ``state_parts()``, ``render_camera(camera)`` and ``expert_action()``.
+(reward, success)``, ``state_parts()``, ``render_camera(camera)`` and ``expert_action()``;
+for perturbed evaluation (:mod:`ditvla.envs.perturbations`), ``mujoco_model``,
+``mujoco_camera(camera)``, ``move_robot_start(rng, level)`` and ``scene_changed()``.
 ``observation["state"]`` is the parts named by ``state_keys`` (proprioception by default),
 concatenated.
 """
@@ -44,6 +46,7 @@ class SimulatorEnv(gym.Env):
     privileged_keys: ClassVar[tuple[str, ...]] = ()
     other_state_keys: ClassVar[dict[str, bool]] = {}
     recorded_keys: ClassVar[tuple[str, ...]] = ()  # other parts a collection stores too
+    _perturber: Any = None  # the scene perturbation applied at each reset (perturb())
 
     instruction: str
     fps: float
@@ -120,6 +123,36 @@ class SimulatorEnv(gym.Env):
     def expert_action(self) -> np.ndarray:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ perturbation
+    @property
+    def mujoco_model(self) -> Any:
+        """The simulation's ``mujoco.MjModel``."""
+        raise NotImplementedError
+
+    def mujoco_camera(self, camera: str) -> str:
+        """The MuJoCo name of ``camera``."""
+        return camera
+
+    def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
+        """Move the arm's start by the ``robot`` axis's ``level`` (after a reset)."""
+        raise NotImplementedError
+
+    def scene_changed(self) -> None:
+        """Recompute what depends on the model or the robot's pose after a perturbation
+        (kinematics, and the observation the reset returns)."""
+        raise NotImplementedError
+
+    def perturb(self, perturbation: Any) -> None:
+        """Apply ``perturbation``'s scene axes (a
+        :class:`~ditvla.envs.perturbations.Perturbation`) at every reset from now on,
+        drawn from each episode's seed; an empty one removes them."""
+        from ditvla.envs.perturbations import ScenePerturber
+
+        if self._perturber is not None:
+            self._perturber.restore()
+            self.scene_changed()
+        self._perturber = ScenePerturber(self, perturbation) if perturbation.scene_axes() else None
+
     def vary_expert(self, seed: int) -> str:
         """Make the current episode's expert take one of several ways of doing the task,
         chosen by ``seed`` (multimodal demonstrations); returns the way's name."""
@@ -141,9 +174,10 @@ class SimulatorEnv(gym.Env):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Start the episode that ``seed`` fixes (a random one without a seed)."""
         super().reset(seed=seed)
-        self._reset_simulator(
-            int(seed) if seed is not None else int(self.np_random.integers(2**31))
-        )
+        seed = int(seed) if seed is not None else int(self.np_random.integers(2**31))
+        self._reset_simulator(seed)
+        if self._perturber is not None:
+            self._perturber.apply(seed)
         self._steps = 0
         with_images = not (options or {}).get("skip_images", False)
         return self._observation(with_images), {"success": False}

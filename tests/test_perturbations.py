@@ -1,0 +1,154 @@
+"""Perturbed evaluation (``ditvla eval --perturb``): real simulators, real renders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ditvla.contract import PolicySpec
+from ditvla.envs.baselines import ExpertPolicy
+from ditvla.envs.evaluate import EvalConfig, evaluate
+from ditvla.envs.perturbations import Perturbation
+from ditvla.envs.registry import SUITES
+from ditvla.envs.rewordings import read_rewordings, reworded
+from ditvla.errors import ConfigError
+
+
+def test_bad_perturbations_name_what_is_valid(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown perturbation axis 'fog'.*axes: camera, "):
+        Perturbation.parse("fog=small")
+    with pytest.raises(ConfigError, match=r"unknown level 'huge' for camera; levels: small \("):
+        Perturbation.parse("camera=huge")
+    with pytest.raises(ConfigError, match="given twice"):
+        Perturbation.parse("camera=small,camera=large")
+    with pytest.raises(ConfigError, match="--rewordings FILE"):
+        EvalConfig(perturb="instruction=file")
+    words = tmp_path / "words.tsv"
+    words.write_text("reach-v3\tgo to the red goal\n\nreach-v3\ttouch the goal\n")
+    with pytest.raises(ConfigError, match=r"words.tsv:2: empty line"):
+        read_rewordings(words, ["reach-v3"])
+    words.write_text("reach-v3\tgo to the red goal\npush-v3\tshove the puck\n")
+    with pytest.raises(ConfigError, match=r"words.tsv:2: task 'push-v3' is not evaluated"):
+        read_rewordings(words, ["reach-v3"])
+    with pytest.raises(ConfigError, match=r"the policy reads no camera: camera would change"):
+        evaluate(ExpertPolicy(), "metaworld:reach-v3", episodes_per_task=1, perturb="camera=small")
+
+
+def test_rewordings_change_the_words_not_the_meaning():
+    said = "pick up the puck and place it at the goal"
+    small, medium, large = (reworded(said, level, 7) for level in ("small", "medium", "large"))
+    assert small.lower().strip(".! ").removeprefix("please ").removesuffix(" please") == said
+    assert medium != said and len(medium.split()) >= len(said.split()) - 1
+    assert "puck" not in large and "goal" not in large and "pick up" not in large
+    assert reworded(said, "large", 7) == large  # the episode's seed fixes its words
+    colour = "reach the green ball"
+    assert all(
+        "green" in reworded(colour, level, seed)
+        for level in ("medium", "large")
+        for seed in range(8)
+    )
+
+
+@pytest.mark.parametrize(
+    "suite, task, cameras",
+    [
+        ("metaworld", "reach-v3", ("corner3", "behindGripper")),
+        ("libero", "object/0", ("agentview", "eye_in_hand")),
+    ],
+)
+def test_scene_perturbations_change_what_each_camera_sees_per_episode_and_undo(
+    suite, task, cameras
+):
+    env = SUITES[suite].make(task, cameras=cameras, image_size=32)
+    nominal, _ = env.reset(seed=100000)
+
+    def seen(spec: str, seed: int = 100000) -> dict:
+        env.perturb(Perturbation.parse(spec))
+        observation, _ = env.reset(seed=seed)
+        return observation
+
+    def change(a: dict, b: dict, camera: str) -> float:
+        return float(np.abs(a["images"][camera].astype(int) - b["images"][camera]).mean())
+
+    moved = seen("camera=medium")
+    assert all(change(moved, nominal, camera) > 2 for camera in cameras)  # the wrist one too
+    np.testing.assert_allclose(moved["state"], nominal["state"], atol=1e-4)
+    assert all(change(seen("camera=medium"), moved, camera) == 0 for camera in cameras)
+    assert change(seen("camera=medium", seed=100001), nominal, cameras[0]) > 0
+    dim = seen("lighting=medium")
+    assert all(dim["images"][c].mean() < nominal["images"][c].mean() - 10 for c in cameras)
+    assert change(seen("table=large"), nominal, cameras[0]) > 2
+    start = seen("robot=medium")
+    assert np.abs(start["state"] - nominal["state"]).max() > 0.01  # the arm starts elsewhere
+    env.perturb(Perturbation())
+    again, _ = env.reset(seed=100000)
+    assert all(change(again, nominal, camera) == 0 for camera in cameras)
+    np.testing.assert_allclose(again["state"], nominal["state"], atol=1e-6)
+    env.close()
+
+
+class ObservingExpert(ExpertPolicy):
+    """Meta-World's expert acting, keeping what the evaluator handed it: the observation
+    of a camera-and-proprioception policy."""
+
+    def __init__(self):
+        super().__init__(action_dim=4)
+        self.spec = PolicySpec(
+            cameras=("corner3",),
+            image_size=32,
+            state_dim=8,
+            action_dim=4,
+            state_keys=("proprio",),
+            reads_expert_action=True,
+        )
+        self.received: list[dict] = []
+
+    def predict_action_chunk(self, observation, **options):
+        self.received.append(observation)
+        return super().predict_action_chunk(observation, **options)
+
+
+def test_evaluation_perturbs_what_the_policy_receives_on_the_same_episodes(tmp_path):
+    runs = {}
+    for name, perturb in (
+        ("plain", ""),
+        ("moved", "camera=large,pixels=small,state=small,instruction=large"),
+    ):
+        policy = ObservingExpert()
+        report = evaluate(
+            policy,
+            "metaworld:reach-v3",
+            episodes_per_task=2,
+            workers=1,
+            max_steps=20,
+            perturb=perturb,
+            out=tmp_path / name,
+            progress=False,
+        )
+        runs[name] = (policy.received[0], report)
+    (plain, plain_report), (moved, moved_report) = runs["plain"], runs["moved"]
+    assert [e.seed for e in moved_report.episodes] == [e.seed for e in plain_report.episodes]
+    frame, clean = moved["images"]["corner3"][0], plain["images"]["corner3"][0]
+    assert np.abs(frame.astype(int) - clean).mean() > 5
+    assert 0 < np.abs(moved["state"] - plain["state"]).max() < 0.05
+    assert moved["instruction"][0] != plain["instruction"][0]
+    assert "red" in moved["instruction"][0]
+    assert (
+        moved_report.observation["perturb"]
+        == "camera=large,pixels=small,state=small,instruction=large"
+    )
+    assert "; perturbed: camera=large,pixels=small" in moved_report.markdown()
+    run = json.loads((tmp_path / "moved" / "run.json").read_text())
+    assert run["perturb"] == moved_report.observation["perturb"]
+    # the expert reads privileged state: a moved start does not stop it
+    robot = evaluate(
+        ExpertPolicy(),
+        "metaworld:reach-v3",
+        episodes_per_task=2,
+        perturb="robot=large",
+        workers=1,
+        progress=False,
+    )
+    assert robot.summary()["mean_success"] == 1.0
