@@ -152,3 +152,28 @@ def test_evaluation_perturbs_what_the_policy_receives_on_the_same_episodes(tmp_p
         progress=False,
     )
     assert robot.summary()["mean_success"] == 1.0
+
+
+def test_randomized_collection_varies_the_scene_not_the_demonstration(tmp_path):
+    from ditvla.datasets.replay_buffer import ReplayBuffer
+    from ditvla.envs.collect import collect_demonstrations
+
+    common = dict(episodes_per_task=2, cameras=("corner3",), image_size=32, workers=1)
+    collect_demonstrations("metaworld:reach-v3", tmp_path / "plain.zarr", progress=False, **common)
+    collect_demonstrations(
+        "metaworld:reach-v3",
+        tmp_path / "varied.zarr",
+        randomize="camera=large,lighting=medium,table=large",
+        progress=False,
+        **common,
+    )
+    plain, varied = (ReplayBuffer.open(tmp_path / f"{n}.zarr") for n in ("plain", "varied"))
+    assert "randomized camera=large,lighting=medium,table=large" in varied.attrs["source"]
+    for episode in range(2):
+        a, b = plain.get_episode(episode), varied.get_episode(episode)
+        np.testing.assert_array_equal(a["action"], b["action"])  # the same demonstration
+        assert np.abs(a["corner3"][0].astype(int) - b["corner3"][0]).mean() > 5  # seen otherwise
+    first, second = (varied.get_episode(e)["corner3"][0] for e in range(2))
+    assert np.abs(first.astype(int) - second).mean() > 5  # each episode its own draw
+    with pytest.raises(ConfigError, match="pixels perturb what a policy receives"):
+        collect_demonstrations("metaworld:reach-v3", tmp_path / "x.zarr", randomize="pixels=small")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.store_layout import padded_to_widths
+from ditvla.envs.perturbations import RECEIVED_AXES, SCENE_AXES, Perturbation
 from ditvla.envs.registry import SUITES, parse_env
 from ditvla.errors import ConfigError
 
@@ -105,11 +106,14 @@ def _expert_episode_in_worker(
     image_size: int,
     detour_steps: int,
     multimodal: bool,
+    randomize: str,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], bool]:
-    key = (suite_name, task, cameras, image_size)
+    key = (suite_name, task, cameras, image_size, randomize)
     if key not in _worker_envs:
-        _worker_envs[key] = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
+        env = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
+        env.perturb(Perturbation.parse(randomize))
+        _worker_envs[key] = env
     return run_expert_episode(_worker_envs[key], seed, detour_steps, multimodal)
 
 
@@ -144,6 +148,10 @@ class CollectConfig:
         resume: finish an interrupted collection into the same store: the episodes it
             holds are kept and each task goes on from the seed after its last one (the
             store must be of the same suite, tasks, cameras, image size and options).
+        randomize: domain randomisation, AXIS=LEVEL[,AXIS=LEVEL...] of camera,
+            lighting, table, background and robot (the scene axes of ditvla eval
+            --perturb), drawn anew for every episode from its seed, so that a policy
+            meets more than one camera pose, light and colour in training.
         progress: show a progress bar.
     """
 
@@ -157,9 +165,17 @@ class CollectConfig:
     multimodal: bool = False
     overwrite: bool = False
     resume: bool = False
+    randomize: str = ""
     progress: bool = True
 
     def __post_init__(self) -> None:
+        received = [a for a, _ in Perturbation.parse(self.randomize).levels if a in RECEIVED_AXES]
+        if received:
+            raise ConfigError(
+                f"randomize: {', '.join(received)} perturb what a policy receives, not the "
+                f"scene; the collection randomises {', '.join(SCENE_AXES)} (augment at "
+                "training time instead)"
+            )
         if self.episodes_per_task < 1:
             raise ConfigError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
         if self.workers < 1:
@@ -198,6 +214,7 @@ def collect_demonstrations(
     try:
         for task in tasks:
             env = suite.make(task, cameras=cameras, image_size=config.image_size)
+            env.perturb(Perturbation.parse(config.randomize))
             try:
                 _check_expert(env, config)
                 if buffer is None:
@@ -247,6 +264,8 @@ def _source(env_spec: str, suite: Any, config: CollectConfig) -> str:
         source += f", detours of up to {config.detour_steps} steps"
     if config.multimodal:
         source += ", multimodal (a way per episode)"
+    if config.randomize:
+        source += f", randomized {Perturbation.parse(config.randomize).name()}"
     return source
 
 
@@ -327,6 +346,7 @@ def _episode_submitter(
         config.image_size,
         config.detour_steps,
         config.multimodal,
+        config.randomize,
     )
 
 

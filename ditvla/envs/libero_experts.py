@@ -111,6 +111,13 @@ class PickAndPlace:
         self.phase, self.counter, self.last_z = "hover", 0, None
         self.hold: np.ndarray | None = None  # hand minus grasp point, as grasped
         self.lift_z = -np.inf
+        self.last_centre: np.ndarray | None = None  # the object's, at the last action
+        self.moved = np.inf  # how far the object moved since the last action
+
+    def try_again(self) -> None:
+        """Start over from the object where it now is (its goal did not hold)."""
+        self.phase, self.counter, self.last_z, self.hold = "hover", 0, None, None
+        self.lift_z = -np.inf
 
     def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where to grasp the object now, and its box (low, high)."""
@@ -126,6 +133,11 @@ class PickAndPlace:
     def action(self, hand: np.ndarray) -> np.ndarray:
         """The action for the hand (end-effector) position ``hand``."""
         grasp, low, high = self.grasp_point()
+        centre = (low + high) / 2
+        self.moved = (
+            np.inf if self.last_centre is None else np.linalg.norm(centre - self.last_centre)
+        )
+        self.last_centre = centre
         held = self.phase in ("lift", "carry", "lower") and self.hold is not None
         if held and np.linalg.norm(hand - self.hold - grasp) > self.DROPPED:
             self.phase, self.hold = "rise", None
@@ -172,8 +184,9 @@ class PickAndPlace:
         if self.phase == "release":
             self.counter += 1
             if self.counter >= self.OPEN_STEPS:
-                self.phase = "retreat"
+                self.phase, self.counter = "retreat", 0
             return move_towards(hand, hand, OPEN)
+        self.counter += 1
         return move_towards(hand, hand + np.array([0.0, 0.0, 0.05]), OPEN)
 
 
@@ -400,11 +413,27 @@ class LiberoExpert:
             return site_top
         raise ConfigError(f"the LIBERO goal names {where!r}, which the scene does not hold")
 
+    # steps of backing off after letting go before a placement whose goal does not hold
+    # is started over, once the object has come to rest (moves under SETTLED per step)
+    RETRY_AFTER = 15
+    SETTLED = 0.0005
+
     def action(self, hand: np.ndarray) -> np.ndarray:
-        """The action for the hand position ``hand``, from the current part."""
+        """The action for the hand position ``hand``, from the current part. A placement
+        whose goal does not hold once it has backed off and the object has come to rest
+        (a bowl that slid off the plate) starts over."""
         while self.current < len(self.steps) - 1:
             part, done = self.steps[self.current]
             if part.phase != "retreat" or not done():
                 break
             self.current += 1
-        return self.steps[self.current][0].action(hand)
+        part, done = self.steps[self.current]
+        if (
+            isinstance(part, PickAndPlace)
+            and part.phase == "retreat"
+            and part.counter >= self.RETRY_AFTER
+            and part.moved < self.SETTLED
+            and not done()
+        ):
+            part.try_again()
+        return part.action(hand)
