@@ -15,7 +15,13 @@ augment), 16x4 chunks, the demo's TrainConfig turned into a policy and its train
 samples by ``ditvla train``'s own code; SmolVLA reads the same two cameras, state and
 chunks (it has no auxiliary head: that work is ours alone, and counted).
 
-    python -m bench.train_throughput [--steps 20]
+    python -m bench.train_throughput [--steps 20] [--profile] [--levers]
+
+``--profile``: the demo recipe's step by part for both policies (forward by module, the
+backward pass, the optimizer), the two steps taken in turn. ``--levers``: the demo
+recipe's step (with ``ditvla train``'s gradient clipping and EMA) under each lever
+(foreach or fused AdamW, bfloat16 autocast, one thread, no EMA), all taken in turn, as
+ratios to today's step.
 
 Last line: ``training throughput: ditvla <x> samples/s vs lerobot smolvla <y> samples/s
 (demo recipe: <x2> vs <y2>)``.
@@ -155,6 +161,131 @@ def compare(ours, batches: list[dict], theirs, steps: int) -> dict[str, float]:
     return rates
 
 
+OURS_MODULES = ("backbone.vision", "backbone.projector", "backbone.language", "head", "auxiliary")
+SMOLVLA_MODULES = ("model.vlm_with_expert.vlm.model.vision_model",)
+
+
+def _timed_modules(policy, names: tuple[str, ...]) -> dict[str, list[float]]:
+    """Forward seconds of each named submodule, appended at every call."""
+    record: dict[str, list[float]] = {}
+    for name in names:
+        module = policy
+        for attribute in name.split("."):
+            module = getattr(module, attribute, None)
+        if module is None:
+            continue
+        times = record.setdefault(name.split(".")[-1], [])
+        module.register_forward_pre_hook(lambda *_, t=times: t.append(-time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_, t=times: t.__setitem__(-1, t[-1] + time.perf_counter())
+        )
+    return record
+
+
+def _parted_step(policy, batches: list[dict]):
+    """A training step that records its forward, backward and optimizer seconds."""
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+
+    def step(i: int) -> None:
+        start = time.perf_counter()
+        loss, _ = policy(batches[i % len(batches)])
+        forward = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad()
+        parts["forward"].append(forward - start)
+        parts["backward"].append(backward - forward)
+        parts["optimizer"].append(time.perf_counter() - backward)
+
+    return step, parts
+
+
+def profile(ours, batches: list[dict], theirs, steps: int) -> None:
+    """The demo recipe's step by part, both policies' steps taken in turn."""
+    tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
+    lerobot_batches = [to_lerobot_batch(b, tokenizer) for b in batches]
+    arms = {
+        "ditvla": (*_parted_step(ours.train(), batches), _timed_modules(ours, OURS_MODULES)),
+        "smolvla": (
+            *_parted_step(theirs.train(), lerobot_batches),
+            _timed_modules(theirs, SMOLVLA_MODULES),
+        ),
+    }
+    for step, *_ in arms.values():
+        for i in range(3):
+            step(i)
+    for _, parts, modules in arms.values():
+        for times in (*parts.values(), *modules.values()):
+            times.clear()
+    for i in range(steps):
+        for step, *_ in arms.values():
+            step(i)
+    for name, (_, parts, modules) in arms.items():
+        ms = {k: 1000 * statistics.median(v) for k, v in parts.items()}
+        inside = {k: 1000 * sum(v) / steps for k, v in modules.items()}
+        print(
+            f"  {name:8s}: step {sum(ms.values()):.1f} ms = "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+            + "; forward by module: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in inside.items())
+            + f", the rest {ms['forward'] - sum(inside.values()):.1f}"
+        )
+
+
+def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None:
+    """The demo recipe's full step (clipping, EMA) under each lever, all taken in turn."""
+    from ditvla.policies.policy import DiTVLAPolicy
+    from ditvla.training.optimization import warmed_up_ema
+
+    threads = torch.get_num_threads()
+
+    def arm(adamw: dict | None = None, autocast: bool = False, one_thread=False, ema=True):
+        torch.manual_seed(0)
+        policy = DiTVLAPolicy(policy_config, stats).train()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **(adamw or {}))
+        average = warmed_up_ema(train.ema_decay, train.ema_power)
+        averaged = torch.optim.swa_utils.AveragedModel(policy, multi_avg_fn=average)
+
+        def step(i: int) -> None:
+            torch.set_num_threads(1 if one_thread else threads)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = policy(batches[i % len(batches)])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema:
+                averaged.update_parameters(policy)
+            torch.set_num_threads(threads)
+
+        return step
+
+    arms = {
+        "today (fp32, AdamW, EMA)": arm(),
+        "foreach AdamW": arm({"foreach": True}),
+        "fused AdamW": arm({"fused": True}),
+        "bfloat16 autocast": arm(autocast=True),
+        "one thread": arm(one_thread=True),
+        "no EMA": arm(ema=False),
+    }
+    for step in arms.values():
+        for i in range(3):
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(steps):
+        for name, step in arms.items():
+            start = time.perf_counter()
+            step(i)
+            times[name].append(time.perf_counter() - start)
+    today = statistics.median(times["today (fp32, AdamW, EMA)"])
+    for name, t in times.items():
+        median = statistics.median(t)
+        print(f"  {name:26s} {1000 * median:6.1f} ms/step  {today / median:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.train_throughput",
@@ -162,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per policy")
+    parser.add_argument("--profile", action="store_true", help="the demo recipe's step by part")
+    parser.add_argument("--levers", action="store_true", help="the demo recipe under each lever")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
@@ -197,7 +330,14 @@ def main(argv: list[str] | None = None) -> None:
         f"the demo's recipe ({' + '.join(data.cameras)}, auxiliary target "
         f"{demo_train.auxiliary}; SmolVLA the same cameras, no auxiliary head):"
     )
-    demo = compare(demo_ours, _batches(demo_dataset, args.steps + 3), demo_theirs, args.steps)
+    demo_batches = _batches(demo_dataset, args.steps + 3)
+    demo = compare(demo_ours, demo_batches, demo_theirs, args.steps)
+    if args.profile:
+        print("the demo's recipe, one step by part (median ms; modules: mean ms per step):")
+        profile(demo_ours, demo_batches, demo_theirs, args.steps)
+    if args.levers:
+        print("the demo's recipe under each lever (ditvla train's step: clipping and EMA):")
+        levers(policy_config, data.stats, demo_batches, demo_train, args.steps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
     print(
         f"training throughput: ditvla {rates['ditvla']:.1f} samples/s vs lerobot smolvla "
