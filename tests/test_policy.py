@@ -192,6 +192,46 @@ def test_save_then_load_gives_the_same_chunk(store, tmp_path):
     torch.testing.assert_close(loaded.normalizer.action__center, policy.normalizer.action__center)
 
 
+def test_a_pretrained_instruction_reader_reads_the_words_and_survives_saving(
+    store, tmp_path, monkeypatch
+):
+    from ditvla.policies import instruction_reader
+
+    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=8)
+    config = PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=8)
+    config.backbone.instruction_reader = "all-minilm-l6-v2"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # extracted afresh
+    policy = DiTVLAPolicy(config, dataset.stats()).train()
+    reader = policy.backbone.instruction_reader
+    assert reader.encoder.config.hidden_size == 384 and not reader.encoder.training
+    assert not any(p.requires_grad for p in reader.encoder.parameters())
+    calls = []
+    reader.encoder.register_forward_hook(lambda *_: calls.append(1))
+    obs = observation(dataset, 5)
+    words = {"reach the green ball": None, "reach the blue ball": None}
+    for text in words:
+        words[text] = policy.encode({**obs, "instruction": text}).tokens
+    assert not torch.allclose(*words.values())  # the words reach the context
+    policy.encode({**obs, "instruction": "reach the green ball"})
+    assert len(calls) == 2  # each instruction's token states computed once
+    as_if_trained(policy.head)
+    loss, _ = policy.train()(next(iter(torch.utils.data.DataLoader(dataset, batch_size=4))))
+    loss.backward()
+    assert reader.project.weight.grad is not None and reader.project.weight.grad.abs().sum() > 0
+    noise = torch.randn(1, 8, 2)
+    before = policy.act(policy.encode(obs), obs["state"], noise=noise)
+    policy.save_pretrained(tmp_path / "policy")
+    assert (tmp_path / "policy" / "instruction_reader" / "tokenizer.json").exists()
+
+    def no_package():
+        raise AssertionError("a saved policy loads without the package")
+
+    monkeypatch.setattr(instruction_reader, "packaged_folder", no_package)
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    after = loaded.act(loaded.encode(obs), obs["state"], noise=noise)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
 def test_an_action_the_demonstrations_never_moved_comes_out_at_its_value(tmp_path):
     """A gripper left at 0.3 throughout: the model's error on it must not reach the robot
     (no normalizer can scale a zero spread, and a controller refuses chunks beyond the

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditvla.errors import ConfigError
+from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
 
@@ -71,6 +72,11 @@ class BackboneConfig:
             (starting as the identity). A direct path from the words to which parts of
             the image the tokens keep ("the green ball" vs "the blue ball"), which a tiny
             language model trained from scratch is slow to find through attention.
+        instruction_reader: a pretrained sentence encoder reads the instruction instead of
+            the language model's own token embeddings ("all-minilm-l6-v2", packaged on
+            PyPI, or a folder; see ditvla.policies.instruction_reader): its frozen token
+            states, mapped into the language model's width, take the text's place in the
+            sequence. "" for none.
         keypoints: per camera, this many spatial-softmax keypoints of a small
             convolutional network reading the full frame, as one extra token beside the
             camera's image tokens (where small things are, as coordinates; see
@@ -93,6 +99,7 @@ class BackboneConfig:
     conv_stem: bool = False
     language_film: bool = False
     keypoints: int = 0
+    instruction_reader: str = ""
 
 
 def byte_level_tokenizer():
@@ -239,7 +246,17 @@ def _build_vlm(config: BackboneConfig, folder: Path | None, vlm_config, vocab_si
 class VLMBackbone(nn.Module):
     """Camera images and instructions -> context tokens (B, L, width) with a mask (B, L)."""
 
-    def __init__(self, config: BackboneConfig, *, vlm_config=None, tokenizer=None):
+    def __init__(
+        self,
+        config: BackboneConfig,
+        *,
+        vlm_config=None,
+        tokenizer=None,
+        reader_files: Path | None = None,
+    ):
+        """``vlm_config`` / ``tokenizer``: a saved policy's VLM architecture and tokenizer;
+        ``reader_files``: its instruction reader's config and tokenizer (the weights come
+        with the policy's)."""
         super().__init__()
         self.config = config
         folder = Path(config.pretrained_path) if config.pretrained_path else None
@@ -278,6 +295,15 @@ class VLMBackbone(nn.Module):
             if self.family == "qwen2_5_vl":
                 raise ConfigError("keypoints: Qwen2.5-VL's 3-D positions assume image grids")
             self.keypoint_reader = KeypointReader(config.keypoints, self.width)
+        self.instruction_reader: InstructionReader | None = None
+        if config.instruction_reader:
+            self.instruction_reader = (
+                InstructionReader.from_files(reader_files, self.width)
+                if reader_files is not None
+                else InstructionReader.pretrained(
+                    reader_folder(config.instruction_reader), self.width
+                )
+            )
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -321,7 +347,10 @@ class VLMBackbone(nn.Module):
     def tokenize(
         self, instructions: list[str], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(
+        tokenizer = self.tokenizer
+        if self.instruction_reader is not None:
+            tokenizer = self.instruction_reader.tokenizer
+        encoded = tokenizer(
             list(instructions),
             padding="max_length",
             truncation=True,
@@ -406,7 +435,10 @@ class VLMBackbone(nn.Module):
             positions = self._qwen_positions(n_cams, per_camera, input_ids.shape[1])
             positions = positions.expand(3, b, -1)
         image_tokens = image_tokens.reshape(b, -1, image_tokens.shape[-1])
-        text = embed(input_ids).to(image_tokens.dtype)
+        if self.instruction_reader is not None:
+            text = self.instruction_reader(input_ids, text_mask).to(image_tokens.dtype)
+        else:
+            text = embed(input_ids).to(image_tokens.dtype)
         if self.language_film is not None:
             words = masked_mean(text, text_mask)
             scale, shift = self.language_film(words).chunk(2, dim=-1)

@@ -7,6 +7,7 @@ One folder is a complete policy, read without network access::
                           "type": "ditvla" and LeRobot's configuration keys}
     model.safetensors    every weight in float32, normalization statistics included
     vlm/                 the VLM's config and tokenizer (the architecture to rebuild)
+    instruction_reader/  with an instruction reader: its encoder's config and tokenizer
     policy_preprocessor.json, policy_postprocessor.json   (LeRobot's processors)
 
 Format 2 is a quantized policy: float weights with the calibration's corrections folded
@@ -39,6 +40,7 @@ QUANTIZED_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VLM_FOLDER = "vlm"
+READER_FOLDER = "instruction_reader"
 
 
 def save_policy(policy: DiTVLAPolicy, folder: str | Path, **options: Any) -> None:
@@ -103,6 +105,8 @@ def write_policy_files(
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": POLICY_FORMAT})
     policy.backbone.vlm_config.save_pretrained(folder / VLM_FOLDER)
     policy.backbone.tokenizer.save_pretrained(folder / VLM_FOLDER)
+    if policy.backbone.instruction_reader is not None:
+        policy.backbone.instruction_reader.save_files(folder / READER_FOLDER)
     lerobot_layout.write_processor_files(folder)
 
 
@@ -151,7 +155,12 @@ def load_policy_folder(
     config, recipe = read_policy_config(folder)
     vlm_config = AutoConfig.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder / VLM_FOLDER, local_files_only=True)
-    policy = policy_class(config, vlm_config=vlm_config, tokenizer=tokenizer)
+    reader_files = folder / READER_FOLDER if config.backbone.instruction_reader else None
+    if reader_files is not None and not reader_files.is_dir():
+        raise CheckpointError(f"{folder}: incomplete policy folder, missing {READER_FOLDER}")
+    policy = policy_class(
+        config, vlm_config=vlm_config, tokenizer=tokenizer, reader_files=reader_files
+    )
     weights_path = folder / WEIGHTS_FILE
     try:
         state = load_file(str(weights_path), device=str(map_location))

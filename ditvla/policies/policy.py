@@ -70,13 +70,21 @@ class DiTVLAPolicy(nn.Module):
     normalization inside."""
 
     def __init__(
-        self, config: PolicyConfig, stats: Stats | None = None, *, vlm_config=None, tokenizer=None
+        self,
+        config: PolicyConfig,
+        stats: Stats | None = None,
+        *,
+        vlm_config=None,
+        tokenizer=None,
+        reader_files=None,
     ):
         super().__init__()
         if config.action_dim <= 0:
             raise ValueError("config.action_dim must be set (PolicyConfig.for_data does it)")
         self.config = config
-        self.backbone = VLMBackbone(config.backbone, vlm_config=vlm_config, tokenizer=tokenizer)
+        self.backbone = VLMBackbone(
+            config.backbone, vlm_config=vlm_config, tokenizer=tokenizer, reader_files=reader_files
+        )
         head = config.head
         head.context_dim, head.state_dim = self.backbone.width, config.state_dim
         if config.auxiliary_input and not config.auxiliary_keys:
