@@ -33,22 +33,27 @@ from pathlib import Path
 
 from bench.store_runs import trained_smolvla
 
-MODERATE = "medium"
 
-
-def profile(policy, env: str, arms: list[str], episodes: int, out: Path) -> dict:
+def profile(policy, env: str, axes: list[str], levels: list[str], episodes: int, out: Path):
     """Each arm's (``""``: unperturbed) evaluation summary, by arm."""
-    from ditvla.envs.evaluate import evaluate
+    from ditvla.envs.evaluate import EvalConfig
+    from ditvla.envs.robustness import robustness_profile
 
-    results = {}
-    for arm in arms:
-        folder = out / (arm.replace("=", "_") or "unperturbed")
-        report = evaluate(
-            policy, env, out=folder, episodes_per_task=episodes, perturb=arm, videos_per_task=0
+    config = EvalConfig(episodes_per_task=episodes, videos_per_task=0)
+    reports: dict = {}
+    for level in levels:
+        reports |= robustness_profile(
+            policy,
+            env,
+            config,
+            axes=tuple(axes),
+            level=level,
+            out=out,
+            unperturbed=reports.get(""),
         )
-        results[arm] = report.summary()
+    for arm, report in reports.items():
         print(f"{arm or 'unperturbed'}: {report.summary()['mean_success']:.1%}", flush=True)
-    return results
+    return {arm: report.summary() for arm, report in reports.items()}
 
 
 def mean_over(summary: dict, tasks: list[str] | None) -> float:
@@ -99,6 +104,7 @@ def plot(results: dict[str, dict], axes: list[str], levels: list[str], path: Pat
 
 def main(argv: list[str] | None = None) -> None:
     from ditvla.envs.perturbations import AXES, LEVELS
+    from ditvla.envs.robustness import MODERATE
 
     parser = argparse.ArgumentParser(
         prog="python -m bench.robustness",
@@ -122,15 +128,16 @@ def main(argv: list[str] | None = None) -> None:
 
     axes = [a for a in args.axes.split(",") if a]
     levels = [level for level in args.levels.split(",") if level in LEVELS]
-    arms = ["", *(f"{axis}={level}" for axis in axes for level in levels)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"ditvla": profile(load_policy(args.policy), args.env, arms, args.episodes, out)}
+    results = {
+        "ditvla": profile(load_policy(args.policy), args.env, axes, levels, args.episodes, out)
+    }
     if not args.skip_smolvla:
         budget = args.smolvla_minutes * 60
         with trained_smolvla(Path(args.store), args.policy, budget) as (smolvla, _):
             results["lerobot smolvla"] = profile(
-                smolvla, args.env, arms, args.episodes, out / "smolvla"
+                smolvla, args.env, axes, levels, args.episodes, out / "smolvla"
             )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = table(results, list(results))
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown)
 
     def worst(arms: dict) -> tuple[str, float]:
+
         moderate = {a: s["mean_success"] for a, s in arms.items() if a.endswith(f"={MODERATE}")}
         axis = min(moderate, key=moderate.get, default="none")
         return axis.split("=")[0], moderate.get(axis, float("nan"))

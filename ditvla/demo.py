@@ -27,6 +27,7 @@ from ditvla.contract import STATE_PROPRIO, load_policy
 from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH
+from ditvla.envs.robustness import profile_markdown, robustness_profile, success
 from ditvla.training.step_calibration import CalibrateConfig, calibrate_steps, write_steps
 from ditvla.training.trainer import TrainConfig, train
 
@@ -51,6 +52,9 @@ class DemoRecipe:
     evaluate: EvalConfig
     # how ``calibrate-steps`` picks, on held-out frames, the denoising steps the policy ships with
     calibration: CalibrateConfig = field(default_factory=CalibrateConfig)
+    # ``--robustness``: the episodes each perturbation is evaluated on (None: the
+    # evaluation's own, its unperturbed run reused)
+    robustness: EvalConfig | None = None
 
     def commands(self, store: Path, run: Path, evaluation: Path) -> list[str]:
         """The ``ditvla`` command lines equivalent to :func:`run_demo`'s calls."""
@@ -114,6 +118,7 @@ QUICK = DemoRecipe(
     train=replace(FULL.train, steps=30, batch_size=16, save_every=10),
     evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60),
     calibration=replace(FULL.calibration, frames=16),
+    robustness=replace(FULL.evaluate, episodes_per_task=1, max_steps=20, videos_per_task=0),
 )
 
 
@@ -142,7 +147,9 @@ def _plot_loss(metrics: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, *, quick: bool = False, state: str = STATE_PROPRIO) -> int:
+def run_demo(
+    out: Path, *, quick: bool = False, state: str = STATE_PROPRIO, robustness: bool = False
+) -> int:
     recipe = QUICK if quick else FULL
     recipe = replace(recipe, train=replace(recipe.train, state=state))
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +168,16 @@ def run_demo(out: Path, *, quick: bool = False, state: str = STATE_PROPRIO) -> i
     t_train = time.perf_counter()
     report = evaluate(load_policy(final), recipe.env, recipe.evaluate, out=evaluation)
     t_eval = time.perf_counter()
+    profile = None
+    if robustness:  # the same episodes under each axis at its moderate level
+        episodes = recipe.robustness or replace(recipe.evaluate, videos_per_task=0)
+        profile = robustness_profile(
+            load_policy(final),
+            recipe.env,
+            episodes,
+            out=out / "robustness",
+            unperturbed=None if recipe.robustness else report,
+        )
 
     _plot_loss(run / "metrics.jsonl", out / "loss.png")
     for video in sorted((evaluation / "videos").glob("*.mp4")):
@@ -192,16 +209,46 @@ def run_demo(out: Path, *, quick: bool = False, state: str = STATE_PROPRIO) -> i
             t: collection.success_rate(t) for t in collection.kept
         },
     }
+    if profile is not None:
+        result["robustness"] = {
+            arm or "none": {
+                "mean_success": r.summary()["mean_success"],
+                "instruction_decides": _rate(r, list(COLOUR_REACH)),
+            }
+            for arm, r in profile.items()
+        }
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(
-        _report_markdown(recipe, quick, report, result, commands, calibration)
-    )
+    markdown = _report_markdown(recipe, quick, report, result, commands, calibration)
+    if profile is not None:
+        markdown += _robustness_markdown(profile)
+    (out / "report.md").write_text(markdown)
     print(report.markdown())
     print(
         f"mean success {summary['mean_success']:.1%} in {minutes:.1f} minutes; "
         f"report: {out / 'report.md'}"
     )
     return 0
+
+
+def _rate(report, tasks: list[str]) -> float:
+    wins, episodes = success(report, tasks)
+    return wins / episodes
+
+
+def _robustness_markdown(profile: dict) -> str:
+    return f"""
+## Robustness
+
+The same episodes and initial noise under each perturbation axis at its moderate level
+(`ditvla eval --perturb AXIS=medium`; what each level means: docs/robustness.md). All
+tasks:
+
+{profile_markdown(profile)}
+
+The colour-reach tasks, where only the words say which ball:
+
+{profile_markdown(profile, list(COLOUR_REACH))}
+"""
 
 
 def _state_note(report) -> str:

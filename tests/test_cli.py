@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from ditvla.cli import build_parser, main
+from ditvla.envs.perturbations import AXES
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -60,7 +61,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
-    out = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    out = run_cli("demo", "--quick", "--robustness", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-2000:]
     demo = tmp_path / "demo"
     report = json.loads((demo / "report.json").read_text())
@@ -100,3 +101,8 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     assert text.startswith("# ditvla demo report") and "proprioception only" in text
     assert (demo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(demo.glob("*.mp4"))) == 7
+    # --robustness: the same episodes under every axis at its moderate level
+    profile = report["robustness"]
+    assert set(profile) == {"none", *(f"{axis}=medium" for axis in AXES)}
+    assert all(0.0 <= arm["mean_success"] <= 1.0 for arm in profile.values())
+    assert "## Robustness" in text and "| instruction=medium |" in text

@@ -15,7 +15,7 @@ from ditvla.contract import STATE_PROPRIO, HeadDType
 def run_demo(args: argparse.Namespace) -> int:
     from ditvla.demo import run_demo
 
-    return run_demo(Path(args.out), quick=args.quick, state=args.state)
+    return run_demo(Path(args.out), quick=args.quick, state=args.state, robustness=args.robustness)
 
 
 def add_demo(commands: Commands, configured: bool) -> None:
@@ -33,6 +33,14 @@ def add_demo(commands: Commands, configured: bool) -> None:
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 min)")
+    demo.add_argument(
+        "--robustness",
+        action="store_true",
+        help="also evaluate the same episodes under each perturbation axis at its moderate "
+        "level (camera, lighting, table, background, robot, pixels, state, instruction: "
+        "docs/robustness.md) and add the profile to the report (about eight more "
+        "evaluations)",
+    )
     demo.add_argument(
         "--state",
         default=STATE_PROPRIO,
