@@ -6,8 +6,9 @@ For a trained policy and the store it was trained on:
    :mod:`ditvla.envs.perturbations`): the same episodes (task, seed) and the same initial
    noise every time, so each axis is compared with unperturbed episode by episode;
 2. LeRobot's SmolVLA, built offline at the tiny preset's sizes, trained on the same store
-   for ``--smolvla-minutes`` (the policy's own training time, for the same wall-clock)
-   and evaluated the same way (``--skip-smolvla`` leaves it out).
+   for ``--smolvla-minutes`` (give the policy's own training time, for the same
+   wall-clock; 12 by default, the demo's) and evaluated the same way (``--skip-smolvla``
+   leaves it out).
 
 Writes ``OUT/results.json``, ``OUT/profile.md`` (the table) and ``OUT/profile.png`` (the
 plot: success per axis at each level, a line for unperturbed).
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     from ditvla.contract import load_policy
 
     axes = [a for a in args.axes.split(",") if a]
-    levels = [level for level in args.levels.split(",") if level in LEVELS]
+    levels = [level for level in args.levels.split(",") if level]
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown or not levels:
+        parser.error(f"--levels: {', '.join(unknown) or 'none'}; valid: {', '.join(LEVELS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {

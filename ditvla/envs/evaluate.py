@@ -27,6 +27,7 @@ task set at construction, and lose the whole vector when one worker dies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import time
@@ -397,19 +398,22 @@ def evaluate(
     suite, tasks = parse_env(env_spec)
     spec = policy.spec
     state_keys = _checked_state_keys(suite, spec)
-    check_policy_reads(Perturbation.parse(config.perturb), spec.cameras, spec.state_dim)
+    perturbation = Perturbation.parse(config.perturb)
+    check_policy_reads(perturbation, spec.cameras, spec.state_dim)
+    if config.rewordings:  # a bad file fails here, naming its line, before anything runs
+        read_rewordings(config.rewordings, tasks)
     privileged = spec.reads_expert_action or suite.env_class.reads_privileged_state(
         state_keys or ()
     )
-    report = EvaluationReport(
-        observation={
-            "cameras": list(spec.cameras),
-            "state_keys": list(state_keys or ()),
-            "privileged_state": privileged,
-            "probe": config.probe,
-            "perturb": Perturbation.parse(config.perturb).name(),
-        }
-    )
+    observation = {
+        "cameras": list(spec.cameras),
+        "state_keys": list(state_keys or ()),
+        "privileged_state": privileged,
+        "probe": config.probe,
+    }
+    if perturbation:  # (absent unperturbed: runs written before perturbations still resume)
+        observation["perturb"] = perturbation.name()
+    report = EvaluationReport(observation=observation)
     policy.reset()
     jobs = episode_jobs(tasks, config.episodes_per_task, config.seed_start, config.shard)
     out = Path(out) if out is not None else None
@@ -418,6 +422,7 @@ def evaluate(
             "suite": suite.name,
             "tasks": tasks,
             **{k: getattr(config, k) for k in _RUN_SETTINGS},
+            **_perturbation_settings(perturbation, config.rewordings),
             "observation": report.observation,
             "policy": asdict(spec),  # a resumed run must be of the same policy
         }
@@ -442,12 +447,14 @@ def evaluate(
 
 
 # what makes two evaluations the same run (with the tasks, the observation and the policy)
-_RUN_SETTINGS = (
-    "episodes_per_task",
-    "seed_start",
-    "max_steps",
-    "probe",
-    "shard",
-    "perturb",
-    "rewordings",
-)
+_RUN_SETTINGS = ("episodes_per_task", "seed_start", "max_steps", "probe", "shard")
+
+
+def _perturbation_settings(perturbation: Perturbation, rewordings: str) -> dict[str, str]:
+    """A perturbed run's perturbation (in the axes' order) and its rewordings file's
+    digest (the same words wherever the file sits); nothing for an unperturbed run."""
+    settings = {"perturb": perturbation.name()} if perturbation else {}
+    if rewordings:
+        digest = hashlib.sha256(Path(rewordings).read_bytes()).hexdigest()
+        settings["rewordings_sha256"] = digest
+    return settings

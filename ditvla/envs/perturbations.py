@@ -76,9 +76,24 @@ AXES: dict[str, dict[str, str]] = {
 SCENE_AXES = ("camera", "lighting", "table", "background", "robot")
 RECEIVED_AXES = ("pixels", "state", "instruction")
 
-# materials, by name, of what the table and the background axes tint
-TABLE_MATERIALS = ("table",)
-BACKGROUND_MATERIALS = ("floor", "basic_floor", "wall", "living_room")
+# materials, by name, of what the table and the background axes tint (read from the
+# suites' scene files): the table's first (Meta-World's `wall_metal` is its rim; LIBERO's
+# `living_room_table`, the study's `desk`), then the room; task objects never
+TABLE_MATERIALS = ("table", "desk", "wall_metal")
+BACKGROUND_MATERIALS = ("floor", "wall", "living_room")
+OBJECT_MATERIALS = ("wall_brick",)  # Meta-World's wall tasks: the obstacle
+
+
+def surface_of(name: str) -> str | None:
+    """Whether a material (by name) is the table's, the background's or neither's."""
+    name = name.lower()
+    if any(key in name for key in OBJECT_MATERIALS):
+        return None
+    if any(key in name for key in TABLE_MATERIALS):
+        return "table"
+    if any(key in name for key in BACKGROUND_MATERIALS):
+        return "background"
+    return None
 
 
 def describe_axes() -> str:
@@ -114,7 +129,7 @@ class Perturbation:
             if axis in levels:
                 raise ConfigError(f"perturbation axis {axis} given twice in {text!r}")
             levels[axis] = level
-        return cls(tuple(levels.items()))
+        return cls(tuple((axis, levels[axis]) for axis in AXES if axis in levels))
 
     def __bool__(self) -> bool:
         return bool(self.levels)
@@ -126,7 +141,8 @@ class Perturbation:
         return tuple(axis for axis, _ in self.levels if axis in SCENE_AXES)
 
     def name(self) -> str:
-        """As given on the command line (the report's name for it); "" when none."""
+        """``axis=level,...`` in the order of :data:`AXES` (the report's name for it, the
+        same however the axes were ordered when given); "" when none."""
         return ",".join(f"{axis}={level}" for axis, level in self.levels)
 
 
@@ -177,14 +193,17 @@ class ScenePerturber:
     def __init__(self, env: Any, perturbation: Perturbation):
         self.env, self.perturbation = env, perturbation
         model = env.mujoco_model
-        self.cameras = [
-            mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, env.mujoco_camera(camera))
-            for camera in env.cameras
-        ]
+        self.cameras: dict[str, int] = {}
+        for camera in env.cameras:
+            name = env.mujoco_camera(camera)
+            index = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            if index < 0:  # -1 would index the model's last camera
+                raise ConfigError(f"the scene has no camera {name!r} to perturb")
+            self.cameras[camera] = index
         used = {int(m) for m in model.geom_matid if m >= 0}
         names = {m: model.material(m).name.lower() for m in used}
-        table = [m for m, name in names.items() if name.startswith(TABLE_MATERIALS)]
-        background = [m for m, name in names.items() if name.startswith(BACKGROUND_MATERIALS)]
+        table = [m for m, name in names.items() if surface_of(name) == "table"]
+        background = [m for m, name in names.items() if surface_of(name) == "background"]
         if not table:  # objects on the floor (LIBERO-Object): the floor is their surface
             table = [m for m in background if "floor" in names[m]]
             background = [m for m in background if m not in table]
@@ -222,17 +241,18 @@ class ScenePerturber:
         model = self.env.mujoco_model
         for axis in self.perturbation.scene_axes():
             level, rng = self.perturbation.level(axis), episode_rng(seed, axis)
-            if axis == "camera":
+            if axis == "camera":  # each camera its own draw, whichever others are read
                 distance, degrees = CAMERA[level]
-                for camera in self.cameras:
-                    shift, axis = distance * _unit(rng), _unit(rng)
+                for name, camera in self.cameras.items():
+                    draw = episode_rng(seed, f"camera {name}")
+                    shift, turn = distance * _unit(draw), _unit(draw)
                     model.cam_pos[camera] += shift
-                    model.cam_quat[camera] = _turned(model.cam_quat[camera], axis, degrees)
+                    model.cam_quat[camera] = _turned(model.cam_quat[camera], turn, degrees)
                     # a tracking camera is placed from its reference pose instead
                     model.cam_pos0[camera] += shift
                     quat = np.zeros(4)
                     mujoco.mju_mat2Quat(quat, model.cam_mat0[camera])
-                    mujoco.mju_quat2Mat(model.cam_mat0[camera], _turned(quat, axis, degrees))
+                    mujoco.mju_quat2Mat(model.cam_mat0[camera], _turned(quat, turn, degrees))
             elif axis == "lighting":
                 dim, degrees = LIGHTING[level]
                 for key in ("light_diffuse", "light_ambient", "light_specular"):

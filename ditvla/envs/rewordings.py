@@ -29,7 +29,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "press": ("push down on",),
     "reach": ("touch", "go to"),
     "insert": ("fit",),
-    "open": ("pull open",),
+    "open": ("pull open",),  # as the first word only (see FIRST_WORD_ONLY)
     "close": ("shut",),
     "slide": ("move",),
     "turn on": ("switch on",),
@@ -37,11 +37,13 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "puck": ("disc",),
     "goal": ("target",),
     "basket": ("hamper",),
-    "bowl": ("dish",),
     "cabinet": ("cupboard",),
     "stove": ("cooktop",),
 }
 SURFACES = ("{}.", "{}!", "{} please", "Please {}")
+# verbs replaced only where they begin the instruction ("slide the window open" keeps
+# its last word)
+FIRST_WORD_ONLY = ("open", "close")
 FRAMES = ("could you {}?", "your job: {}", "I need you to {}", "now {}, thanks")
 
 
@@ -51,6 +53,8 @@ def _phrases(text: str) -> list[tuple[int, int, str]]:
     found: list[tuple[int, int, str]] = []
     for phrase in sorted(SYNONYMS, key=len, reverse=True):
         for match in re.finditer(rf"\b{re.escape(phrase)}\b", text):
+            if phrase in FIRST_WORD_ONLY and match.start() > 0:
+                continue
             if all(match.end() <= s or match.start() >= e for s, e, _ in found):
                 found.append((match.start(), match.end(), phrase))
     return sorted(found)

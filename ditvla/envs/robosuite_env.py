@@ -199,6 +199,12 @@ def move_arm_joints(env: Any, rng: np.random.Generator, level: str) -> None:
     offsets = rng.uniform(-ROBOT_JOINTS[level], ROBOT_JOINTS[level], len(columns))
     sim.data.qpos[columns] += offsets
     sim.data.qvel[:] = 0.0
+    sim.forward()
+    # the arm's controllers start from the moved pose (their goal and nullspace posture),
+    # as at robosuite's own reset, instead of pulling the arm back
+    for name, controller in robot.composite_controller.part_controllers.items():
+        if name in robot.arms:
+            controller.update_initial_joints(sim.data.qpos[controller.qpos_index])
 
 
 def observed_again(env: Any) -> dict[str, np.ndarray]:

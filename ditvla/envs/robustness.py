@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ditvla.envs.evaluate import EvalConfig, EvaluationReport, evaluate, wilson_interval
-from ditvla.envs.perturbations import AXES
+from ditvla.envs.perturbations import AXES, Perturbation, check_policy_reads
+from ditvla.errors import ConfigError
 
 MODERATE = "medium"
 
@@ -24,16 +25,25 @@ def robustness_profile(
     out: Path | None = None,
     unperturbed: EvaluationReport | None = None,
 ) -> dict[str, EvaluationReport]:
-    """Reports by perturbation ("" unperturbed, then ``"axis=level"`` for each axis), each
-    on the episodes of ``config`` (its own perturbation ignored); ``unperturbed``: a run of
-    the same episodes already made, reused. ``out``: a folder per perturbation."""
-    arms = ["", *(f"{axis}={level}" for axis in axes)]
+    """Reports by perturbation ("" unperturbed, then ``"axis=level"`` for each axis the
+    policy reads: a policy without cameras skips the camera axes), each on the episodes of
+    ``config`` (its own perturbation ignored); ``unperturbed``: a run of the same episodes
+    already made, reused. ``out``: a folder per perturbation."""
+    spec = policy.spec
+    arms = [""]
+    for axis in axes:
+        try:
+            check_policy_reads(Perturbation.parse(f"{axis}={level}"), spec.cameras, spec.state_dim)
+        except ConfigError:
+            continue
+        arms.append(f"{axis}={level}")
     reports = {"": unperturbed} if unperturbed is not None else {}
     for arm in arms:
         if arm in reports:
             continue
         folder = None if out is None else Path(out) / (arm.replace("=", "_") or "unperturbed")
-        reports[arm] = evaluate(policy, env, replace(config, perturb=arm), out=folder)
+        episodes = replace(config, perturb=arm, rewordings="")
+        reports[arm] = evaluate(policy, env, episodes, out=folder)
     return reports
 
 

@@ -62,14 +62,19 @@ def _worker_main(
                     if task not in envs:
                         while len(envs) >= KEPT_SIMULATORS:
                             envs.popitem(last=False)[1].close()
-                        envs[task] = SUITES[suite].make(
+                        made = SUITES[suite].make(
                             task,
                             cameras=cameras,
                             image_size=image_size,
                             max_episode_steps=max_steps,
                             state_keys=state_keys,
                         )
-                        envs[task].perturb(Perturbation.parse(perturb))
+                        try:  # kept only once perturbed as asked
+                            made.perturb(Perturbation.parse(perturb))
+                        except Exception:
+                            made.close()
+                            raise
+                        envs[task] = made
                     envs.move_to_end(task)
                     env = envs[task]
                     obs, _ = env.reset(seed=seed, options={"skip_images": not render})

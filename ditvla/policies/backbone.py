@@ -347,15 +347,15 @@ class VLMBackbone(nn.Module):
     def tokenize(
         self, instructions: list[str], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokenizer = self.tokenizer
-        if self.instruction_reader is not None:
-            tokenizer = self.instruction_reader.tokenizer
+        tokenizer, side = self.tokenizer, "left" if self.config.instruction_first else "right"
+        if self.instruction_reader is not None:  # BERT's absolute positions: padded after
+            tokenizer, side = self.instruction_reader.tokenizer, "right"
         encoded = tokenizer(
             list(instructions),
             padding="max_length",
             truncation=True,
             max_length=self.config.max_instruction_tokens,
-            padding_side="left" if self.config.instruction_first else "right",
+            padding_side=side,
             return_tensors="pt",
         )
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device).bool()

