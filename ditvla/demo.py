@@ -52,9 +52,10 @@ class DemoRecipe:
     evaluate: EvalConfig
     # how ``calibrate-steps`` picks, on held-out frames, the denoising steps the policy ships with
     calibration: CalibrateConfig = field(default_factory=CalibrateConfig)
-    # ``--robustness``: the episodes each perturbation is evaluated on (None: the
-    # evaluation's own, its unperturbed run reused)
+    # ``--robustness``: the tasks and episodes each perturbation is evaluated on (None:
+    # the evaluation's own, its unperturbed run reused)
     robustness: EvalConfig | None = None
+    robustness_env: str | None = None
 
     def commands(self, store: Path, run: Path, evaluation: Path) -> list[str]:
         """The ``ditvla`` command lines equivalent to :func:`run_demo`'s calls."""
@@ -119,6 +120,7 @@ QUICK = DemoRecipe(
     evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60),
     calibration=replace(FULL.calibration, frames=16),
     robustness=replace(FULL.evaluate, episodes_per_task=1, max_steps=20, videos_per_task=0),
+    robustness_env="metaworld:reach-green-ball",  # a smoke run: one task, one episode
 )
 
 
@@ -173,7 +175,7 @@ def run_demo(
         episodes = recipe.robustness or replace(recipe.evaluate, videos_per_task=0)
         profile = robustness_profile(
             load_policy(final),
-            recipe.env,
+            recipe.robustness_env or recipe.env,
             episodes,
             out=out / "robustness",
             unperturbed=None if recipe.robustness else report,
@@ -230,9 +232,9 @@ def run_demo(
     return 0
 
 
-def _rate(report, tasks: list[str]) -> float:
+def _rate(report, tasks: list[str]) -> float | None:
     wins, episodes = success(report, tasks)
-    return wins / episodes
+    return wins / episodes if episodes else None
 
 
 def _robustness_markdown(profile: dict) -> str:

@@ -55,8 +55,10 @@ def success(report: EvaluationReport, tasks: list[str] | None = None) -> tuple[i
 
 def profile_markdown(reports: dict[str, EvaluationReport], tasks: list[str] | None = None) -> str:
     """The profile as a table: success with its 95% interval and the change from
-    unperturbed, over ``tasks`` (all when None)."""
+    unperturbed, over ``tasks`` (all when None; "" when none of them was evaluated)."""
     wins, n = success(reports[""], tasks)
+    if n == 0:
+        return ""
     rows = [
         "| perturbation | success | 95% interval | vs unperturbed |",
         "|---|---|---|---|",
