@@ -170,16 +170,7 @@ def run_demo(
     t_train = time.perf_counter()
     report = evaluate(load_policy(final), recipe.env, recipe.evaluate, out=evaluation)
     t_eval = time.perf_counter()
-    profile = None
-    if robustness:  # the same episodes under each axis at its moderate level
-        episodes = recipe.robustness or replace(recipe.evaluate, videos_per_task=0)
-        profile = robustness_profile(
-            load_policy(final),
-            recipe.robustness_env or recipe.env,
-            episodes,
-            out=out / "robustness",
-            unperturbed=None if recipe.robustness else report,
-        )
+    profile = _robustness(recipe, final, report, out) if robustness else None
 
     _plot_loss(run / "metrics.jsonl", out / "loss.png")
     for video in sorted((evaluation / "videos").glob("*.mp4")):
@@ -230,6 +221,18 @@ def run_demo(
         f"report: {out / 'report.md'}"
     )
     return 0
+
+
+def _robustness(recipe: DemoRecipe, policy: Path, report, out: Path) -> dict:
+    """The policy's profile: each axis at its moderate level on the evaluation's episodes
+    (its unperturbed run reused), or on the recipe's own robustness episodes."""
+    return robustness_profile(
+        load_policy(policy),
+        recipe.robustness_env or recipe.env,
+        recipe.robustness or replace(recipe.evaluate, videos_per_task=0),
+        out=out / "robustness",
+        unperturbed=None if recipe.robustness else report,
+    )
 
 
 def _rate(report, tasks: list[str]) -> float | None:

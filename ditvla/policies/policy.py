@@ -41,7 +41,7 @@ from ditvla.policies import checkpoint, losses
 from ditvla.policies.auxiliary_head import AuxiliaryHead
 from ditvla.policies.backbone import VLMBackbone
 from ditvla.policies.config import PolicyConfig
-from ditvla.policies.dit_head import ContextCache, DiTActionHead
+from ditvla.policies.dit_head import ActionHeadConfig, ContextCache, DiTActionHead
 from ditvla.policies.forecasting import ForecastConfig, Forecaster
 from ditvla.policies.foresight_head import LatentForesightHead, MotionForesightHead
 from ditvla.policies.inputs import as_batch, image_batch, pixels_fit, state_batch
@@ -69,32 +69,15 @@ class DiTVLAPolicy(nn.Module):
     """VLM backbone + DiT action head (+ foresight and auxiliary heads in training), with
     normalization inside."""
 
-    def __init__(
-        self,
-        config: PolicyConfig,
-        stats: Stats | None = None,
-        *,
-        vlm_config=None,
-        tokenizer=None,
-        reader_files=None,
-    ):
+    def __init__(self, config: PolicyConfig, stats: Stats | None = None, **saved: Any):
+        """``saved``: a saved policy's ``vlm_config``, ``tokenizer`` and ``reader_files``
+        (see :class:`VLMBackbone`)."""
         super().__init__()
         if config.action_dim <= 0:
             raise ValueError("config.action_dim must be set (PolicyConfig.for_data does it)")
         self.config = config
-        self.backbone = VLMBackbone(
-            config.backbone, vlm_config=vlm_config, tokenizer=tokenizer, reader_files=reader_files
-        )
-        head = config.head
-        head.context_dim, head.state_dim = self.backbone.width, config.state_dim
-        if config.auxiliary_input and not config.auxiliary_keys:
-            raise ConfigError(
-                "auxiliary_input: the action head reads the auxiliary head's "
-                "prediction, so auxiliary targets are needed (--auxiliary ...)"
-            )
-        head.state_dim += config.auxiliary_dim if config.auxiliary_input else 0
-        head.action_dim, head.horizon = config.action_dim, config.horizon
-        self.head = DiTActionHead(head)
+        self.backbone = VLMBackbone(config.backbone, **saved)
+        self.head = DiTActionHead(_head_config(config, self.backbone.width))
         self.schedule = make_schedule(config.objective, config.num_train_timesteps)
         modes = {"action": config.action_norm}
         if config.state_dim:
@@ -325,6 +308,22 @@ class DiTVLAPolicy(nn.Module):
     ) -> DiTVLAPolicy:
         """Load a folder written by :meth:`save_pretrained` (no network access)."""
         return checkpoint.load_policy_folder(cls, folder, map_location)
+
+
+def _head_config(config: PolicyConfig, context_width: int) -> ActionHeadConfig:
+    """The action head's config, completed from the policy's: the context's width, what it
+    reads beside the context (the state, and the auxiliary prediction when asked), the
+    actions' width and the chunk's length."""
+    if config.auxiliary_input and not config.auxiliary_keys:
+        raise ConfigError(
+            "auxiliary_input: the action head reads the auxiliary head's "
+            "prediction, so auxiliary targets are needed (--auxiliary ...)"
+        )
+    head = config.head
+    head.context_dim, head.state_dim = context_width, config.state_dim
+    head.state_dim += config.auxiliary_dim if config.auxiliary_input else 0
+    head.action_dim, head.horizon = config.action_dim, config.horizon
+    return head
 
 
 def fixed_actions(config: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
