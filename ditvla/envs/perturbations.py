@@ -84,6 +84,19 @@ BACKGROUND_MATERIALS = ("floor", "wall", "living_room")
 OBJECT_MATERIALS = ("wall_brick",)  # Meta-World's wall tasks: the obstacle
 
 
+# what the scene axes change in a model, kept at first and restored before every episode
+LIGHT_INTENSITIES = ("diffuse", "ambient", "specular")
+PERTURBED_ARRAYS = (
+    "cam_pos",
+    "cam_quat",
+    "cam_pos0",  # tracking cameras are placed from these two
+    "cam_mat0",
+    "light_dir",
+    *(f"light_{key}" for key in LIGHT_INTENSITIES),
+    "mat_rgba",
+)
+
+
 def surface_of(name: str) -> str | None:
     """Whether a material (by name) is the table's, the background's or neither's."""
     name = name.lower()
@@ -149,9 +162,7 @@ class Perturbation:
 def check_policy_reads(perturbation: Perturbation, cameras: Any, state_dim: int) -> None:
     """ConfigError for axes that would perturb nothing the policy reads."""
     seen = [
-        a
-        for a in ("camera", "lighting", "table", "background", "pixels")
-        if a in dict(perturbation.levels)
+        a for a in ("camera", "lighting", "table", "background", "pixels") if perturbation.level(a)
     ]
     if seen and not cameras:
         raise ConfigError(f"the policy reads no camera: {', '.join(seen)} would change nothing")
@@ -208,32 +219,17 @@ class ScenePerturber:
             table = [m for m in background if "floor" in names[m]]
             background = [m for m in background if m not in table]
         self.materials = {"table": table, "background": background}
-        self.nominal = {
-            "cam_pos": model.cam_pos.copy(),
-            "cam_quat": model.cam_quat.copy(),
-            "cam_pos0": model.cam_pos0.copy(),
-            "cam_mat0": model.cam_mat0.copy(),
-            "light_dir": model.light_dir.copy(),
-            "light_diffuse": model.light_diffuse.copy(),
-            "light_ambient": model.light_ambient.copy(),
-            "light_specular": model.light_specular.copy(),
-            "headlight": (
-                model.vis.headlight.diffuse.copy(),
-                model.vis.headlight.ambient.copy(),
-                model.vis.headlight.specular.copy(),
-            ),
-            "mat_rgba": model.mat_rgba.copy(),
+        self.nominal = {key: getattr(model, key).copy() for key in PERTURBED_ARRAYS}
+        self.nominal_headlight = {
+            key: getattr(model.vis.headlight, key).copy() for key in LIGHT_INTENSITIES
         }
 
     def restore(self) -> None:
-        model, nominal = self.env.mujoco_model, self.nominal
-        for key in ("cam_pos", "cam_quat", "cam_pos0", "cam_mat0", "light_dir", "light_diffuse"):
-            getattr(model, key)[:] = nominal[key]
-        model.light_ambient[:] = nominal["light_ambient"]
-        model.light_specular[:] = nominal["light_specular"]
-        headlight = model.vis.headlight
-        headlight.diffuse, headlight.ambient, headlight.specular = nominal["headlight"]
-        model.mat_rgba[:] = nominal["mat_rgba"]
+        model = self.env.mujoco_model
+        for key, values in self.nominal.items():
+            getattr(model, key)[:] = values
+        for key, values in self.nominal_headlight.items():
+            setattr(model.vis.headlight, key, values)
 
     def apply(self, seed: int) -> None:
         """This episode's draw of every scene axis (after the simulator's reset)."""
@@ -255,12 +251,10 @@ class ScenePerturber:
                     mujoco.mju_quat2Mat(model.cam_mat0[camera], _turned(quat, turn, degrees))
             elif axis == "lighting":
                 dim, degrees = LIGHTING[level]
-                for key in ("light_diffuse", "light_ambient", "light_specular"):
-                    getattr(model, key)[:] *= 1.0 - dim
-                headlight = model.vis.headlight
-                headlight.diffuse = headlight.diffuse * (1.0 - dim)
-                headlight.ambient = headlight.ambient * (1.0 - dim)
-                headlight.specular = headlight.specular * (1.0 - dim)
+                for key in LIGHT_INTENSITIES:
+                    getattr(model, f"light_{key}")[:] *= 1.0 - dim
+                    headlight = model.vis.headlight
+                    setattr(headlight, key, getattr(headlight, key) * (1.0 - dim))
                 for light in range(model.nlight):
                     model.light_dir[light] = _rotated(model.light_dir[light], _unit(rng), degrees)
             elif axis in ("table", "background"):
