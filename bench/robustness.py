@@ -36,7 +36,7 @@ from bench.store_runs import trained_smolvla
 
 
 def profile(policy, env: str, axes: list[str], levels: list[str], episodes: int, out: Path):
-    """Each arm's (``""``: unperturbed) evaluation summary, by arm."""
+    """Each arm's (``""``: unperturbed) evaluation report, by arm."""
     from ditvla.envs.evaluate import EvalConfig
     from ditvla.envs.robustness import robustness_profile
 
@@ -54,7 +54,7 @@ def profile(policy, env: str, axes: list[str], levels: list[str], episodes: int,
         )
     for arm, report in reports.items():
         print(f"{arm or 'unperturbed'}: {report.summary()['mean_success']:.1%}", flush=True)
-    return {arm: report.summary() for arm, report in reports.items()}
+    return reports
 
 
 def mean_over(summary: dict, tasks: list[str] | None) -> float:
@@ -64,17 +64,17 @@ def mean_over(summary: dict, tasks: list[str] | None) -> float:
     return sum(rates) / len(rates)
 
 
-def table(results: dict[str, dict], names: list[str]) -> str:
+def table(reports: dict[str, dict], names: list[str]) -> str:
+    """The policies' profiles side by side (reports by policy name, then by arm)."""
     from ditvla.envs.evaluate import wilson_interval
+    from ditvla.envs.robustness import success
 
     header = "| perturbation | " + " | ".join(names) + " |"
     rows = [header, "|---" * (len(names) + 1) + "|"]
-    for arm in results[names[0]]:
+    for arm in reports[names[0]]:
         cells = []
         for name in names:
-            summary = results[name][arm]
-            n = sum(t["episodes"] for t in summary["tasks"].values())
-            wins = round(sum(t["success_rate"] * t["episodes"] for t in summary["tasks"].values()))
+            wins, n = success(reports[name][arm])
             lo, hi = wilson_interval(wins, n)
             cells.append(f"{wins / n:.1%} ({lo:.0%}-{hi:.0%}, {n} episodes)")
         rows.append(f"| {arm or 'none'} | " + " | ".join(cells) + " |")
@@ -134,23 +134,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--levels: {', '.join(unknown) or 'none'}; valid: {', '.join(LEVELS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {
+    reports = {
         "ditvla": profile(load_policy(args.policy), args.env, axes, levels, args.episodes, out)
     }
     if not args.skip_smolvla:
         budget = args.smolvla_minutes * 60
         with trained_smolvla(Path(args.store), args.policy, budget) as (smolvla, _):
-            results["lerobot smolvla"] = profile(
+            reports["lerobot smolvla"] = profile(
                 smolvla, args.env, axes, levels, args.episodes, out / "smolvla"
             )
+    results = {
+        name: {arm: report.summary() for arm, report in arms.items()}
+        for name, arms in reports.items()
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    markdown = table(results, list(results))
+    markdown = table(reports, list(reports))
     (out / "profile.md").write_text(markdown + "\n")
     plot(results, axes, levels, out / "profile.png")
     print(markdown)
 
     def worst(arms: dict) -> tuple[str, float]:
-
         moderate = {a: s["mean_success"] for a, s in arms.items() if a.endswith(f"={MODERATE}")}
         axis = min(moderate, key=moderate.get, default="none")
         return axis.split("=")[0], moderate.get(axis, float("nan"))
