@@ -82,12 +82,37 @@ def test_scene_perturbations_change_what_each_camera_sees_per_episode_and_undo(
     dim = seen("lighting=medium")
     assert all(dim["images"][c].mean() < nominal["images"][c].mean() - 10 for c in cameras)
     assert change(seen("table=large"), nominal, cameras[0]) > 2
+    placed = env.state_parts()["objects"][:3]  # the first object, where the seed put it
+    seen("layout=medium")
+    moved_by = env.state_parts()["objects"][:3] - placed
+    assert np.hypot(*moved_by[:2]) == pytest.approx(0.04, abs=0.005)  # level: 4 cm
+    assert abs(moved_by[2]) < 0.005  # horizontally
     start = seen("robot=medium")
     assert np.abs(start["state"] - nominal["state"]).max() > 0.01  # the arm starts elsewhere
     env.perturb(Perturbation())
     again, _ = env.reset(seed=100000)
     assert all(change(again, nominal, camera) == 0 for camera in cameras)
     np.testing.assert_allclose(again["state"], nominal["state"], atol=1e-6)
+    env.close()
+
+
+def test_layout_moves_the_objects_in_the_scene_and_leaves_parked_ones():
+    env = SUITES["robosuite"].make("PickPlaceCan", cameras=(), state_keys=("proprio", "objects"))
+    env.reset(seed=100000)
+    sim = env._env.sim
+
+    def positions() -> dict[str, np.ndarray]:
+        return {name: sim.data.get_body_xpos(name).copy() for name in ("Can_main", "Milk_main")}
+
+    nominal = positions()
+    env.perturb(Perturbation.parse("layout=large"))
+    env.reset(seed=100000)
+    moved = positions()
+    assert np.linalg.norm(moved["Can_main"] - nominal["Can_main"]) == pytest.approx(0.08, abs=0.01)
+    np.testing.assert_allclose(moved["Milk_main"], nominal["Milk_main"])  # parked out of view
+    for _ in range(5):  # the moved scene steps on, finite
+        observation, *_ = env.step(np.zeros(env.action_space.shape))
+    assert np.isfinite(observation["state"]).all()
     env.close()
 
 

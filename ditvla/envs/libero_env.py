@@ -37,7 +37,7 @@ import numpy as np
 from ditvla.datasets.convert_libero import LIBERO_ACTION_SPACE
 from ditvla.envs.errors import SimulatorUnavailable
 from ditvla.envs.libero_experts import LiberoExpert
-from ditvla.envs.robosuite_env import move_arm_joints, observed_again
+from ditvla.envs.robosuite_env import move_arm_joints, move_free_objects, observed_again
 from ditvla.envs.schema import EVAL_SEED_START, SimulatorEnv
 from ditvla.errors import ConfigError
 
@@ -281,6 +281,9 @@ class LiberoEnv(SimulatorEnv):
 
     def mujoco_camera(self, camera: str) -> str:
         return CAMERAS[camera]
+
+    def move_layout(self, rng: np.random.Generator, level: str) -> None:
+        move_free_objects(self._env.env, rng, level)
 
     def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
         move_arm_joints(self._env.env, rng, level)

@@ -362,6 +362,34 @@ class MetaWorldEnv(SimulatorEnv):
             env.data.mocap_pos[mocap][:] = start
             env.do_simulation([-1, 1], env.frame_skip)
 
+    def move_layout(self, rng: np.random.Generator, level: str) -> None:
+        """Each position the reset drew (objects, goals, fixtures: Meta-World's random
+        vector, in threes), or each colour-reach ball, moved by the level's distance; the
+        task is reset again on the moved vector, so its rewards and success follow."""
+        from ditvla.envs.perturbations import horizontal_move
+
+        env = self._env
+        if hasattr(env, "colour"):  # colour reach: the balls are its objects and goal
+            for name in BALL_COLOURS:
+                env.model.site(f"ball_{name}").pos += horizontal_move(rng, level)
+            env._target_pos = env.model.site(f"ball_{env.colour}").pos.copy()
+            env.model.site("goal").pos = env._target_pos
+            env.maxReachDist = np.linalg.norm(env.init_tcp - env._target_pos)
+            return
+        drawn = np.array(env._last_rand_vec, dtype=np.float64)
+        if len(drawn) % 3:
+            raise ConfigError(
+                f"{self.task}'s reset draws {len(drawn)} numbers, not positions: no layout axis"
+            )
+        env._last_rand_vec = drawn + np.concatenate(
+            [horizontal_move(rng, level) for _ in range(len(drawn) // 3)]
+        )
+        env._freeze_rand_vec = True
+        try:
+            self._raw_obs, _ = env.reset()
+        finally:
+            env._freeze_rand_vec = False
+
     def scene_changed(self) -> None:
         env = self._env
         mujoco.mj_forward(env.model, env.data)

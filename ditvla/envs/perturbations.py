@@ -18,6 +18,11 @@ Where the simulator owns an axis, the simulator applies it, the same way in ever
   scenes without a table) tinted towards a random colour by a fraction;
 - ``background``: the floor and the walls tinted the same way (the walls alone where the
   floor is the surface the objects stand on);
+- ``layout``: every object placed a distance away from where the episode's seed put it, in
+  a random horizontal direction of its own: Meta-World moves each position its reset draws
+  (objects, goals, the articulated fixtures; the colour-reach balls), robosuite and LIBERO
+  each free object (a draw that would make objects intersect is drawn again, and the
+  object stays put when no draw fits);
 - ``robot``: the arm's start moved: robosuite and LIBERO add a random offset to each arm
   joint; Meta-World's arm follows a mocap target, so its hand's start is moved instead.
 
@@ -44,6 +49,7 @@ LEVELS = ("small", "medium", "large")
 CAMERA = {"small": (0.01, 1.0), "medium": (0.025, 3.0), "large": (0.05, 6.0)}  # m, degrees
 LIGHTING = {"small": (0.2, 10.0), "medium": (0.4, 20.0), "large": (0.6, 40.0)}  # dim, degrees
 TINT = {"small": 0.2, "medium": 0.45, "large": 0.8}  # how far towards the random colour
+LAYOUT = {"small": 0.02, "medium": 0.04, "large": 0.08}  # m, each object
 ROBOT_JOINTS = {"small": 0.03, "medium": 0.08, "large": 0.15}  # rad, uniform +- per joint
 ROBOT_HAND = {"small": 0.01, "medium": 0.025, "large": 0.05}  # m (Meta-World)
 PIXEL_NOISE = {"small": 4.0, "medium": 8.0, "large": 16.0}  # sigma in 0..255 levels
@@ -59,6 +65,10 @@ AXES: dict[str, dict[str, str]] = {
     },
     "table": {level: f"tinted {t:.0%} towards a random colour" for level, t in TINT.items()},
     "background": {level: f"tinted {t:.0%} towards a random colour" for level, t in TINT.items()},
+    "layout": {
+        level: f"each object moved {d * 100:g} cm in a random horizontal direction"
+        for level, d in LAYOUT.items()
+    },
     "robot": {
         level: f"arm joints +-{ROBOT_JOINTS[level]:g} rad (Meta-World: hand moved "
         f"{ROBOT_HAND[level] * 100:g} cm)"
@@ -73,7 +83,7 @@ AXES: dict[str, dict[str, str]] = {
         "file": "a rewording from the file given with --rewordings",
     },
 }
-SCENE_AXES = ("camera", "lighting", "table", "background", "robot")
+SCENE_AXES = ("camera", "lighting", "table", "background", "layout", "robot")
 RECEIVED_AXES = ("pixels", "state", "instruction")
 
 # materials, by name, of what the table and the background axes tint (read from the
@@ -176,6 +186,13 @@ def episode_rng(seed: int, axis: str) -> np.random.Generator:
     return np.random.default_rng([seed, sum(axis.encode()), len(axis)])
 
 
+def horizontal_move(rng: np.random.Generator, level: str) -> np.ndarray:
+    """One object's move of the ``layout`` axis: (dx, dy, 0), the level's distance in a
+    random horizontal direction."""
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    return LAYOUT[level] * np.array([np.cos(angle), np.sin(angle), 0.0])
+
+
 def _unit(rng: np.random.Generator) -> np.ndarray:
     vector = rng.normal(size=3)
     return vector / np.linalg.norm(vector)
@@ -262,6 +279,8 @@ class ScenePerturber:
                 for material in self.materials[axis]:
                     rgb = model.mat_rgba[material, :3]
                     model.mat_rgba[material, :3] = (1.0 - amount) * rgb + amount * colour
+            elif axis == "layout":  # before the robot axis: Meta-World resets again
+                self.env.move_layout(rng, level)
             elif axis == "robot":
                 self.env.move_robot_start(rng, level)
         self.env.scene_changed()

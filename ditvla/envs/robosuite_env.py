@@ -149,6 +149,9 @@ class RobosuiteEnv(SimulatorEnv):
     def mujoco_model(self) -> Any:
         return self._env.sim.model._model
 
+    def move_layout(self, rng: np.random.Generator, level: str) -> None:
+        move_free_objects(self._env, rng, level)
+
     def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
         move_arm_joints(self._env, rng, level)
 
@@ -205,6 +208,54 @@ def move_arm_joints(env: Any, rng: np.random.Generator, level: str) -> None:
     for name, controller in robot.composite_controller.part_controllers.items():
         if name in robot.arms:
             controller.update_initial_joints(sim.data.qpos[controller.qpos_index])
+
+
+INTERSECTING = -0.002  # m: a contact this deep means two objects placed inside each other
+LAYOUT_DRAWS = 10  # tries per object before it stays where it was
+PARKED_BEYOND = 5.0  # m from the origin: an object out of the scene (robosuite parks at 10)
+
+
+def move_free_objects(env: Any, rng: np.random.Generator, level: str) -> None:
+    """A robosuite environment's free objects (each body on a free joint: robosuite's and
+    LIBERO's movable objects, but not those parked out of the scene, as robosuite's
+    single-object tasks park the others)
+    each moved horizontally by the ``layout`` axis's level, in a direction of its own; a
+    draw that would put it inside something else is drawn again, and after
+    :data:`LAYOUT_DRAWS` tries the object stays where it was."""
+    import mujoco
+
+    from ditvla.envs.perturbations import horizontal_move
+
+    model, data = env.sim.model._model, env.sim.data._data
+    free = [j for j in range(model.njnt) if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_FREE]
+    in_scene = [
+        j
+        for j in free
+        if np.linalg.norm(data.qpos[model.jnt_qposadr[j] : model.jnt_qposadr[j] + 3])
+        < PARKED_BEYOND
+    ]
+    for joint in in_scene:
+        body, column = model.jnt_bodyid[joint], model.jnt_qposadr[joint]
+        start = data.qpos[column : column + 3].copy()
+        for _ in range(LAYOUT_DRAWS):
+            data.qpos[column : column + 3] = start + horizontal_move(rng, level)
+            mujoco.mj_forward(model, data)
+            if not _intersects(model, data, body):
+                break
+        else:
+            data.qpos[column : column + 3] = start
+    data.qvel[:] = 0.0
+    mujoco.mj_forward(model, data)
+
+
+def _intersects(model: Any, data: Any, body: int) -> bool:
+    """Whether any geom of ``body`` (or of bodies it carries) lies inside another body's."""
+    for contact in data.contact[: data.ncon]:
+        roots = {model.body_rootid[model.geom_bodyid[g]] for g in (contact.geom1, contact.geom2)}
+        ours = model.body_rootid[body]
+        if ours in roots and len(roots) == 2 and contact.dist < INTERSECTING:
+            return True
+    return False
 
 
 def observed_again(env: Any) -> dict[str, np.ndarray]:

@@ -133,6 +133,10 @@ class SimulatorEnv(gym.Env):
         """The MuJoCo name of ``camera``."""
         return camera
 
+    def move_layout(self, rng: np.random.Generator, level: str) -> None:
+        """Move the scene's objects by the ``layout`` axis's ``level`` (after a reset)."""
+        raise NotImplementedError
+
     def move_robot_start(self, rng: np.random.Generator, level: str) -> None:
         """Move the arm's start by the ``robot`` axis's ``level`` (after a reset)."""
         raise NotImplementedError
