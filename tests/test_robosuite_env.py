@@ -15,7 +15,7 @@ from ditvla.envs.baselines import ExpertPolicy, RandomPolicy
 from ditvla.envs.collect import collect_demonstrations
 from ditvla.envs.evaluate import evaluate
 from ditvla.envs.registry import parse_env
-from ditvla.envs.robosuite_env import RobosuiteEnv
+from ditvla.envs.robosuite_env import RobosuiteEnv, observed_again
 from ditvla.training.processes import join_processes
 from ditvla.training.trainer import TrainConfig
 from ditvla.training.training_data import training_dataset
@@ -54,6 +54,17 @@ def test_observation_schema_seeded_episodes_and_bad_actions():
         env.close()
     with pytest.raises(ValueError, match="unknown robosuite camera"):
         RobosuiteEnv("Lift", cameras=("corner",))
+
+
+def test_the_first_observation_is_as_fresh_as_the_next():
+    env = RobosuiteEnv("PickPlaceCan", cameras=(), state_keys=("proprio", "objects"))
+    try:
+        env.reset(seed=3)
+        first = env._raw["Can_to_robot0_eef_pos"].copy()
+        assert np.linalg.norm(first) > 0.05  # robosuite's own first sample was zeros
+        np.testing.assert_allclose(first, observed_again(env._env)["Can_to_robot0_eef_pos"])
+    finally:
+        env.close()
 
 
 def test_experts_succeed_random_does_not(tmp_path):

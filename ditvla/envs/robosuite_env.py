@@ -164,7 +164,10 @@ class RobosuiteEnv(SimulatorEnv):
         np.random.seed(seed)  # robosuite's placement samplers use the global generator
         try:
             self._env.rng = np.random.default_rng(seed)
-            self._raw = self._env.reset()
+            self._env.reset()
+            # robosuite's first sample of some observables is zeros (PickPlace's
+            # object-to-hand pose): computed afresh, the episode's first frame is right
+            self._raw = observed_again(self._env)
         finally:
             np.random.set_state(saved)
         self._expert = None
