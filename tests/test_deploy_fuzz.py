@@ -137,7 +137,7 @@ def test_a_session_receiver_takes_each_valid_message_once():
 @pytest.mark.slow
 def test_a_real_socket_counts_every_hostile_message_and_still_serves():
     # hellos judged by the decoder alone here (the session gate has its own test)
-    gate = SessionGate(silence_s=0, hello_burst=10**6)
+    gate = SessionGate(silence_s=0, setup_s=0, hello_burst=10**6)
     with ServerChannel("tcp://127.0.0.1:0", gate=gate) as server:
         server.accept(b"nobody", "s")  # a session no hostile peer holds
         raw = zmq.Context.instance().socket(zmq.DEALER)

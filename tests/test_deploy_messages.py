@@ -282,6 +282,25 @@ def test_a_robot_keeps_its_session_until_it_goes_silent():
     assert server.rejected["session held by another robot"] == 3
 
 
+def test_a_fleet_gate_keeps_each_live_session_and_gives_a_silent_robots_slot_away():
+    """Two sessions: a third peer is refused while both robots set up (silent for seconds)
+    and while both speak; once one is silent for 2 s its slot, and only its, goes."""
+    now = [0.0]
+    gate = SessionGate(silence_s=2.0, setup_s=10.0, max_sessions=2, clock=lambda: now[0])
+    for peer in (b"a", b"b"):
+        assert gate.refusal(peer, _hello(peer.decode())) is None and gate.open(peer) is None
+    now[0] = 5.0  # both still being set up: neither has spoken
+    assert gate.refusal(b"c", _hello("c1")) == "session held by another robot"
+    gate.heard(b"a")
+    gate.heard(b"b")
+    now[0] = 6.5
+    gate.heard(b"a")
+    assert gate.refusal(b"c", _hello("c2")) == "session held by another robot"
+    now[0] = 7.5  # b silent for 2.5 s
+    assert gate.refusal(b"c", _hello("c3")) is None
+    assert gate.open(b"c") == b"b" and set(gate.live_until) == {b"a", b"c"}
+
+
 def test_a_frame_beyond_the_policys_largest_observation_is_cut_off():
     """The server's frame cap is what its policy's observations need, so a message of
     many large frames is dropped at its first frame (ZeroMQ would buffer it whole)."""

@@ -75,13 +75,13 @@ def stop(server: subprocess.Popen) -> int:
     return server.wait(timeout=30)
 
 
-def robot(address, out, *extra):
+def robot(address, out, *extra, sim="metaworld:drawer-close-v3"):
     return subprocess.Popen(
         [
             *CLI,
             "robot",
             "--sim",
-            "metaworld:drawer-close-v3",
+            sim,
             "--server",
             address,
             "--out",
@@ -237,7 +237,7 @@ class FakeServer:
             if message.type == "hello":
                 channel.accept(peer, self.session)
             for answer in self.answer(message):
-                channel.send(answer)
+                channel.send(answer, to=peer)
 
 
 class InProcessChannel:
@@ -444,6 +444,53 @@ def test_a_server_restart_starts_a_new_session_and_chunks_flow_again(policy_dir,
     held = executed.index(False, driven)  # held while none answered
     assert sum(executed[held:]) > 100  # the second one drives:
     assert channel.codec.session != first_session  # in a new session
+
+
+@pytest.mark.slow
+def test_a_fleet_server_keeps_each_robots_session_and_chunks_its_own(policy_dir, tmp_path):
+    """Two sim robots on one `serve --max-robots 2`: one switching episodes every 40 ticks,
+    one in a single episode of another task. Each gets chunks of its own session and
+    episode only; a third peer's hellos while both are live are refused, and neither
+    robot's session changes."""
+    from ditvla.deploy.transport import ClientChannel
+
+    address = free_address()
+    stats_file = tmp_path / "server_stats.json"
+    server = serve(
+        policy_dir,
+        address,
+        tmp_path / "server.log",
+        *("--max-robots", "2", "--stats-json", str(stats_file)),
+    )
+    run = ("--duration-s", "8", "--no-realtime")  # 400 ticks: within a Meta-World episode
+    switching = robot(address, tmp_path / "a", *run, "--max-steps", "40")
+    steady = robot(
+        address, tmp_path / "b", *run, "--max-steps", "5000", sim="metaworld:pick-place-v3"
+    )
+    try:
+        both = (switching, steady)
+        wait_for(lambda: all(catches(p, signal.SIGTERM) for p in both), "both robots' loops start")
+        with ClientChannel(address) as third:
+            for nonce in ("third-1", "third-2", "third-3"):
+                third.send(Message("hello", {"robot": "third", "control_hz": HZ, "nonce": nonce}))
+                assert third.receive(timeout_ms=700) is None, "a third peer got a session"
+        assert all(p.poll() is None for p in both), "a robot ended before the third peer spoke"
+        finished(switching)
+        finished(steady)
+    finally:
+        for process in (switching, steady):
+            process.kill()
+        stop(server)
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("a", "b"))
+    stats = json.loads(stats_file.read_text())
+    assert a["sessions"] == b["sessions"] == 1 and stats["sessions"] == 2
+    assert stats["rejected_messages"] >= 3  # the third peer's hellos
+    for name, summary in (("a", a), ("b", b)):  # another session's chunk: refused by its codec
+        assert summary["chunks_received"] > 0 and summary["rejected_messages"] == 0
+        assert any(row["executed"] == "action" for row in ticks(tmp_path / name))
+    # the other robot's episode switches never reach the steady one's chunks
+    assert len(a["episodes"]) >= 3 and len([e for e in b["episodes"] if e["steps"]]) == 1
+    assert b["refused_chunks"].get("other episode", 0) == 0
 
 
 # ---------------------------------------------------------------------- hostile and broken input

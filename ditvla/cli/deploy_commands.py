@@ -17,7 +17,8 @@ from ditvla.cli.subcommand import Commands, add_command
 def _print_status(stats, last_error) -> None:
     """The server's status line (once a second on stderr)."""
     line = (
-        f"chunks {stats.chunks} | contexts {stats.contexts} | S1 {stats.system1_hz:.1f} Hz "
+        f"robots {stats.robots} | chunks {stats.chunks} | contexts {stats.contexts} | "
+        f"S1 {stats.system1_hz:.1f} Hz "
         f"| S2 {stats.system2_hz:.1f} Hz | stale {stats.stale_skips} | "
         f"S2 restarts {stats.system2_restarts} | rejected {stats.rejected_messages} | "
         f"bad observations {stats.bad_observations}"
@@ -36,7 +37,10 @@ def run_serve(args: argparse.Namespace) -> int:
     server = PolicyServer(config)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
-    print(f"serving {config.policy} on {config.address} (merge: {config.merge}); Ctrl-C stops")
+    print(
+        f"serving {config.policy} on {config.address} (merge: {config.merge}; up to "
+        f"{config.max_robots} robot(s), each in its own session); Ctrl-C stops"
+    )
     stats = server.serve(
         duration_s=args.duration_s, on_status=None if args.quiet else _print_status
     )
@@ -54,8 +58,8 @@ def add_serve(commands: Commands, configured: bool) -> None:
         "run a policy as the slow/fast dual-system server for a robot controller",
         "System 2 (the VLM, its own process) refreshes the context from the newest camera "
         "frames; System 1 (the DiT head) denoises action chunks from the newest context and "
-        "state and streams them to the controller (`ditvla robot`). Loopback only unless "
-        "--keys is given.",
+        "state and streams them to the controller (`ditvla robot`); --max-robots N serves a "
+        "fleet, each robot in its own session. Loopback only unless --keys is given.",
     )
     if configured:
         from ditvla.deploy.server import ServeConfig

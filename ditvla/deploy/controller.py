@@ -117,6 +117,9 @@ class ControlSummary:
     action_change_within_chunk: float = 0.0
     rejected_messages: int = 0
     chunks_received: int = 0
+    # sessions this robot held: 1 unless it had to say hello again (the server restarted,
+    # or its session was lost: no news for REHELLO_S)
+    sessions: int = 0
     refused_chunks: dict[str, int] = field(default_factory=dict)
     episodes: list[dict] = field(default_factory=list)
 
@@ -201,6 +204,7 @@ class Controller:
         )
         self.refused: Counter[str] = Counter()
         self.chunks_received = 0
+        self.sessions = int(spec is not None)
         self._nonce: str | None = None
         self._heard_at = self.clock.now()
         self.schedule = ActionSchedule(
@@ -224,6 +228,7 @@ class Controller:
         if message.type == "spec":
             if self._nonce is not None and adopt_spec(self.channel, message, self._nonce):
                 self._nonce = None  # the server restarted: a new session
+                self.sessions += 1
                 return "new session"
             return "unasked spec"
         if message.meta["episode"] != episode:
@@ -265,6 +270,9 @@ class Controller:
         """Run the loop for one episode; returns the ticks it ran."""
         self.schedule.clear()
         self.channel.send(Message("reset", {"episode": episode}))
+        # the server answers observations: the silence before this episode's first one (the
+        # robot being reset) is no sign that the server is gone
+        self._heard_at = self.clock.now()
         last_chunk_at = -np.inf
         s1 = s2 = None
         previous_action, previous_source = None, None
@@ -393,6 +401,7 @@ class Controller:
             action_change_within_chunk=float(np.mean(within)) if within else 0.0,
             rejected_messages=self.channel.rejected_total,
             chunks_received=self.chunks_received,
+            sessions=self.sessions,
             refused_chunks=dict(self.refused),
             episodes=episodes,
         )

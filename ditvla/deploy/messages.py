@@ -110,6 +110,7 @@ _TICK = Field(int, low=-1)
 _EPISODE = Field(int, low=-1)
 _TIME = Field((int, float), low=0.0, high=1e12)
 _RATE = Field((int, float), low=0.0, high=10_000.0)
+_ROBOT_ID = Field(int, low=0)
 SCHEMAS: dict[str, MessageSchema] = {
     # controller -> server: what the robot has (answered with "spec"); opens a session
     "hello": MessageSchema(
@@ -141,7 +142,8 @@ SCHEMAS: dict[str, MessageSchema] = {
     "observation": MessageSchema(
         "controller",
         meta={"tick": _TICK, "time": _TIME, "episode": _EPISODE},
-        optional_meta={"instruction": Field(str)},
+        # robot_id: the server's tag for System 2 (a controller's own is overwritten)
+        optional_meta={"instruction": Field(str), "robot_id": _ROBOT_ID},
         arrays={"state": ArraySpec(("float32",), 1)},
         array_prefixes={"image.": ArraySpec(("uint8",), 3)},
     ),
@@ -163,6 +165,7 @@ SCHEMAS: dict[str, MessageSchema] = {
     "context": MessageSchema(
         "system2",
         meta={"tick": _TICK, "episode": _EPISODE},
+        optional_meta={"robot_id": _ROBOT_ID},  # whose frames these are
         arrays={"tokens": ArraySpec(("float32",), 3), "mask": ArraySpec(("uint8",), 2)},
     ),
 }

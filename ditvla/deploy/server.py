@@ -13,10 +13,17 @@
 
 With ``merge="rtc"`` System 1 keeps a copy of what it sent and computes each chunk with
 real-time chunking (see :mod:`ditvla.deploy.schedule`).
+
+A server serves up to ``max_robots`` robots at once (a fleet), each in a session of its own
+(:class:`RobotSession`: its episode, context, state, frames and chunks; its session id and
+sequence numbers in the channel): System 2 encodes the fresh frames of all robots in one
+forward, System 1 acts for each robot from its own newest context, and a robot's chunks go
+to its connection only. One copy of the weights per process, whatever the fleet's size.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -26,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +49,7 @@ from ditvla.deploy.schedule import (
     rtc_weights,
     safe_actions,
 )
-from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel
+from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel, SessionGate
 from ditvla.devices import device_named
 from ditvla.errors import ConfigError
 
@@ -74,6 +82,8 @@ class ServeConfig:
         device: where System 1 runs the policy (auto, cpu, cuda, cuda:N).
         system2_device: where System 2 runs the VLM (empty: where System 1 runs).
         Both are resolved to a device this machine has (ConfigError otherwise).
+        max_robots: robots served at once, each in its own session (a fleet); a robot
+            silent for 2 s frees its slot for the next robot's hello.
     """
 
     policy: str
@@ -91,10 +101,13 @@ class ServeConfig:
     head_dtype: HeadDType = "float32"
     device: str = "cpu"
     system2_device: str = ""
+    max_robots: int = 1
 
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
             raise ConfigError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
+        if self.max_robots < 1:
+            raise ConfigError(f"max_robots is {self.max_robots}; serve at least one robot")
         # a device this machine lacks is named now, not half-way through loading
         self.device = str(device_named(self.device))
         self.system2_device = str(device_named(self.system2_device or self.device))
@@ -110,6 +123,8 @@ class ServerStats:
     rejected_messages: int = 0
     dropped_sends: int = 0
     bad_observations: int = 0
+    sessions: int = 0  # sessions opened (hellos answered)
+    robots: int = 0  # robots holding a session now
     system1_hz: float = 0.0
     system2_hz: float = 0.0
     act_ms: list[float] = field(default_factory=list)
@@ -125,12 +140,13 @@ def _rate(previous: float, interval: float) -> float:
 def _system2_main(
     policy_dir: str, address: str, session: str, threads: int, hz: float, device: str
 ) -> None:
-    """System 2 process: observations with images in, context tokens out."""
+    """System 2 process: observations with images in, context tokens out, one per
+    observation; the observations waiting when it turns to them (one per robot of a
+    fleet) go through the VLM together, in one forward."""
     os.nice(SYSTEM2_NICE - SYSTEM1_NICE)  # the server's niceness is inherited
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us
     policy = load_policy(policy_dir, device=device)
-    cameras = policy.spec.cameras
     size = (policy.spec.image_size, policy.spec.image_size, 3)
     with PairChannel(address, bind=False, accepts_from=("controller",)) as channel:
         channel.codec.start_session(session)
@@ -138,40 +154,50 @@ def _system2_main(
         warmup = Message(
             "observation",
             {"tick": -1, "time": 0.0, "episode": -1, "instruction": ""},
-            {f"image.{cam}": np.zeros(size, np.uint8) for cam in cameras},
+            {f"image.{cam}": np.zeros(size, np.uint8) for cam in policy.spec.cameras},
         )
-        pending: Message | None = warmup
-        last = 0.0
+        batch, last = [warmup], 0.0
         while True:
-            message, pending = pending or channel.receive(timeout_ms=1000), None
-            if message is None:
+            if not batch:
                 if os.getppid() == 1:  # the server died
                     return
+                batch = _waiting_observations(channel)
                 continue
             if hz > 0:
                 time.sleep(max(0.0, last + 1.0 / hz - time.monotonic()))
             last = time.monotonic()
-            observation = {
-                "images": {cam: message.arrays[f"image.{cam}"] for cam in cameras},
-                "instruction": message.meta.get("instruction", ""),
-            }
-            with torch.inference_mode():
-                context = policy.encode(observation)
-            channel.send(
-                Message(
-                    "context",
-                    {"tick": message.meta["tick"], "episode": message.meta["episode"]},
-                    {
-                        "tokens": context.tokens.float().cpu().numpy(),
-                        "mask": context.mask.cpu().numpy().astype(np.uint8),
-                    },
-                )
-            )
+            tokens, mask = _encoded(policy, batch)
+            for i, message in enumerate(batch):
+                meta = {key: message.meta[key] for key in ("tick", "episode")}
+                meta["robot_id"] = message.meta.get("robot_id", 0)
+                arrays = {"tokens": tokens[i : i + 1], "mask": mask[i : i + 1]}
+                channel.send(Message("context", meta, arrays))
+            batch = []
+
+
+def _waiting_observations(channel: PairChannel) -> list[Message]:
+    """The next observation (waiting up to a second) and all that wait behind it."""
+    first = channel.receive(timeout_ms=1000)
+    return [] if first is None else [first, *channel.receive_all()]
+
+
+def _encoded(policy, batch: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+    """The VLM's tokens (B, L, width) float32 and mask (B, L) uint8 of a batch of
+    observations, in one forward."""
+    cameras = policy.spec.cameras
+    observation = {
+        "images": {cam: np.stack([m.arrays[f"image.{cam}"] for m in batch]) for cam in cameras},
+        "instruction": [m.meta.get("instruction", "") for m in batch],
+    }
+    with torch.inference_mode():
+        context = policy.encode(observation)
+    return context.tokens.float().cpu().numpy(), context.mask.cpu().numpy().astype(np.uint8)
 
 
 class System2:
     """The System 2 process and its private channel: a PAIR socket (one peer) on an ipc
-    path in a folder only this user can open (mode 0700), one session per process."""
+    path in a folder only this user can open (mode 0700), one session per process. It is
+    busy from a batch's submission until every observation of it is answered."""
 
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -180,6 +206,7 @@ class System2:
         self.channel = self._channel()
         self._process: mp.process.BaseProcess | None = None
         self.busy_since: float | None = None
+        self.unanswered = 0
         self.ready = False
         self.restarts = -1
         self.start()
@@ -206,7 +233,7 @@ class System2:
             name="ditvla-system2",
         )
         self._process.start()
-        self.busy_since = None
+        self.busy_since, self.unanswered = None, 0
         self.restarts += 1
 
     def _channel(self) -> PairChannel:
@@ -219,9 +246,17 @@ class System2:
             return False
         return self.busy_since is None or time.monotonic() - self.busy_since < SYSTEM2_TIMEOUT_S
 
-    def submit(self, observation: Message) -> None:
-        if self.channel.send(observation):
-            self.busy_since = time.monotonic()
+    def submit(self, observations: list[Message]) -> None:
+        """Hand System 2 a batch (at most one observation per robot)."""
+        sent = sum(self.channel.send(observation) for observation in observations)
+        if sent:
+            self.busy_since, self.unanswered = time.monotonic(), sent
+
+    def answered(self) -> None:
+        """One context came back; idle once the whole batch has."""
+        self.unanswered = max(0, self.unanswered - 1)
+        if not self.unanswered:
+            self.busy_since = None
 
     def close(self) -> None:
         if self._process is not None:
@@ -233,8 +268,59 @@ class System2:
         os.rmdir(self._folder)
 
 
+# ---------------------------------------------------------------------- one robot
+@dataclass
+class RobotSession:
+    """What the server holds for one robot: its episode, its newest context, state and
+    camera frames, when System 1 acts for it next, and what it was sent. Nothing here is
+    shared between robots. ``robot_id``: the server's number for this session (never
+    reused), which tags its observations to System 2 and the contexts that come back."""
+
+    peer: bytes
+    robot_id: int
+    control_hz: float
+    spoke: bool = False  # it sent something in this session (not only hellos)
+    episode: int = 0
+    context: tuple[Any, int] | None = None  # (the policy's context, tick of its observation)
+    context_at: float = 0.0
+    # tick, controller time of the observation, received at, state
+    state: tuple[int, float, float, np.ndarray] | None = None
+    frames: Message | None = None  # newest observation with images, not yet encoded
+    last_chunk_at: float = 0.0
+    next_act_at: float = 0.0
+    chunks: int = 0
+    system1_hz: float = 0.0
+    system2_hz: float = 0.0
+    sent: ActionSchedule = field(default_factory=lambda: ActionSchedule("latest"))
+
+    def reset_episode(self, episode: int) -> None:
+        self.episode = episode
+        self.context = self.state = self.frames = None
+        self.last_chunk_at = self.next_act_at = 0.0
+        self.sent.clear()
+
+    def due(self, now: float) -> bool:
+        """System 1 has a context and a state for this robot, and its turn has come."""
+        return self.state is not None and self.context is not None and self.next_act_at <= now
+
+    def take_frames(self) -> Message:
+        """Its newest camera frames, tagged with its ``robot_id`` for System 2 (then gone)."""
+        frames, self.frames = self.frames, None
+        return Message("observation", {**frames.meta, "robot_id": self.robot_id}, frames.arrays)
+
+    def take_context(self, context: Any, tick: int) -> None:
+        if self.context is not None:
+            self.system2_hz = _rate(self.system2_hz, time.monotonic() - self.context_at)
+        self.context, self.context_at = (context, tick), time.monotonic()
+
+
 # ---------------------------------------------------------------------- the server
 class PolicyServer:
+    """Serves ``config.max_robots`` robots at once, each in its own session
+    (:class:`RobotSession`): System 2 encodes the robots' fresh frames together, System 1
+    acts for each robot from its own newest context and state, and each chunk goes to its
+    robot's connection only."""
+
     def __init__(self, config: ServeConfig):
         self.config = config
         os.nice(SYSTEM1_NICE)
@@ -246,22 +332,14 @@ class PolicyServer:
         largest = observation_bytes(
             len(self.spec.cameras), self.spec.image_size, self.spec.state_dim
         )
-        self.channel = ServerChannel(config.address, keys=config.keys, max_frame_bytes=largest)
+        gate = SessionGate(max_sessions=config.max_robots)
+        self.channel = ServerChannel(
+            config.address, keys=config.keys, gate=gate, max_frame_bytes=largest
+        )
         self.system2 = System2(config)
+        self.robots: dict[bytes, RobotSession] = {}
+        self._robot_ids = itertools.count()
         self._stop = False
-        self._sent = ActionSchedule("latest")
-        self._reset_episode(0)
-        self.control_hz = 50.0
-
-    def _reset_episode(self, episode: int) -> None:
-        self.episode = episode
-        self.context = None  # (Context, tick)
-        # tick, controller time of the observation, received at, state
-        self.state: tuple[int, float, float, np.ndarray] | None = None
-        self.frames: Message | None = None  # newest observation with images, not yet encoded
-        self.last_chunk_at = 0.0
-        self.next_act_at = 0.0
-        self._sent.clear()
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -303,74 +381,97 @@ class PolicyServer:
             for name, frame in images.items()
         )
 
+    def _open_session(self, peer: bytes, hello: Message) -> None:
+        """A new session for ``peer`` (in place of its old one, or of the robot silent
+        longest when every slot is taken), answered with the policy's spec."""
+        ended = self.channel.accept(peer, secrets.token_hex(8))
+        self.robots.pop(ended, None)
+        control_hz = float(hello.meta["control_hz"])
+        self.robots[peer] = RobotSession(peer, next(self._robot_ids), control_hz)
+        self.stats.sessions += 1
+        self.channel.send(self._spec(hello), to=peer)
+
     def _handle(self, peer: bytes, message: Message) -> None:
+        robot = self.robots.get(peer)
         if message.type == "hello":
-            if self.system2.ready:  # else the controller asks again
-                self.control_hz = float(message.meta["control_hz"])
-                self.channel.accept(peer, secrets.token_hex(8))  # a new session
-                self._reset_episode(0)
-                self.channel.send(self._spec(message))
-        elif message.type == "reset":
-            self._reset_episode(message.meta["episode"])
+            if robot is not None and not robot.spoke:
+                # its hellos sent while it waited for our answer: the same session
+                self.channel.send(self._spec(message), to=peer)
+            elif self.system2.ready:  # else the controller asks again
+                self._open_session(peer, message)
+            return
+        if robot is None:  # the channel hears only hellos from peers without a session
+            return
+        robot.spoke = True
+        if message.type == "reset":
+            robot.reset_episode(message.meta["episode"])
         elif message.type == "observation":
-            if message.meta["episode"] != self.episode:
-                self._reset_episode(message.meta["episode"])
+            if message.meta["episode"] != robot.episode:
+                robot.reset_episode(message.meta["episode"])
             if not self._observation_fits(message):  # never reaches System 2
                 self.stats.bad_observations += 1
                 return
             meta = message.meta
-            self.state = (meta["tick"], meta["time"], time.monotonic(), message.arrays["state"])
-            cameras = self.spec.cameras
-            if all(f"image.{cam}" in message.arrays for cam in cameras):
-                self.frames = message
+            robot.state = (meta["tick"], meta["time"], time.monotonic(), message.arrays["state"])
+            if all(f"image.{cam}" in message.arrays for cam in self.spec.cameras):
+                robot.frames = message
 
     def _pump_system2(self) -> None:
+        """Contexts back to their robots; System 2 restarted when it died or hangs; the
+        robots' fresh frames handed over together when it is idle."""
         for message in self.system2.channel.receive_all():
             if message.meta["tick"] == -1:  # warm-up done
                 self.system2.ready = True
-            elif message.meta["episode"] == self.episode:
-                tokens = torch.from_numpy(message.arrays["tokens"].copy())
-                mask = torch.from_numpy(message.arrays["mask"].copy())
-                with torch.inference_mode():
-                    context = self.policy.context_from(tokens, mask)
-                if self.context is not None:
-                    self.stats.system2_hz = _rate(
-                        self.stats.system2_hz, time.monotonic() - self._context_at
-                    )
-                self.context, self._context_at = (context, message.meta["tick"]), time.monotonic()
-                self.stats.contexts += 1
-            self.system2.busy_since = None
+            else:
+                self._take_context(message)
+            self.system2.answered()
         if not self.system2.healthy():
             self.system2.start()
             self.stats.system2_restarts = self.system2.restarts
-        if self.frames is not None and self.system2.busy_since is None:
-            self.system2.submit(self.frames)
-            self.frames = None
+        fresh = [robot for robot in self.robots.values() if robot.frames is not None]
+        if fresh and self.system2.busy_since is None:
+            self.system2.submit([robot.take_frames() for robot in fresh])
+
+    def _take_context(self, message: Message) -> None:
+        """A context from System 2, for the robot (and episode) whose frames it encoded."""
+        robot_id, episode = message.meta.get("robot_id"), message.meta["episode"]
+        robot = next((r for r in self.robots.values() if r.robot_id == robot_id), None)
+        if robot is None or robot.episode != episode:
+            return  # its session or its episode ended meanwhile
+        tokens = torch.from_numpy(message.arrays["tokens"].copy())
+        mask = torch.from_numpy(message.arrays["mask"].copy())
+        with torch.inference_mode():
+            robot.take_context(self.policy.context_from(tokens, mask), message.meta["tick"])
+        self.stats.contexts += 1
 
     # -------------------------------------------------------------- System 1
-    def _system1_interval(self) -> float:
+    def _system1_interval(self, robot: RobotSession) -> float:
         if self.config.system1_hz > 0:
             return 1.0 / self.config.system1_hz
-        return self.spec.n_action_steps / self.control_hz / 2
+        return self.spec.n_action_steps / robot.control_hz / 2
 
-    def _act(self) -> None:
-        context, context_tick = self.context
-        tick, obs_time, received_at, state = self.state
+    def _inpainting(self, robot: RobotSession, tick: int, delay_s: float):
+        """rtc: the planned actions and their weights a new chunk is inpainted towards."""
+        planned = robot.sent.planned(tick, self.spec.horizon)
+        if planned is None:
+            return None
+        mean_act_s = np.mean(self.stats.act_ms[-20:]) / 1e3 if self.stats.act_ms else 0.1
+        delay = math.ceil((delay_s + mean_act_s) * robot.control_hz)
+        return planned[0], rtc_weights(self.spec.horizon, delay, planned[1])
+
+    def _act(self, robot: RobotSession) -> None:
+        context, context_tick = robot.context
+        tick, obs_time, received_at, state = robot.state
         started = time.monotonic()
-        self.next_act_at = started + self._system1_interval()
-        context_age_s = (tick - context_tick) / self.control_hz
+        robot.next_act_at = started + self._system1_interval(robot)
+        context_age_s = (tick - context_tick) / robot.control_hz
         state_age_s = started - received_at  # the robot stopped sending: no chunks for it
         if max(context_age_s, state_age_s) > self.config.max_context_age_s:
             self.stats.stale_skips += 1
             return
-        horizon = self.spec.horizon
         inpaint = None
         if self.config.merge == "rtc":
-            planned = self._sent.planned(tick, horizon)
-            if planned is not None:
-                mean_act_s = np.mean(self.stats.act_ms[-20:]) / 1e3 if self.stats.act_ms else 0.1
-                delay = math.ceil((started - received_at + mean_act_s) * self.control_hz)
-                inpaint = (planned[0], rtc_weights(horizon, delay, planned[1]))
+            inpaint = self._inpainting(robot, tick, started - received_at)
         with torch.inference_mode():
             chunks = self.policy.act(
                 context, state[None], num_steps=self.config.num_inference_steps, inpaint=inpaint
@@ -383,49 +484,55 @@ class PolicyServer:
         if chunk is None:
             self.stats.nan_chunks += 1
             return
-        if self.last_chunk_at:
-            self.stats.system1_hz = _rate(self.stats.system1_hz, now - self.last_chunk_at)
-        self.last_chunk_at = now
-        self._sent.add(tick, chunk)
-        self._sent.prune(tick)
+        if robot.last_chunk_at:
+            robot.system1_hz = _rate(robot.system1_hz, now - robot.last_chunk_at)
+        robot.last_chunk_at = now
+        robot.sent.add(tick, chunk)
+        robot.sent.prune(tick)
+        robot.chunks += 1
         self.stats.chunks += 1
-        self.channel.send(
-            Message(
-                "actions",
-                {
-                    "start_tick": tick,
-                    "obs_time": obs_time,
-                    "context_tick": context_tick,
-                    "episode": self.episode,
-                    "system1_hz": round(self.stats.system1_hz, 3),
-                    "system2_hz": round(self.stats.system2_hz, 3),
-                    "chunk": self.stats.chunks,
-                },
-                {"actions": chunk},
-            )
-        )
+        meta = {"start_tick": tick, "obs_time": obs_time, "context_tick": context_tick}
+        meta.update(episode=robot.episode, chunk=robot.chunks)
+        meta.update(system1_hz=round(robot.system1_hz, 3), system2_hz=round(robot.system2_hz, 3))
+        self.channel.send(Message("actions", meta, {"actions": chunk}), to=robot.peer)
+
+    # -------------------------------------------------------------- the loop
+    def _wait_ms(self) -> float:
+        """How long the loop may wait for messages: until the next robot's turn, 2 ms at most."""
+        ready = [r.next_act_at for r in self.robots.values() if r.due(math.inf)]
+        if not ready:
+            return 2
+        return max(0, min(2, (min(ready) - time.monotonic()) * 1e3))
+
+    def _update_stats(self) -> None:
+        stats, robots = self.stats, self.robots.values()
+        stats.rejected_messages = self.channel.rejected_total
+        stats.dropped_sends = self.channel.dropped_sends
+        stats.robots = len(self.robots)
+        for name in ("system1_hz", "system2_hz"):
+            rates = [getattr(robot, name) for robot in robots if getattr(robot, name)]
+            if rates:  # the fleet's mean (one robot's own rate)
+                setattr(stats, name, float(np.mean(rates)))
 
     def serve(self, duration_s: float | None = None, on_status=None) -> ServerStats:
         """Run until :meth:`stop` (SIGINT/SIGTERM in the CLI) or ``duration_s``."""
         end = time.monotonic() + duration_s if duration_s else math.inf
         next_status = time.monotonic() + 1.0
+        # a flood cannot hold System 1: a bounded number of messages per turn, per robot
+        budget = MAX_MESSAGES_PER_TICK * self.config.max_robots
         try:
             while not self._stop and time.monotonic() < end:
-                wait_ms = 2
-                if self.state is not None and self.context is not None:
-                    wait_ms = max(0, min(wait_ms, (self.next_act_at - time.monotonic()) * 1e3))
-                received = self.channel.receive(timeout_ms=wait_ms)
-                for _ in range(MAX_MESSAGES_PER_TICK):  # a flood cannot hold System 1
+                received = self.channel.receive(timeout_ms=self._wait_ms())
+                for _ in range(budget):
                     if received is None:
                         break
                     self._handle(*received)
                     received = self.channel.receive(0)
                 self._pump_system2()
-                due = self.next_act_at <= time.monotonic()
-                if self.state is not None and self.context is not None and due:
-                    self._act()
-                self.stats.rejected_messages = self.channel.rejected_total
-                self.stats.dropped_sends = self.channel.dropped_sends
+                for robot in list(self.robots.values()):
+                    if robot.due(time.monotonic()):
+                        self._act(robot)
+                self._update_stats()
                 if on_status is not None and time.monotonic() >= next_status:
                     on_status(self.stats, self.channel.last_error)
                     next_status = time.monotonic() + 1.0

@@ -1,10 +1,12 @@
-"""ZeroMQ channels between the policy server, its System 2 process and the robot controller.
+"""ZeroMQ channels between the policy server, its System 2 process and the robot controllers.
 
-The server binds a ROUTER socket and talks to one peer: the robot whose ``hello`` opened
-the current session (ZeroMQ names each connection; a chunk goes to that connection and
-nowhere else). The session is that robot's until it goes silent (:class:`SessionGate`):
-another peer's ``hello`` is refused meanwhile, and so are a replayed ``hello`` (its nonce
-seen before) and a peer's hellos beyond :data:`HELLO_BURST` at :data:`HELLOS_PER_S`.
+The server binds a ROUTER socket and talks to the robots whose ``hello`` opened a session,
+each in a session of its own (its own session id and sequence numbers): ZeroMQ names each
+connection, and a chunk goes to its robot's connection and nowhere else. A server has
+``max_sessions`` of them (one by default; a fleet has more). A session is its robot's
+until the robot goes silent (:class:`SessionGate`): another peer's ``hello`` never takes
+a live one, and is refused while every session is live; so are a replayed ``hello`` (its
+nonce seen before) and a peer's hellos beyond :data:`HELLO_BURST` at :data:`HELLOS_PER_S`.
 A controller or System 2 connects a DEALER socket. Either side sends
 whenever it has something, nothing waits for a reply, and ZeroMQ reconnects by itself.
 Sends never block: when the peer is gone or its queue is full the message is dropped
@@ -24,7 +26,6 @@ at a bounded number of messages, so a flood cannot hold its caller.
 from __future__ import annotations
 
 import ipaddress
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +42,9 @@ MAX_MESSAGES_PER_RECEIVE = 64
 # a session whose robot has sent nothing for this long may be opened by another's hello
 # (a controller observes every tick, and says hello again after 2 s without news)
 SESSION_SILENCE_S = 2.0
+# a session just opened is its robot's this long, or until the robot first speaks: it may
+# be building the robot and waiting for its first camera frames (silent meanwhile)
+SESSION_SETUP_S = 10.0
 # a peer's hellos: a burst of this many, then this many per second (a handshake says
 # hello every 0.5 s; a busy server may read a few of them at once)
 HELLO_BURST, HELLOS_PER_S = 4, 2.0
@@ -114,9 +118,10 @@ class _Channel:
                 break
             yield self._socket.recv_multipart(copy=False)
 
-    def _decode(self, frame) -> Message | None:
+    def _decode(self, frame, codec: Codec | None = None) -> Message | None:
+        """``frame`` decoded by ``codec`` (the channel's own by default), or None, counted."""
         try:
-            return self.codec.decode(frame.buffer)
+            return (codec or self.codec).decode(frame.buffer)
         except MessageError as exc:
             text = str(exc)
             reason = "session" if "session" in text or "replayed" in text else "malformed"
@@ -137,13 +142,15 @@ class _Channel:
 
 
 class SessionGate:
-    """Which hellos a server hears: the reason to refuse one, or None.
+    """Which hellos a server hears, and whose sessions it holds.
 
     A hello whose nonce was seen before is a replay; a peer's hellos beyond a burst of
     ``hello_burst``, refilled at ``hellos_per_s``, are a flood (a token bucket per peer);
-    while the session's robot was heard within ``silence_s``, a hello from any other peer
-    is refused (the robot keeps its session until it goes silent). ``clock``: seconds,
-    monotonic."""
+    a hello from a peer without a session is refused while all ``max_sessions`` sessions
+    are live. A session is live for ``setup_s`` after it opens (its robot is being set
+    up: built, its first camera frames rendered) or until its robot first speaks, then
+    while its robot was heard within ``silence_s``; a silent robot's slot is the next
+    hello's. A robot's hello renews its own session. ``clock``: seconds, monotonic."""
 
     def __init__(
         self,
@@ -151,18 +158,34 @@ class SessionGate:
         hello_burst: int = HELLO_BURST,
         hellos_per_s: float = HELLOS_PER_S,
         clock: Callable[[], float] = time.monotonic,
+        max_sessions: int = 1,
+        setup_s: float = SESSION_SETUP_S,
     ):
-        self.silence_s, self.clock = silence_s, clock
+        if max_sessions < 1:
+            raise TransportError(f"a server holds at least one session, not {max_sessions}")
+        self.silence_s, self.setup_s, self.clock = silence_s, setup_s, clock
         self.hello_burst, self.hellos_per_s = hello_burst, hellos_per_s
-        self.heard_at = -math.inf
+        self.max_sessions = max_sessions
+        self.live_until: dict[bytes, float] = {}  # the peers holding sessions
         self._nonces: dict[str, None] = {}
         self._buckets: dict[bytes, tuple[float, float]] = {}  # peer: (tokens, at)
 
-    def heard(self) -> None:
-        """The session's robot spoke (or its session just began)."""
-        self.heard_at = self.clock()
+    def heard(self, peer: bytes) -> None:
+        """A session's robot spoke."""
+        if peer in self.live_until:
+            self.live_until[peer] = self.clock() + self.silence_s
 
-    def refusal(self, peer: bytes, holder: bytes | None, hello: Message) -> str | None:
+    def open(self, peer: bytes) -> bytes | None:
+        """``peer`` holds a session from now; returns the peer whose session ended to make
+        room for it (the one silent longest), if any."""
+        ended = None
+        if peer not in self.live_until and len(self.live_until) >= self.max_sessions:
+            ended = min(self.live_until, key=self.live_until.__getitem__)
+            del self.live_until[ended]
+        self.live_until[peer] = self.clock() + max(self.silence_s, self.setup_s)
+        return ended
+
+    def refusal(self, peer: bytes, hello: Message) -> str | None:
         now = self.clock()
         nonce = hello.meta["nonce"]
         if nonce in self._nonces:
@@ -173,9 +196,11 @@ class SessionGate:
         _remember(self._buckets, peer, (max(0.0, tokens - 1), now))
         if tokens < 1:
             return "hellos too fast"
-        if holder not in (None, peer) and now - self.heard_at < self.silence_s:
-            return "session held by another robot"
-        return None
+        if peer in self.live_until or len(self.live_until) < self.max_sessions:
+            return None
+        if min(self.live_until.values()) <= now:
+            return None  # a silent robot's slot
+        return "session held by another robot"
 
 
 def _remember(memory: dict, key, value) -> None:
@@ -187,11 +212,13 @@ def _remember(memory: dict, key, value) -> None:
 
 
 class ServerChannel(_Channel):
-    """The server's end: a bound ROUTER that talks to the peer of the current session.
+    """The server's end: a bound ROUTER that talks to the peers holding sessions, each
+    with a codec of its own (its session id, its sequence numbers both ways).
 
     ``receive`` returns ``(peer, message)``: a ``hello`` the :class:`SessionGate` lets
-    through (the server decides whether to :meth:`accept` it), anything else only from
-    the accepted peer. ``max_frame_bytes``: ZeroMQ disconnects a peer whose frame is
+    through (the server decides whether to :meth:`accept` it), anything else only from a
+    peer holding a session. ``gate``: whose hellos are heard and how many sessions there
+    are (one by default). ``max_frame_bytes``: ZeroMQ disconnects a peer whose frame is
     larger (the server passes what its policy's largest observation needs). ZeroMQ
     buffers a message of many frames whole before it is read and caps only each frame,
     so the tighter that cap, the less such a message can take."""
@@ -214,7 +241,7 @@ class ServerChannel(_Channel):
         socket = _socket(zmq.ROUTER, max_frame_bytes)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails at once
         super().__init__(socket, Codec(accepts_from), address)
-        self.peer: bytes | None = None
+        self.sessions: dict[bytes, Codec] = {}  # peer: its session's codec
         self.gate = gate or SessionGate()
         self._auth = None
         if keys is not None:
@@ -233,20 +260,25 @@ class ServerChannel(_Channel):
             raise TransportError(f"cannot bind {address}: {exc}") from None
         self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def accept(self, peer: bytes, session: str) -> None:
-        """Make ``peer`` the one this channel talks to, in a new session."""
-        self.peer = peer
-        self.codec.start_session(session)
-        self.gate.heard()
+    def accept(self, peer: bytes, session: str) -> bytes | None:
+        """Give ``peer`` a new session (its own, or the slot of the robot silent longest
+        when all are taken); returns the peer whose session ended for it, if any."""
+        ended = self.gate.open(peer)
+        self.sessions.pop(ended, None)
+        codec = Codec(self.codec.accepts_from)
+        codec.start_session(session)
+        self.sessions[peer] = codec
+        return ended
 
-    def send(self, message: Message) -> bool:
-        """Send to the accepted peer; False (and counted) when it had to be dropped."""
-        if self.peer is None:
+    def send(self, message: Message, *, to: bytes) -> bool:
+        """Send to ``to``, a peer holding a session, in its session; False (and counted)
+        when it had to be dropped."""
+        codec = self.sessions.get(to)
+        if codec is None:
             self.dropped_sends += 1
             return False
-        frame = self.codec.encode(message)
         try:
-            self._socket.send_multipart([self.peer, frame], flags=zmq.NOBLOCK, copy=False)
+            self._socket.send_multipart([to, codec.encode(message)], flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError:  # its queue is full, or it is gone (ROUTER_MANDATORY)
             self.dropped_sends += 1
@@ -258,19 +290,21 @@ class ServerChannel(_Channel):
             if len(frames) != 2:
                 self._reject("malformed", f"a message of {len(frames) - 1} frames, expected 1")
                 continue
-            message = self._decode(frames[1])
+            # a peer without a session gets a codec of no session: only its hello passes
+            codec = self.sessions.get(peer) or Codec(self.codec.accepts_from)
+            message = self._decode(frames[1], codec)
             if message is None:
                 continue
             if message.type == "hello":
-                refusal = self.gate.refusal(peer, self.peer, message)
+                refusal = self.gate.refusal(peer, message)
                 if refusal is not None:
                     self._reject(refusal, f"a hello refused: {refusal}")
                     continue
-            elif peer != self.peer:
+                return peer, message  # a hello is no sign of a session's robot at work
+            if peer not in self.sessions:
                 self._reject("not the session's peer", f"a {message.type} from another peer")
                 continue
-            if peer == self.peer:
-                self.gate.heard()
+            self.gate.heard(peer)
             return peer, message
         return None
 
