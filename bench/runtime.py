@@ -17,10 +17,20 @@ async-inference gRPC/pickle path, on loopback, in the same run.
    that only listens and asks for the session — flood the server with garbage, huge,
    many-framed, deeply nested and replayed messages and count what they receive.
 
-    python -m bench.runtime [--duration 120] [--round-trips 300] [--hostile]
+4. ``--fleet N``: N sim robots (N `ditvla robot --sim` processes) on one
+   `ditvla serve --max-robots N`, each in its own session; with --hostile also a local
+   peer with an admitted key of its own that, once every robot runs, floods the server
+   with fresh hellos (takeover tries), replays, many-framed messages and an instruction no
+   tokenizer can take, and counts what it receives.
 
-Last line: ``50 Hz control: ...`` or, with --hostile, ``hostile 50 Hz: p99 jitter <x> ms,
-missed <n>; robot got <a>/<b> chunks, intruders got <c>``.
+    python -m bench.runtime [--duration 120] [--round-trips 300] [--hostile] [--fleet N]
+
+Last line: ``50 Hz control: ...``; with --hostile, ``hostile 50 Hz: p99 jitter <x> ms,
+missed <n>; robot got <a>/<b> chunks, intruders got <c>``; with --fleet, ``fleet 50 Hz:
+robots <N>, p99 jitter <j> ms, missed <m>; chunks delivered <a>/<b>, to intruders <c>;
+takeovers <t>; system2 restarts <r>`` (j: the worst robot's p99; a: chunks the robots
+received, b: chunks the server sent; c: messages any intruder received; t: sessions the
+robots had to open again, an upper bound on takeovers).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,76 +57,121 @@ STATE_DIM, HORIZON, ACTION_DIM = 39, 16, 7
 
 
 # ---------------------------------------------------------------------- 1. control loop
-def control_loop(duration: float, folder: Path, hostile: bool = False) -> dict:
-    """`ditvla serve` + `ditvla robot --sim` for ``duration`` seconds; with ``hostile``,
-    keyed (CURVE on loopback) while three local peers without admitted keys flood the
-    server and try to read chunks. Returns the controller's summary, the server's counters
-    and the intruders'."""
-    import torch
+INTRUDERS = ("plain", "curve", "reader")  # no admitted key
+RIVAL = "admitted"  # --fleet --hostile: a peer with an admitted key of its own
 
-    from ditvla.deploy.keys import generate_keypair
-    from ditvla.policies.config import PolicyConfig
-    from ditvla.policies.policy import DiTVLAPolicy
 
-    torch.manual_seed(0)
-    config = PolicyConfig.preset(
-        "tiny", cameras=list(OBS_IMAGES), image_size=128, state_dim=STATE_DIM, action_dim=4
-    )
-    DiTVLAPolicy(config).save_pretrained(folder / "policy")
-    address = f"tcp://127.0.0.1:{free_port()}"
+def control_loop(duration: float, folder: Path, hostile: bool = False, robots: int = 1) -> dict:
+    """`ditvla serve --max-robots ROBOTS` + ROBOTS `ditvla robot --sim` processes for
+    ``duration`` seconds; with ``hostile``, keyed (CURVE on loopback) while three local
+    peers without admitted keys flood the server and try to read chunks (and, for a fleet,
+    a peer with an admitted key of its own floods it with hellos once every robot runs).
+    Returns each robot's summary ("robots"), the server's counters and the intruders'."""
     cli = [sys.executable, "-m", "ditvla.cli"]
-    keys = []
-    if hostile:
-        for name in ("server", "robot"):
-            generate_keypair(folder / "keys", name)
-        generate_keypair(folder / "outsider", "robot")  # a key pair the server never admitted
-        keys = ["--keys", str(folder / "keys")]
-    serve = [*cli, "serve", "--policy", str(folder / "policy"), "--address", address]
-    server = subprocess.Popen(
-        [*serve, "--quiet", "--stats-json", str(folder / "server.json"), *keys]
+    address = f"tcp://127.0.0.1:{free_port()}"
+    keys = _keys(folder, rival=robots > 1) if hostile else []
+    serve = [*cli, "serve", "--policy", str(_tiny_policy(folder)), "--address", address]
+    serve += ["--max-robots", str(robots), "--quiet", "--stats-json", str(folder / "server.json")]
+    server = subprocess.Popen([*serve, *keys])
+    # the rival's window: from when every robot runs to when the first one ends (whose
+    # slot, silent 2 s later, is then any peer's to take)
+    every_robot_runs, a_robot_ended = (
+        mp.get_context("spawn").Event(),
+        mp.get_context("spawn").Event(),
     )
-    intruders = []
-    if hostile:
-        context = mp.get_context("spawn")
-        for kind in ("plain", "curve", "reader"):
-            intruders.append(
-                context.Process(
-                    target=_intruder,
-                    args=(address, kind, duration + 10, folder, folder / f"{kind}.json"),
-                )
-            )
-            intruders[-1].start()
-    try:
-        robot = [*cli, "robot", "--sim", "metaworld:drawer-close-v3", "--server", address]
-        subprocess.run(
-            [
-                *robot,
-                *keys,
-                "--hz",
-                "50",
-                "--duration-s",
-                str(duration),
-                "--max-steps",
-                "500",
-                "--out",
-                str(folder / "robot"),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
+    kinds = (*INTRUDERS, RIVAL) if hostile and robots > 1 else INTRUDERS if hostile else ()
+    intruders = [
+        mp.get_context("spawn").Process(
+            target=_intruder,
+            args=(address, kind, duration + 10, folder, folder / f"{kind}.json"),
+            kwargs={"window": (every_robot_runs, a_robot_ended) if kind == RIVAL else None},
         )
+        for kind in kinds
+    ]
+    for process in intruders:
+        process.start()
+    robot = [*cli, "robot", "--sim", "metaworld:drawer-close-v3", "--server", address, *keys]
+    run = ["--hz", "50", "--duration-s", str(duration), "--max-steps", "500"]
+    try:
+        fleet = [
+            subprocess.Popen(
+                [*robot, *run, "--out", str(folder / f"robot{i}")], stdout=subprocess.DEVNULL
+            )
+            for i in range(robots)
+        ]
+        while not all(_loop_runs(process) for process in fleet):
+            time.sleep(0.1)
+        every_robot_runs.set()
+        while all(process.poll() is None for process in fleet):
+            time.sleep(0.01)
+        a_robot_ended.set()
+        for process in fleet:
+            if process.wait() != 0:
+                raise RuntimeError(f"a robot ended with {process.returncode}")
     finally:
         server.terminate()
         server.wait()
         for process in intruders:
             process.join(30)
-    summary = json.loads((folder / "robot" / "summary.json").read_text())
-    summary["server"] = json.loads((folder / "server.json").read_text())
-    summary["intruders"] = {
-        kind: json.loads((folder / f"{kind}.json").read_text())
-        for kind in ("plain", "curve", "reader")
-        if hostile
+    return {
+        "robots": [
+            json.loads((folder / f"robot{i}" / "summary.json").read_text()) for i in range(robots)
+        ],
+        "server": json.loads((folder / "server.json").read_text()),
+        "intruders": {kind: json.loads((folder / f"{kind}.json").read_text()) for kind in kinds},
     }
-    return summary
+
+
+def _tiny_policy(folder: Path) -> Path:
+    """A tiny untrained policy over the two 128x128 cameras, saved in ``folder/policy``."""
+    import torch
+
+    from ditvla.policies.config import PolicyConfig
+    from ditvla.policies.policy import DiTVLAPolicy
+
+    torch.manual_seed(0)
+    # the range a trained policy records, wide enough for an untrained head's actions (a
+    # policy without one is held to the robot's own [-1, 1], and every chunk is refused)
+    config = PolicyConfig.preset(
+        "tiny",
+        cameras=list(OBS_IMAGES),
+        image_size=128,
+        state_dim=STATE_DIM,
+        action_dim=4,
+        action_range=([-8.0] * 4, [8.0] * 4),
+    )
+    DiTVLAPolicy(config).save_pretrained(folder / "policy")
+    return folder / "policy"
+
+
+def _keys(folder: Path, rival: bool) -> list[str]:
+    """CURVE keys: the server's and the robots' (one pair the fleet shares) in
+    ``folder/keys`` (with ``rival``, the rival's too: admitted), and a pair the server
+    never admitted in ``folder/outsider``; the options that pass them."""
+    from ditvla.deploy.keys import generate_keypair
+
+    for name in ("server", "robot", *((RIVAL,) if rival else ())):
+        generate_keypair(folder / "keys", name)
+    generate_keypair(folder / "outsider", "robot")
+    return ["--keys", str(folder / "keys")]
+
+
+def _loop_runs(process: subprocess.Popen) -> bool:
+    """Whether a `ditvla robot` holds its session and runs its loop: it catches SIGTERM
+    from then on (Linux: /proc). RuntimeError if it has ended."""
+    if process.poll() is not None:
+        raise RuntimeError(f"a robot ended with {process.returncode} before its loop ran")
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def delivery(result: dict) -> tuple[int, int, int]:
+    """(chunks the robots received, chunks the server sent, messages the intruders
+    received), each as counted by whoever received or sent it."""
+    got = sum(robot["chunks_received"] for robot in result["robots"])
+    stolen = sum(intruder["received"] for intruder in result["intruders"].values())
+    return got, result["server"]["chunks"], stolen
 
 
 def _hostile_frames(rng) -> list[list[bytes]]:
@@ -139,29 +195,66 @@ def _hostile_frames(rng) -> list[list[bytes]]:
     ]
 
 
-def _intruder(address: str, kind: str, seconds: float, folder: Path, out: Path) -> None:
-    """A local peer without an admitted key: floods (plain, curve) or tries to read (reader),
-    and counts every message it receives."""
+def _unencodable_observation() -> bytes:
+    """An observation whose instruction holds a lone UTF-16 surrogate (JSON's ``\\ud800``
+    escape; a tokenizer raises on it): the schema must refuse it."""
+    state = np.zeros(STATE_DIM, np.float32)
+    header = {
+        "v": 2,
+        "type": "observation",
+        "session": "",
+        "seq": 0,
+        "meta": {"tick": 1, "time": 1.0, "episode": 0, "instruction": "go \ud800 now"},
+        "arrays": [{"name": "state", "dtype": "float32", "shape": [STATE_DIM]}],
+    }
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(4, "little") + text + state.tobytes()
+
+
+def _fresh_hello(nonce: str) -> bytes:
+    from ditvla.deploy.messages import Message, encode
+
+    return encode(Message("hello", {"robot": "rival", "control_hz": 50.0, "nonce": nonce}))
+
+
+def _intruder(
+    address: str, kind: str, seconds: float, folder: Path, out: Path, window=None
+) -> None:
+    """A local peer: without an admitted key it floods (plain, curve) or tries to read
+    (reader); the admitted rival sends about a thousand messages a second, fresh hellos and
+    hostile ones, within ``window`` (two events: from the first being set to the second).
+    Each counts every message it receives."""
     import zmq
 
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    if kind != "plain":  # CURVE with a key pair of its own and the server's public key
+    if kind != "plain":  # CURVE with a key pair and the server's public key
         import zmq.auth
 
-        public, secret = zmq.auth.load_certificate(folder / "outsider" / "robot.key_secret")
+        secret = "keys/admitted.key_secret" if kind == RIVAL else "outsider/robot.key_secret"
+        public, secret = zmq.auth.load_certificate(folder / secret)
         server_public, _ = zmq.auth.load_certificate(folder / "keys" / "server.key")
         socket.curve_publickey, socket.curve_secretkey = public, secret
         socket.curve_serverkey = server_public
+    start, stop = window or (None, None)
+    if start is not None:
+        start.wait(seconds)
     socket.connect(address)
     rng = np.random.default_rng(hash(kind) % 2**32)
-    frames = _hostile_frames(rng)
+    frames = [*_hostile_frames(rng), [_unencodable_observation()]]
     sent = received = 0
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (stop is not None and stop.is_set()):
         if kind == "reader":
             time.sleep(0.2)
             message = frames[5]  # keeps asking for the session
+        elif kind == RIVAL:  # a takeover try (a fresh hello) every other message
+            time.sleep(0.001)
+            message = (
+                [_fresh_hello(f"rival-{sent}")]
+                if sent % 2 == 0
+                else frames[sent // 2 % len(frames)]
+            )
         else:
             message = frames[sent % len(frames)]
         try:
@@ -202,7 +295,7 @@ def _ours_server(address: str) -> None:
             if message.type == "hello":
                 channel.accept(peer, "bench")
                 meta = {**spec, "action_dim": ACTION_DIM, "nonce": message.meta["nonce"]}
-                channel.send(Message("spec", meta))
+                channel.send(Message("spec", meta), to=peer)
                 continue
             meta = {
                 "start_tick": message.meta["tick"],
@@ -210,7 +303,7 @@ def _ours_server(address: str) -> None:
                 "context_tick": message.meta["tick"],
                 "episode": 0,
             }
-            channel.send(Message("actions", meta, {"actions": chunk}))
+            channel.send(Message("actions", meta, {"actions": chunk}), to=peer)
 
 
 def ours_round_trips(n: int) -> np.ndarray:
@@ -321,22 +414,26 @@ def main(argv: list[str] | None = None) -> None:
         help="keyed server; three local peers without admitted keys flood it and try to "
         "read chunks (no round trips then)",
     )
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N sim robots on one `serve --max-robots N` (no round trips then)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
-    if args.hostile:
+    if args.fleet or args.hostile:
         with tempfile.TemporaryDirectory() as folder:
-            summary = control_loop(args.duration, Path(folder), hostile=True)
-        print(json.dumps({k: v for k, v in summary.items() if k != "episodes"}, indent=1))
-        got, sent = summary["chunks_received"], summary["server"]["chunks"]
-        stolen = sum(i["received"] for i in summary["intruders"].values())
-        print(
-            f"hostile 50 Hz: p99 jitter {summary['jitter_p99_ms']:.2f} ms, missed "
-            f"{summary['missed_deadlines']}; robot got {got}/{sent} chunks, intruders got {stolen}"
-        )
+            result = control_loop(args.duration, Path(folder), args.hostile, max(1, args.fleet))
+        for robot in result["robots"]:
+            robot.pop("episodes")
+        print(json.dumps(result, indent=1))
+        print(_fleet_line(result) if args.fleet else _hostile_line(result))
         return
 
     with tempfile.TemporaryDirectory() as folder:
-        summary = control_loop(args.duration, Path(folder))
+        summary = control_loop(args.duration, Path(folder))["robots"][0]
     print(
         f"control loop: {summary['ticks']} ticks at {summary['control_hz']:.1f} Hz | jitter "
         f"p50 {summary['jitter_p50_ms']:.3f} ms, p99 {summary['jitter_p99_ms']:.3f} ms, max "
@@ -352,6 +449,32 @@ def main(argv: list[str] | None = None) -> None:
         f"50 Hz control: p99 jitter {summary['jitter_p99_ms']:.2f} ms, missed "
         f"{summary['missed_deadlines']}; transport round trip {np.median(ours):.2f} ms vs "
         f"lerobot {np.median(theirs):.2f} ms"
+    )
+
+
+def _hostile_line(result: dict) -> str:
+    robot = result["robots"][0]
+    got, sent, stolen = delivery(result)
+    return (
+        f"hostile 50 Hz: p99 jitter {robot['jitter_p99_ms']:.2f} ms, missed "
+        f"{robot['missed_deadlines']}; robot got {got}/{sent} chunks, intruders got {stolen}"
+    )
+
+
+def _fleet_line(result: dict) -> str:
+    """The worst robot's p99 jitter, the fleet's missed deadlines; a takeover is a session
+    a robot lost and had to say hello again for (an upper bound: a robot also says hello
+    again after 2 s without news, e.g. while System 2 restarts)."""
+    robots = result["robots"]
+    got, sent, stolen = delivery(result)
+    jitter = max(robot["jitter_p99_ms"] for robot in robots)
+    missed = sum(robot["missed_deadlines"] for robot in robots)
+    takeovers = sum(robot["sessions"] - 1 for robot in robots)
+    restarts = result["server"]["system2_restarts"]
+    return (
+        f"fleet 50 Hz: robots {len(robots)}, p99 jitter {jitter:.2f} ms, missed {missed}; "
+        f"chunks delivered {got}/{sent}, to intruders {stolen}; takeovers {takeovers}; "
+        f"system2 restarts {restarts}"
     )
 
 
