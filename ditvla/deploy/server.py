@@ -124,6 +124,7 @@ class ServerStats:
     dropped_sends: int = 0
     bad_observations: int = 0
     sessions: int = 0  # sessions opened (hellos answered)
+    takeovers: int = 0  # sessions ended to give their slot to another peer
     robots: int = 0  # robots holding a session now
     system1_hz: float = 0.0
     system2_hz: float = 0.0
@@ -385,7 +386,9 @@ class PolicyServer:
         """A new session for ``peer`` (in place of its old one, or of the robot silent
         longest when every slot is taken), answered with the policy's spec."""
         ended = self.channel.accept(peer, secrets.token_hex(8))
-        self.robots.pop(ended, None)
+        if ended is not None:
+            self.robots.pop(ended, None)
+            self.stats.takeovers += 1
         control_hz = float(hello.meta["control_hz"])
         self.robots[peer] = RobotSession(peer, next(self._robot_ids), control_hz)
         self.stats.sessions += 1
