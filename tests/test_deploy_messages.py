@@ -270,8 +270,8 @@ def test_a_robot_keeps_its_session_until_it_goes_silent():
         other.send(_hello("other-2"))
         assert server.receive(timeout_ms=1000) is None
         robot.codec.start_session("s1")
-        robot.send(Message("reset", {"episode": 1}))
-        assert server.receive(timeout_ms=5000)[1].type == "reset"  # heard now
+        robot.send(observation())
+        assert server.receive(timeout_ms=5000)[1].type == "observation"  # heard now
         now[0] += 1.9
         other.send(_hello("other-3"))
         assert server.receive(timeout_ms=1000) is None
@@ -299,6 +299,23 @@ def test_a_fleet_gate_keeps_each_live_session_and_gives_a_silent_robots_slot_awa
     now[0] = 7.5  # b silent for 2.5 s
     assert gate.refusal(b"c", _hello("c3")) is None
     assert gate.open(b"c") == b"b" and set(gate.live_until) == {b"a", b"c"}
+
+
+def test_a_robot_that_begins_an_episode_keeps_its_slot_while_it_resets():
+    """A ``reset`` (the robot about to reset itself, silent for seconds) keeps the robot's
+    slot for the setup grace; after that, its silence frees the slot as any other."""
+    now = [0.0]
+    gate = SessionGate(silence_s=2.0, setup_s=10.0, max_sessions=1, clock=lambda: now[0])
+    gate.open(b"a")
+    gate.heard(b"a")
+    gate.heard(b"a", setting_up=True)  # its reset
+    now[0] = 9.5
+    assert gate.refusal(b"c", _hello("c1")) == "session held by another robot"
+    gate.heard(b"a")  # its first observation of the episode: the usual silence from now
+    now[0] = 11.4
+    assert gate.refusal(b"c", _hello("c2")) == "session held by another robot"
+    now[0] = 11.6
+    assert gate.refusal(b"c", _hello("c3")) is None
 
 
 def test_a_frame_beyond_the_policys_largest_observation_is_cut_off():

@@ -711,6 +711,19 @@ def test_a_robot_reading_nan_holds_and_the_loop_goes_on():
     assert controller.refused["robot state not finite"] == 20
 
 
+def test_the_server_hears_of_an_episode_before_the_robot_resets():
+    """The controller says ``reset`` before the robot's own reset (silent for seconds: a
+    simulator rebuilt, its first frames rendered), so the server keeps the robot's slot."""
+    channel = InProcessChannel(FakeServer(chunks=lambda *_: []))
+    said = []
+    send = channel.send
+    channel.send = lambda message: said.append(message.type) or send(message)
+    config = ControllerConfig(hz=HZ, realtime=False)
+    controller = Controller(channel, FakeRobot(), config, clock=FakeClock())
+    controller.run_episode(0, 2, reset=lambda: said.append("the robot resets"))
+    assert said == ["reset", "the robot resets", "observation", "observation"]
+
+
 @pytest.mark.slow
 def test_an_observation_that_does_not_fit_is_refused_at_the_server(policy_dir, tmp_path):
     """A frame of the wrong size never reaches System 2 (which would die on it)."""

@@ -265,11 +265,14 @@ class Controller:
         signal.signal(signal.SIGTERM, self.stop)
 
     def run_episode(
-        self, episode: int, max_ticks: int, *, done=lambda: False, progress: tqdm | None = None
+        self, episode: int, max_ticks: int, *, done=lambda: False, progress=None, reset=None
     ) -> int:
-        """Run the loop for one episode; returns the ticks it ran."""
+        """Run the loop for one episode; returns the ticks it ran. ``reset()``: the robot's
+        own reset, once the server knows the episode (it keeps our session meanwhile)."""
         self.schedule.clear()
         self.channel.send(Message("reset", {"episode": episode}))
+        if reset is not None:
+            reset()
         # the server answers observations: the silence before this episode's first one (the
         # robot being reset) is no sign that the server is gone
         self._heard_at = self.clock.now()
@@ -554,13 +557,13 @@ def _sim_episodes(controller: Controller, *, run: RunConfig, sim: str) -> list[d
             episode = len(results)
             if not run.duration_s and episode >= run.episodes:
                 break
-            robot.reset(run.seed_start + episode)
             ticks_left = int((end - clock.now()) * hz) if run.duration_s else run.max_steps
             ticks = controller.run_episode(
                 episode,
                 min(run.max_steps, ticks_left),
-                done=lambda: robot.success or robot.truncated,
+                done=lambda: robot.success or robot.truncated or clock.now() >= end,
                 progress=bar,
+                reset=partial(robot.reset, run.seed_start + episode),
             )
             success = bool(robot.success)
             results.append(

@@ -149,8 +149,9 @@ class SessionGate:
     a hello from a peer without a session is refused while all ``max_sessions`` sessions
     are live. A session is live for ``setup_s`` after it opens (its robot is being set
     up: built, its first camera frames rendered) or until its robot first speaks, then
-    while its robot was heard within ``silence_s``; a silent robot's slot is the next
-    hello's. A robot's hello renews its own session. ``clock``: seconds, monotonic."""
+    while its robot was heard within ``silence_s`` (``setup_s`` after its ``reset``: an
+    episode's robot reset is silent too); a silent robot's slot is the next hello's. A
+    robot's hello renews its own session. ``clock``: seconds, monotonic."""
 
     def __init__(
         self,
@@ -170,10 +171,13 @@ class SessionGate:
         self._nonces: dict[str, None] = {}
         self._buckets: dict[bytes, tuple[float, float]] = {}  # peer: (tokens, at)
 
-    def heard(self, peer: bytes) -> None:
-        """A session's robot spoke."""
+    def heard(self, peer: bytes, setting_up: bool = False) -> None:
+        """A session's robot spoke; ``setting_up``: it is about to be silent for a while
+        (an episode begins: the robot resets and waits for its first frames), so its
+        session is its own for ``setup_s`` from now, as a new one's is."""
         if peer in self.live_until:
-            self.live_until[peer] = self.clock() + self.silence_s
+            grace = max(self.silence_s, self.setup_s) if setting_up else self.silence_s
+            self.live_until[peer] = self.clock() + grace
 
     def open(self, peer: bytes) -> bytes | None:
         """``peer`` holds a session from now; returns the peer whose session ended to make
@@ -304,7 +308,7 @@ class ServerChannel(_Channel):
             if peer not in self.sessions:
                 self._reject("not the session's peer", f"a {message.type} from another peer")
                 continue
-            self.gate.heard(peer)
+            self.gate.heard(peer, setting_up=message.type == "reset")
             return peer, message
         return None
 
