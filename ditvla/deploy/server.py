@@ -251,7 +251,8 @@ class System2:
         """Hand System 2 a batch (at most one observation per robot)."""
         sent = sum(self.channel.send(observation) for observation in observations)
         if sent:
-            self.busy_since, self.unanswered = time.monotonic(), sent
+            self.busy_since = time.monotonic()
+            self.unanswered += sent
 
     def answered(self) -> None:
         """One context came back; idle once the whole batch has."""
@@ -425,9 +426,9 @@ class PolicyServer:
         for message in self.system2.channel.receive_all():
             if message.meta["tick"] == -1:  # warm-up done
                 self.system2.ready = True
-            else:
+            else:  # an answer to an observation of ours
                 self._take_context(message)
-            self.system2.answered()
+                self.system2.answered()
         if not self.system2.healthy():
             self.system2.start()
             self.stats.system2_restarts = self.system2.restarts
