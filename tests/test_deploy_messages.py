@@ -115,6 +115,19 @@ def test_nan_and_wrong_rank_arrays_are_refused():
         encode(chunk)
 
 
+def test_only_the_server_tags_a_robot_and_every_context_names_one():
+    """A controller cannot name a robot (the server tags the frames it hands System 2),
+    and a context that names no robot is refused rather than taken as the first robot's."""
+    with pytest.raises(MessageError, match="unexpected meta field 'robot_id'"):
+        encode(observation(robot_id=0))
+    arrays = {"tokens": np.zeros((1, 2, 3), np.float32), "mask": np.ones((1, 2), np.uint8)}
+    with pytest.raises(MessageError, match="missing meta field 'robot_id'"):
+        encode(Message("context", {"tick": 3, "episode": 0}, arrays))
+    tagged = Message("frames", {"tick": 3, "episode": 0, "robot_id": 1}, observation().arrays)
+    with pytest.raises(MessageError, match="unexpected array 'state'"):
+        encode(tagged)  # frames carry the cameras only
+
+
 def test_sessions_refuse_replays_old_sessions_and_reflected_messages():
     server, controller = Codec(("controller",)), Codec(("server",))
     server.start_session("s1")

@@ -142,8 +142,7 @@ SCHEMAS: dict[str, MessageSchema] = {
     "observation": MessageSchema(
         "controller",
         meta={"tick": _TICK, "time": _TIME, "episode": _EPISODE},
-        # robot_id: the server's tag for System 2 (a controller's own is overwritten)
-        optional_meta={"instruction": Field(str), "robot_id": _ROBOT_ID},
+        optional_meta={"instruction": Field(str)},
         arrays={"state": ArraySpec(("float32",), 1)},
         array_prefixes={"image.": ArraySpec(("uint8",), 3)},
     ),
@@ -161,11 +160,20 @@ SCHEMAS: dict[str, MessageSchema] = {
     ),
     # controller -> server: an episode ended (drop contexts and chunks of the old one)
     "reset": MessageSchema("controller", meta={"episode": _EPISODE}),
-    # System 2 process -> System 1: the VLM context of one observation
+    # server -> its System 2 process: one robot's newest camera frames to encode, tagged
+    # with the server's number for that robot's session
+    "frames": MessageSchema(
+        "server",
+        meta={"tick": _TICK, "episode": _EPISODE, "robot_id": _ROBOT_ID},
+        optional_meta={"instruction": Field(str)},
+        array_prefixes={"image.": ArraySpec(("uint8",), 3)},
+    ),
+    # System 2 process -> System 1: warmed up, ready for frames
+    "ready": MessageSchema("system2", meta={}),
+    # System 2 process -> System 1: the VLM context of one robot's frames
     "context": MessageSchema(
         "system2",
-        meta={"tick": _TICK, "episode": _EPISODE},
-        optional_meta={"robot_id": _ROBOT_ID},  # whose frames these are
+        meta={"tick": _TICK, "episode": _EPISODE, "robot_id": _ROBOT_ID},
         arrays={"tokens": ArraySpec(("float32",), 3), "mask": ArraySpec(("uint8",), 2)},
     ),
 }

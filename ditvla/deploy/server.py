@@ -149,15 +149,13 @@ def _system2_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us
     policy = load_policy(policy_dir, device=device)
     size = (policy.spec.image_size, policy.spec.image_size, 3)
-    with PairChannel(address, bind=False, accepts_from=("controller",)) as channel:
+    with PairChannel(address, bind=False, accepts_from=("server",)) as channel:
         channel.codec.start_session(session)
-        # warm-up: the first context (tick -1) tells the server that System 2 is ready
-        warmup = Message(
-            "observation",
-            {"tick": -1, "time": 0.0, "episode": -1, "instruction": ""},
-            {f"image.{cam}": np.zeros(size, np.uint8) for cam in policy.spec.cameras},
-        )
-        batch, last = [warmup], 0.0
+        # warm-up: one forward, then the server hears that System 2 is ready
+        blank = {f"image.{cam}": np.zeros(size, np.uint8) for cam in policy.spec.cameras}
+        _encoded(policy, [Message("frames", {"instruction": ""}, blank)])
+        channel.send(Message("ready"))
+        batch, last = [], 0.0
         while True:
             if not batch:
                 if os.getppid() == 1:  # the server died
@@ -169,8 +167,7 @@ def _system2_main(
             last = time.monotonic()
             tokens, mask = _encoded(policy, batch)
             for i, message in enumerate(batch):
-                meta = {key: message.meta[key] for key in ("tick", "episode")}
-                meta["robot_id"] = message.meta.get("robot_id", 0)
+                meta = {key: message.meta[key] for key in ("tick", "episode", "robot_id")}
                 arrays = {"tokens": tokens[i : i + 1], "mask": mask[i : i + 1]}
                 channel.send(Message("context", meta, arrays))
             batch = []
@@ -307,8 +304,10 @@ class RobotSession:
 
     def take_frames(self) -> Message:
         """Its newest camera frames, tagged with its ``robot_id`` for System 2 (then gone)."""
-        frames, self.frames = self.frames, None
-        return Message("observation", {**frames.meta, "robot_id": self.robot_id}, frames.arrays)
+        observation, self.frames = self.frames, None
+        meta = {k: v for k, v in observation.meta.items() if k != "time"}  # tick, episode, ...
+        images = {k: v for k, v in observation.arrays.items() if k.startswith("image.")}
+        return Message("frames", {**meta, "robot_id": self.robot_id}, images)
 
     def take_context(self, context: Any, tick: int) -> None:
         if self.context is not None:
@@ -424,9 +423,9 @@ class PolicyServer:
         """Contexts back to their robots; System 2 restarted when it died or hangs; the
         robots' fresh frames handed over together when it is idle."""
         for message in self.system2.channel.receive_all():
-            if message.meta["tick"] == -1:  # warm-up done
+            if message.type == "ready":  # warmed up
                 self.system2.ready = True
-            else:  # an answer to an observation of ours
+            else:  # an answer to frames of ours
                 self._take_context(message)
                 self.system2.answered()
         if not self.system2.healthy():
@@ -438,7 +437,7 @@ class PolicyServer:
 
     def _take_context(self, message: Message) -> None:
         """A context from System 2, for the robot (and episode) whose frames it encoded."""
-        robot_id, episode = message.meta.get("robot_id"), message.meta["episode"]
+        robot_id, episode = message.meta["robot_id"], message.meta["episode"]
         robot = next((r for r in self.robots.values() if r.robot_id == robot_id), None)
         if robot is None or robot.episode != episode:
             return  # its session or its episode ended meanwhile
