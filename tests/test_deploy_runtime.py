@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -722,6 +723,34 @@ def test_the_server_hears_of_an_episode_before_the_robot_resets():
     controller = Controller(channel, FakeRobot(), config, clock=FakeClock())
     controller.run_episode(0, 2, reset=lambda: said.append("the robot resets"))
     assert said == ["reset", "the robot resets", "observation", "observation"]
+
+
+def test_frames_system2_cannot_encode_cost_only_their_own_robot_a_context():
+    """One robot's frames that fail in the VLM (here: an instruction it raises on) are
+    answered ``unencodable``; the other robots of the batch get their contexts."""
+    from ditvla.deploy.server import system2_answers
+
+    class Policy:
+        spec = SimpleNamespace(cameras=("corner",))
+
+        def encode(self, observation):
+            if "poison" in observation["instruction"]:
+                raise ValueError("the tokenizer cannot take it")
+            n = len(observation["instruction"])
+            return SimpleNamespace(tokens=torch.ones(n, 2, 3), mask=torch.ones(n, 2))
+
+    frame = {"image.corner": np.zeros((32, 32, 3), np.uint8)}
+    batch = [
+        Message("frames", {"tick": 1, "episode": 0, "robot_id": i, "instruction": text}, frame)
+        for i, text in enumerate(("go", "poison", "stop"))
+    ]
+    answers = system2_answers(Policy(), batch)
+    assert [(a.type, a.meta["robot_id"]) for a in answers] == [
+        ("context", 0),
+        ("unencodable", 1),
+        ("context", 2),
+    ]
+    assert answers[0].arrays["tokens"].shape == (1, 2, 3)
 
 
 @pytest.mark.slow

@@ -168,6 +168,10 @@ SCHEMAS: dict[str, MessageSchema] = {
         optional_meta={"instruction": Field(str)},
         array_prefixes={"image.": ArraySpec(("uint8",), 3)},
     ),
+    # System 2 process -> System 1: one robot's frames it could not encode (dropped)
+    "unencodable": MessageSchema(
+        "system2", meta={"tick": _TICK, "episode": _EPISODE, "robot_id": _ROBOT_ID}
+    ),
     # System 2 process -> System 1: warmed up, ready for frames
     "ready": MessageSchema("system2", meta={}),
     # System 2 process -> System 1: the VLM context of one robot's frames

@@ -123,6 +123,7 @@ class ServerStats:
     rejected_messages: int = 0
     dropped_sends: int = 0
     bad_observations: int = 0
+    unencodable: int = 0  # a robot's frames System 2 could not encode (dropped)
     sessions: int = 0  # sessions opened (hellos answered)
     takeovers: int = 0  # sessions ended to give their slot to another peer
     robots: int = 0  # robots holding a session now
@@ -165,11 +166,8 @@ def _system2_main(
             if hz > 0:
                 time.sleep(max(0.0, last + 1.0 / hz - time.monotonic()))
             last = time.monotonic()
-            tokens, mask = _encoded(policy, batch)
-            for i, message in enumerate(batch):
-                meta = {key: message.meta[key] for key in ("tick", "episode", "robot_id")}
-                arrays = {"tokens": tokens[i : i + 1], "mask": mask[i : i + 1]}
-                channel.send(Message("context", meta, arrays))
+            for answer in system2_answers(policy, batch):
+                channel.send(answer)
             batch = []
 
 
@@ -177,6 +175,27 @@ def _waiting_observations(channel: PairChannel) -> list[Message]:
     """The next observation (waiting up to a second) and all that wait behind it."""
     first = channel.receive(timeout_ms=1000)
     return [] if first is None else [first, *channel.receive_all()]
+
+
+def system2_answers(policy, batch: list[Message]) -> list[Message]:
+    """A ``context`` for each of ``batch``'s frames, encoded in one forward; when that
+    fails, each robot's frames alone, and frames that fail alone are answered
+    ``unencodable`` (dropped): one robot's frames cannot cost the fleet its contexts."""
+    try:
+        tokens, mask = _encoded(policy, batch)
+    except Exception:  # whatever the VLM raises on some robot's frames
+        if len(batch) == 1:
+            return [Message("unencodable", _whose(batch[0]))]
+        return [answer for frames in batch for answer in system2_answers(policy, [frames])]
+    return [
+        Message("context", _whose(frames), {"tokens": tokens[i : i + 1], "mask": mask[i : i + 1]})
+        for i, frames in enumerate(batch)
+    ]
+
+
+def _whose(frames: Message) -> dict[str, int]:
+    """The tick, episode and robot of ``frames``, which their answer carries back."""
+    return {key: frames.meta[key] for key in ("tick", "episode", "robot_id")}
 
 
 def _encoded(policy, batch: list[Message]) -> tuple[np.ndarray, np.ndarray]:
@@ -426,7 +445,10 @@ class PolicyServer:
             if message.type == "ready":  # warmed up
                 self.system2.ready = True
             else:  # an answer to frames of ours
-                self._take_context(message)
+                if message.type == "context":
+                    self._take_context(message)
+                else:
+                    self.stats.unencodable += 1
                 self.system2.answered()
         if not self.system2.healthy():
             self.system2.start()
