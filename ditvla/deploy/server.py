@@ -71,7 +71,10 @@ class ServeConfig:
             (required off loopback; see ditvla.deploy.keys).
         merge: latest, ensemble, or rtc (real-time chunking: new chunks are inpainted
             towards the actions already planned).
-        system1_hz: chunks per second (0: two per n_action_steps of control ticks).
+        system1_hz: chunks per second (0: two per n_action_steps of control ticks, at the
+            rate the robot's hello names, capped at max_control_hz).
+        max_control_hz: the highest control rate a robot's hello may set System 1's pace
+            by (a robot claiming more is served as if it ran at this rate).
         system2_hz: contexts per second (0: as fast as System 2 can).
         system1_threads / system2_threads: torch threads of each system.
         max_context_age_s: no new chunks from a context older than this (the robot holds).
@@ -92,6 +95,7 @@ class ServeConfig:
     merge: MergeRule = "latest"
     system1_hz: float = 0.0
     system2_hz: float = 0.0
+    max_control_hz: float = 200.0
     system1_threads: int = 1
     system2_threads: int = 1
     max_context_age_s: float = 1.0
@@ -106,6 +110,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.merge not in MERGE_RULES:
             raise ConfigError(f"unknown merge rule {self.merge!r}; choose {', '.join(MERGE_RULES)}")
+        if not self.max_control_hz > 0:
+            raise ConfigError(f"max_control_hz is {self.max_control_hz}; it must be above 0")
         if self.max_robots < 1:
             raise ConfigError(f"max_robots is {self.max_robots}; serve at least one robot")
         # a device this machine lacks is named now, not half-way through loading
@@ -473,7 +479,7 @@ class PolicyServer:
     def _system1_interval(self, robot: RobotSession) -> float:
         if self.config.system1_hz > 0:
             return 1.0 / self.config.system1_hz
-        return self.spec.n_action_steps / robot.control_hz / 2
+        return self.spec.n_action_steps / min(robot.control_hz, self.config.max_control_hz) / 2
 
     def _inpainting(self, robot: RobotSession, tick: int, delay_s: float):
         """rtc: the planned actions and their weights a new chunk is inpainted towards."""
@@ -554,7 +560,8 @@ class PolicyServer:
                     self._handle(*received)
                     received = self.channel.receive(0)
                 self._pump_system2()
-                for robot in list(self.robots.values()):
+                # earliest deadline first: the robot whose turn came first is served first
+                for robot in sorted(self.robots.values(), key=lambda r: r.next_act_at):
                     if robot.due(time.monotonic()):
                         self._act(robot)
                 self._update_stats()
