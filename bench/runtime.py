@@ -30,7 +30,7 @@ missed <n>; robot got <a>/<b> chunks, intruders got <c>``; with --fleet, ``fleet
 robots <N>, p99 jitter <j> ms, missed <m>; chunks delivered <a>/<b>, to intruders <c>;
 takeovers <t>; system2 restarts <r>`` (j: the worst robot's p99; a: chunks the robots
 received, b: chunks the server sent; c: messages any intruder received; t: sessions the
-robots had to open again, an upper bound on takeovers).
+server ended to give their slot to another peer).
 """
 
 from __future__ import annotations
@@ -156,14 +156,21 @@ def _keys(folder: Path, rival: bool) -> list[str]:
     return ["--keys", str(folder / "keys")]
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (Linux: the SigCgt
+    mask in /proc/PID/status); a `ditvla robot` installs its SIGTERM handler when its
+    control loop is about to start."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
 def _loop_runs(process: subprocess.Popen) -> bool:
-    """Whether a `ditvla robot` holds its session and runs its loop: it catches SIGTERM
-    from then on (Linux: /proc). RuntimeError if it has ended."""
+    """Whether a `ditvla robot` holds its session and runs its loop. RuntimeError if it
+    has ended."""
     if process.poll() is not None:
         raise RuntimeError(f"a robot ended with {process.returncode} before its loop ran")
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
+    return catches(process.pid, signal.SIGTERM)
 
 
 def delivery(result: dict) -> tuple[int, int, int]:
@@ -198,9 +205,11 @@ def _hostile_frames(rng) -> list[list[bytes]]:
 def _unencodable_observation() -> bytes:
     """An observation whose instruction holds a lone UTF-16 surrogate (JSON's ``\\ud800``
     escape; a tokenizer raises on it): the schema must refuse it."""
+    from ditvla.deploy.messages import HEADER_LENGTH, WIRE_VERSION
+
     state = np.zeros(STATE_DIM, np.float32)
     header = {
-        "v": 2,
+        "v": WIRE_VERSION,
         "type": "observation",
         "session": "",
         "seq": 0,
@@ -208,7 +217,7 @@ def _unencodable_observation() -> bytes:
         "arrays": [{"name": "state", "dtype": "float32", "shape": [STATE_DIM]}],
     }
     text = json.dumps(header).encode()
-    return len(text).to_bytes(4, "little") + text + state.tobytes()
+    return HEADER_LENGTH.pack(len(text)) + text + state.tobytes()
 
 
 def _fresh_hello(nonce: str) -> bytes:
@@ -462,15 +471,13 @@ def _hostile_line(result: dict) -> str:
 
 
 def _fleet_line(result: dict) -> str:
-    """The worst robot's p99 jitter, the fleet's missed deadlines; a takeover is a session
-    a robot lost and had to say hello again for (an upper bound: a robot also says hello
-    again after 2 s without news, e.g. while System 2 restarts)."""
+    """The worst robot's p99 jitter, the fleet's missed deadlines; takeovers: sessions the
+    server ended to give their slot to another peer (its own count)."""
     robots = result["robots"]
     got, sent, stolen = delivery(result)
     jitter = max(robot["jitter_p99_ms"] for robot in robots)
     missed = sum(robot["missed_deadlines"] for robot in robots)
-    takeovers = sum(robot["sessions"] - 1 for robot in robots)
-    restarts = result["server"]["system2_restarts"]
+    takeovers, restarts = result["server"]["takeovers"], result["server"]["system2_restarts"]
     return (
         f"fleet 50 Hz: robots {len(robots)}, p99 jitter {jitter:.2f} ms, missed {missed}; "
         f"chunks delivered {got}/{sent}, to intruders {stolen}; takeovers {takeovers}; "

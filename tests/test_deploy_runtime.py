@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import runtime as bench_runtime
 from ditvla.deploy.controller import Controller, ControllerConfig, handshake, run_session
 from ditvla.deploy.messages import Codec, Message
 from ditvla.policies.config import PolicyConfig
@@ -118,15 +119,12 @@ def wait_for(condition, what: str, timeout_s: float = WAIT_S):
 
 
 def catches(process: subprocess.Popen, signum: int) -> bool:
-    """Whether ``process`` has a handler of its own for ``signum`` (Linux: /proc): a
-    `ditvla robot` installs its SIGTERM handler when its control loop is about to start.
-    Fails at once if the process has ended."""
+    """Whether ``process`` has a handler of its own for ``signum`` (see
+    :func:`bench.runtime.catches`). Fails at once if the process has ended."""
     if process.poll() is not None:
         _, err = process.communicate()
         pytest.fail(f"the robot ended with {process.returncode}: {err[-3000:]}")
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16)
-    return bool(caught >> (signum - 1) & 1)
+    return bench_runtime.catches(process.pid, signum)
 
 
 def system2_pids(server: subprocess.Popen) -> set[int]:

@@ -43,7 +43,7 @@ MAX_DIMS = 4
 MAX_JSON_DEPTH = 4
 MAX_INT = 2**53  # integers a float64 holds exactly; larger ones are refused
 ALLOWED_DTYPES = frozenset({"uint8", "float32", "float64", "int64"})
-_LENGTH = struct.Struct("<I")
+HEADER_LENGTH = struct.Struct("<I")  # the prefix: the header's length in bytes
 
 
 class MessageError(ValueError):
@@ -196,7 +196,7 @@ class Message:
 def observation_bytes(cameras: int, image_size: int, state_dim: int) -> int:
     """The largest frame an ``observation`` can fill for a policy: the length prefix, a
     header at its limit, a float32 state and ``cameras`` uint8 (S, S, 3) frames."""
-    return _LENGTH.size + MAX_HEADER_BYTES + 4 * state_dim + cameras * image_size**2 * 3
+    return HEADER_LENGTH.size + MAX_HEADER_BYTES + 4 * state_dim + cameras * image_size**2 * 3
 
 
 def encode(message: Message) -> bytes:
@@ -218,7 +218,7 @@ def encode(message: Message) -> bytes:
         },
         allow_nan=False,
     ).encode()
-    return b"".join([_LENGTH.pack(len(header)), header, *buffers])
+    return b"".join([HEADER_LENGTH.pack(len(header)), header, *buffers])
 
 
 def _refuse_constant(name: str) -> None:
@@ -296,12 +296,12 @@ def decode(frame: bytes | memoryview) -> Message:
 def _decode(frame: memoryview) -> Message:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
-    if len(frame) < _LENGTH.size:
+    if len(frame) < HEADER_LENGTH.size:
         raise MessageError("message is shorter than its length prefix")
-    (length,) = _LENGTH.unpack_from(frame)
-    if length > MAX_HEADER_BYTES or length > len(frame) - _LENGTH.size:
+    (length,) = HEADER_LENGTH.unpack_from(frame)
+    if length > MAX_HEADER_BYTES or length > len(frame) - HEADER_LENGTH.size:
         raise MessageError(f"header length {length} exceeds the message or {MAX_HEADER_BYTES}")
-    header = _parse_header(frame[_LENGTH.size : _LENGTH.size + length])
+    header = _parse_header(frame[HEADER_LENGTH.size : HEADER_LENGTH.size + length])
     expected = {"v", "type", "session", "seq", "meta", "arrays"}
     if set(header) != expected:
         raise MessageError(f"header fields must be {sorted(expected)}")
@@ -315,7 +315,7 @@ def _decode(frame: memoryview) -> Message:
         raise MessageError("header seq must be a non-negative integer")
     if not isinstance(meta, dict) or not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise MessageError(f"header needs a meta object and at most {MAX_ARRAYS} arrays")
-    arrays, offset = {}, _LENGTH.size + length
+    arrays, offset = {}, HEADER_LENGTH.size + length
     for spec in specs:
         size = _declared_bytes(spec)
         name, array = _array_from(spec, frame[offset : offset + size])
