@@ -86,7 +86,10 @@ class ServeConfig:
         system2_device: where System 2 runs the VLM (empty: where System 1 runs).
         Both are resolved to a device this machine has (ConfigError otherwise).
         max_robots: robots served at once, each in its own session (a fleet); a robot
-            silent for 2 s frees its slot for the next robot's hello.
+            silent for SESSION_SILENCE_S frees its slot for the next robot's hello, except
+            for SESSION_SETUP_S after its session opens or its episode resets (until it
+            first speaks again), while it builds or resets its robot
+            (ditvla.deploy.transport).
     """
 
     policy: str
