@@ -265,14 +265,13 @@ class Controller:
         signal.signal(signal.SIGTERM, self.stop)
 
     def run_episode(
-        self, episode: int, max_ticks: int, *, done=lambda: False, progress=None, reset=None
+        self, episode: int, max_ticks: int, *, done=lambda: False, progress=None, reset=lambda: None
     ) -> int:
         """Run the loop for one episode; returns the ticks it ran. ``reset()``: the robot's
         own reset, once the server knows the episode (it keeps our session meanwhile)."""
         self.schedule.clear()
         self.channel.send(Message("reset", {"episode": episode}))
-        if reset is not None:
-            reset()
+        reset()
         # the server answers observations: the silence before this episode's first one (the
         # robot being reset) is no sign that the server is gone
         self._heard_at = self.clock.now()
