@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.errors import ConfigError
 from ditvla.policies.normalizer import Normalizer, narrow_features
+from ditvla.training.training_data import camera_dropout
 
 
 def test_sample_content_matches_the_store(small_store):
@@ -59,6 +61,24 @@ def test_augmentation_shifts_all_steps_alike(small_store):
         torch.testing.assert_close(sample[0], sample[1])
         changed += not torch.equal(sample, plain[index]["images"]["front"])
     assert changed >= 1
+
+
+def test_camera_dropout_blanks_only_that_camera_at_its_rate(small_store):
+    dataset = ReplayBufferDataset(small_store, horizon=2, camera_dropout={"front": 0.5})
+    plain = ReplayBufferDataset(small_store, horizon=2)
+    samples = dataset.__getitems__(list(range(len(dataset))) * 8)
+    blank = [not s["images"]["front"].any() for s in samples]
+    assert 0.3 < np.mean(blank) < 0.7  # 128 draws at 0.5
+    for sample in samples:
+        expected = plain[sample["frame_index"]]["images"]
+        torch.testing.assert_close(sample["images"]["wrist"], expected["wrist"])  # untouched
+        front = sample["images"]["front"]
+        assert not front.any() or torch.equal(front, expected["front"])  # whole, or gone
+    with pytest.raises(ConfigError, match=r"reads no camera 'top'; it reads front, wrist"):
+        camera_dropout("top=0.3", ["front", "wrist"])
+    with pytest.raises(ConfigError, match=r"P in \[0, 1\), e.g. front=0.3"):
+        camera_dropout("front=1", ["front", "wrist"])
+    assert camera_dropout("front=0.25", ["front", "wrist"]) == {"front": 0.25}
 
 
 def test_dataset_rejects_unknown_camera_and_key(small_store):

@@ -76,6 +76,7 @@ class ReplayBufferDataset(Dataset):
         episodes: episode indices to draw from (default: all), e.g. a train/val split.
         augmentation: image augmentation applied to each sample, or None.
         future_frame: ``(camera, k)`` to add that camera's frame t+k to each sample.
+        camera_dropout: camera -> probability that a sample's frames of it are zeros.
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class ReplayBufferDataset(Dataset):
         episodes: Sequence[int] | None = None,
         augmentation: ImageAugmentation | None = None,
         future_frame: tuple[str, int] | None = None,
+        camera_dropout: dict[str, float] | None = None,
     ):
         buffer = ReplayBuffer.open(path)
         self.path = buffer.path  # a folder, or a URL as given
@@ -105,6 +107,7 @@ class ReplayBufferDataset(Dataset):
         for key in [*self.state_keys, action_key]:
             buffer.array(key)  # names the store and the key if it is missing
         self.augmentation = augmentation
+        self.camera_dropout = dict(camera_dropout or {})
         self.future_frame = future_frame
         if future_frame is not None and (
             future_frame[0] not in self.cameras or future_frame[1] < 1
@@ -214,6 +217,8 @@ class ReplayBufferDataset(Dataset):
             sample_images = {}
             for cam, batch in images.items():
                 view = batch[i] if self.augmentation is None else self.augmentation(batch[i], rng)
+                if cam in self.camera_dropout and rng.random() < self.camera_dropout[cam]:
+                    view = np.zeros_like(view)  # this sample acts without the camera
                 sample_images[cam] = torch.from_numpy(np.ascontiguousarray(view))
             samples.append(
                 {

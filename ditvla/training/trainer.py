@@ -85,6 +85,10 @@ class TrainConfig:
         seed: seeds the data order, the noise and the initial weights.
         num_workers: DataLoader worker processes (0: read batches in the training process).
         augment: random shift + brightness/contrast jitter of the camera frames.
+        camera_dropout: CAMERA=P[,CAMERA=P...]: each sample's frames of CAMERA blanked
+            (zeros) with probability P at training time only (modality dropout, as
+            Hsu et al. 2022 bottleneck the third-person view so that a policy leans on its
+            wrist camera); e.g. corner3=0.3.
         save_every: checkpoint period in steps (and at the end).
         log_every: TensorBoard / progress-bar period in steps (metrics.jsonl gets every step).
         device: auto, cpu, cuda, cuda:1, ...
@@ -116,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     augment: bool = False
+    camera_dropout: str = ""
     save_every: int = 500
     log_every: int = 10
     device: str = "auto"

@@ -12,6 +12,7 @@ sized to it, and the extra targets its heads learn from.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
 from ditvla.datasets.store_layout import valid_mask_key
 from ditvla.datasets.torch_dataset import ImageAugmentation, ReplayBufferDataset
+from ditvla.errors import ConfigError
 from ditvla.policies.config import PolicyConfig
 from ditvla.policies.normalizer import NARROW_STD, narrow_features
 from ditvla.training.processes import Processes
@@ -57,6 +59,7 @@ def training_dataset(
         cameras=policy_config.cameras,
         state_keys=policy_config.state_keys,
         augmentation=ImageAugmentation() if config.augment else None,
+        camera_dropout=camera_dropout(config.camera_dropout, policy_config.cameras),
     )
     if config.auxiliary:
         _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
@@ -66,6 +69,30 @@ def training_dataset(
     elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
         dataset.future_frame = (foresight.camera, foresight.k)
     return policy_config, data, dataset
+
+
+def camera_dropout(text: str, cameras: Sequence[str]) -> dict[str, float]:
+    """``"corner3=0.3"`` -> {"corner3": 0.3}; ConfigError for a camera the policy does not
+    read or a probability outside [0, 1)."""
+    dropout: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        camera, _, value = item.partition("=")
+        camera = camera.strip()
+        if camera not in cameras:
+            raise ConfigError(
+                f"--camera-dropout {item!r}: the policy reads no camera {camera!r}; it reads "
+                f"{', '.join(cameras) or 'none'}"
+            )
+        try:
+            probability = float(value)
+        except ValueError:
+            probability = -1.0
+        if not 0.0 <= probability < 1.0:
+            raise ConfigError(
+                f"--camera-dropout {item!r}: give CAMERA=P with P in [0, 1), e.g. {camera}=0.3"
+            )
+        dropout[camera] = probability
+    return dropout
 
 
 def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: str) -> None:
