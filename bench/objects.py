@@ -9,7 +9,9 @@ auxiliary head's targets and never read when acting). For each suite:
    docs/benchmarks.md "Seeing small things"), robosuite Lift and PickPlaceCan (40 per task,
    a store per task: their privileged arrays differ in size);
 2. ``ditvla train`` with the recipe this bench measures (:data:`RECIPE`: the demo's
-   settings, every privileged array as an auxiliary target) on each store, its wall-clock
+   settings, every privileged array as an auxiliary target; and :data:`OBJECT_LEVERS`:
+   that target's prediction conditions the action head, pooled by attention) on each
+   store, its wall-clock
    recorded (the budget: at most 30 minutes per suite on the 2-core CPU);
 3. ``ditvla eval``, 20 episodes per task on seeds 100000 and up;
 4. LeRobot's SmolVLA, built offline at the tiny preset's sizes and trained on the MT10 store
@@ -41,13 +43,16 @@ from bench.store_runs import (
     train_and_evaluate,
 )
 
+# the levers measured to help in docs/benchmarks.md "Seeing small things": the auxiliary
+# head's prediction conditions the action head (r8), the head pools by attention (r11)
+OBJECT_LEVERS = {"auxiliary_input": True, "auxiliary_pooling": "attention"}
 META_WORLD_CAMERAS = ("corner3", "behindGripper")
 ROBOSUITE_CAMERAS = ("agentview", "robot0_eye_in_hand")
 SUITES = {
     "mt10": Suite(
         "mt10",
         (Store("mt10", "metaworld:MT10", 200, META_WORLD_CAMERAS, 64, detour_steps=20),),
-        train={**RECIPE, "steps": 8000},
+        train={**RECIPE, "steps": 8000, "policy_overrides": OBJECT_LEVERS},
     ),
     "robosuite": Suite(
         "robosuite",
@@ -55,7 +60,7 @@ SUITES = {
             Store("lift", "robosuite:Lift", 40, ROBOSUITE_CAMERAS, 128),
             Store("can", "robosuite:PickPlaceCan", 40, ROBOSUITE_CAMERAS, 128),
         ),
-        train={**RECIPE, "steps": 4000},
+        train={**RECIPE, "steps": 4000, "policy_overrides": OBJECT_LEVERS},
     ),
 }
 
