@@ -73,6 +73,16 @@ def serve(policy_dir, address, log: Path, *extra) -> subprocess.Popen:
         )
 
 
+def serve_with_stats(policy_dir, tmp_path: Path, *extra) -> tuple[subprocess.Popen, str, Path]:
+    """A `ditvla serve` on a free address writing its counters to a JSON file at exit:
+    (the process, its address, the file)."""
+    address, stats_file = free_address(), tmp_path / "server_stats.json"
+    server = serve(
+        policy_dir, address, tmp_path / "server.log", *extra, "--stats-json", str(stats_file)
+    )
+    return server, address, stats_file
+
+
 def stop(server: subprocess.Popen) -> int:
     server.send_signal(signal.SIGTERM)
     return server.wait(timeout=30)
@@ -499,14 +509,7 @@ def test_a_fleet_server_keeps_each_robots_session_and_chunks_its_own(policy_dir,
     and the single-episode robot never gets a chunk of another episode."""
     from ditvla.deploy.transport import ClientChannel
 
-    address = free_address()
-    stats_file = tmp_path / "server_stats.json"
-    server = serve(
-        policy_dir,
-        address,
-        tmp_path / "server.log",
-        *("--max-robots", "2", "--stats-json", str(stats_file)),
-    )
+    server, address, stats_file = serve_with_stats(policy_dir, tmp_path, "--max-robots", "2")
     until = threading.Event()
     try:
         with ClientChannel(address) as channel_a, ClientChannel(address) as channel_b:
@@ -582,17 +585,7 @@ def test_hostile_peers_neither_crash_the_server_nor_read_chunks(policy_dir, tmp_
     outsider = tmp_path / "outsider"
     generate_keypair(outsider, "robot")
     (outsider / "server.key").write_bytes((keys / "server.key").read_bytes())
-    address = free_address()
-    stats_file = tmp_path / "server_stats.json"
-    server = serve(
-        policy_dir,
-        address,
-        tmp_path / "server.log",
-        "--keys",
-        str(keys),
-        "--stats-json",
-        str(stats_file),
-    )
+    server, address, stats_file = serve_with_stats(policy_dir, tmp_path, "--keys", str(keys))
     plain = zmq.Context.instance().socket(zmq.DEALER)
     plain.connect(address)
     stranger = ClientChannel(address, keys=client_keys(outsider))
@@ -756,9 +749,7 @@ def test_an_observation_that_does_not_fit_is_refused_at_the_server(policy_dir, t
     """A frame of the wrong size never reaches System 2 (which would die on it)."""
     from ditvla.deploy.transport import ClientChannel
 
-    address = free_address()
-    stats_file = tmp_path / "server_stats.json"
-    server = serve(policy_dir, address, tmp_path / "server.log", "--stats-json", str(stats_file))
+    server, address, stats_file = serve_with_stats(policy_dir, tmp_path)
     try:
         with ClientChannel(address) as channel:
             # a camera whose first 100 frames are a pixel too small, then right
