@@ -253,9 +253,9 @@ def move_free_objects(env: Any, rng: np.random.Generator, level: str) -> None:
 
 def _intersects(model: Any, data: Any, body: int) -> bool:
     """Whether any geom of ``body`` (or of bodies it carries) lies inside another body's."""
+    ours = model.body_rootid[body]
     for contact in data.contact[: data.ncon]:
         roots = {model.body_rootid[model.geom_bodyid[g]] for g in (contact.geom1, contact.geom2)}
-        ours = model.body_rootid[body]
         if ours in roots and len(roots) == 2 and contact.dist < INTERSECTING:
             return True
     return False
