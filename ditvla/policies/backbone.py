@@ -37,7 +37,7 @@ from ditvla.errors import ConfigError
 from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
-from ditvla.policies.pretrained_vision import TOKEN_STRIDE, PretrainedConvEncoder
+from ditvla.policies.pretrained_vision import PretrainedConvEncoder, encoder_spec
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
 FAMILIES = get_args(Family)
@@ -52,12 +52,14 @@ class BackboneConfig:
         family: the tiny preset's model family, idefics3, paligemma or qwen2_5_vl (a
             pretrained folder says its own).
         pretrained_path: local folder of a saved VLM + tokenizer; None builds a tiny VLM.
-        image_size: the tiny encoders' square input side; frames are resized to the
-            encoder's side (for Qwen2.5-VL, the multiple of patch x merge nearest this).
+        image_size: the tiny encoders' (and ``vision_encoder``'s) square input side;
+            frames are resized to the encoder's side (for Qwen2.5-VL, the multiple of
+            patch x merge nearest this).
         num_layers: language-model layers kept and run (0 keeps them all); the context is
             the hidden state after the last kept layer.
         max_instruction_tokens: instructions are padded/truncated to this many tokens.
-        freeze_vision / freeze_language: keep those weights fixed during training.
+        freeze_vision / freeze_language: keep those weights fixed during training (with
+            ``vision_encoder``, the encoder is frozen anyway and its new projector trains).
         tiny_text_width / tiny_text_layers: the tiny preset's language model.
         tiny_vision_width / tiny_vision_layers / tiny_patch_size: its vision encoder.
         instruction_first: the instruction's tokens go before the cameras' (left-padded),
@@ -317,19 +319,21 @@ class VLMBackbone(nn.Module):
                 )
             )
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        # a pretrained encoder of our own normalises as it was trained: (x - 0.5) / 0.5
-        mean, std = _image_mean_std(None if config.vision_encoder else folder)
+        if config.vision_encoder:  # normalised as the encoder was trained
+            spec = encoder_spec(config.vision_encoder)
+            mean, std = list(spec.mean), list(spec.std)
+        else:
+            mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        pretrained_eyes = bool(config.vision_encoder)  # frozen always; its projector is new
         for module, frozen in (
-            (self.vision, config.freeze_vision),
-            (self.projector, config.freeze_vision),
+            (self.vision, config.freeze_vision or pretrained_eyes),
+            (self.projector, config.freeze_vision and not pretrained_eyes),
             (self.language, config.freeze_language),
         ):
             if module is not None:
                 module.requires_grad_(not frozen)
-        if config.vision_encoder:
-            self.vision.requires_grad_(False)  # pretrained and frozen, always
 
     def _take_pretrained_encoder(self, config: BackboneConfig, saved: bool) -> None:
         """A frozen pretrained convolutional encoder (and a trained projector into the
@@ -338,15 +342,15 @@ class VLMBackbone(nn.Module):
             raise ConfigError("vision_encoder: Qwen2.5-VL's 3-D positions assume its own tower")
         if config.conv_stem:
             raise ConfigError("vision_encoder replaces the encoder whose patches conv_stem cuts")
-        if config.image_size % TOKEN_STRIDE:
-            raise ConfigError(
-                f"vision_encoder {config.vision_encoder!r} needs an image_size that is a "
-                f"multiple of {TOKEN_STRIDE}, got {config.image_size}"
-            )
         name = config.vision_encoder
         self.vision = (
             PretrainedConvEncoder(name) if saved else PretrainedConvEncoder.pretrained(name)
         )
+        if config.image_size % self.vision.token_stride:
+            raise ConfigError(
+                f"vision_encoder {name!r} needs a backbone image_size that is a multiple of "
+                f"{self.vision.token_stride}, got {config.image_size}"
+            )
         self.vision_feature_width = self.vision.feature_width
         self.projector = nn.Sequential(
             nn.LayerNorm(self.vision_feature_width),

