@@ -37,7 +37,7 @@ from ditvla.errors import ConfigError
 from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
-from ditvla.policies.pretrained_vision import PretrainedConvEncoder, encoder_spec
+from ditvla.policies.pretrained_vision import encoder_spec, pretrained_eyes
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
 FAMILIES = get_args(Family)
@@ -255,6 +255,21 @@ def _build_vlm(config: BackboneConfig, folder: Path | None, vlm_config, vocab_si
     return AutoModelForImageTextToText.from_config(tiny_vlm_config(config, vocab_size))
 
 
+def qwen_patches(pixels: torch.Tensor, vision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized frames (N, 3, S, S) -> Qwen2.5-VL's flattened patches
+    (N * S/p * S/p, 3 * T * p * p) in its merge order, and each frame's (1, S/p, S/p)
+    grid: what its image processor makes of a still image (the frame repeated over the
+    T temporal patches). ``vision``: the model's vision config."""
+    p, merge, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    n, c, h, w = pixels.shape
+    gh, gw = h // p, w // p
+    x = pixels[:, None].expand(n, t, c, h, w)
+    x = x.reshape(n, t, c, gh // merge, merge, p, gw // merge, merge, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(n * gh * gw, c * t * p * p)
+    grid = torch.tensor([[1, gh, gw]], device=pixels.device).expand(n, 3)
+    return x, grid
+
+
 class VLMBackbone(nn.Module):
     """Camera images and instructions -> context tokens (B, L, width) with a mask (B, L)."""
 
@@ -285,17 +300,7 @@ class VLMBackbone(nn.Module):
         self._take_parts(vlm, config, folder)
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
-        vision_config = vlm.config.vision_config
-        if config.vision_encoder:  # weights from the package, or a saved policy's state
-            self._take_pretrained_encoder(config, saved=vlm_config is not None)
-        elif self.family == "qwen2_5_vl":
-            # any multiple of a merged patch will do: the nearest to config.image_size
-            unit = vision_config.patch_size * vision_config.spatial_merge_size
-            self.encoder_image_size = max(unit, round(config.image_size / unit) * unit)
-            self.vision_feature_width = vision_config.out_hidden_size
-        else:
-            self.encoder_image_size = vision_config.image_size
-            self.vision_feature_width = vision_config.hidden_size
+        self._size_the_eyes(config, folder, saved=vlm_config is not None)
         self.language_film: nn.Sequential | None = None
         if config.language_film:  # standardised mean word embedding -> scale and shift
             self.language_film = nn.Sequential(
@@ -319,44 +324,45 @@ class VLMBackbone(nn.Module):
                 )
             )
         self._positions: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        if config.vision_encoder:  # normalised as the encoder was trained
-            spec = encoder_spec(config.vision_encoder)
-            mean, std = list(spec.mean), list(spec.std)
-        else:
-            mean, std = _image_mean_std(folder)
-        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        pretrained_eyes = bool(config.vision_encoder)  # frozen always; its projector is new
+        imagenet_eyes = bool(config.vision_encoder)  # frozen always; its projector is new
         for module, frozen in (
-            (self.vision, config.freeze_vision or pretrained_eyes),
-            (self.projector, config.freeze_vision and not pretrained_eyes),
+            (self.vision, config.freeze_vision or imagenet_eyes),
+            (self.projector, config.freeze_vision and not imagenet_eyes),
             (self.language, config.freeze_language),
         ):
             if module is not None:
                 module.requires_grad_(not frozen)
 
-    def _take_pretrained_encoder(self, config: BackboneConfig, saved: bool) -> None:
-        """A frozen pretrained convolutional encoder (and a trained projector into the
-        language model's width) in place of the VLM's encoder and projector."""
-        if self.family == "qwen2_5_vl":
-            raise ConfigError("vision_encoder: Qwen2.5-VL's 3-D positions assume its own tower")
-        if config.conv_stem:
-            raise ConfigError("vision_encoder replaces the encoder whose patches conv_stem cuts")
-        name = config.vision_encoder
-        self.vision = (
-            PretrainedConvEncoder(name) if saved else PretrainedConvEncoder.pretrained(name)
-        )
-        if config.image_size % self.vision.token_stride:
-            raise ConfigError(
-                f"vision_encoder {name!r} needs a backbone image_size that is a multiple of "
-                f"{self.vision.token_stride}, got {config.image_size}"
+    def _size_the_eyes(self, config: BackboneConfig, folder: Path | None, saved: bool) -> None:
+        """The encoder's input side, feature width and normalisation; a pretrained
+        ``vision_encoder`` (weights from the package, or ``saved`` in a policy's state)
+        and its projector in place of the VLM's."""
+        vision_config = self.vlm_config.vision_config
+        if config.vision_encoder:  # weights from the package, or a saved policy's state
+            if self.family == "qwen2_5_vl" or config.conv_stem:
+                raise ConfigError(
+                    "vision_encoder replaces the VLM's encoder: not with Qwen2.5-VL (its 3-D "
+                    "positions assume its own tower) or conv_stem (which cuts its patches)"
+                )
+            self.vision, self.projector = pretrained_eyes(
+                config.vision_encoder, config.image_size, self.width, saved=saved
             )
-        self.vision_feature_width = self.vision.feature_width
-        self.projector = nn.Sequential(
-            nn.LayerNorm(self.vision_feature_width),
-            nn.Linear(self.vision_feature_width, self.width),
-        )
-        self.encoder_image_size = config.image_size
+            self.vision_feature_width = self.vision.feature_width
+            self.encoder_image_size = config.image_size
+        elif self.family == "qwen2_5_vl":
+            # any multiple of a merged patch will do: the nearest to config.image_size
+            unit = vision_config.patch_size * vision_config.spatial_merge_size
+            self.encoder_image_size = max(unit, round(config.image_size / unit) * unit)
+            self.vision_feature_width = vision_config.out_hidden_size
+        else:
+            self.encoder_image_size = vision_config.image_size
+            self.vision_feature_width = vision_config.hidden_size
+        mean, std = _image_mean_std(folder)
+        if config.vision_encoder:  # normalised as it was trained
+            spec = encoder_spec(config.vision_encoder)
+            mean, std = list(spec.mean), list(spec.std)
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def _take_parts(self, vlm: nn.Module, config: BackboneConfig, folder: Path | None) -> None:
         """The vision encoder, projector and language model of the VLM (the layers kept),
@@ -416,25 +422,10 @@ class VLMBackbone(nn.Module):
         if self.config.vision_encoder:
             return (vision or self.vision)(pixels)
         if self.family == "qwen2_5_vl":
-            patches, grid = self._qwen_patches(pixels)
+            patches, grid = qwen_patches(pixels, self.vlm_config.vision_config)
             merged = (vision or self.vision)(patches, grid_thw=grid).pooler_output
             return merged.view(images.shape[0], -1, merged.shape[-1])
         return (vision or self.vision)(pixel_values=pixels).last_hidden_state
-
-    def _qwen_patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized frames (N, 3, S, S) -> Qwen2.5-VL's flattened patches
-        (N * S/p * S/p, 3 * T * p * p) in its merge order, and each frame's (1, S/p, S/p)
-        grid: what its image processor makes of a still image (the frame repeated over the
-        T temporal patches)."""
-        vision = self.vlm_config.vision_config
-        p, merge, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
-        n, c, h, w = pixels.shape
-        gh, gw = h // p, w // p
-        x = pixels[:, None].expand(n, t, c, h, w)
-        x = x.reshape(n, t, c, gh // merge, merge, p, gw // merge, merge, p)
-        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(n * gh * gw, c * t * p * p)
-        grid = torch.tensor([[1, gh, gw]], device=pixels.device).expand(n, 3)
-        return x, grid
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) floats in [0, 1] -> (N, tokens, width) in the language model's space."""

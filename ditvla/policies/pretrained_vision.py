@@ -155,3 +155,19 @@ class PretrainedConvEncoder(nn.Module):
             fine, coarse = self.network(pixels)
         grid = torch.cat([F.pixel_unshuffle(fine, self.unshuffle), coarse], dim=1)
         return grid.flatten(2).transpose(1, 2)
+
+
+def pretrained_eyes(
+    name: str, image_size: int, width: int, saved: bool
+) -> tuple[PretrainedConvEncoder, nn.Module]:
+    """The encoder (its ImageNet weights from the package, or, ``saved``, from a saved
+    policy's state later) reading ``image_size`` frames, and a new projector of its tokens
+    into ``width``."""
+    encoder = PretrainedConvEncoder(name) if saved else PretrainedConvEncoder.pretrained(name)
+    if image_size % encoder.token_stride:
+        raise ConfigError(
+            f"vision_encoder {name!r} needs a backbone image_size that is a multiple of "
+            f"{encoder.token_stride}, got {image_size}"
+        )
+    features = encoder.feature_width
+    return encoder, nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width))
