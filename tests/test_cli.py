@@ -90,6 +90,7 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
         "ditvla eval --policy",
         "--detour-steps 20",  # the recipe: detours, and the goal as a training-only target
         "--auxiliary goal",
+        "--policy.backbone.vision-encoder efficientnet-lite0",  # the pretrained eyes
         "ditvla calibrate-steps --policy",
     ):
         assert command in out.stdout
