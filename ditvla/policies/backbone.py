@@ -37,7 +37,7 @@ from ditvla.errors import ConfigError
 from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
-from ditvla.policies.pretrained_vision import encoder_spec, pretrained_eyes
+from ditvla.policies.pretrained_vision import pretrained_eyes
 
 Family = Literal["idefics3", "paligemma", "qwen2_5_vl"]
 FAMILIES = get_args(Family)
@@ -349,6 +349,7 @@ class VLMBackbone(nn.Module):
             )
             self.vision_feature_width = self.vision.feature_width
             self.encoder_image_size = config.image_size
+            mean, std = list(self.vision.spec.mean), list(self.vision.spec.std)  # as trained
         elif self.family == "qwen2_5_vl":
             # any multiple of a merged patch will do: the nearest to config.image_size
             unit = vision_config.patch_size * vision_config.spatial_merge_size
@@ -357,10 +358,8 @@ class VLMBackbone(nn.Module):
         else:
             self.encoder_image_size = vision_config.image_size
             self.vision_feature_width = vision_config.hidden_size
-        mean, std = _image_mean_std(folder)
-        if config.vision_encoder:  # normalised as it was trained
-            spec = encoder_spec(config.vision_encoder)
-            mean, std = list(spec.mean), list(spec.std)
+        if not config.vision_encoder:
+            mean, std = _image_mean_std(folder)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 

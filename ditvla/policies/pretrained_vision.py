@@ -90,9 +90,9 @@ def _packaged_weights(name: str) -> dict[str, torch.Tensor]:
 
 class PretrainedConvEncoder(nn.Module):
     """Frames (N, 3, H, W), normalised as :class:`EncoderSpec` says -> tokens (N,
-    (H/16) * (W/16), ``feature_width``) in raster order. Build with :meth:`pretrained`
-    (ImageNet weights from the package) or the constructor (the architecture; weights from
-    a saved policy's state)."""
+    (H/16) * (W/16), ``feature_width``) in raster order. The constructor builds the
+    architecture (weights from a saved policy's state); :meth:`load_packaged_weights`
+    gives it ImageNet's from the package."""
 
     def __init__(self, name: str):
         super().__init__()
@@ -101,7 +101,7 @@ class PretrainedConvEncoder(nn.Module):
             import timm
         except ImportError as error:
             raise ConfigError(f"vision_encoder {name!r} is built by timm ({INSTALL})") from error
-        self.name = name
+        self.name, self.spec = name, spec
         self.network = timm.create_model(
             spec.architecture,
             pretrained=False,
@@ -120,12 +120,6 @@ class PretrainedConvEncoder(nn.Module):
         self.unshuffle = token_stride // fine_stride
         self.token_stride = token_stride
         self.feature_width = fine * self.unshuffle**2 + coarse
-
-    @classmethod
-    def pretrained(cls, name: str) -> PretrainedConvEncoder:
-        encoder = cls(name)
-        encoder.load_packaged_weights()
-        return encoder
 
     def load_packaged_weights(self) -> None:
         """The package's checkpoint, tensor by tensor in order onto timm's modules (the
@@ -163,11 +157,13 @@ def pretrained_eyes(
     """The encoder (its ImageNet weights from the package, or, ``saved``, from a saved
     policy's state later) reading ``image_size`` frames, and a new projector of its tokens
     into ``width``."""
-    encoder = PretrainedConvEncoder(name) if saved else PretrainedConvEncoder.pretrained(name)
+    encoder = PretrainedConvEncoder(name)
     if image_size % encoder.token_stride:
         raise ConfigError(
             f"vision_encoder {name!r} needs a backbone image_size that is a multiple of "
             f"{encoder.token_stride}, got {image_size}"
         )
+    if not saved:
+        encoder.load_packaged_weights()
     features = encoder.feature_width
     return encoder, nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width))
