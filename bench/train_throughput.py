@@ -308,8 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="ditvla_train_bench_"))
     write_store(work / "store.zarr")
     dataset = ReplayBufferDataset(work / "store.zarr", n_obs_steps=1, horizon=HORIZON)
+    # matched sizes, both training everything: the tiny VLM's own vision transformer, as
+    # SmolVLA's (the preset's frozen ImageNet eyes run in the demo recipe below)
     ours = DiTVLAPolicy(
-        PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=dataset.sampler.horizon),
+        PolicyConfig.for_data(
+            dataset.data_spec(),
+            "tiny",
+            horizon=dataset.sampler.horizon,
+            backbone={"vision_encoder": ""},
+        ),
         dataset.stats(),
     )
     theirs, _, _ = tiny_smolvla(

@@ -100,9 +100,10 @@ FULL = DemoRecipe(
     # Each choice was measured against the others (docs/benchmarks.md, "The demo"): 4000
     # steps at lr 1e-3; batches read in the training process (loader processes compete
     # with the training threads for two cores); the goal position as an auxiliary target
-    # in training only (the policy never reads it); a frozen ImageNet-pretrained encoder as
-    # the eyes (the same success here, at no cost in time; what finds small objects and
-    # holds in a dimmer room: docs/benchmarks.md, "Seeing small things").
+    # in training only (the policy never reads it). The tiny preset sees through the frozen
+    # ImageNet-pretrained encoder (the same success here as the vision transformer, at no
+    # cost in time; what finds small objects and holds in a dimmer room: docs/benchmarks.md,
+    # "Seeing small things").
     train=TrainConfig(
         dataset="",
         preset="tiny",
@@ -112,7 +113,6 @@ FULL = DemoRecipe(
         num_workers=0,
         save_every=4000 // 3,
         auxiliary="goal",
-        policy_overrides={"backbone": {"vision_encoder": "efficientnet-lite0"}},
     ),
     evaluate=EvalConfig(episodes_per_task=50),
 )

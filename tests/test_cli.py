@@ -90,12 +90,12 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
         "ditvla eval --policy",
         "--detour-steps 20",  # the recipe: detours, and the goal as a training-only target
         "--auxiliary goal",
-        "--policy.backbone.vision-encoder efficientnet-lite0",  # the pretrained eyes
         "ditvla calibrate-steps --policy",
     ):
         assert command in out.stdout
     # the policy ships with the steps calibrate-steps measured, and eval used them
     policy_config = json.loads((demo / "train" / "policy" / "config.json").read_text())
+    assert policy_config["policy"]["backbone"]["vision_encoder"] == "efficientnet-lite0"
     assert policy_config["policy"]["num_inference_steps"] == report["num_inference_steps"]
     assert policy_config["step_calibration"]["chosen_steps"] == report["num_inference_steps"]
     text = (demo / "report.md").read_text()

@@ -91,7 +91,7 @@ def test_targets_are_cached_and_recomputed_when_settings_or_frames_change(tmp_pa
     assert ReplayBuffer.open(path).check() == []  # the store itself is untouched
 
 
-def train_with_foresight(store, out, foresight: dict):
+def train_with_foresight(store, out, foresight: dict, backbone: dict | None = None):
     """250 steps of a tiny policy with a foresight head on the panning store."""
     config = TrainConfig(
         dataset=str(store),
@@ -104,7 +104,11 @@ def train_with_foresight(store, out, foresight: dict):
         num_workers=0,
         save_every=250,
         progress=False,
-        policy_overrides={"horizon": 4, "foresight": {"k": 2, "weight": 1.0, **foresight}},
+        policy_overrides={
+            "horizon": 4,
+            "foresight": {"k": 2, "weight": 1.0, **foresight},
+            "backbone": backbone or {},
+        },
     )
     return train(config), out
 
@@ -158,7 +162,11 @@ def test_samples_carry_the_future_frame_for_latent_targets(shifting_store):
 @pytest.fixture(scope="module")
 def trained_latent(shifting_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("latent_run")
-    return train_with_foresight(shifting_store, out, {"kind": "latent", "grid": 2})
+    # the targets of a trained vision transformer: a frozen copy of it, made at the start
+    # (the presets' frozen ImageNet eyes are read uncopied: tests/test_policy.py)
+    return train_with_foresight(
+        shifting_store, out, {"kind": "latent", "grid": 2}, backbone={"vision_encoder": ""}
+    )
 
 
 def test_latent_head_learns_the_future_features(trained_latent):

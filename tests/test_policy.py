@@ -243,7 +243,7 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
 
     dataset = ReplayBufferDataset(store, n_obs_steps=1, horizon=8, future_frame=("cam", 2))
     config = PolicyConfig.for_data(dataset.data_spec(), "tiny", horizon=8)
-    config.backbone.vision_encoder = "efficientnet-lite0"
+    assert config.backbone.vision_encoder == "efficientnet-lite0"  # the presets' eyes
     config.backbone.freeze_vision = True  # the encoder is frozen anyway; its projector trains
     config.foresight = ForesightConfig(kind="latent", grid=2, camera="cam")
     policy = DiTVLAPolicy(config, dataset.stats()).train()
@@ -380,6 +380,10 @@ def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
     assert backbone.image_mean.flatten().tolist() == pytest.approx([0.4] * 3)
     policy, dataset = make_policy(store, backbone={"pretrained_path": str(tmp_path / "vlm")})
     assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
+    torch.testing.assert_close(  # a pretrained VLM sees with its own encoder, not the preset's
+        policy.backbone.vision.embeddings.patch_embedding.weight,
+        vlm.model.vision_model.embeddings.patch_embedding.weight,
+    )
     with pytest.raises(FileNotFoundError):
         VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "nope")))
 
@@ -459,7 +463,11 @@ def test_qwen_inputs_match_the_models_own_forward(tmp_path, monkeypatch):
 
 
 def test_a_convolutional_stem_cuts_the_same_patches_and_survives_saving(store, tmp_path):
-    policy, dataset = make_policy(store, backbone={"conv_stem": True})
+    from ditvla.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vision-encoder ''"):  # the presets' eyes have none
+        make_policy(store, backbone={"conv_stem": True})
+    policy, dataset = make_policy(store, backbone={"conv_stem": True, "vision_encoder": ""})
     stem = policy.backbone.vision.embeddings.patch_embedding
     assert [type(m).__name__ for m in stem][::2] == ["Conv2d"] * 3  # 8-px patches: 3 halvings
     chunk = policy.predict_action_chunk(observation(dataset))

@@ -413,12 +413,12 @@ def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers
         lr=1e-3,
         frames=30,
         batch_size=15,
-        flow_weight=0.5,
+        flow_weight=0.1,  # a light anchor: this briefly trained teacher is far from the data
         progress=False,
     )
     record = distill(tmp_path / "student2", store, tmp_path / "student", settings)
     assert record["teacher_steps"] == 2 and record["student_steps"] == 1
-    assert record["settings"]["flow_weight"] == 0.5  # anchored on the demonstrated chunks
+    assert record["settings"]["flow_weight"] == 0.1  # anchored on the demonstrated chunks
     student = load_policy(tmp_path / "student")
     assert student.config.num_inference_steps == student.config.distilled_steps == 1
     assert gap(student, 1, student2, 2) < 0.5 * before

@@ -340,9 +340,11 @@ class VLMBackbone(nn.Module):
         vision_config = self.vlm_config.vision_config
         if config.vision_encoder:  # weights from the package, or a saved policy's state
             if self.family == "qwen2_5_vl" or config.conv_stem:
+                why = "conv_stem shapes" if config.conv_stem else "Qwen2.5-VL's 3-D positions need"
                 raise ConfigError(
-                    "vision_encoder replaces the VLM's encoder: not with Qwen2.5-VL (its 3-D "
-                    "positions assume its own tower) or conv_stem (which cuts its patches)"
+                    f"vision_encoder {config.vision_encoder!r} (the presets' eyes) replaces the "
+                    f"VLM's own encoder, which {why}: set vision_encoder '' "
+                    "(--policy.backbone.vision-encoder '') to keep it"
                 )
             self.vision, self.projector = pretrained_eyes(
                 config.vision_encoder, config.image_size, self.width, saved=saved

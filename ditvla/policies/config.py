@@ -19,16 +19,22 @@ from ditvla.policies.foresight_head import ForesightConfig
 from ditvla.policies.noise_schedules import Objective, make_schedule
 from ditvla.policies.normalizer import NormMode
 
-# preset name -> (the tiny VLM's family, the action head's size in HEAD_PRESETS):
+# preset name -> (the tiny VLM's family, the action head's size in HEAD_PRESETS, its eyes):
 # tiny (tiny Idefics3 VLM + tiny head, the CPU default), tiny-paligemma, tiny-qwen
-# (Qwen2.5-VL), and head sizes small / base / large over the tiny Idefics3 VLM.
-POLICY_PRESETS: dict[str, tuple[Family, str]] = {
-    "tiny": ("idefics3", "tiny"),
-    "tiny-paligemma": ("paligemma", "tiny"),
-    "tiny-qwen": ("qwen2_5_vl", "tiny"),
-    "small": ("idefics3", "small"),
-    "base": ("idefics3", "base"),
-    "large": ("idefics3", "large"),
+# (Qwen2.5-VL), and head sizes small / base / large over the tiny Idefics3 VLM. The eyes
+# are the frozen ImageNet EfficientNet-Lite0 (BackboneConfig.vision_encoder): a tiny VLM
+# starts from random weights, and an encoder trained on a few hundred demonstrations
+# cannot find small objects on new episodes (docs/benchmarks.md, "Seeing small things").
+# Qwen2.5-VL keeps its own tower (its 3-D positions assume it), and so does a pretrained
+# VLM (--policy.backbone.pretrained-path): its eyes were trained with its words.
+PRESET_EYES = "efficientnet-lite0"
+POLICY_PRESETS: dict[str, tuple[Family, str, str]] = {
+    "tiny": ("idefics3", "tiny", PRESET_EYES),
+    "tiny-paligemma": ("paligemma", "tiny", PRESET_EYES),
+    "tiny-qwen": ("qwen2_5_vl", "tiny", ""),
+    "small": ("idefics3", "small", PRESET_EYES),
+    "base": ("idefics3", "base", PRESET_EYES),
+    "large": ("idefics3", "large", PRESET_EYES),
 }
 PresetName = Literal[tuple(POLICY_PRESETS)]  # the names, for config fields and --help
 
@@ -164,8 +170,11 @@ class PolicyConfig:
         preset's)."""
         if name not in POLICY_PRESETS:
             raise ConfigError(f"unknown policy preset {name!r}; choose {', '.join(POLICY_PRESETS)}")
-        family, head_size = POLICY_PRESETS[name]
-        backbone = BackboneConfig(**{"family": family, **overrides.pop("backbone", {})})
+        family, head_size, eyes = POLICY_PRESETS[name]
+        backbone_settings = overrides.pop("backbone", {})
+        if backbone_settings.get("pretrained_path"):
+            eyes = ""  # a pretrained VLM sees with its own encoder unless told otherwise
+        backbone = BackboneConfig(**{"family": family, "vision_encoder": eyes, **backbone_settings})
         head = ActionHeadConfig(**{**HEAD_PRESETS[head_size], **overrides.pop("head", {})})
         foresight = ForesightConfig(**overrides.pop("foresight", {}))
         return cls(backbone=backbone, head=head, foresight=foresight, **overrides)

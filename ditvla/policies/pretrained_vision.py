@@ -1,11 +1,12 @@
 """A frozen, ImageNet-pretrained convolutional encoder as the backbone's eyes.
 
-The tiny preset's vision transformer learns from scratch on a few hundred demonstrations,
+The tiny VLMs' own vision transformer learns from scratch on a few hundred demonstrations,
 and learns the demonstrated placements by heart: linear probes of its features locate
 Meta-World's puck to 1.7 cm on held-out episodes (R^2 0.57), little better than a linear
 probe of the raw pixels (0.51). The first stages of a network trained on ImageNet read the
 same 64 px frames far better, frozen and untouched by our data: R^2 0.87 (0.9 cm) for the
-puck and 0.67 for the goal (docs/benchmarks.md, "Seeing small things").
+puck and 0.67 for the goal (docs/benchmarks.md, "Seeing small things"). So the policy
+presets see through this encoder (``PRESET_EYES`` in ditvla.policies.config).
 
 ``efficientnet-lite0``: EfficientNet-Lite0 (Tan and Le; the Lite variant drops
 squeeze-and-excitation and uses ReLU6), built by timm (``tf_efficientnet_lite0``, with
@@ -38,7 +39,7 @@ from torch import nn
 
 from ditvla.errors import ConfigError
 
-INSTALL = "pip install 'ditvla[vision]'"
+INSTALL = "a dependency of ditvla: reinstall it, pip install ditvla"
 
 
 @dataclass(frozen=True)
