@@ -388,6 +388,37 @@ def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
         VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "nope")))
 
 
+def test_a_pretrained_paligemma_sees_its_images_at_its_own_scale(tmp_path, monkeypatch):
+    """The image tokens enter the language model as PaliGemma's own get_image_features
+    gives them, beside words its own embedding scales (transformers 5's division of labour;
+    an earlier 1/sqrt(width) left a real checkpoint's images 45 times too faint)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ditvla.policies.backbone import (
+        BackboneConfig,
+        VLMBackbone,
+        byte_level_tokenizer,
+        tiny_vlm_config,
+    )
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    config = BackboneConfig(family="paligemma", image_size=32)
+    tokenizer = byte_level_tokenizer()
+    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(config, len(tokenizer))).eval()
+    vlm.save_pretrained(tmp_path / "paligemma")
+    tokenizer.save_pretrained(tmp_path / "paligemma")
+    (tmp_path / "paligemma" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    backbone = VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "paligemma"))).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.image_tokens(images)
+        own = vlm.model.get_image_features(pixel_values=(images - 0.5) / 0.5).pooler_output
+    torch.testing.assert_close(tokens, own)
+
+
 def test_qwen_preset_trains_acts_and_reads_latent_foresight(store):
     torch.manual_seed(0)
     policy, dataset = make_policy(

@@ -114,6 +114,16 @@ class BackboneConfig:
     vision_encoder: str = ""
 
 
+def _image_scale(config: BackboneConfig, family: str, width: int) -> float:
+    """What the image tokens are multiplied by on their way into the language model: 1, as
+    the VLMs themselves do (transformers 5 scales PaliGemma's words by sqrt(width) where it
+    looks them up, and leaves its images as projected), except for the tiny PaliGemma's own
+    vision transformer: 1 / sqrt(width), transformers 4's PaliGemma scale, which the tiny
+    PaliGemma policies trained since then rely on."""
+    tiny_transformer = config.pretrained_path is None and not config.vision_encoder
+    return width**-0.5 if family == "paligemma" and tiny_transformer else 1.0
+
+
 def byte_level_tokenizer():
     """A tokenizer made offline: the 256 byte-level symbols plus our special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -433,9 +443,7 @@ class VLMBackbone(nn.Module):
         features = self.vision_features(images)
         if self.projector is not None:
             features = self.projector(features)
-        if self.family == "paligemma" and not self.config.vision_encoder:  # as PaliGemma does
-            features = features / (self.width**0.5)
-        return features
+        return features * _image_scale(self.config, self.family, self.width)
 
     @property
     def vision_dtype(self) -> torch.dtype:
