@@ -253,6 +253,8 @@ def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):
         TrainConfig(dataset=str(store), sharding="fsdp", resume=True)
     with pytest.raises(ValueError, match="sharding must be one of ddp, fsdp"):
         TrainConfig(dataset=str(store), sharding="zero3")
+    with pytest.raises(ValueError, match="timeout_minutes must be > 0"):
+        TrainConfig(dataset=str(store), timeout_minutes=0)
 
 
 def test_ema_warm_up_keeps_a_short_run_from_its_first_weights():

@@ -3,7 +3,9 @@
 
 The main process (rank 0) writes everything a run leaves behind; work that must happen
 once (a store's statistics, motion targets) is done by it first while the others wait at
-a barrier, then read from its cache by the others.
+a barrier, then read from its cache by the others. A process waits for the others at a
+collective for ``timeout_minutes`` (default :data:`TIMEOUT_MINUTES`, long enough for that
+work on a large store; NCCL's own default, 10 minutes, is not) before the run fails.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -19,6 +22,8 @@ import torch.distributed as dist
 from ditvla.devices import device_named
 
 T = TypeVar("T")
+
+TIMEOUT_MINUTES = 60.0
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,16 @@ class Processes:
         return reduced.item() / self.world
 
 
-def join_processes(device_name: str) -> Processes:
+def join_processes(device_name: str, timeout_minutes: float = TIMEOUT_MINUTES) -> Processes:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), each CUDA
-    process on its local GPU; else the one process."""
+    process on its local GPU; else the one process. A collective that waits longer than
+    ``timeout_minutes`` for a process fails the run."""
     device = device_named(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes(0, 1, device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
+    )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

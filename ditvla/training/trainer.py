@@ -40,7 +40,7 @@ from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EndlessBatches, EpochSampler
 from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 from ditvla.training.optimization import optimizer_step, schedule_of, warmed_up_ema
-from ditvla.training.processes import Processes, join_processes
+from ditvla.training.processes import TIMEOUT_MINUTES, Processes, join_processes
 from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
 from ditvla.training.training_data import training_dataset
 from ditvla.training.training_log import TrainingLog
@@ -96,6 +96,9 @@ class TrainConfig:
             weights, gradients and optimizer state sharded over the processes, one unit per
             VLM transformer block: for backbones that do not fit one GPU; its checkpoints
             hold the whole weights but no optimizer state, so they do not resume).
+        timeout_minutes: how long a process waits for the others at a collective before
+            the run fails (under torchrun); the others wait while the main process computes
+            a store's statistics and motion targets.
         resume: continue from the latest checkpoint in out.
         progress: show a progress bar.
     """
@@ -125,6 +128,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     sharding: str = "ddp"
+    timeout_minutes: float = TIMEOUT_MINUTES
     resume: bool = False
     progress: bool = True
 
@@ -132,6 +136,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"timeout_minutes must be > 0, got {self.timeout_minutes}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.sharding not in SHARDINGS:
@@ -152,7 +158,7 @@ def train(config: TrainConfig) -> Path:
             "sharding fsdp splits the model over processes: launch with torchrun "
             "--nproc_per_node N (N >= 2)"
         )
-    processes = join_processes(config.device)
+    processes = join_processes(config.device, config.timeout_minutes)
     _seed_everything(config.seed + processes.rank)
     policy_config, data, dataset = training_dataset(config, processes)
     # the run holds the only reference to the model (a sharded one must go before its
