@@ -20,6 +20,7 @@ from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EpochSampler
+from ditvla.training.checkpoints import rank_rng_state, restore_rank_rng
 from ditvla.training.optimization import lr_factor
 from ditvla.training.trainer import TrainConfig, train
 
@@ -240,6 +241,16 @@ def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
         from ditvla.training.checkpoints import read_checkpoint
 
         read_checkpoint(checkpoint, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
+
+
+def test_each_process_takes_back_its_own_generators():
+    """The main process's checkpoint keeps the other processes' generator states as JSON
+    (with its GPU's on CUDA); a resumed process draws what it would have drawn."""
+    kept = json.loads(json.dumps(rank_rng_state(torch.device("cpu"))))
+    expected = torch.rand(3)
+    for mine in (kept, kept["torch"]):  # as kept now, and as older checkpoints kept it
+        restore_rank_rng(1, torch.device("cpu"), {"rank_rng": {"1": mine}})
+        assert torch.equal(torch.rand(3), expected)
 
 
 def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):

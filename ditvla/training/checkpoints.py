@@ -86,6 +86,28 @@ def restore_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     random.setstate((version, tuple(state), py_gauss))
 
 
+def rank_rng_state(device: torch.device) -> dict[str, list[int]]:
+    """This process's torch generators, the CPU's and its GPU's, as JSON (what the main
+    process's checkpoint keeps of each other process; its own are :func:`rng_states`)."""
+    state = {"torch": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def restore_rank_rng(rank: int, device: torch.device, trainer_state: dict[str, Any]) -> None:
+    """A process other than the main one takes back its :func:`rank_rng_state` from the
+    checkpoint's trainer state."""
+    mine = trainer_state.get("rank_rng", {}).get(str(rank))
+    if rank == 0 or mine is None:
+        return
+    if isinstance(mine, list):  # a checkpoint that kept the CPU generator only
+        mine = {"torch": mine}
+    torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
+    if "cuda" in mine:
+        torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8), device)
+
+
 def write_checkpoint(
     folder: Path,
     *,

@@ -38,7 +38,13 @@ from ditvla.errors import ConfigError
 from ditvla.policies.config import PresetName
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EndlessBatches, EpochSampler
-from ditvla.training.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from ditvla.training.checkpoints import (
+    latest_checkpoint,
+    rank_rng_state,
+    read_checkpoint,
+    restore_rank_rng,
+    write_checkpoint,
+)
 from ditvla.training.optimization import optimizer_step, schedule_of, warmed_up_ema
 from ditvla.training.processes import TIMEOUT_MINUTES, Processes, join_processes
 from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
@@ -256,7 +262,7 @@ class _Run:
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
         self.batches.seek(state["data"])
-        _restore_rank_rng(self.processes.rank, state)
+        restore_rank_rng(self.processes.rank, self.processes.device, state)
         return state["step"]
 
     def step(self) -> dict[str, float]:
@@ -295,7 +301,7 @@ class _Run:
         processes = self.processes
         rank_rng = [None] * processes.world
         if processes.distributed:
-            torch.distributed.all_gather_object(rank_rng, torch.get_rng_state().tolist())
+            torch.distributed.all_gather_object(rank_rng, rank_rng_state(processes.device))
         policy_state = full_state_dict(self.policy) if self.sharded else None
         ema_state = None
         if self.ema is not None:
@@ -346,10 +352,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _restore_rank_rng(rank: int, state: dict) -> None:
-    """Ranks other than 0 keep their own torch RNG state in the checkpoint's JSON."""
-    per_rank = state.get("rank_rng", {})
-    if rank != 0 and str(rank) in per_rank:
-        torch.set_rng_state(torch.tensor(per_rank[str(rank)], dtype=torch.uint8))
