@@ -20,7 +20,12 @@ from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EpochSampler
-from ditvla.training.checkpoints import rank_rng_state, restore_rank_rng
+from ditvla.training.checkpoints import (
+    rank_rng_state,
+    read_checkpoint,
+    read_sharded_checkpoint,
+    restore_rank_rng,
+)
 from ditvla.training.optimization import lr_factor
 from ditvla.training.trainer import TrainConfig, train
 
@@ -181,7 +186,11 @@ def test_resume_without_checkpoint_says_so(store, tmp_path):
         train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), resume=True, progress=False))
 
 
-def _train_on_two_processes(store, out, sharding: str, port: int) -> None:
+def _train_on_two_processes(
+    store, out, sharding: str, port: int, *extra: str, crash_at: str = ""
+) -> subprocess.CompletedProcess:
+    """Four steps of two gloo processes under torchrun, a checkpoint every two; a run
+    asked to crash (``crash_at``) must end there."""
     command = [
         sys.executable,
         "-m",
@@ -211,15 +220,31 @@ def _train_on_two_processes(store, out, sharding: str, port: int) -> None:
         "cpu",
         "--sharding",
         sharding,
+        *extra,
     ]
     result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", CRASH_AT_ENV: crash_at},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    if crash_at:  # torchrun ends the other process and fails
+        assert f"exitcode  : {CRASH_EXIT_STATUS}" in result.stderr, result.stderr[-3000:]
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
-def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+@pytest.fixture(scope="module")
+def sharded_run(store, tmp_path_factory):
+    """Four uninterrupted steps of FSDP2 over two gloo processes."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    _train_on_two_processes(store, out, "fsdp", 29518)
+    return out
+
+
+def test_ddp_and_fsdp_with_two_processes_on_gloo(store, sharded_run, tmp_path):
+    ddp = tmp_path / "ddp"
     _train_on_two_processes(store, ddp, "ddp", 29517)
     assert len(losses(ddp)) == 4
     state = json.loads((ddp / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
@@ -228,19 +253,43 @@ def test_ddp_and_fsdp_with_two_processes_on_gloo(store, tmp_path):
 
     # FSDP2: the same batches, noise and updates with the weights sharded: the same losses
     # and the same final (EMA) weights, gathered whole into an ordinary policy folder
-    _train_on_two_processes(store, fsdp, "fsdp", 29518)
-    np.testing.assert_allclose(losses(fsdp), losses(ddp), rtol=1e-4)
-    sharded = DiTVLAPolicy.from_pretrained(fsdp / "policy").state_dict()
+    np.testing.assert_allclose(losses(sharded_run), losses(ddp), rtol=1e-4)
+    sharded = DiTVLAPolicy.from_pretrained(sharded_run / "policy").state_dict()
     assert sharded.keys() == whole.keys()
     for key, value in whole.items():
         torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
-    # its checkpoints hold the whole weights (and EMA) but no optimizer state
-    checkpoint = fsdp / "checkpoints" / "step_0000002"
+    # its checkpoints hold the whole weights (and EMA) and, as two processes held them,
+    # the model, optimizer and EMA, which only a sharded run of two processes resumes from
+    checkpoint = sharded_run / "checkpoints" / "step_0000002"
     DiTVLAPolicy.from_pretrained(checkpoint / "policy")
-    with pytest.raises(CheckpointError, match="does not resume"):
-        from ditvla.training.checkpoints import read_checkpoint
+    assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
+    with pytest.raises(CheckpointError, match=r"sharded run of 2 processes.*--nproc_per_node 2"):
+        read_checkpoint(checkpoint, sgd)
+    with pytest.raises(CheckpointError, match="written by 2 processes, resumed by 4"):
+        read_sharded_checkpoint(checkpoint, 4)
+    with pytest.raises(CheckpointError, match="written by an unsharded run"):
+        read_sharded_checkpoint(ddp / "checkpoints" / "step_0000002", 2)
 
-        read_checkpoint(checkpoint, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
+
+def test_an_interrupted_sharded_run_resumes_as_if_uninterrupted(store, sharded_run, tmp_path):
+    """Killed right after its first checkpoint (step 2 of 4) and resumed, an FSDP2 run of
+    two processes goes on with the same model, optimizer, schedule, EMA, data and noise:
+    the uninterrupted run's losses and final weights."""
+    broken = tmp_path / "broken"
+    _train_on_two_processes(store, broken, "fsdp", 29519, crash_at="checkpoint.written:1")
+    assert (broken / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert len(losses(broken)) == 2
+    _train_on_two_processes(store, broken, "fsdp", 29520, "--resume")
+    np.testing.assert_allclose(losses(broken), losses(sharded_run), rtol=1e-6)
+    a = DiTVLAPolicy.from_pretrained(sharded_run / "policy").state_dict()
+    b = DiTVLAPolicy.from_pretrained(broken / "policy").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_each_process_takes_back_its_own_generators():
@@ -253,15 +302,23 @@ def test_each_process_takes_back_its_own_generators():
         assert torch.equal(torch.rand(3), expected)
 
 
-def test_fsdp_needs_torchrun_and_does_not_resume(store, tmp_path):
+def test_a_weights_only_checkpoint_says_it_does_not_resume(tmp_path):
+    """Sharded runs' checkpoints held no optimizer state before they kept their shards."""
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "rng": {}}))
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
+    with pytest.raises(CheckpointError, match=r"holds the weights only.*does not resume"):
+        read_checkpoint(tmp_path, sgd)
+    with pytest.raises(CheckpointError, match=r"holds the weights only.*does not resume"):
+        read_sharded_checkpoint(tmp_path, 2)
+
+
+def test_fsdp_needs_torchrun_and_a_known_sharding(store, tmp_path):
     with pytest.raises(ValueError, match="launch with torchrun"):
         train(
             TrainConfig(
                 dataset=str(store), out=str(tmp_path / "x"), sharding="fsdp", progress=False
             )
         )
-    with pytest.raises(ValueError, match="hold no optimizer state"):
-        TrainConfig(dataset=str(store), sharding="fsdp", resume=True)
     with pytest.raises(ValueError, match="sharding must be one of ddp, fsdp"):
         TrainConfig(dataset=str(store), sharding="zero3")
     with pytest.raises(ValueError, match="timeout_minutes must be > 0"):

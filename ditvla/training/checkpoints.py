@@ -6,7 +6,11 @@ A checkpoint folder ``checkpoints/step_000500/`` holds:
 - ``ema.safetensors``: the EMA weights, when EMA is on;
 - ``optimizer.safetensors`` + ``trainer_state.json``: optimizer tensors, its param groups,
   the LR schedule, the step, the data sampler's position and every RNG state, so a resumed
-  run continues exactly where the interrupted one stopped.
+  run continues exactly where the interrupted one stopped;
+- ``sharded/``, a sharded (FSDP2) run's instead of the optimizer tensors: the model, the
+  optimizer and the EMA as each process held them (``torch.distributed.checkpoint``'s
+  ``.distcp`` files and ``.metadata``, written by every process), which a run of as many
+  processes resumes from; ``trainer_state.json`` says how many (``sharded.processes``).
 
 It is written into ``step_000500.tmp`` and renamed; ``checkpoints/latest`` (a one-line
 file, replaced atomically) names the newest complete one. A run killed at any point
@@ -31,6 +35,7 @@ from ditvla.contract import CheckpointError
 from ditvla.crash_points import crash_point
 
 LATEST = "latest"
+SHARDED_STATE = "sharded"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -86,6 +91,19 @@ def restore_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     random.setstate((version, tuple(state), py_gauss))
 
 
+def unfinished_checkpoint(folder: Path) -> Path:
+    """Where the checkpoint ``folder`` is written before it is renamed into place."""
+    return folder.with_name(folder.name + ".tmp")
+
+
+def start_checkpoint(folder: Path) -> Path:
+    """An empty :func:`unfinished_checkpoint` folder (what a crash left there removed)."""
+    tmp = unfinished_checkpoint(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def rank_rng_state(device: torch.device) -> dict[str, list[int]]:
     """This process's torch generators, the CPU's and its GPU's, as JSON (what the main
     process's checkpoint keeps of each other process; its own are :func:`rng_states`)."""
@@ -116,14 +134,19 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     policy_state: dict[str, torch.Tensor] | None = None,
+    sharded_processes: int | None = None,
 ) -> None:
     """Write a complete checkpoint at ``folder`` atomically and point ``latest`` at it.
 
-    ``policy_state``: the policy's weights gathered elsewhere (a sharded run's); without
-    an ``optimizer`` the checkpoint holds the weights only and does not resume."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    ``policy_state``: the policy's weights gathered elsewhere (a sharded run's).
+    ``sharded_processes``: a sharded run's number of processes, which have written their
+    shards of the model, optimizer and EMA into ``start_checkpoint(folder) / SHARDED_STATE``
+    (no ``optimizer`` then)."""
+    if sharded_processes is None:
+        tmp = start_checkpoint(folder)
+    else:
+        tmp = unfinished_checkpoint(folder)
+        trainer_state = {**trainer_state, "sharded": {"processes": sharded_processes}}
     policy.save_pretrained(tmp / "policy", state=policy_state)
     crash_point("checkpoint.policy_written")  # half a checkpoint, not yet renamed into place
     if ema_state is not None:
@@ -160,10 +183,13 @@ def read_checkpoint(
     folder: Path, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict | None]:
     """Restore the optimizer and the RNGs; return the trainer state and the EMA weights."""
-    meta = json.loads((folder / "trainer_state.json").read_text())
-    if "optimizer" not in meta:
+    meta = _resumable_trainer_state(folder)
+    if "sharded" in meta:
+        processes = meta["sharded"]["processes"]
         raise CheckpointError(
-            f"{folder}: holds the weights only (written by a sharded run): it does not resume"
+            f"{folder}: written by a sharded run of {processes} processes, whose optimizer "
+            f"state is sharded: resume it as one (torchrun --nproc_per_node {processes} ... "
+            "--sharding fsdp --resume)"
         )
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
@@ -172,3 +198,38 @@ def read_checkpoint(
     ema_path = folder / "ema.safetensors"
     ema = load_file(str(ema_path)) if ema_path.exists() else None
     return meta, ema
+
+
+def read_sharded_checkpoint(folder: Path, processes: int) -> dict[str, Any]:
+    """Restore the RNGs from a sharded run's checkpoint; return its trainer state. Its
+    model, optimizer and EMA are read by every process from ``folder / SHARDED_STATE``
+    (:func:`ditvla.training.sharding.load_sharded_state`)."""
+    meta = _resumable_trainer_state(folder)
+    if "sharded" not in meta:
+        raise CheckpointError(
+            f"{folder}: written by an unsharded run: resume it as one (--sharding ddp, or one "
+            "process), or start a sharded run afresh"
+        )
+    written_by = meta["sharded"]["processes"]
+    if written_by != processes:
+        raise CheckpointError(
+            f"{folder}: written by {written_by} processes, resumed by {processes}: each "
+            "process's data position and random state continue only in as many; resume with "
+            f"torchrun --nproc_per_node {written_by}"
+        )
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    restore_rng_states(tensors, meta.pop("rng"))
+    return meta
+
+
+def _resumable_trainer_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``; CheckpointError for one that holds the
+    weights only (a sharded run's, before sharded runs kept their optimizer state)."""
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    if "optimizer" not in meta and "sharded" not in meta:
+        raise CheckpointError(
+            f"{folder}: holds the weights only (written by a sharded run of an earlier "
+            "version, which kept no optimizer state): it does not resume; its policy/ "
+            "folder loads as any policy"
+        )
+    return meta

@@ -7,13 +7,23 @@ model names in ``_no_split_modules``): each is gathered for its own forward and 
 and freed after.
 Everything else — the embeddings, the DiT heads (whose context cache is computed outside
 their ``forward``), the normalizer — forms the root unit, gathered for the whole step.
+
+A checkpoint keeps the run's state as it lies, each process writing its own shards with
+``torch.distributed.checkpoint`` (:func:`save_sharded_state`, :func:`load_sharded_state`),
+and the whole weights for users, gathered on the main process only
+(:func:`gathered_on_main`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -56,18 +66,52 @@ def shard_policy(policy: nn.Module, device_type: str, world_size: int) -> int:
     return len(units)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole parameters and buffers of a sharded ``module``, on every process (a
-    collective: every process must call it)."""
-    return _whole(module.state_dict())
+def gathered_on_main(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole tensors of ``state``, on the main process's CPU; {} on the others (a
+    collective: every process must call it). One sharded tensor is gathered at a time, so
+    no process holds more than one whole tensor on its device."""
+    main = dist.get_rank() == 0
+    whole = {}
+    for key, value in state.items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            whole[key] = value.detach().cpu()
+    return whole
 
 
-def _whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sharded tensors all-gathered (a collective), every tensor on the CPU."""
-    return {
-        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
-        for key, value in state.items()
-    }
+def save_sharded_state(
+    folder: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, ema: ShardedEMA | None
+) -> None:
+    """Each process writes its shards of the model, the optimizer and the EMA into
+    ``folder`` (``torch.distributed.checkpoint``; a collective)."""
+    dcp.save(_sharded_state(policy, optimizer, ema), checkpoint_id=folder)
+
+
+def load_sharded_state(
+    folder: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, ema: ShardedEMA | None
+) -> None:
+    """Each process reads its shards of what :func:`save_sharded_state` wrote into the
+    model, the optimizer and the EMA (a collective)."""
+    state = _sharded_state(policy, optimizer, ema)
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        policy,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    if ema is not None:
+        ema.load_sharded_state(state["ema"])
+
+
+def _sharded_state(
+    policy: nn.Module, optimizer: torch.optim.Optimizer, ema: ShardedEMA | None
+) -> dict[str, Any]:
+    model, optimizer_state = get_state_dict(policy, optimizer)
+    state = {"model": model, "optimizer": optimizer_state}
+    if ema is not None:
+        state["ema"] = ema.sharded_state(policy)
+    return state
 
 
 class ShardedEMA:
@@ -93,7 +137,30 @@ class ShardedEMA:
         self.n_averaged += 1
 
     def full_weights(self, policy: nn.Module) -> dict[str, torch.Tensor]:
-        """``policy``'s whole state with the averaged parameters (a collective)."""
+        """``policy``'s whole state with the averaged parameters, on the main process; {}
+        on the others (a collective)."""
+        return gathered_on_main({**policy.state_dict(), **self._averaged(policy)})
+
+    def state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
+        """As ``AveragedModel.state_dict()`` of the whole model, on the main process; {} on
+        the others (a collective)."""
+        weights = {f"module.{k}": v for k, v in self.full_weights(policy).items()}
+        return {**weights, "n_averaged": torch.tensor(self.n_averaged)} if weights else {}
+
+    def sharded_state(self, policy: nn.Module) -> dict[str, torch.Tensor]:
+        """The averaged parameters as this process's shards of ``policy``'s (over its
+        device mesh), and the number of updates: what a sharded checkpoint keeps."""
+        return {**self._averaged(policy), "n_averaged": torch.tensor(self.n_averaged)}
+
+    @torch.no_grad()
+    def load_sharded_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`sharded_state` read back from a checkpoint."""
+        loaded = [_local(value) for key, value in state.items() if key != "n_averaged"]
+        torch._foreach_copy_(self.shards, loaded)
+        self.n_averaged = int(state["n_averaged"])
+
+    def _averaged(self, policy: nn.Module) -> dict[str, torch.Tensor]:
+        """The averaged parameters by name, sharded as ``policy``'s are."""
         averaged = {}
         for (name, param), shard in zip(policy.named_parameters(), self.shards, strict=True):
             if isinstance(param, DTensor):
@@ -105,12 +172,7 @@ class ShardedEMA:
                     stride=param.stride(),
                 )
             averaged[name] = shard
-        return _whole({**policy.state_dict(), **averaged})
-
-    def state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
-        """As ``AveragedModel.state_dict()`` of the whole model (a collective)."""
-        weights = {f"module.{k}": v for k, v in self.full_weights(policy).items()}
-        return {**weights, "n_averaged": torch.tensor(self.n_averaged)}
+        return averaged
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -39,15 +39,25 @@ from ditvla.policies.config import PresetName
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EndlessBatches, EpochSampler
 from ditvla.training.checkpoints import (
+    SHARDED_STATE,
     latest_checkpoint,
     rank_rng_state,
     read_checkpoint,
+    read_sharded_checkpoint,
     restore_rank_rng,
+    start_checkpoint,
+    unfinished_checkpoint,
     write_checkpoint,
 )
 from ditvla.training.optimization import optimizer_step, schedule_of, warmed_up_ema
 from ditvla.training.processes import TIMEOUT_MINUTES, Processes, join_processes
-from ditvla.training.sharding import ShardedEMA, full_state_dict, shard_policy
+from ditvla.training.sharding import (
+    ShardedEMA,
+    gathered_on_main,
+    load_sharded_state,
+    save_sharded_state,
+    shard_policy,
+)
 from ditvla.training.training_data import training_dataset
 from ditvla.training.training_log import TrainingLog
 
@@ -101,7 +111,8 @@ class TrainConfig:
         sharding: under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2:
             weights, gradients and optimizer state sharded over the processes, one unit per
             VLM transformer block: for backbones that do not fit one GPU; its checkpoints
-            hold the whole weights but no optimizer state, so they do not resume).
+            hold the whole weights, and the sharded state that a run of as many processes
+            resumes from).
         timeout_minutes: how long a process waits for the others at a collective before
             the run fails (under torchrun); the others wait while the main process computes
             a store's statistics and motion targets.
@@ -149,11 +160,6 @@ class TrainConfig:
         if self.sharding not in SHARDINGS:
             raise ConfigError(
                 f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"
-            )
-        if self.sharding == "fsdp" and self.resume:
-            raise ConfigError(
-                "resume: a sharded (fsdp) run's checkpoints hold no optimizer state; restart "
-                "it, or resume an unsharded run"
             )
 
 
@@ -255,15 +261,32 @@ class _Run:
         checkpoint = latest_checkpoint(checkpoints)
         if checkpoint is None:
             raise FileNotFoundError(f"{checkpoints}: no checkpoint to resume from")
+        resume = self._resume_sharded if self.sharded else self._resume_whole
+        state = resume(checkpoint)
+        self.batches.seek(state["data"])
+        restore_rank_rng(self.processes.rank, self.processes.device, state)
+        return state["step"]
+
+    def _resume_whole(self, checkpoint: Path) -> dict[str, Any]:
         device = self.processes.device
         resumed = DiTVLAPolicy.from_pretrained(checkpoint / "policy", map_location=device)
         self.policy.load_state_dict(resumed.state_dict())
         state, ema_state = read_checkpoint(checkpoint, self.optimizer)
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
-        self.batches.seek(state["data"])
-        restore_rank_rng(self.processes.rank, self.processes.device, state)
-        return state["step"]
+        return state
+
+    def _resume_sharded(self, checkpoint: Path) -> dict[str, Any]:
+        """Each process reads its own shards (the policy/ folder's whole weights are for
+        users)."""
+        state = read_sharded_checkpoint(checkpoint, self.processes.world)
+        # DCP reads back only the keys that the state it reads into holds: give the
+        # schedule's base rate one
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+        ema = self.ema if (checkpoint / "ema.safetensors").exists() else None
+        load_sharded_state(checkpoint / SHARDED_STATE, self.policy, self.optimizer, ema)
+        return state
 
     def step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; its metrics (the loss
@@ -295,17 +318,18 @@ class _Run:
         }
 
     def save_checkpoint(self, folder: Path, step: int) -> None:
-        """Write a checkpoint (main process) after gathering what the others hold: their
-        RNG states, and a sharded run's whole weights (its optimizer state stays sharded
-        and is not written)."""
+        """Write a checkpoint: the main process writes it, with what the others hold (their
+        RNG states; a sharded run's whole weights and EMA, gathered on it), and in a
+        sharded run every process writes its shards of the model, optimizer and EMA."""
         processes = self.processes
         rank_rng = [None] * processes.world
         if processes.distributed:
             torch.distributed.all_gather_object(rank_rng, rank_rng_state(processes.device))
-        policy_state = full_state_dict(self.policy) if self.sharded else None
-        ema_state = None
-        if self.ema is not None:
-            ema_state = self.ema.state_dict(self.policy) if self.sharded else self.ema.state_dict()
+        if self.sharded:
+            policy_state, ema_state = self._write_shards(folder)
+        else:
+            policy_state = None
+            ema_state = self.ema.state_dict() if self.ema is not None else None
         if processes.main:
             state = {
                 "step": step,
@@ -319,17 +343,31 @@ class _Run:
                 ema_state=ema_state,
                 optimizer=None if self.sharded else self.optimizer,
                 trainer_state=state,
+                sharded_processes=processes.world if self.sharded else None,
             )
         processes.barrier()
 
+    def _write_shards(self, folder: Path) -> tuple[dict, dict | None]:
+        """Every process's shards written into the unfinished checkpoint ``folder``; the
+        whole weights and EMA weights, gathered on the main process ({} on the others)."""
+        policy_state = gathered_on_main(self.policy.state_dict())
+        ema_state = self.ema.state_dict(self.policy) if self.ema is not None else None
+        if self.processes.main:
+            start_checkpoint(folder)
+        self.processes.barrier()
+        save_sharded_state(
+            unfinished_checkpoint(folder) / SHARDED_STATE, self.policy, self.optimizer, self.ema
+        )
+        return policy_state, ema_state
+
     def save_final(self, folder: Path) -> Path:
         """The final policy (the EMA weights when EMA is on), then leave the process group."""
-        if self.sharded:  # gathered whole on every process (collectives)
+        if self.sharded:  # gathered whole on the main process (collectives)
             final_policy = self.policy
             state = (
                 self.ema.full_weights(self.policy)
                 if self.ema is not None
-                else full_state_dict(self.policy)
+                else gathered_on_main(self.policy.state_dict())
             )
         else:
             final_policy, state = (self.ema.module if self.ema is not None else self.policy), None
