@@ -262,10 +262,12 @@ def test_ddp_and_fsdp_with_two_processes_on_gloo(store, sharded_run, tmp_path):
     # the model, optimizer and EMA, which only a sharded run of two processes resumes from
     checkpoint = sharded_run / "checkpoints" / "step_0000002"
     DiTVLAPolicy.from_pretrained(checkpoint / "policy")
+    # each process's shards as safetensors + JSON, nothing that unpickles
     assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [
-        ".metadata",
-        "__0_0.distcp",
-        "__1_0.distcp",
+        "process_0.json",
+        "process_0.safetensors",
+        "process_1.json",
+        "process_1.safetensors",
     ]
     sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)
     with pytest.raises(CheckpointError, match=r"sharded run of 2 processes.*--nproc_per_node 2"):

@@ -8,9 +8,10 @@ A checkpoint folder ``checkpoints/step_000500/`` holds:
   the LR schedule, the step, the data sampler's position and every RNG state, so a resumed
   run continues exactly where the interrupted one stopped;
 - ``sharded/``, a sharded (FSDP2) run's instead of the optimizer tensors: the model, the
-  optimizer and the EMA as each process held them (``torch.distributed.checkpoint``'s
-  ``.distcp`` files and ``.metadata``, written by every process), which a run of as many
-  processes resumes from; ``trainer_state.json`` says how many (``sharded.processes``).
+  optimizer and the EMA as each process held them, each process writing its own shards
+  (``process_<rank>.safetensors``) and what is not a tensor (``process_<rank>.json``),
+  which a run of as many processes resumes from; ``trainer_state.json`` says how many
+  (``sharded.processes``).
 
 It is written into ``step_000500.tmp`` and renamed; ``checkpoints/latest`` (a one-line
 file, replaced atomically) names the newest complete one. A run killed at any point
@@ -24,6 +25,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +38,58 @@ from ditvla.crash_points import crash_point
 
 LATEST = "latest"
 SHARDED_STATE = "sharded"
+OPTIMIZER_STATE = "opt."
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state tensors as it holds them (a sharded optimizer's are DTensors),
+    named ``opt.<param id>.<key>``, and what is not a tensor, as JSON: its param groups and
+    scalar state."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, values in state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{OPTIMIZER_STATE}{param_id}.{key}"] = value
             else:
                 scalars[f"{param_id}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    as_param_state: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Load what :func:`optimizer_state` returned into ``optimizer`` (the names of
+    ``tensors`` not named ``opt.*`` are ignored). ``as_param_state(param, name, tensor)``:
+    the value its parameter's state takes for a tensor read back (a sharded parameter's
+    DTensor); the tensor itself when not given."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
+        if not name.startswith(OPTIMIZER_STATE):
+            continue
+        number, key = name.removeprefix(OPTIMIZER_STATE).split(".", 1)
+        param_id = int(number)
+        if param_id >= len(params):
+            raise CheckpointError(
+                f"{name}: the state of parameter {param_id}, but the optimizer has "
+                f"{len(params)}: another model's, or other parameters trained"
+            )
+        if as_param_state is not None:
+            value = as_param_state(params[param_id], name, value)
+        state.setdefault(param_id, {})[key] = value
     for name, value in meta["scalars"].items():
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def as_saved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as safetensors writes it: detached, contiguous, on the CPU."""
+    return tensor.detach().contiguous().cpu()
 
 
 def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,15 +181,12 @@ def write_checkpoint(
     policy.save_pretrained(tmp / "policy", state=policy_state)
     crash_point("checkpoint.policy_written")  # half a checkpoint, not yet renamed into place
     if ema_state is not None:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in ema_state.items()},
-            str(tmp / "ema.safetensors"),
-        )
+        save_file({k: as_saved(v) for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
     rng_tensors, rng_meta = rng_states()
     meta = {**trainer_state, "rng": rng_meta}
     if optimizer is not None:
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        rng_tensors = {**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors}
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        rng_tensors = {**{k: as_saved(v) for k, v in opt_tensors.items()}, **rng_tensors}
         meta["optimizer"] = opt_meta
     save_file(rng_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -192,8 +220,7 @@ def read_checkpoint(
             "--sharding fsdp --resume)"
         )
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
-    _restore_optimizer(optimizer, opt, meta.pop("optimizer"))
+    restore_optimizer(optimizer, tensors, meta.pop("optimizer"))
     restore_rng_states(tensors, meta.pop("rng"))
     ema_path = folder / "ema.safetensors"
     ema = load_file(str(ema_path)) if ema_path.exists() else None

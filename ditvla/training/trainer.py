@@ -280,12 +280,7 @@ class _Run:
         """Each process reads its own shards (the policy/ folder's whole weights are for
         users)."""
         state = read_sharded_checkpoint(checkpoint, self.processes.world)
-        # DCP reads back only the keys that the state it reads into holds: give the
-        # schedule's base rate one
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.config.lr
-        ema = self.ema if (checkpoint / "ema.safetensors").exists() else None
-        load_sharded_state(checkpoint / SHARDED_STATE, self.policy, self.optimizer, ema)
+        load_sharded_state(checkpoint / SHARDED_STATE, self.policy, self.optimizer, self.ema)
         return state
 
     def step(self) -> dict[str, float]:
@@ -358,6 +353,7 @@ class _Run:
         save_sharded_state(
             unfinished_checkpoint(folder) / SHARDED_STATE, self.policy, self.optimizer, self.ema
         )
+        self.processes.barrier()  # every process's shards written before the folder is renamed
         return policy_state, ema_state
 
     def save_final(self, folder: Path) -> Path:
