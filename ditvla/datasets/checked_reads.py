@@ -4,7 +4,9 @@ zarr reads a missing chunk file as zeros and Blosc-decodes a truncated one into
 garbage. Every read of a replay buffer goes through here: the chunk files behind the
 rows are checked first (:func:`~ditvla.datasets.chunk_files.chunk_file_problems`), and
 whatever still fails to decode becomes a :class:`DatasetError` that names the store, the
-array and the rows, so damage is never mistaken for demonstrations.
+array and the rows, so damage is never mistaken for demonstrations. A store by URL whose
+server cannot be reached or refuses access says that instead
+(:func:`~ditvla.datasets.url_stores.access_error`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import zarr
 
 from ditvla.datasets.chunk_files import ChunkReadError, FrameReader, chunk_file_problems
 from ditvla.datasets.errors import DatasetError
+from ditvla.datasets.url_stores import access_error
 
 
 def read_rows(path: Path, array: zarr.Array, name: str, start: int, stop: int) -> np.ndarray:
@@ -30,7 +33,7 @@ def read_rows(path: Path, array: zarr.Array, name: str, start: int, stop: int) -
     try:
         return np.asarray(array[start:stop])
     except Exception as exc:
-        raise DatasetError(
+        raise access_error(path, exc) or DatasetError(
             f"{path}: {name} rows {start}:{stop} could not be read; a chunk is truncated or "
             f"corrupt ({type(exc).__name__}: {exc})"
         ) from None
@@ -43,7 +46,7 @@ def read_frame_rows(path: Path, key: str, reader: FrameReader, frames: np.ndarra
     except ChunkReadError as exc:
         raise DatasetError(f"{path}: data/{key}: {exc}; the store is damaged") from None
     except Exception as exc:
-        raise DatasetError(
+        raise access_error(path, exc) or DatasetError(
             f"{path}: data/{key} frames could not be read; a chunk is truncated or corrupt "
             f"({type(exc).__name__}: {exc})"
         ) from None

@@ -50,14 +50,10 @@ from ditvla.datasets.state_selection import (
     state_is_split,
     state_keys,
 )
-from ditvla.datasets.store_index import (
-    StoreIndex,
-    is_url,
-    open_store_group,
-    read_store_index,
-)
+from ditvla.datasets.store_index import StoreIndex, open_store_group, read_store_index
 from ditvla.datasets.store_layout import Task, create_store_group, is_image_array
 from ditvla.datasets.store_writer import StoreWriter
+from ditvla.datasets.url_stores import is_url
 
 __all__ = ["DatasetError", "ReplayBuffer", "Task", "is_image_array"]
 

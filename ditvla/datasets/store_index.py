@@ -29,6 +29,7 @@ from ditvla.datasets.store_layout import (
     Task,
     is_image_array,
 )
+from ditvla.datasets.url_stores import access_error, is_url, open_url_store
 from ditvla.errors import ConfigError
 
 
@@ -52,25 +53,6 @@ class StoreIndex:
     episode_seed: np.ndarray
 
 
-def is_url(location: str | Path) -> bool:
-    """Whether ``location`` names a store by URL (``s3://``, ``gs://``, ``file://``...)."""
-    return isinstance(location, str) and "://" in location
-
-
-def _url_store(url: str) -> zarr.abc.store.Store:
-    """A read-only store at ``url`` through fsspec (credentials and options from fsspec's
-    own configuration: environment variables or ``~/.config/fsspec``)."""
-    from zarr.storage import FsspecStore
-
-    try:
-        return FsspecStore.from_url(url, read_only=True)
-    except (ImportError, ValueError) as exc:  # no filesystem for the scheme
-        raise DatasetError(
-            f"{url}: cannot open ({exc}); a store by URL needs fsspec's filesystem for its "
-            "scheme (s3://: pip install s3fs; gs://: gcsfs)"
-        ) from None
-
-
 def open_store_group(location: Path | str, mode: str) -> zarr.Group:
     """The root group of the store at ``location`` (a folder, or a URL read through
     fsspec): ``mode="r"`` to read, ``"a"`` to append (folders only)."""
@@ -82,7 +64,7 @@ def open_store_group(location: Path | str, mode: str) -> zarr.Group:
                 f"{location}: a store by URL opens read-only; write into a local folder "
                 "and upload it"
             )
-        target = _url_store(location)
+        target = open_url_store(location)
     elif not Path(location).exists():
         raise DatasetError(f"{location}: no such file or directory")
     else:
@@ -90,7 +72,7 @@ def open_store_group(location: Path | str, mode: str) -> zarr.Group:
     try:
         root = zarr.open_group(target, mode="r" if mode == "r" else "r+")
     except Exception as exc:  # zarr raises several types for "not a group"
-        raise DatasetError(
+        raise access_error(location, exc) or DatasetError(
             f"{location}: not a zarr replay buffer (expected a zarr group with data/ and "
             f"meta/episode_ends): {exc}"
         ) from None

@@ -1,0 +1,129 @@
+"""Stores by URL (``s3://``, ``gs://``, ``file://``...): opened read-only through zarr's
+fsspec store, their access failures named, and the folder their derived data is kept in.
+
+Options and credentials come from fsspec's own configuration, which every process that
+opens the store (DataLoader workers, torchrun ranks) reads alike: environment variables
+``FSSPEC_<SCHEME>_<OPTION>`` (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_KEY``,
+``FSSPEC_S3_SECRET``) or ``FSSPEC_<SCHEME>`` holding a JSON object, JSON files in
+``~/.config/fsspec/`` (``$FSSPEC_CONFIG_DIR``), or ``fsspec.config.conf`` in Python; for
+``s3://`` also botocore's own (``AWS_ACCESS_KEY_ID``, ``~/.aws/credentials``...).
+
+A store by URL is never written to. What ditvla derives from one (normalization
+statistics, optical-flow targets) is kept in a folder of its own per URL: a training run's
+``<out>/cache/`` (:func:`cache_folder` with the run's ``cache_dir``), else this machine's
+``$DITVLA_CACHE`` (default ``~/.cache/ditvla``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ditvla.datasets.errors import DatasetError
+
+# Exception classes (by name, any module: botocore, aiohttp, the builtins) that say the
+# store's server was not reached, or that it refused the credentials.
+_UNREACHABLE = {"ConnectionError", "TimeoutError", "ClientConnectionError", "HTTPClientError"}
+_REFUSED = {"PermissionError", "NoCredentialsError", "PartialCredentialsError"}
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether ``location`` names a store by URL (``s3://``, ``gs://``, ``file://``...)."""
+    return isinstance(location, str) and "://" in location
+
+
+def open_url_store(url: str) -> Any:
+    """A read-only zarr store at ``url`` through fsspec, configured by fsspec's config,
+    connected (:func:`_connect`): an unreachable server or refused credentials raise here."""
+    from zarr.storage import FsspecStore
+
+    try:
+        store = FsspecStore.from_url(url, read_only=True)
+    except (ImportError, ValueError) as exc:  # no filesystem for the scheme
+        raise DatasetError(
+            f"{url}: cannot open ({exc}); a store by URL needs fsspec's filesystem for its "
+            "scheme (s3://: pip install s3fs; gs://: gcsfs)"
+        ) from None
+    try:
+        _connect(store)
+    except Exception as exc:
+        raise access_error(url, exc) or DatasetError(
+            f"{url}: cannot open ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from None
+    return store
+
+
+# The filesystems this process has connected, by id (fsspec keeps one per set of options
+# and process: a store opened again finds its filesystem here).
+_CONNECTED: dict[int, Any] = {}
+
+
+def _connect(store: Any) -> None:
+    """Make a filesystem's first request alone, and close its session when the process
+    exits. s3fs (2026.2) takes a client that has not connected yet for a closed one and
+    makes a new one for each request that starts before the first has connected; zarr's
+    first reads are concurrent, so all clients but one would be dropped unclosed, and zarr
+    closes none at exit: "Unclosed client session" on stderr (s3fs issue 1025, zarr-python
+    issue 2901)."""
+    fs = store.fs
+    if not hasattr(fs, "set_session") or id(fs) in _CONNECTED:
+        return
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    sync(store.get("zarr.json", default_buffer_prototype()))
+    _CONNECTED[id(fs)] = fs
+    atexit.register(_close_session, fs, os.getpid())
+
+
+def _close_session(fs: Any, pid: int) -> None:
+    if os.getpid() != pid:  # a forked process inherits the parent's exit handlers
+        return
+    from zarr.core.sync import sync
+
+    with contextlib.suppress(Exception):
+        sync(sync(fs.set_session()).close())
+
+
+def _options(url: str, *names: str) -> str:
+    """Where the options ``names`` of ``url``'s filesystem are set, in words."""
+    scheme = url.split("://", 1)[0]
+    variables = " and ".join(f"FSSPEC_{scheme.upper()}_{name.upper()}" for name in names)
+    entries = ", ".join(f'"{name}": ...' for name in names)
+    return f'{variables}, or {{"{scheme}": {{{entries}}}}} in ~/.config/fsspec/conf.json'
+
+
+def access_error(location: Path | str, exc: BaseException) -> DatasetError | None:
+    """A one-line error naming what went wrong when ``exc`` says the object store behind
+    ``location`` could not be reached or refused access (and what would work); None for
+    anything else (a folder or ``file://``, a missing or damaged store)."""
+    if not is_url(location) or str(location).startswith("file://"):
+        return None
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    s3 = str(location).startswith("s3://")
+    if names & _REFUSED:
+        aws = " (botocore's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY work too)" if s3 else ""
+        return DatasetError(
+            f"{location}: the object store refused access ({detail}); give credentials that "
+            f"may read it: {_options(str(location), 'key', 'secret')}{aws}"
+        )
+    if names & _UNREACHABLE:
+        return DatasetError(
+            f"{location}: cannot reach the object store ({detail}); check that it is up and "
+            f"set its address: {_options(str(location), 'endpoint_url')}"
+        )
+    return None
+
+
+def cache_folder(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder holding what is derived from the store at ``url``, one per URL: under
+    ``cache_dir`` (a training run's ``<out>/cache``), else under ``$DITVLA_CACHE``
+    (default ``~/.cache/ditvla``)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("DITVLA_CACHE", Path.home() / ".cache" / "ditvla")
+    return Path(cache_dir) / "stores" / hashlib.sha256(url.encode()).hexdigest()[:24]
