@@ -16,7 +16,8 @@ from conftest import make_episode
 
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
-from ditvla.datasets.statistics import compute_stats, load_or_compute_stats, stats_cache_file
+from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
+from ditvla.datasets.url_stores import cache_folder
 
 
 def test_round_trip_of_episodes_and_metadata(small_store):
@@ -304,7 +305,9 @@ def test_a_store_by_url_reads_as_its_folder_does_and_keeps_its_stats_here(
         for key, array in local.get_episode(i).items():
             np.testing.assert_array_equal(remote.get_episode(i)[key], array)
     stats = load_or_compute_stats(remote)
-    assert stats_cache_file(url).exists() and "stats" not in ReplayBuffer.open(small_store).attrs
+    assert (cache_folder(url) / "stats.json").exists() and "stats" not in ReplayBuffer.open(
+        small_store
+    ).attrs
     assert stats == compute_stats(local) == load_or_compute_stats(ReplayBuffer.open(url))
     with pytest.raises(DatasetError, match="a store by URL opens read-only"):
         ReplayBuffer.open(url, mode="a")

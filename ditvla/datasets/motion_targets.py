@@ -7,10 +7,11 @@ displacements in motion-image pixels (x, y). The last k frames of an episode hav
 such future: their targets are NaN, and the head's loss leaves them out.
 
 Targets are computed once per store and cached beside the data, in
-``derived/motion.<camera>`` (float16), with the settings that made them and the frame
-count in its attributes; they are recomputed when ``k``, the method or the size change
-or when episodes were appended. The attributes are written last, so an interrupted
-computation is never mistaken for a finished one.
+``derived/motion.<camera>`` (float16; for a store by URL, which opens read-only, in a zarr
+group of its cache folder, see :mod:`~ditvla.datasets.url_stores`), with the settings
+that made them and the frame count in its attributes; they are recomputed when ``k``, the
+method or the size change or when episodes were appended. The attributes are written
+last, so an interrupted computation is never mistaken for a finished one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
-from ditvla.datasets.store_index import is_url
+from ditvla.datasets.url_stores import cache_folder, is_url
 from ditvla.errors import ConfigError
 
 FLOW_METHODS = ("dis", "farneback")
@@ -113,22 +114,40 @@ def compute_motion_targets(
     return out
 
 
+def _derived_group(path: str | Path, cache_dir: str | Path | None, mode: str) -> zarr.Group | None:
+    """The group cached targets of the store at ``path`` live in: its ``derived/``, or for
+    a store by URL (read-only) a local zarr group in its cache folder. None where there is
+    none yet (``mode="r"``) or it cannot be written (``mode="a"``: a read-only medium)."""
+    if is_url(path):
+        location = cache_folder(str(path), cache_dir) / "targets.zarr"
+        if mode == "r" and not location.exists():
+            return None
+        return zarr.open_group(str(location), mode="a")
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except (OSError, PermissionError):  # a read-only store: the targets go uncached
+        return None
+    if mode == "r":
+        return root.get(DERIVED_GROUP)
+    return root.require_group(DERIVED_GROUP)
+
+
 def load_or_compute_motion_targets(
-    path: str | Path, spec: MotionTargetSpec, progress: bool = True
+    path: str | Path,
+    spec: MotionTargetSpec,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, float]:
     """Cached targets (float16) of the store at ``path`` (computed and saved if missing or
-    stale), and their root-mean-square value (the scale the head normalizes by)."""
-    if is_url(path):
-        raise DatasetError(
-            f"{path}: motion targets are cached inside the store, and a store by URL opens "
-            "read-only; copy it to a local folder to train a motion-foresight head"
-        )
+    stale), and their root-mean-square value (the scale the head normalizes by). For a
+    store by URL they are kept under ``cache_dir`` (a training run's ``<out>/cache``;
+    default: this machine's ``$DITVLA_CACHE``)."""
     buffer = ReplayBuffer.open(path)
     name = f"motion.{spec.camera}"
     wanted = {**asdict(spec), "n_frames": buffer.n_frames}
-    root = zarr.open_group(str(path), mode="r")
-    if DERIVED_GROUP in root and name in root[DERIVED_GROUP]:
-        cached = root[DERIVED_GROUP][name]
+    group = _derived_group(path, cache_dir, "r")
+    if group is not None and name in group:
+        cached = group[name]
         attrs = dict(cached.attrs)
         if attrs.get("settings") == wanted and "rms" in attrs:
             return cached[:], float(attrs["rms"])
@@ -136,11 +155,9 @@ def load_or_compute_motion_targets(
     finite = np.isfinite(computed).any()
     rms = float(np.sqrt(np.nanmean(computed**2))) if finite else 1.0
     targets = computed.astype(np.float16)
-    try:
-        root = zarr.open_group(str(path), mode="a")
-    except (OSError, PermissionError):  # a read-only store: use the targets uncached
+    group = _derived_group(path, cache_dir, "a")
+    if group is None:
         return targets, rms
-    group = root.require_group(DERIVED_GROUP)
     if name in group:
         del group[name]
     array = group.create_array(

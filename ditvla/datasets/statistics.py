@@ -4,12 +4,13 @@ Statistics per data key: ``mean``, ``std``, ``min``, ``max``, ``q01``, ``q99`` o
 frame (per channel for cameras, in [0, 1] units, from an evenly spaced subsample of
 frames). They are computed once and stored in the store's attributes under ``stats``,
 tagged with the frame count they describe; appending an episode drops them, and the next
-reader recomputes them.
+reader recomputes them. A store by URL opens read-only: its statistics are kept in its
+cache folder instead (:func:`~ditvla.datasets.url_stores.cache_folder`: a training run's
+``<out>/cache``, else this machine's ``$DITVLA_CACHE``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -22,8 +23,8 @@ import numpy as np
 from ditvla.contract import STAT_NAMES, Stats
 from ditvla.datasets.errors import DatasetError
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.datasets.store_index import is_url
 from ditvla.datasets.store_layout import valid_mask_key
+from ditvla.datasets.url_stores import cache_folder, is_url
 
 MAX_IMAGE_FRAMES_FOR_STATS = 512
 
@@ -84,29 +85,28 @@ def _fits(cached: Any, buffer: ReplayBuffer) -> bool:
     )
 
 
-def stats_cache_file(location: str) -> Path:
-    """Where the statistics of a store by URL are kept on this machine: one file per URL
-    under ``$DITVLA_CACHE`` (default ``~/.cache/ditvla``), shared by every run."""
-    root = Path(os.environ.get("DITVLA_CACHE", Path.home() / ".cache" / "ditvla"))
-    return root / "stats" / f"{hashlib.sha256(location.encode()).hexdigest()[:24]}.json"
+def _stats_kept_in(cache: Path, buffer: ReplayBuffer) -> Stats:
+    """The statistics of ``buffer`` (a store by URL) kept in the file ``cache``, computed
+    and written there (atomically) when it is missing or describes other frames."""
+    if cache.exists() and _fits(cached := json.loads(cache.read_text()), buffer):
+        return cached["keys"]
+    stats = compute_stats(buffer)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps({"url": buffer.path, "n_frames": buffer.n_frames, "keys": stats}))
+    os.replace(partial, cache)
+    return stats
 
 
-def load_or_compute_stats(buffer: ReplayBuffer) -> Stats:
-    """The store's statistics, computed and saved with the store the first time (for a
-    store by URL, which opens read-only, in a file on this machine instead)."""
+def load_or_compute_stats(buffer: ReplayBuffer, cache_dir: str | Path | None = None) -> Stats:
+    """The store's statistics, computed and saved with the store the first time; for a
+    store by URL, which opens read-only, in its cache folder under ``cache_dir`` (a
+    training run's ``<out>/cache``; default: this machine's ``$DITVLA_CACHE``)."""
     cached = buffer.attrs.get("stats")
     if _fits(cached, buffer):
         return cached["keys"]
     if is_url(buffer.path):
-        cache = stats_cache_file(buffer.path)
-        if cache.exists() and _fits(cached := json.loads(cache.read_text()), buffer):
-            return cached["keys"]
-        stats = compute_stats(buffer)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"n_frames": buffer.n_frames, "keys": stats}))
-        os.replace(partial, cache)
-        return stats
+        return _stats_kept_in(cache_folder(buffer.path, cache_dir) / "stats.json", buffer)
     stats = compute_stats(buffer)
     if buffer.writable:
         buffer.set_attrs(stats={"n_frames": buffer.n_frames, "keys": stats})

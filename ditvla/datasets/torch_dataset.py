@@ -77,6 +77,8 @@ class ReplayBufferDataset(Dataset):
         augmentation: image augmentation applied to each sample, or None.
         future_frame: ``(camera, k)`` to add that camera's frame t+k to each sample.
         camera_dropout: camera -> probability that a sample's frames of it are zeros.
+        cache_dir: where the statistics of a store by URL are kept (a training run's
+            ``<out>/cache``; default: this machine's ``$DITVLA_CACHE``).
     """
 
     def __init__(
@@ -92,9 +94,11 @@ class ReplayBufferDataset(Dataset):
         augmentation: ImageAugmentation | None = None,
         future_frame: tuple[str, int] | None = None,
         camera_dropout: dict[str, float] | None = None,
+        cache_dir: str | Path | None = None,
     ):
         buffer = ReplayBuffer.open(path)
         self.path = buffer.path  # a folder, or a URL as given
+        self.cache_dir = cache_dir
         self.cameras = list(buffer.cameras if cameras is None else cameras)
         self.state_keys = list(buffer.state_keys if state_keys is None else state_keys)
         self.action_key = action_key
@@ -169,7 +173,7 @@ class ReplayBufferDataset(Dataset):
     def stats(self) -> Stats:
         """Normalization statistics of ``action``, ``state`` and each camera."""
         buffer, _ = self._process_local()
-        stored = load_or_compute_stats(buffer)
+        stored = load_or_compute_stats(buffer, self.cache_dir)
         stats = {"action": stored[self.action_key]}
         if self.state_keys:
             stats["state"] = concat_stats([stored[k] for k in self.state_keys])

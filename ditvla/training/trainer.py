@@ -69,9 +69,12 @@ class TrainConfig:
     """How ``ditvla train`` fits a policy to a zarr replay buffer.
 
     Args:
-        dataset: the zarr replay buffer to train on.
+        dataset: the zarr replay buffer to train on: a folder, or a URL (s3://bucket/x.zarr,
+            read-only; endpoint and credentials from fsspec's config, e.g.
+            FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3_KEY, FSSPEC_S3_SECRET).
         out: output folder: policy/ (the final, EMA weights), checkpoints/, metrics.jsonl,
-            tensorboard/.
+            tensorboard/, cache/ (what is derived from a store by URL: its statistics,
+            optical-flow targets).
         preset: the policy preset the model starts from, sized to the data (tiny: a tiny
             Idefics3 VLM and a tiny head, the CPU default; see PolicyConfig.preset).
         policy_overrides: PolicyConfig fields to set over the preset, nested like the

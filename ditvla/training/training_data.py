@@ -2,17 +2,19 @@
 sized to it, and the extra targets its heads learn from.
 
 - The store's statistics (normalization) are computed once, by the main process, and
-  cached in the store; the other processes read them.
+  cached in the store (a store by URL, read-only, in the run's ``<out>/cache/``); the
+  other processes read them.
 - The auxiliary head's targets are privileged arrays (e.g. the goal's position),
   standardized with the store's statistics; the policy never reads them.
-- The motion-foresight head's optical-flow targets are computed once and cached in the
-  store; the latent foresight head needs only the future frame of its camera.
+- The motion-foresight head's optical-flow targets are computed once and cached like the
+  statistics; the latent foresight head needs only the future frame of its camera.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +39,10 @@ def training_dataset(
     sized to the store), the store's description and the dataset of training samples
     with the heads' targets attached. ``config`` is a :class:`TrainConfig`."""
     state_keys = ReplayBuffer.open(config.dataset).resolve_state(config.state)
+    cache_dir = Path(config.out) / "cache"  # what is derived from a store by URL
     data = processes.main_first(
         lambda: ReplayBufferDataset(
-            config.dataset, cameras=config.cameras, state_keys=state_keys
+            config.dataset, cameras=config.cameras, state_keys=state_keys, cache_dir=cache_dir
         ).data_spec()
     )
     if config.image_size is not None and config.image_size != data.image_size:
@@ -60,6 +63,7 @@ def training_dataset(
         state_keys=policy_config.state_keys,
         augmentation=ImageAugmentation() if config.augment else None,
         camera_dropout=camera_dropout(config.camera_dropout, policy_config.cameras),
+        cache_dir=cache_dir,
     )
     if config.auxiliary:
         _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
@@ -101,7 +105,7 @@ def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: s
     attached to the dataset; their names and width recorded in the config."""
     buffer = ReplayBuffer.open(dataset.path)
     keys = buffer.resolve_auxiliary(selection)
-    stats = load_or_compute_stats(buffer)
+    stats = load_or_compute_stats(buffer, dataset.cache_dir)
     parts = []
     for key in keys:
         values = buffer.read_all(key).astype(np.float32).reshape(buffer.n_frames, -1)
@@ -117,12 +121,14 @@ def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: s
 
 
 def _attach_motion_targets(dataset, policy_config: PolicyConfig, processes: Processes) -> None:
-    """Optical-flow targets of the foresight head: computed once (and cached in the store)
-    by the main process, attached to the dataset, their scale recorded in the config."""
+    """Optical-flow targets of the foresight head: computed once (and cached) by the main
+    process, attached to the dataset, their scale recorded in the config."""
     foresight = policy_config.foresight
     spec = MotionTargetSpec(foresight.camera, foresight.k, foresight.method, foresight.size)
     targets, scale = processes.main_first(
-        lambda: load_or_compute_motion_targets(dataset.path, spec, progress=processes.main)
+        lambda: load_or_compute_motion_targets(
+            dataset.path, spec, progress=processes.main, cache_dir=dataset.cache_dir
+        )
     )
     dataset.frame_targets["motion"] = targets
     foresight.scale = scale
