@@ -62,7 +62,7 @@ def test_plain_install_brings_no_simulator_or_dataset_library():
 
 
 def test_the_extras_bring_them_and_all_brings_everything():
-    assert {"zarr", "h5py"} <= dependency_closure({"data"})
+    assert {"zarr", "h5py", "s3fs"} <= dependency_closure({"data"})
     assert {"mujoco", "metaworld", "robosuite", "av"} <= dependency_closure({"sim"})
     assert "lerobot" in dependency_closure({"lerobot"})
     everything = dependency_closure({"all"})
