@@ -22,56 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-CAMERAS = ("agentview", "wrist")
-
-
-def smooth_frames(length: int, seed: int, size: int) -> np.ndarray:
-    """Moving gradients with a drifting blob: camera-like content video codecs expect."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    t = np.arange(length, dtype=np.float32)[:, None, None]
-    phase = rng.uniform(0, 6.28, 3)
-    cx = size / 2 + size / 4 * np.sin(t / 15 + phase[0])
-    blob = 90 * np.exp(-((xx - cx) ** 2 + (yy - size / 2) ** 2) / (2 * (size / 10) ** 2))
-    channels = [
-        100 + 50 * np.sin((xx + 2 * t) / 11 + phase[c]) + 30 * np.cos(yy / 9 + c) + blob
-        for c in range(3)
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
-
-
-def write_episodes(path: Path, episodes: int, length: int, size: int) -> None:
-    from ditvla.datasets.replay_buffer import ReplayBuffer
-
-    buffer = ReplayBuffer.create(path, fps=10, cameras=CAMERAS, overwrite=True)
-    rng = np.random.default_rng(0)
-    for e in range(episodes):
-        buffer.append_episode(
-            {
-                "agentview": smooth_frames(length, 2 * e, size),
-                "wrist": smooth_frames(length, 2 * e + 1, size),
-                "state": rng.normal(size=(length, 9)),
-                "action": rng.normal(size=(length, 7)),
-            },
-            task=f"task {e % 5}",
-            instruction=f"do task {e % 5}",
-        )
-
-
-def samples_per_second(loader: DataLoader, batches: int, warmup: int = 3) -> float:
-    iterator = iter(loader)
-    for _ in range(warmup):
-        next(iterator)
-    count = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        batch = next(iterator)
-        count += len(batch["action"])
-    return count / (time.perf_counter() - start)
+from bench.loader_data import CAMERAS, loader, samples_per_second, write_episodes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,21 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
 
-    def loader(dataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            shuffle=True,
-            num_workers=args.workers,
-            persistent_workers=args.workers > 0,
-            generator=torch.Generator().manual_seed(0),
-        )
-
-    ours_rate = samples_per_second(loader(ours), args.batches)
+    ours_rate = samples_per_second(loader(ours, args.batch_size, args.workers), args.batches)
     print(
         f"ditvla zarr loader : {ours_rate:8.1f} samples/s ({ours_rate / args.batch_size:.2f} batches/s)"
     )
-    theirs_rate = samples_per_second(loader(theirs), args.batches)
+    theirs_rate = samples_per_second(loader(theirs, args.batch_size, args.workers), args.batches)
     print(
         f"lerobot dataset    : {theirs_rate:8.1f} samples/s ({theirs_rate / args.batch_size:.2f} batches/s)"
     )

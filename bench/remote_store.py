@@ -1,0 +1,76 @@
+"""Training samples per second from a store in a local folder against the same store on an
+S3-compatible server (moto's, started on this machine), in one run.
+
+The loader serves what bench.dataloader's does: two 128x128 cameras and the state at 2
+observation steps and a 16-step action chunk, in shuffled batches of 64, through a torch
+DataLoader with the same workers for each source. Three sources, one store: the folder
+(frames read from their chunk files directly), the folder as a ``file://`` URL (every
+read through zarr and fsspec, as a store by URL is read) and ``s3://`` (the same, over
+HTTP to the local server, which shares the machine's cores with the loader).
+
+    python -m bench.remote_store [--workers 2] [--batches 20]
+
+Last line: ``remote loader vs local: <X>x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.loader_data import loader, samples_per_second, write_episodes
+from bench.object_store import s3_server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.remote_store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--length", type=int, default=120, help="frames per episode")
+    parser.add_argument("--size", type=int, default=128, help="camera side in pixels")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for each")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per source")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workdir", help="where to write the store (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    import fsspec.config
+
+    from ditvla.datasets.torch_dataset import ReplayBufferDataset
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ditvla_bench_"))
+    store = workdir / "bench.zarr"
+    write_episodes(store, args.episodes, args.length, args.size)
+    with s3_server() as server:
+        start = time.perf_counter()
+        url = server.upload(store, "bench/bench.zarr")
+        print(
+            f"{args.episodes} episodes x {args.length} frames, 2 cameras {args.size}x{args.size}: "
+            f"uploaded to {server.endpoint} in {time.perf_counter() - start:.1f} s"
+        )
+        fsspec.config.conf["s3"] = server.storage_options()  # the workers inherit it
+        rates = {}
+        for name, source in (("folder", store), ("file://", store.as_uri()), ("s3://", url)):
+            dataset = ReplayBufferDataset(source, n_obs_steps=2, horizon=16, cache_dir=workdir)
+            batches = loader(dataset, args.batch_size, args.workers)
+            rates[name] = samples_per_second(batches, args.batches)
+            print(
+                f"{name:8s}: {rates[name]:8.1f} samples/s "
+                f"({rates[name] / args.batch_size:.2f} batches/s)"
+            )
+    print(
+        f"workers {args.workers}, batch {args.batch_size}, {args.batches} timed batches each, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(f"remote loader vs local: {rates['s3://'] / rates['folder']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
