@@ -353,24 +353,29 @@ def test_paligemma_preset_builds_and_acts(store):
     assert policy.predict_action_chunk(observation(dataset)).shape == (8, 2)
 
 
-def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
+def saved_tiny_vlm(folder, config, mean_std: tuple[list, list] | None = None):
+    """A tiny VLM of ``config`` and the byte-level tokenizer saved in ``folder`` (with an
+    image processor's mean and std if given), as a real checkpoint's folder; the model."""
     from transformers import AutoModelForImageTextToText
 
-    from ditvla.policies.backbone import (
-        BackboneConfig,
-        VLMBackbone,
-        byte_level_tokenizer,
-        tiny_vlm_config,
-    )
+    from ditvla.policies.backbone import byte_level_tokenizer, tiny_vlm_config
+
+    tokenizer = byte_level_tokenizer()
+    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(config, len(tokenizer))).eval()
+    vlm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if mean_std is not None:
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": mean_std[0], "image_std": mean_std[1]})
+        )
+    return vlm
+
+
+def test_local_pretrained_vlm_loads_offline(store, tmp_path, monkeypatch):
+    from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tokenizer = byte_level_tokenizer()
-    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(BackboneConfig(), len(tokenizer)))
-    vlm.save_pretrained(tmp_path / "vlm")
-    tokenizer.save_pretrained(tmp_path / "vlm")
-    (tmp_path / "vlm" / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2]})
-    )
+    vlm = saved_tiny_vlm(tmp_path / "vlm", BackboneConfig(), ([0.4] * 3, [0.2] * 3))
     backbone = VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "vlm"), num_layers=1))
     assert len(backbone.language.layers) == 1
     torch.testing.assert_close(
@@ -392,25 +397,12 @@ def test_a_pretrained_paligemma_sees_its_images_at_its_own_scale(tmp_path, monke
     """The image tokens enter the language model as PaliGemma's own get_image_features
     gives them, beside words its own embedding scales (transformers 5's division of labour;
     an earlier 1/sqrt(width) left a real checkpoint's images 45 times too faint)."""
-    from transformers import AutoModelForImageTextToText
-
-    from ditvla.policies.backbone import (
-        BackboneConfig,
-        VLMBackbone,
-        byte_level_tokenizer,
-        tiny_vlm_config,
-    )
+    from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     config = BackboneConfig(family="paligemma", image_size=32)
-    tokenizer = byte_level_tokenizer()
-    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(config, len(tokenizer))).eval()
-    vlm.save_pretrained(tmp_path / "paligemma")
-    tokenizer.save_pretrained(tmp_path / "paligemma")
-    (tmp_path / "paligemma" / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
-    )
+    vlm = saved_tiny_vlm(tmp_path / "paligemma", config, ([0.5] * 3, [0.5] * 3))
     backbone = VLMBackbone(BackboneConfig(pretrained_path=str(tmp_path / "paligemma"))).eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -441,23 +433,15 @@ def test_qwen_preset_trains_acts_and_reads_latent_foresight(store):
 def test_qwen_inputs_match_the_models_own_forward(tmp_path, monkeypatch):
     """Saved Qwen2.5-VL + tokenizer + image processor load offline, and the backbone's
     context equals the model's forward from token ids and the processor's pixels."""
-    from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor
 
-    from ditvla.policies.backbone import (
-        BackboneConfig,
-        VLMBackbone,
-        byte_level_tokenizer,
-        tiny_vlm_config,
-    )
+    from ditvla.policies.backbone import BackboneConfig, VLMBackbone
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     config = BackboneConfig(family="qwen2_5_vl", image_size=32)
-    tokenizer = byte_level_tokenizer()
-    vlm = AutoModelForImageTextToText.from_config(tiny_vlm_config(config, len(tokenizer))).eval()
     folder = tmp_path / "qwen"
-    vlm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    vlm = saved_tiny_vlm(folder, config)
     mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
     processor = Qwen2VLImageProcessor(
         patch_size=8,
