@@ -83,6 +83,83 @@ def geoms_box(sim: Any, geoms: np.ndarray, extents: np.ndarray) -> tuple[np.ndar
     return (centres - half).min(axis=0), (centres + half).max(axis=0)
 
 
+def clearance(sim: Any, points: np.ndarray, geoms: np.ndarray, extents: np.ndarray) -> float:
+    """The least distance from ``points`` (N, 3) to the boxes of ``geoms`` as they are now
+    (each in its own frame, half extents ``extents``); negative when a point is inside."""
+    rotations = sim.data.geom_xmat[geoms].reshape(-1, 3, 3)
+    offsets = points[:, None, :] - sim.data.geom_xpos[geoms][None]
+    outside = np.abs(np.einsum("gji,pgj->pgi", rotations, offsets)) - extents[None]
+    distance = np.linalg.norm(np.maximum(outside, 0.0), axis=-1)
+    return float((distance + np.minimum(outside.max(axis=-1), 0.0)).min())
+
+
+class RimGrasp:
+    """Where around a wide object's rim to grasp it, so that the open fingers and the hand
+    clear everything else (a drawer's walls, a drawer above): the rim points every 30
+    degrees, the fingers closing across the rim there (the hand turned about the vertical
+    by at most a quarter turn); the first one, on the far side along the fingers' axis as
+    the hand starts, unless it is blocked, else the one with the most room."""
+
+    DIRECTIONS = 12
+    INSET = 0.012  # the fingers close this far inside the box's edge (on the rim's wall)
+    FINGER = (0.045, 0.008)  # an open finger's distance from the hand's axis; its room
+    HAND = (0.10, 0.032)  # the hand's half length (along the fingers' axis), half width
+    HAND_HEIGHTS = (0.06, 0.11)  # above the grasp point
+    MAX_TURN = np.pi / 3  # the wrist's last joint runs out of range a quarter turn on
+
+    def __init__(self, sim: Any, obstacles: tuple[np.ndarray, np.ndarray] | None):
+        self.sim, self.obstacles = sim, obstacles
+
+    def room(self, point: np.ndarray, direction: np.ndarray) -> float:
+        """How far the fingers and the hand, grasping at ``point`` across ``direction``,
+        keep from the obstacles beyond the room each needs (negative: they hit)."""
+        reach, finger_room = self.FINGER
+        up = np.array([0.0, 0.0, 1.0])
+        fingers = [
+            point + side * reach * direction + up * dz for side in (-1, 1) for dz in (0, 0.03)
+        ]
+        half_length, half_width = self.HAND
+        hand = [
+            point + along * direction + up * dz
+            for along in np.linspace(-half_length, half_length, 9)
+            for dz in self.HAND_HEIGHTS
+        ]
+        return min(
+            clearance(self.sim, np.array(fingers), *self.obstacles) - finger_room,
+            clearance(self.sim, np.array(hand), *self.obstacles) - half_width,
+        )
+
+    @classmethod
+    def point(cls, low: np.ndarray, high: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        """The grasp point on the rim of the object in box (``low``, ``high``), from its
+        middle along ``direction``: on the rim's wall, 2 cm below its top."""
+        half = (high - low) / 2
+        radius = 1.0 / np.hypot(direction[0] / half[0], direction[1] / half[1])  # an ellipse's
+        point = (low + high) / 2 + direction * (radius - cls.INSET)
+        point[2] = high[2] - 0.02
+        return point
+
+    def choose(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, float]:
+        """The direction (3,) from the object's middle to the rim point to grasp, and the
+        turn about the vertical (radians) that brings the fingers' axis onto it."""
+        best, best_room = None, -np.inf
+        for k in range(self.DIRECTIONS):
+            angle = np.pi / 2 + 2 * np.pi * k / self.DIRECTIONS
+            if abs(angle % np.pi - np.pi / 2) > self.MAX_TURN:
+                continue
+            direction = np.array([np.cos(angle), np.sin(angle), 0.0])
+            if self.obstacles is None:
+                return direction, 0.0
+            room = self.room(self.point(low, high, direction), direction)
+            if room >= 0 and k == 0:
+                return direction, 0.0
+            if room > best_room:
+                best, best_room = (direction, angle), room
+        direction, angle = best
+        turn = angle % np.pi - np.pi / 2  # from the +y axis, within a quarter turn either way
+        return direction, float(turn)
+
+
 class PickAndPlace:
     """Grasp one object and put it down on or into a target.
 
@@ -91,7 +168,7 @@ class PickAndPlace:
     ``release_above`` over the target's top, open, back off up. An object that leaves the
     hand on the way is grasped again. Grasp point: the middle of the object's box; for a
     tall object ``neck`` below its top; for one too wide to straddle (a bowl, a plate),
-    on its rim, where the fingers close (along world y).
+    on its rim, at a point :class:`RimGrasp` chooses (the hand turned to it if need be).
     """
 
     HOVER = 0.08
@@ -99,15 +176,27 @@ class PickAndPlace:
     OPEN_STEPS = 8
     LIFT = 0.10  # at least this far up from where it was grasped, before carrying
     WIDE = 0.07  # wider than this (in x and y) is grasped by the rim
-    FINGER_AXIS = np.array([0.0, 1.0, 0.0])
     DROPPED = 0.04  # the object this far from where the hand holds it: it fell out
 
     def __init__(
-        self, sim: Any, body_id: int, target: Target, release_above: float = 0.05, neck=0.035
+        self,
+        sim: Any,
+        body_id: int,
+        target: Target,
+        release_above: float = 0.05,
+        neck=0.035,
+        rim: RimGrasp | None = None,
+        hand_orientation: Callable[[], np.ndarray] | None = None,
     ):
+        """``rim`` chooses where around a wide object's rim to grasp it (else on the far
+        side along the fingers' axis); ``hand_orientation``: () -> the hand's orientation
+        (x, y, z, w), needed when ``rim`` may turn the hand."""
         self.sim, self.target = sim, target
         self.geoms = body_geoms(sim.model, body_id)
         self.release_above, self.neck = release_above, neck
+        self.rim, self.hand_orientation = rim or RimGrasp(sim, None), hand_orientation
+        self.rim_direction: np.ndarray | None = None  # chosen for this attempt
+        self.turned_to: np.ndarray | None = None  # the hand's orientation to hold (3x3)
         self.phase, self.counter, self.last_z = "hover", 0, None
         self.hold: np.ndarray | None = None  # hand minus grasp point, as grasped
         self.lift_z = -np.inf
@@ -117,21 +206,48 @@ class PickAndPlace:
     def try_again(self) -> None:
         """Start over from the object where it now is (its goal did not hold)."""
         self.phase, self.counter, self.last_z, self.hold = "hover", 0, None, None
-        self.lift_z = -np.inf
+        self.lift_z, self.rim_direction = -np.inf, None
 
     def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where to grasp the object now, and its box (low, high)."""
         low, high = geoms_box(self.sim, *self.geoms)
         centre = (low + high) / 2
-        point = np.array([centre[0], centre[1], max(centre[2], high[2] - self.neck)])
-        half = (high - low) / 2
-        if 2 * min(half[0], half[1]) > self.WIDE:
-            point += self.FINGER_AXIS * (abs(half @ self.FINGER_AXIS) - 0.012)
-            point[2] = high[2] - 0.02
-        return point, low, high
+        if min(high[0] - low[0], high[1] - low[1]) <= self.WIDE:
+            return np.array([centre[0], centre[1], max(centre[2], high[2] - self.neck)]), low, high
+        if self.rim_direction is None:
+            self.rim_direction, turn = self.rim.choose(low, high)
+            self.turned_to = None
+            if turn != 0.0:
+                start = _transforms().quat2mat(self.hand_orientation())
+                self.turned_to = _rotation(np.array([0.0, 0.0, 1.0]), turn) @ start
+        return RimGrasp.point(low, high, self.rim_direction), low, high
+
+    def clear_at(self, low: np.ndarray, high: np.ndarray, bottom: float) -> bool:
+        """Whether the object, held as it is, would clear everything else (by 1 cm) with
+        its bottom at ``bottom`` (a drawer it came out of is behind it)."""
+        if self.rim.obstacles is None:
+            return True
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1])
+                            for z in (bottom, bottom + high[2] - low[2])])  # fmt: skip
+        return clearance(self.sim, corners, *self.rim.obstacles) > 0.01
+
+    def turned(self) -> bool:
+        """Whether the hand is turned as the chosen grasp needs (or need not turn)."""
+        if self.turned_to is None:
+            return True
+        return np.linalg.norm(_rotation_error(self.turned_to, self.hand_orientation())) < 0.08
 
     def action(self, hand: np.ndarray) -> np.ndarray:
-        """The action for the hand (end-effector) position ``hand``."""
+        """The action for the hand (end-effector) position ``hand``; the hand held turned
+        as the chosen grasp needs, if it does."""
+        action = self.translation(hand)
+        if self.turned_to is not None:
+            error = _rotation_error(self.turned_to, self.hand_orientation())
+            action[3:6] = np.clip(error * PullDrawer.ROTATION_GAIN, -1.0, 1.0)
+        return action
+
+    def translation(self, hand: np.ndarray) -> np.ndarray:
+        """The action for the hand position ``hand``, its turn left at zero."""
         grasp, low, high = self.grasp_point()
         centre = (low + high) / 2
         self.moved = (
@@ -140,14 +256,15 @@ class PickAndPlace:
         self.last_centre = centre
         held = self.phase in ("lift", "carry", "lower") and self.hold is not None
         if held and np.linalg.norm(hand - self.hold - grasp) > self.DROPPED:
-            self.phase, self.hold = "rise", None
+            self.phase, self.hold, self.rim_direction = "rise", None, None
         if self.phase == "rise":  # up and open, then grasp again
             if hand[2] > high[2] + self.HOVER - 0.02:
                 self.phase = "hover"
             return move_towards(hand, np.array([hand[0], hand[1], high[2] + self.HOVER]), OPEN)
         if self.phase == "hover":
             goal = np.array([grasp[0], grasp[1], high[2] + self.HOVER])
-            if np.linalg.norm((goal - hand)[:2]) < 0.008 and abs(goal[2] - hand[2]) < 0.03:
+            near = np.linalg.norm((goal - hand)[:2]) < 0.008 and abs(goal[2] - hand[2]) < 0.03
+            if near and self.turned():
                 self.phase, self.counter, self.last_z = "descend", 0, None
             return move_towards(hand, goal, OPEN)
         if self.phase == "descend":
@@ -164,8 +281,10 @@ class PickAndPlace:
             return move_towards(hand, hand, CLOSED)
         centre, top = self.target()
         height = grasp[2] - low[2]  # from the object's bottom up to where it is held
-        carry_z = max(top + self.release_above + height + 0.05, self.lift_z)
-        offset = hand - grasp
+        carry_z = top + self.release_above + height + 0.05
+        if self.phase == "lift" or not self.clear_at(low, high, carry_z - height):
+            carry_z = max(carry_z, self.lift_z)
+        offset = hand - (low + high) / 2  # the object's middle (not the rim) over the target's
         over_target = np.array([centre[0] + offset[0], centre[1] + offset[1], carry_z])
         if self.phase == "lift":
             if hand[2] > carry_z - 0.02:
@@ -352,7 +471,14 @@ class LiberoExpert:
         holds = self._holds(predicate)
         if name in ("in", "on") and len(predicate) == 3 and predicate[1] in domain.objects_dict:
             _, moved, where = predicate
-            place = PickAndPlace(domain.sim, domain.obj_body_id[moved], self._target(where))
+            rim = RimGrasp(domain.sim, self._obstacles(moved))
+            place = PickAndPlace(
+                domain.sim,
+                domain.obj_body_id[moved],
+                self._target(where),
+                rim=rim,
+                hand_orientation=self.hand_orientation,
+            )
             drawer = self._drawer(where)
             if drawer is None:
                 return [(place, holds)]
@@ -371,6 +497,13 @@ class LiberoExpert:
             "or a drawer, opening the wooden cabinet's drawers and turning the flat stove "
             "on (not closing, turning off, or the microwave)"
         )
+
+    def _obstacles(self, moved: str) -> tuple[np.ndarray, np.ndarray]:
+        """The collision geoms of every object and fixture but ``moved``, and their half
+        extents."""
+        model, bodies = self.domain.sim.model, self.domain.obj_body_id
+        parts = [body_geoms(model, body) for name, body in bodies.items() if name != moved]
+        return np.concatenate([g for g, _ in parts]), np.concatenate([e for _, e in parts])
 
     def _drawer(self, where: str) -> PullDrawer | None:
         """The part that opens ``where`` when it is a drawer of the wooden cabinet."""
