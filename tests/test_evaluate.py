@@ -105,10 +105,15 @@ def test_a_diffusion_policys_rollouts_do_not_depend_on_batching():
         runs.append(policy.chunks)
     alone, batched = runs
     assert sorted(alone) == sorted(batched) == [100000, 100001]
-    for seed in alone:  # each episode's chunks: the same with 1 or 2 episodes per call
+    # each episode's chunks: the same with 1 or 2 episodes per call, up to rounding. The
+    # presets' convolutional eyes round differently at batch 1 and 2 (about 1e-5 of their
+    # features), which ten denoising steps through this random head take to about 2e-3 on
+    # actions of magnitude 3.6 with two threads; another episode's noise or frames would
+    # move them by about 5.
+    for seed in alone:
         assert len(alone[seed]) == len(batched[seed]) == 3
         for a, b in zip(alone[seed], batched[seed], strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3)
     assert not torch.allclose(alone[100000][0], alone[100001][0])  # each its own noise
 
 

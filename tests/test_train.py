@@ -170,17 +170,6 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_training_reads_a_store_by_url_as_its_folder(store, tmp_path, monkeypatch):
-    """A store by URL (file:// here, read through fsspec as s3:// would be), read by a
-    loader process: the same batches, the same losses."""
-    monkeypatch.setenv("DITVLA_CACHE", str(tmp_path / "cache"))
-    common = dict(steps=5, batch_size=8, policy_overrides=dict(SMALL_HEAD), progress=False)
-    train(TrainConfig(dataset=str(store), out=str(tmp_path / "folder"), num_workers=0, **common))
-    url = store.as_uri()
-    train(TrainConfig(dataset=url, out=str(tmp_path / "url"), num_workers=1, **common))
-    np.testing.assert_allclose(losses(tmp_path / "url"), losses(tmp_path / "folder"), rtol=1e-5)
-
-
 def test_resume_without_checkpoint_says_so(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), resume=True, progress=False))
