@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from bench.loader_data import CAMERAS, loader, samples_per_second, write_episodes
+from bench.loader_data import (
+    CAMERAS,
+    add_loader_arguments,
+    loader,
+    samples_per_second,
+    write_episodes,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,13 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--length", type=int, default=120, help="frames per episode")
-    parser.add_argument("--size", type=int, default=128, help="camera side in pixels")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both")
-    parser.add_argument("--batches", type=int, default=30, help="timed batches per loader")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workdir", help="where to write the datasets (default: a temp dir)")
+    add_loader_arguments(parser, batches=30)
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ditvla_bench_"))

@@ -3,6 +3,7 @@ time, and how they time it."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 CAMERAS = ("agentview", "wrist")
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser, batches: int) -> None:
+    """The store and loader options every loader bench takes (``batches``: the default
+    number of timed batches per loader)."""
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--length", type=int, default=120, help="frames per episode")
+    parser.add_argument("--size", type=int, default=128, help="camera side in pixels")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for each")
+    parser.add_argument("--batches", type=int, default=batches, help="timed batches per loader")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workdir", help="where to write the stores (default: a temp dir)")
 
 
 def smooth_frames(length: int, seed: int, size: int) -> np.ndarray:

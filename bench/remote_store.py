@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.loader_data import loader, samples_per_second, write_episodes
+from bench.loader_data import add_loader_arguments, loader, samples_per_second, write_episodes
 from bench.object_store import s3_server
 
 
@@ -32,13 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--length", type=int, default=120, help="frames per episode")
-    parser.add_argument("--size", type=int, default=128, help="camera side in pixels")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for each")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per source")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workdir", help="where to write the store (default: a temp dir)")
+    add_loader_arguments(parser, batches=20)
     args = parser.parse_args(argv)
 
     import fsspec.config
