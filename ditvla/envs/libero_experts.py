@@ -97,7 +97,7 @@ class RimGrasp:
     """Where around a wide object's rim to grasp it, so that the open fingers and the hand
     clear everything else (a drawer's walls, a drawer above): the rim points every 30
     degrees, the fingers closing across the rim there (the hand turned about the vertical
-    by at most a quarter turn); the first one, on the far side along the fingers' axis as
+    by at most ``MAX_TURN``, 60 degrees); the first one, on the far side along the fingers' axis as
     the hand starts, unless it is blocked, else the one with the most room."""
 
     DIRECTIONS = 12
