@@ -10,7 +10,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-nightly lint bench venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check ditvla tests bench plugins
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# the default suite plus the tests marked nightly (lerobot-eval's whole 500-step episode)
+test-nightly: $(STAMP)
+	$(VENV)/bin/python -m pytest --nightly $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ditvla tests bench plugins

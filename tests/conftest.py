@@ -14,6 +14,25 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--nightly",
+        action="store_true",
+        help="also run the tests marked nightly (minutes each; `make test-nightly`)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked nightly run only with --nightly: each takes minutes on the 2-core CPU,
+    and a cheaper test in the default suite covers the same code."""
+    if config.getoption("--nightly"):
+        return
+    skip = pytest.mark.skip(reason="nightly: run with --nightly (make test-nightly)")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path_factory, monkeypatch):
     """lerobot writes to ~/.cache/huggingface unless HF_HOME is set: keep it in tmp."""

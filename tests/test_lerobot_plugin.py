@@ -187,17 +187,64 @@ def test_ditvla_policy_acts_the_same_in_lerobot(stores, tmp_path):
     torch.testing.assert_close(torch.stack(first)[:, 0], theirs[0, :2].to(first[0]))
 
 
+def _eval_folder(store: Path, out: Path) -> Path:
+    """A ditvla train folder that reads what LeRobot's Meta-World env gives: one camera and
+    the instruction."""
+    return _ditvla_train(
+        store, out, state="none", steps=2, policy_overrides={"horizon": 8, "n_action_steps": 8}
+    )
+
+
+def test_ditvla_policy_acts_in_lerobots_rollout_on_its_metaworld_env(stores, tmp_path):
+    """lerobot-eval's own pieces, in process: LeRobot's Meta-World env, make_policy and the
+    processors built as eval_main builds them (its rename map for the env's camera), and
+    its rollout loop, for 16 steps of the episode (lerobot-eval itself always runs
+    Meta-World's 500 at 480 px, minutes here: the nightly test below)."""
+    from lerobot.envs.configs import MetaworldEnv
+    from lerobot.envs.factory import make_env, make_env_pre_post_processors
+    from lerobot.scripts.lerobot_eval import rollout
+
+    store, _ = stores
+    folder = _eval_folder(store, tmp_path / "run")
+    env_config = MetaworldEnv(task="reach-v3")
+    env = make_env(env_config, n_envs=1, use_async_envs=False)["reach-v3"][0]
+    env.envs[0]._max_episode_steps = 16  # LeRobot's rollout runs until env's own limit
+    rename_map = {"observation.image": "observation.images.corner2"}
+    config = PreTrainedConfig.from_pretrained(folder)
+    config.device = "cpu"
+    config.pretrained_path = folder
+    policy = make_policy(cfg=config, env_cfg=env_config, rename_map=rename_map)
+    policy.eval()
+    preprocessor, postprocessor = make_pre_post_processors(
+        policy_cfg=config,
+        pretrained_path=str(folder),
+        preprocessor_overrides={
+            "device_processor": {"device": "cpu"},
+            "rename_observations_processor": {"rename_map": rename_map},
+        },
+    )
+    env_pre, env_post = make_env_pre_post_processors(env_cfg=env_config, policy_cfg=config)
+    try:
+        with torch.no_grad():
+            data = rollout(env, policy, env_pre, env_post, preprocessor, postprocessor, seeds=[0])
+    finally:
+        env.close()
+    actions = data["action"]
+    assert actions.shape == (1, 16, 4)
+    assert torch.isfinite(actions).all()
+    assert data["reward"].shape == data["success"].shape == (1, 16)
+    # a chunk of 8 served action by action, then a new chunk from the new observation
+    assert len({tuple(a) for a in actions[0, :8].tolist()}) == 8
+    assert not torch.equal(actions[0, :8], actions[0, 8:])
+
+
+@pytest.mark.nightly
 def test_ditvla_policy_runs_in_lerobot_eval(stores, tmp_path):
     """lerobot-eval on LeRobot's own Meta-World environment with a ditvla train folder
-    (cameras and instruction; LeRobot's env names its camera observation.image)."""
+    (cameras and instruction; LeRobot's env names its camera observation.image): one whole
+    500-step episode at 480 px, about two minutes on the 2-core CPU."""
     store, _ = stores
-    folder = _ditvla_train(
-        store,
-        tmp_path / "run",
-        state="none",
-        steps=2,
-        policy_overrides={"horizon": 8, "n_action_steps": 8},
-    )
+    folder = _eval_folder(store, tmp_path / "run")
     out = tmp_path / "lerobot_eval"
     _run(
         [
