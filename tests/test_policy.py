@@ -284,6 +284,24 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
     torch.testing.assert_close(before, after, rtol=0, atol=0)
 
 
+def test_the_eyes_load_timm_without_wandb_and_leave_wandb_importable():
+    """Building the eyes spares timm's import of wandb (about a second per process), and a
+    process that wants wandb afterwards (lerobot-train's logging) still gets it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ditvla.policies.pretrained_vision import PretrainedConvEncoder\n"
+        "PretrainedConvEncoder('efficientnet-lite0')\n"
+        "assert 'timm' in sys.modules and 'wandb' not in sys.modules\n"
+        "import wandb\n"
+        "assert wandb.__name__ == 'wandb' and hasattr(wandb, 'init')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_an_action_the_demonstrations_never_moved_comes_out_at_its_value(tmp_path):
     """A gripper left at 0.3 throughout: the model's error on it must not reach the robot
     (no normalizer can scale a zero spread, and a controller refuses chunks beyond the

@@ -89,6 +89,29 @@ def _packaged_weights(name: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _import_timm(name: str):
+    """timm, imported without wandb: timm's package init imports wandb when it is installed
+    (``timm.utils.summary``, for its own training scripts' logs, which ditvla never calls),
+    and lerobot installs it. That is about a second of every process that builds a policy
+    with these eyes (System 1 and 2, each ``ditvla`` command). A process that has already
+    imported wandb keeps it; one that imports it later gets it as usual."""
+    import sys
+
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
+    hide_wandb = "wandb" not in sys.modules
+    if hide_wandb:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError while timm loads
+    try:
+        import timm
+    except ImportError as error:
+        raise ConfigError(f"vision_encoder {name!r} is built by timm ({INSTALL})") from error
+    finally:
+        if hide_wandb and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+    return timm
+
+
 class PretrainedConvEncoder(nn.Module):
     """Frames (N, 3, H, W), normalised as :class:`EncoderSpec` says -> tokens (N,
     (H/16) * (W/16), ``feature_width``) in raster order. The constructor builds the
@@ -98,10 +121,7 @@ class PretrainedConvEncoder(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         spec = encoder_spec(name)
-        try:
-            import timm
-        except ImportError as error:
-            raise ConfigError(f"vision_encoder {name!r} is built by timm ({INSTALL})") from error
+        timm = _import_timm(name)
         self.name, self.spec = name, spec
         self.network = timm.create_model(
             spec.architecture,
