@@ -257,6 +257,24 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
     assert policy.foresight.latents(frames, policy.backbone).shape == (1, 4, 272)
     with pytest.raises(ConfigError, match="expected one of efficientnet-lite0"):
         pretrained_vision.PretrainedConvEncoder("resnet18")
+
+    def timms_tokens(frames):  # timm's own network, its batch norms as they are
+        fine, coarse = encoder.network(frames)
+        grid = torch.cat([torch.nn.functional.pixel_unshuffle(fine, encoder.unshuffle), coarse], 1)
+        return grid.flatten(2).transpose(1, 2)
+
+    frames = torch.rand(2, 3, 32, 32)
+    # the encoder runs a folded, channels-last copy: the same function to rounding
+    torch.testing.assert_close(encoder(frames), timms_tokens(frames), rtol=1e-4, atol=1e-4)
+    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in encoder.state_dict().items()}
+    other_encoder = pretrained_vision.PretrainedConvEncoder("efficientnet-lite0")
+    other_encoder.load_state_dict(other)
+    before_load = encoder(frames)
+    encoder.load_state_dict(other)  # the folded copy follows the weights it is given
+    torch.testing.assert_close(encoder(frames), other_encoder(frames), rtol=0, atol=0)
+    assert not torch.allclose(encoder(frames), before_load)
+    encoder.load_packaged_weights()
+    torch.testing.assert_close(encoder(frames), before_load, rtol=0, atol=0)
     assert not encoder.network.training  # ImageNet's batch-norm statistics, not the batch's
     frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
