@@ -15,9 +15,11 @@ augment), 16x4 chunks, the demo's TrainConfig turned into a policy and its train
 samples by ``ditvla train``'s own code; SmolVLA reads the same two cameras, state and
 chunks (it has no auxiliary head: that work is ours alone, and counted).
 
-    python -m bench.train_throughput [--steps 20] [--profile] [--levers]
+    python -m bench.train_throughput [--steps 20] [--eyes] [--profile] [--levers]
 
-``--profile``: the demo recipe's step by part for both policies (forward by module, the
+``--eyes``: the frozen eyes' forward on the demo batches' frames as timm's network runs
+it, as the policy runs it (batch norms folded into the convolutions, channels-last) and
+that under bfloat16 autocast. ``--profile``: the demo recipe's step by part for both policies (forward by module, the
 backward pass, the optimizer), the two steps taken in turn. ``--levers``: the demo
 recipe's step (with ``ditvla train``'s gradient clipping and EMA) under each lever
 (foreach or fused AdamW, bfloat16 autocast, one thread, no EMA), all taken in turn, as
@@ -286,6 +288,38 @@ def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None
         print(f"  {name:26s} {1000 * median:6.1f} ms/step  {today / median:.2f}x")
 
 
+def eyes(policy, batches: list[dict], steps: int) -> None:
+    """The frozen eyes' forward on the demo batches' frames (every camera of a batch at
+    once), three ways in turn: timm's network as it is, the encoder as the policy runs it
+    (batch norms folded, channels-last), and that under bfloat16 autocast."""
+    encoder = policy.backbone.vision
+    frames = [
+        torch.cat([f[:, -1].permute(0, 3, 1, 2).float() / 255 for f in b["images"].values()])
+        for b in batches
+    ]
+
+    def timms(x):
+        with torch.no_grad():
+            return encoder.network(x)
+
+    def bfloat16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return encoder(x)
+
+    ways = {"timm's network": timms, "the encoder (folded)": encoder, "folded, bf16": bfloat16}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for i in range(steps + 3):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way(frames[i % len(frames)])
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    reference = statistics.median(times["timm's network"])
+    for name, t in times.items():
+        median = statistics.median(t)
+        print(f"  {name:22s} {1000 * median:6.1f} ms  {reference / median:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.train_throughput",
@@ -295,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per policy")
     parser.add_argument("--profile", action="store_true", help="the demo recipe's step by part")
     parser.add_argument("--levers", action="store_true", help="the demo recipe under each lever")
+    parser.add_argument("--eyes", action="store_true", help="the frozen eyes' forward, 3 ways")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
@@ -342,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         print("the demo's recipe, one step by part (median ms; modules: mean ms per step):")
         profile(demo_ours, demo_batches, demo_theirs, args.steps)
+    if args.eyes:
+        print(f"the eyes' forward on a demo batch's {len(data.cameras)} x {BATCH} frames:")
+        eyes(demo_ours, demo_batches, args.steps)
     if args.levers:
         print("the demo's recipe under each lever (ditvla train's step: clipping and EMA):")
         levers(policy_config, data.stats, demo_batches, demo_train, args.steps)
