@@ -116,6 +116,22 @@ def test_layout_moves_the_objects_in_the_scene_and_leaves_parked_ones():
     env.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_layout_move_never_brings_a_goal_onto_its_object():
+    """reach-v3's reset draws again until its goal is 15 cm from its object; on the
+    layout's frozen draw that looped for ever when a move brought them nearer (seed 100002
+    at medium did). Moves are drawn again until every distance holds."""
+    env = SUITES["metaworld"].make("reach-v3", cameras=(), state_keys=("proprio",))
+    env.reset(seed=100002)
+    nominal = np.array(env._env._last_rand_vec).reshape(-1, 3)
+    env.perturb(Perturbation.parse("layout=medium"))
+    env.reset(seed=100002)  # returns
+    moved = np.array(env._env._last_rand_vec).reshape(-1, 3)
+    assert np.linalg.norm(moved[:, :2] - nominal[:, :2], axis=1) == pytest.approx([0.04, 0.04])
+    assert np.linalg.norm(moved[0, :2] - moved[1, :2]) >= 0.15
+    env.close()
+
+
 class ObservingExpert(ExpertPolicy):
     """Meta-World's expert acting, keeping what the evaluator handed it: the observation
     of a camera-and-proprioception policy."""

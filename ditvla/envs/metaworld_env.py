@@ -381,9 +381,7 @@ class MetaWorldEnv(SimulatorEnv):
             raise ConfigError(
                 f"{self.task}'s reset draws {len(drawn)} numbers, not positions: no layout axis"
             )
-        env._last_rand_vec = drawn + np.concatenate(
-            [horizontal_move(rng, level) for _ in range(len(drawn) // 3)]
-        )
+        env._last_rand_vec = kept_apart(drawn.reshape(-1, 3), rng, level).reshape(-1)
         env._freeze_rand_vec = True
         try:
             self._raw_obs, _ = env.reset()
@@ -401,3 +399,28 @@ class MetaWorldEnv(SimulatorEnv):
 
 
 ENV_CLASS = MetaWorldEnv
+
+
+# Meta-World's resets draw again until an object and its goal are far enough apart
+# horizontally (10, 15 or 25 cm, by task). On the frozen vector the layout axis resets on,
+# a new draw returns the same numbers: a move that brings the two nearer than that loops
+# for ever (reach-v3's seed 100002 at layout=medium did, and the evaluator lost a worker).
+KEEP_APART = 0.25  # m, the largest of those distances
+
+
+def kept_apart(positions: np.ndarray, rng: np.random.Generator, level: str) -> np.ndarray:
+    """Each (x, y, z) position moved by the layout level's distance in its own horizontal
+    direction, drawn again (from ``rng``, at most 100 times) until no two positions are
+    horizontally nearer than they were or than :data:`KEEP_APART`, whichever is less; if
+    no draw does, all move by one draw together, which keeps every distance."""
+    from ditvla.envs.perturbations import horizontal_move
+
+    def apart(points: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(points[:, None, :2] - points[None, :, :2], axis=-1)
+
+    needed = np.minimum(apart(positions), KEEP_APART) - 1e-9
+    for _ in range(100):
+        moved = positions + np.stack([horizontal_move(rng, level) for _ in positions])
+        if (apart(moved) >= needed).all():
+            return moved
+    return positions + horizontal_move(rng, level)
