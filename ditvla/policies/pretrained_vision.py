@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +95,9 @@ def _packaged_weights(name: str) -> dict[str, torch.Tensor]:
 def _import_timm(name: str):
     """timm, imported without wandb: timm's package init imports wandb when it is installed
     (``timm.utils.summary``, for its own training scripts' logs, which ditvla never calls),
-    and lerobot installs it. That is about a second of every process that builds a policy
+    and lerobot installs it. That is about 0.7 s of every process that builds a policy
     with these eyes (System 1 and 2, each ``ditvla`` command). A process that has already
     imported wandb keeps it; one that imports it later gets it as usual."""
-    import sys
-
     if "timm" in sys.modules:
         return sys.modules["timm"]
     hide_wandb = "wandb" not in sys.modules
