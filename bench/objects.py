@@ -17,9 +17,13 @@ auxiliary head's targets and never read when acting). For each suite:
 4. LeRobot's SmolVLA, built offline at the tiny preset's sizes and trained on the MT10 store
    for the same wall-clock, evaluated by the same evaluator on the same episodes.
 
-Writes ``OUT/results.json`` and a table per suite.
+Writes ``OUT/results.json`` (as each part ends, with its wall-clock: collection, training
+and evaluation) and a table per suite. ``--keep`` reuses the parts ``OUT/results.json``
+already holds and runs only the others, so the suites can run apart (one a day, or one per
+core) and still end in one report; the minutes on the last line add up every part's
+recorded wall-clock.
 
-    python -m bench.objects [--out outputs/objects] [--suites mt10,robosuite] [--skip-smolvla]
+    python -m bench.objects [--out outputs/objects] [--suites mt10,robosuite] [--skip-smolvla] [--keep]
 
 Last line: ``objects from pixels: mt10 <m>% (push <p>%, pick-place <q>%), robosuite lift
 <l>%, can <c>%; lerobot smolvla mt10 <s>%; <minutes> min``.
@@ -78,28 +82,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suites", default="mt10,robosuite", help="mt10, robosuite")
     parser.add_argument("--episodes", type=int, default=20, help="evaluation episodes per task")
     parser.add_argument("--skip-smolvla", action="store_true")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="reuse the parts (a store's policy, the SmolVLA arm) that OUT/results.json "
+        "holds; run only the others",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-    start = time.perf_counter()
+    results = kept_results(out / "results.json") if args.keep else {}
     for name in args.suites.split(","):
         suite = SUITES[name]
         for store in suite.stores:
-            path = collected(store, out)
-            results[store.name] = train_and_evaluate(store, path, suite, out, args.episodes)
-            if store.name == "mt10" and not args.skip_smolvla:
-                results["smolvla"] = smolvla_arm(
-                    path,
+            if store.name not in results:
+                start = time.perf_counter()
+                path = collected(store, out)
+                result = train_and_evaluate(store, path, suite, out, args.episodes)
+                results[store.name] = {**result, "wall_s": time.perf_counter() - start}
+                save_results(out / "results.json", results)
+            if store.name == "mt10" and not args.skip_smolvla and "smolvla" not in results:
+                start = time.perf_counter()
+                result = smolvla_arm(
+                    out / f"{store.name}.zarr",
                     results["mt10"]["policy"],
                     store.env,
                     results["mt10"]["train_s"],
                     args.episodes,
                 )
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    minutes = (time.perf_counter() - start) / 60
+                results["smolvla"] = {**result, "wall_s": time.perf_counter() - start}
+                save_results(out / "results.json", results)
+    minutes = sum(part.get("wall_s", 0.0) for part in results.values()) / 60
     parts = []
     if "mt10" in results:
         mt10 = results["mt10"]
@@ -115,6 +130,23 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"objects from pixels: {', '.join(parts)}; lerobot smolvla mt10 {smolvla}; {minutes:.0f} min"
     )
+
+
+def kept_results(path: Path) -> dict:
+    """The parts an earlier run recorded in ``path`` (none if it does not exist)."""
+    if not path.exists():
+        return {}
+    results = json.loads(path.read_text())
+    print(f"kept from {path}: {', '.join(results) or 'nothing'}", flush=True)
+    return results
+
+
+def save_results(path: Path, results: dict) -> None:
+    """Write ``results`` whole to a temporary file, then into place: an interrupted run
+    leaves the last complete file, which ``--keep`` reads."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    partial.replace(path)
 
 
 if __name__ == "__main__":
