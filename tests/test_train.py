@@ -118,6 +118,32 @@ def train_command(store, out, steps, *extra):
     ]
 
 
+def test_bfloat16_precision_trains_on_the_cpu_with_float32_weights(store, tmp_path):
+    def run(precision):
+        out = tmp_path / precision
+        config = TrainConfig(
+            dataset=str(store),
+            out=str(out),
+            policy_overrides=dict(SMALL_HEAD),
+            steps=4,
+            batch_size=8,
+            num_workers=0,
+            save_every=1000,
+            progress=False,
+            precision=precision,
+        )
+        policy = DiTVLAPolicy.from_pretrained(train(config))
+        return losses(out), policy
+
+    # on the CPU, auto is float32 (bfloat16 only when asked); the same seed and batches
+    full, _ = run("auto")
+    half, policy = run("bfloat16")
+    # the step ran in bfloat16: the same losses to bfloat16's precision, but not equal
+    assert half != full
+    np.testing.assert_allclose(half, full, rtol=0.05)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+
+
 RESUME_STEPS = 30
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -1,10 +1,11 @@
 """``ditvla train``: fit a policy to a zarr replay buffer.
 
 AdamW with linear warmup and cosine decay, gradient clipping, gradient accumulation, EMA
-weights, bf16 autocast on CUDA, seeded data order and noise. Progress bar with loss and
-throughput, TensorBoard scalars and ``metrics.jsonl`` in the output folder; checkpoints
-written atomically every ``save_every`` steps and at the end; ``resume=True`` continues
-from the latest checkpoint so that the loss curve matches an uninterrupted run.
+weights, bf16 autocast (on CUDA by default, on the CPU when asked), seeded data order and
+noise. Progress bar with loss and throughput, TensorBoard scalars and ``metrics.jsonl`` in
+the output folder; checkpoints written atomically every ``save_every`` steps and at the
+end; ``resume=True`` continues from the latest checkpoint so that the loss curve matches an
+uninterrupted run.
 
 Several GPUs or nodes: launch with ``torchrun`` (NCCL on CUDA, gloo on CPU); each process
 draws its share of every batch. ``sharding="ddp"`` (DistributedDataParallel) keeps the
@@ -27,7 +28,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,6 +63,8 @@ from ditvla.training.training_data import training_dataset
 from ditvla.training.training_log import TrainingLog
 
 SHARDINGS = ("ddp", "fsdp")
+# what the forward and backward passes compute in (the weights and optimizer stay float32)
+Precision = Literal["auto", "bfloat16", "float32"]
 
 
 @dataclass
@@ -111,6 +114,11 @@ class TrainConfig:
         save_every: checkpoint period in steps (and at the end).
         log_every: TensorBoard / progress-bar period in steps (metrics.jsonl gets every step).
         device: auto, cpu, cuda, cuda:1, ...
+        precision: what the forward and backward passes compute in, under autocast (the
+            weights, gradients and optimizer state stay float32): bfloat16, float32, or
+            auto (bfloat16 on CUDA, float32 on the CPU). On CPUs with AVX512-BF16 a
+            bfloat16 step is about 1.2x faster (bench/train_throughput.py --levers); on
+            others it is slower.
         sharding: under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2:
             weights, gradients and optimizer state sharded over the processes, one unit per
             VLM transformer block: for backbones that do not fit one GPU; its checkpoints
@@ -147,6 +155,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     device: str = "auto"
+    precision: Precision = "auto"
     sharding: str = "ddp"
     timeout_minutes: float = TIMEOUT_MINUTES
     resume: bool = False
@@ -164,6 +173,13 @@ class TrainConfig:
             raise ConfigError(
                 f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"
             )
+
+
+def autocast_for(precision: Precision, device: torch.device) -> Any:
+    """The autocast context of a training step: bfloat16 when asked (``auto``: on CUDA)."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def train(config: TrainConfig) -> Path:
@@ -237,8 +253,7 @@ class _Run:
         self.schedule = schedule_of(
             self.optimizer, config.warmup_steps, config.steps, self.start_step
         )
-        cuda = processes.device.type == "cuda"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.autocast = autocast_for(config.precision, processes.device)
 
     def _ema(self) -> Any:
         if self.config.ema_decay <= 0:
