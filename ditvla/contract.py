@@ -171,6 +171,20 @@ class DualSystemPolicy(ChunkPolicy, Protocol):
         ``options``: ``noise``, ``num_steps``, ``inpaint=(actions, weights)``."""
 
 
+@runtime_checkable
+class SplitsBySystem(Protocol):
+    """A dual-system policy whose halves can run in two processes, each holding only the
+    weights it runs (``ditvla serve``: System 2's process the VLM, System 1 the head)."""
+
+    def vlm_tokens(self, observation: dict[str, Any]) -> tuple[Any, Any]:
+        """System 2's share of ``encode``: the tokens (B, L, width) and mask (B, L) that
+        ``context_from`` takes."""
+
+    def keep_only(self, system: str) -> dict[str, int]:
+        """Release, in place, what the other system (``system1`` or ``system2``) runs; the
+        bytes of weights kept and released."""
+
+
 # What a policy's action head can compute in at inference (--head-dtype of eval / serve).
 HeadDType = Literal["float32", "bfloat16"]
 

@@ -404,6 +404,8 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
     stats = json.loads(server_stats.read_text())
     assert stats["chunks"] > 0 and stats["contexts"] > 0
     assert stats["system2_restarts"] == 1  # the killed System 2, restarted once by the server
+    # System 1 holds the head; the VLM's weights live in System 2's process only
+    assert stats["system1_weight_bytes"] > 0 and stats["released_weight_bytes"] > 0
 
 
 class RestartWhenDriving:

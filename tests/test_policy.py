@@ -192,6 +192,41 @@ def test_save_then_load_gives_the_same_chunk(store, tmp_path):
     torch.testing.assert_close(loaded.normalizer.action__center, policy.normalizer.action__center)
 
 
+def test_system1_and_system2_copies_each_keep_their_half_and_act_as_the_whole(store, tmp_path):
+    """ditvla serve's two processes each load the policy and keep only what they run: the
+    tokens of System 2's copy through System 1's copy give the whole policy's chunk."""
+    from ditvla.contract import PolicyInputError, SplitsBySystem
+    from ditvla.policies.system_split import tensor_bytes
+
+    policy, dataset = make_policy(store, auxiliary_keys=["goal"], auxiliary_dim=2)
+    policy.config.auxiliary_input = False
+    policy.save_pretrained(tmp_path / "policy")
+    obs = observation(dataset, 5)
+    noise = torch.randn(1, 8, 2)
+    whole = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    expected = whole.act(whole.encode(obs), obs["state"], noise=noise)
+    system1 = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    system2 = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    assert isinstance(system1, SplitsBySystem)
+    kept1, kept2 = system1.keep_only("system1"), system2.keep_only("system2")
+    chunk = system1.act(system1.context_from(*system2.vlm_tokens(obs)), obs["state"], noise=noise)
+    torch.testing.assert_close(chunk, expected, rtol=0, atol=0)
+    # every weight is held by one of the two copies; both hold the normalizer's statistics
+    vlm, head = tensor_bytes(whole.backbone), tensor_bytes(whole.head)
+    auxiliary = tensor_bytes(whole.auxiliary)
+    shared = tensor_bytes(whole) - vlm - head - auxiliary
+    assert shared < 1000
+    assert kept1 == {"kept": head + auxiliary + shared, "released": vlm}
+    assert kept2 == {"kept": vlm + shared, "released": head + auxiliary}
+    assert not list(system1.backbone.parameters()) and not list(system2.head.parameters())
+    with pytest.raises(PolicyInputError, match="serves system1 only: its backbone was released"):
+        system1.encode(obs)
+    with pytest.raises(PolicyInputError, match="serves system2 only: its head was released"):
+        system2.act(system1.context_from(*system2.vlm_tokens(obs)), obs["state"])
+    with pytest.raises(PolicyInputError, match="system 'system3' is not one of system1, system2"):
+        whole.keep_only("system3")
+
+
 def test_a_pretrained_instruction_reader_reads_the_words_and_survives_saving(
     store, tmp_path, monkeypatch
 ):

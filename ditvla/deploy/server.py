@@ -18,7 +18,8 @@ A server serves up to ``max_robots`` robots at once (a fleet), each in a session
 (:class:`RobotSession`: its episode, context, state, frames and chunks; its session id and
 sequence numbers in the channel): System 2 encodes the fresh frames of all robots in one
 forward, System 1 acts for each robot from its own newest context, and a robot's chunks go
-to its connection only. One copy of the weights per process, whatever the fleet's size.
+to its connection only. Each weight is held once, whatever the fleet's size: System 2's
+process keeps the VLM, System 1 the action head (:mod:`ditvla.policies.system_split`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditvla.contract import HeadDType, load_policy
+from ditvla.contract import HeadDType, SplitsBySystem, load_policy
 from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.keys import ServerKeys
 from ditvla.deploy.messages import Message, observation_bytes
@@ -98,6 +99,9 @@ class ServeConfig:
     merge: MergeRule = "latest"
     system1_hz: float = 0.0
     system2_hz: float = 0.0
+    # the weights System 1 holds, and those it released to System 2's process (the VLM)
+    system1_weight_bytes: int = 0
+    released_weight_bytes: int = 0
     max_control_hz: float = 200.0
     system1_threads: int = 1
     system2_threads: int = 1
@@ -138,6 +142,9 @@ class ServerStats:
     robots: int = 0  # robots holding a session now
     system1_hz: float = 0.0
     system2_hz: float = 0.0
+    # the weights System 1 holds, and those it released to System 2's process (the VLM)
+    system1_weight_bytes: int = 0
+    released_weight_bytes: int = 0
     act_ms: list[float] = field(default_factory=list)
 
 
@@ -158,6 +165,8 @@ def _system2_main(
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us
     policy = load_policy(policy_dir, device=device)
+    if isinstance(policy, SplitsBySystem):
+        policy.keep_only("system2")  # the head lives in System 1
     size = (policy.spec.image_size, policy.spec.image_size, 3)
     with PairChannel(address, bind=False, accepts_from=("server",)) as channel:
         channel.codec.start_session(session)
@@ -216,8 +225,12 @@ def _encoded(policy, batch: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         "instruction": [m.meta.get("instruction", "") for m in batch],
     }
     with torch.inference_mode():
-        context = policy.encode(observation)
-    return context.tokens.float().cpu().numpy(), context.mask.cpu().numpy().astype(np.uint8)
+        if isinstance(policy, SplitsBySystem):
+            tokens, mask = policy.vlm_tokens(observation)
+        else:
+            context = policy.encode(observation)
+            tokens, mask = context.tokens, context.mask
+    return tokens.float().cpu().numpy(), mask.cpu().numpy().astype(np.uint8)
 
 
 class System2:
@@ -318,6 +331,9 @@ class RobotSession:
     chunks: int = 0
     system1_hz: float = 0.0
     system2_hz: float = 0.0
+    # the weights System 1 holds, and those it released to System 2's process (the VLM)
+    system1_weight_bytes: int = 0
+    released_weight_bytes: int = 0
     sent: ActionSchedule = field(default_factory=lambda: ActionSchedule("latest"))
 
     def reset_episode(self, episode: int) -> None:
@@ -357,6 +373,10 @@ class PolicyServer:
         self.policy = load_policy(config.policy, config.device, head_dtype=config.head_dtype)
         self.spec = self.policy.spec
         self.stats = ServerStats()
+        if isinstance(self.policy, SplitsBySystem):  # the VLM lives in System 2's process
+            weights = self.policy.keep_only("system1")
+            self.stats.system1_weight_bytes = weights["kept"]
+            self.stats.released_weight_bytes = weights["released"]
         # ZeroMQ cuts off a peer whose frame outgrows the policy's largest observation
         largest = observation_bytes(
             len(self.spec.cameras), self.spec.image_size, self.spec.state_dim

@@ -23,7 +23,7 @@ import functools
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from ditvla.contract import (
     Stats,
 )
 from ditvla.errors import ConfigError
-from ditvla.policies import checkpoint, losses
+from ditvla.policies import checkpoint, losses, system_split
 from ditvla.policies.auxiliary_head import AuxiliaryHead
 from ditvla.policies.backbone import VLMBackbone
 from ditvla.policies.config import PolicyConfig
@@ -47,11 +47,10 @@ from ditvla.policies.foresight_head import LatentForesightHead, MotionForesightH
 from ditvla.policies.inputs import as_batch, image_batch, pixels_fit, state_batch
 from ditvla.policies.noise_schedules import make_schedule
 from ditvla.policies.normalizer import CONSTANT_SPREAD, Normalizer
-from ditvla.policies.quantization import integer_layers
+from ditvla.policies.quantization import head_dtype
 from ditvla.policies.sampler import inpainting_guide, sample_chunk
 
 # The torch dtype of each name an action head can compute in (``set_head_dtype``).
-HEAD_DTYPES = {name: getattr(torch, name) for name in get_args(HeadDType)}
 
 
 @dataclass
@@ -132,39 +131,44 @@ class DiTVLAPolicy(nn.Module):
 
     def set_head_dtype(self, name: HeadDType) -> None:
         """Run the action head (``act``'s every denoising step) in ``name``, one of
-        :data:`HEAD_DTYPES`, for inference. bfloat16 halves the weights a step reads: on
-        CPUs with AVX512-BF16 or AMX, and on GPUs, ``act`` gets faster (measure it:
+        ``HeadDType``, for inference. bfloat16 halves the weights a step reads: on CPUs
+        with AVX512-BF16 or AMX, and on GPUs, ``act`` gets faster (measure it:
         ``bench/head_acceleration.py``); on CPUs without them it gets slower. The sampler
         still integrates in float32, the normalizer and the backbone are untouched, and
         ``save_pretrained`` writes float32."""
-        if name not in HEAD_DTYPES:
-            raise PolicyInputError(f"head dtype {name!r} is not one of {', '.join(HEAD_DTYPES)}")
-        integer = integer_layers(self.head)
-        if integer and name != "float32":
-            raise PolicyInputError(
-                f"head dtype {name!r}: this policy's head is quantized ({len(integer)} int8 "
-                f"layers, e.g. {integer[0]}); use the float policy with --head-dtype {name}, "
-                "or the quantized one as it is"
-            )
-        self.head.to(HEAD_DTYPES[name])
+        self.head.to(head_dtype(self.head, name))
 
     # ------------------------------------------------------------------ two halves
     @torch.no_grad()
     def encode(self, observation: dict[str, Any]) -> Context:
         """The slow half: cameras + instruction through the VLM -> context (and its cache)."""
+        return self.context_from(*self.vlm_tokens(observation))
+
+    @torch.no_grad()
+    def vlm_tokens(self, observation: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """System 2's share of ``encode``: the VLM's tokens (B, L, width) and mask (B, L),
+        without the head's cache (``context_from`` builds it where the head runs)."""
         self.eval()
         batch, _ = as_batch(observation, needs_state=False)
         images = image_batch(batch["images"], self.config.cameras, self.config.image_size)
-        return self.encode_pixels(images, batch["instruction"])
+        return self.pixel_tokens(images, batch["instruction"])
 
     def encode_pixels(self, pixels: torch.Tensor, instructions: list[str]) -> Context:
         """``encode`` from frames already in the model's layout: ``pixels`` float (B,
         cameras, 3, S, S) in [0, 1], cameras in ``config.cameras`` order (what adapters
         such as the LeRobot plugin hand over)."""
+        return self.context_from(*self.pixel_tokens(pixels, instructions))
+
+    def pixel_tokens(self, pixels: torch.Tensor, instructions: list[str]) -> tuple[Any, Any]:
+        """``vlm_tokens`` from frames in the model's layout (as for ``encode_pixels``)."""
         pixels_fit(pixels, instructions, len(self.config.cameras), self.config.image_size)
         ids, text_mask = self.backbone.tokenize(list(instructions), self.device)
-        tokens, mask = self.backbone(pixels.to(self.device).float(), ids, text_mask)
-        return self.context_from(tokens, mask)
+        return self.backbone(pixels.to(self.device).float(), ids, text_mask)
+
+    def keep_only(self, system: system_split.System) -> dict[str, int]:
+        """Release the parts the other runtime system runs, in place (serving only: see
+        :mod:`~ditvla.policies.system_split`); the bytes of weights kept and released."""
+        return system_split.keep_only(self, system)
 
     def context_from(self, tokens: torch.Tensor, mask: torch.Tensor) -> Context:
         """A context from VLM tokens (B, L, width) and mask (B, L) computed elsewhere (the

@@ -34,15 +34,18 @@ import copy
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from torch import nn
 
+from ditvla.contract import HeadDType, PolicyInputError
 from ditvla.errors import DitvlaError
 from ditvla.policies.timing import paired_median_ms
 
 SCHEMES = ("w8a8", "w8", "w4a8")
+# what an action head can compute in at inference (--head-dtype), as torch dtypes
+HEAD_DTYPES = {name: getattr(torch, name) for name in get_args(HeadDType)}
 BACKENDS = ("torchao", "fbgemm")
 # The parts of a policy the layout can integerize (QuantizationConfig's switches).
 LAYOUT_PARTS = ("language_mlp", "head_mlp", "head_attention", "head_modulation")
@@ -234,6 +237,21 @@ class FbgemmInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def head_dtype(head: nn.Module, name: str) -> torch.dtype:
+    """The torch dtype an action head runs in for ``--head-dtype name``; PolicyInputError
+    for a name not in :data:`HEAD_DTYPES`, or a narrower float for a quantized head."""
+    if name not in HEAD_DTYPES:
+        raise PolicyInputError(f"head dtype {name!r} is not one of {', '.join(HEAD_DTYPES)}")
+    integer = integer_layers(head)
+    if integer and name != "float32":
+        raise PolicyInputError(
+            f"head dtype {name!r}: this policy's head is quantized ({len(integer)} int8 "
+            f"layers, e.g. {integer[0]}); use the float policy with --head-dtype {name}, "
+            "or the quantized one as it is"
+        )
+    return HEAD_DTYPES[name]
 
 
 def integer_layers(model: nn.Module) -> list[str]:
