@@ -144,6 +144,33 @@ def test_bfloat16_precision_trains_on_the_cpu_with_float32_weights(store, tmp_pa
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
 
 
+def test_instruction_variants_reach_the_samples_and_a_bad_file_names_its_line(store, tmp_path):
+    from ditvla.errors import ConfigError
+    from ditvla.training.processes import Processes
+    from ditvla.training.training_data import training_dataset
+
+    variants = tmp_path / "variants.tsv"
+    variants.write_text("t0\thead left\nt0\tleft, please\n", encoding="utf-8")
+    config = TrainConfig(dataset=str(store), instruction_variants=str(variants))
+    _, _, dataset = training_dataset(config, Processes(0, 1, torch.device("cpu")))
+    read = {}
+    for index in range(len(dataset)):  # every frame, drawn many times over
+        for _ in range(6):
+            sample = dataset[index]
+            read.setdefault(sample["task_index"], set()).add(sample["instruction"])
+    # task t0 ("go left") reads its own words and both variants; the others only theirs
+    assert read[0] == {"go left", "head left", "left, please"}
+    assert read[1] == {"go right"} and read[2] == {"stay"}
+    variants.write_text("t0\thead left\nt9\tgo up\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"variants.tsv:2: task 't9' is not in the store"):
+        training_dataset(config, Processes(0, 1, torch.device("cpu")))
+    variants.write_text("t0\thead left\n\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"variants.tsv:2: empty line; every line is TASK<TAB>VARIANT"
+    ):
+        training_dataset(config, Processes(0, 1, torch.device("cpu")))
+
+
 RESUME_STEPS = 30
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 

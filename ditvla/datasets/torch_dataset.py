@@ -142,6 +142,9 @@ class ReplayBufferDataset(Dataset):
         # per-frame training targets computed elsewhere (e.g. motion images), by name:
         # arrays (n_frames, ...) whose row of the current frame is added to each sample
         self.frame_targets: dict[str, np.ndarray] = {}
+        # instruction augmentation: an instruction -> other words for it; each sample reads
+        # the instruction or one of these, drawn with the augmentation's generator
+        self.instruction_variants: dict[str, list[str]] = {}
         self._buffer: ReplayBuffer | None = buffer
         self._pid = os.getpid()
         self._rng: np.random.Generator | None = None
@@ -200,6 +203,15 @@ class ReplayBufferDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def _instruction(self, episode: int, rng: np.random.Generator) -> str:
+        """The episode's instruction, or one of its variants (each as likely)."""
+        instruction = self.instructions[episode]
+        variants = self.instruction_variants.get(instruction)
+        if not variants:
+            return instruction
+        pick = int(rng.integers(len(variants) + 1))
+        return variants[pick - 1] if pick else instruction
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
 
@@ -231,7 +243,7 @@ class ReplayBufferDataset(Dataset):
                     "action": torch.from_numpy(self.action[frames.action[i]]),
                     "obs_is_pad": torch.from_numpy(frames.obs_is_pad[i]),
                     "action_is_pad": torch.from_numpy(frames.action_is_pad[i]),
-                    "instruction": self.instructions[episode],
+                    "instruction": self._instruction(episode, rng),
                     "task_index": int(self.task_index[episode]),
                     "episode_index": episode,
                     "frame_index": anchor,

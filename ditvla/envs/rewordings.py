@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ditvla.datasets.instruction_files import read_task_lines
 from ditvla.errors import ConfigError
 
 # phrase -> its synonyms, longest phrases first where one holds another
@@ -87,22 +88,5 @@ def reworded(instruction: str, level: str, seed: int) -> str:
 
 def read_rewordings(path: str | Path, tasks: list[str]) -> dict[str, list[str]]:
     """A user's rewordings file: ``TASK<TAB>REWORDING`` per line, for the evaluated
-    ``tasks``; ConfigError naming the file and the line for an empty line, a line without
-    a tab or a rewording, or a task not evaluated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"rewordings file {path} does not exist")
-    rewordings: dict[str, list[str]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        task, tab, text = line.partition("\t")
-        where = f"{path}:{number}"
-        if not line.strip():
-            raise ConfigError(f"{where}: empty line; every line is TASK<TAB>REWORDING")
-        if not tab or not text.strip():
-            raise ConfigError(f"{where}: expected TASK<TAB>REWORDING, got {line!r}")
-        if task.strip() not in tasks:
-            raise ConfigError(
-                f"{where}: task {task.strip()!r} is not evaluated; tasks: {', '.join(tasks)}"
-            )
-        rewordings.setdefault(task.strip(), []).append(text.strip())
-    return rewordings
+    ``tasks`` (:func:`~ditvla.datasets.instruction_files.read_task_lines`)."""
+    return read_task_lines(path, tasks, text="REWORDING", tasks_are="evaluated")

@@ -107,6 +107,10 @@ class TrainConfig:
         seed: seeds the data order, the noise and the initial weights.
         num_workers: DataLoader worker processes (0: read batches in the training process).
         augment: random shift + brightness/contrast jitter of the camera frames.
+        instruction_variants: a file of TASK<TAB>VARIANT lines (the format of ``ditvla
+            eval --rewordings``), tasks of the store: each sample reads its task's
+            instruction or one of its variants, each as likely (instruction augmentation;
+            the store is unchanged).
         camera_dropout: CAMERA=P[,CAMERA=P...]: each sample's frames of CAMERA blanked
             (zeros) with probability P at training time only (modality dropout, as
             Hsu et al. 2022 bottleneck the third-person view so that a policy leans on its
@@ -151,6 +155,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     augment: bool = False
+    instruction_variants: str = ""
     camera_dropout: str = ""
     save_every: int = 500
     log_every: int = 10

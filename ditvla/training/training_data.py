@@ -21,6 +21,7 @@ import numpy as np
 
 from ditvla.contract import DataSpec
 from ditvla.datasets.errors import DatasetError
+from ditvla.datasets.instruction_files import read_task_lines
 from ditvla.datasets.motion_targets import MotionTargetSpec, load_or_compute_motion_targets
 from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.datasets.statistics import load_or_compute_stats
@@ -67,12 +68,25 @@ def training_dataset(
     )
     if config.auxiliary:
         _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
+    if config.instruction_variants:
+        dataset.instruction_variants = instruction_variants(config)
     foresight = policy_config.foresight
     if foresight.kind == "motion":
         _attach_motion_targets(dataset, policy_config, processes)
     elif foresight.kind == "latent":  # its targets come from the frozen encoder, per batch
         dataset.future_frame = (foresight.camera, foresight.k)
     return policy_config, data, dataset
+
+
+def instruction_variants(config) -> dict[str, list[str]]:
+    """``--instruction-variants FILE`` (``TASK<TAB>VARIANT`` lines, tasks of the store) as
+    {the task's instruction: its variants}."""
+    tasks = ReplayBuffer.open(config.dataset).tasks
+    names = [task.name for task in tasks]
+    lines = read_task_lines(
+        config.instruction_variants, names, text="VARIANT", tasks_are="in the store"
+    )
+    return {task.instruction: lines[task.name] for task in tasks if task.name in lines}
 
 
 def camera_dropout(text: str, cameras: Sequence[str]) -> dict[str, float]:
