@@ -51,22 +51,14 @@ def add_demo(commands: Commands, configured: bool) -> None:
 
 # ---------------------------------------------------------------------- eval
 def run_eval(args: argparse.Namespace) -> int:
-    from ditvla.envs.baselines import policy_from_argument
-    from ditvla.envs.evaluate import EvalConfig, evaluate
-    from ditvla.envs.registry import suite_of
+    from ditvla.envs.evaluate import EvalConfig, evaluate_named_policy
     from ditvla.errors import ConfigError
 
     if args.policy is None or args.env is None:
         raise ConfigError("ditvla eval needs --policy and --env (or: ditvla eval merge DIR...)")
-
-    policy = policy_from_argument(
-        args.policy,
-        action_dim=suite_of(args.env).action_dim,
-        device=args.device,
-        head_dtype=args.head_dtype,
-    )
     config = EvalConfig(**given_options(args, EvalConfig))
-    report = evaluate(policy, args.env, config, out=args.out)
+    loading = {"device": args.device, "head_dtype": args.head_dtype}
+    report = evaluate_named_policy(args.policy, args.env, config, args.out, **loading)
     print(report.markdown())
     print(f"results: {args.out}/results.json")
     return 0
