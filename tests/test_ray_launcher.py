@@ -46,26 +46,32 @@ RAY_ENV = {
 HEAD_START_TRIES = 3  # Ray gives a starting node 30 s, fixed, to register with its head
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _session_processes(session: int) -> list[int]:
+    """The live processes of the session ``session`` (the head leads its own: Ray puts
+    each worker in a process group of its own, but not in another session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and state != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
 
 
 def _stop_head(head: subprocess.Popen) -> bool:
-    """Stop the head and every process it started (its own process group: `ray stop`
-    would stop every Ray process of the machine, another user's cluster too); whether
-    they all ended by themselves within 90 s (else they are killed)."""
+    """Stop the head and every process it started (by their session: `ray stop` would
+    stop every Ray process of the machine, another user's cluster too); whether they all
+    ended by themselves within 90 s (else they are killed)."""
     head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
     with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(timeout=60)
     for _ in range(60):
-        if not _group_alive(head.pid):
+        if not _session_processes(head.pid):
             return True
         time.sleep(0.5)
-    os.killpg(head.pid, signal.SIGKILL)
+    for pid in _session_processes(head.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     head.wait()
     return False
 
