@@ -51,22 +51,19 @@ def add_demo(commands: Commands, configured: bool) -> None:
 
 # ---------------------------------------------------------------------- eval
 def run_eval(args: argparse.Namespace) -> int:
-    from ditvla.envs.baselines import policy_from_argument
-    from ditvla.envs.evaluate import EvalConfig, evaluate
-    from ditvla.envs.registry import suite_of
+    from ditvla.envs.evaluate import EvalConfig, evaluate_named_policy
+    from ditvla.envs.ray_launcher import RayShardsConfig, evaluate_on_ray
     from ditvla.errors import ConfigError
 
     if args.policy is None or args.env is None:
         raise ConfigError("ditvla eval needs --policy and --env (or: ditvla eval merge DIR...)")
-
-    policy = policy_from_argument(
-        args.policy,
-        action_dim=suite_of(args.env).action_dim,
-        device=args.device,
-        head_dtype=args.head_dtype,
-    )
     config = EvalConfig(**given_options(args, EvalConfig))
-    report = evaluate(policy, args.env, config, out=args.out)
+    on_ray = RayShardsConfig(**given_options(args, RayShardsConfig))
+    loading = {"device": args.device, "head_dtype": args.head_dtype}
+    if on_ray.ray:
+        report = evaluate_on_ray(args.policy, args.env, config, Path(args.out), on_ray, **loading)
+    else:
+        report = evaluate_named_policy(args.policy, args.env, config, args.out, **loading)
     print(report.markdown())
     print(f"results: {args.out}/results.json")
     return 0
@@ -91,7 +88,8 @@ def add_eval(commands: Commands, configured: bool) -> None:
         "processes; write OUT/results.json ({tasks: {name: {success_rate, episodes, ci95}}, "
         "mean_success}), OUT/results.md, OUT/episodes.jsonl (as episodes end), OUT/run.json "
         "(what was evaluated) and OUT/videos/ (H.264). Split a run across machines with "
-        "--shard I/N and join the shards with `ditvla eval merge`; --resume finishes an "
+        "--shard I/N and join the shards with `ditvla eval merge`, or let a Ray cluster run "
+        "the shards and merge them (--ray HOST:PORT --shards N); --resume finishes an "
         "interrupted run.",
     )
     evaluation.add_argument(
@@ -110,8 +108,10 @@ def add_eval(commands: Commands, configured: bool) -> None:
     if configured:
         from ditvla.envs.evaluate import EvalConfig
         from ditvla.envs.perturbations import describe_axes
+        from ditvla.envs.ray_launcher import RayShardsConfig
 
         add_config_options(evaluation, EvalConfig, exclude=("progress",))
+        add_config_options(evaluation, RayShardsConfig)
         evaluation.epilog = "--perturb axes and levels: " + describe_axes()
     actions = evaluation.add_subparsers(dest="eval_command", metavar="[merge]")
     merge = add_command(

@@ -52,11 +52,14 @@ class ExpertPolicy:
         return torch.from_numpy(np.asarray(observation["expert_action"], np.float32)[:, None])
 
 
+BASELINES = ("random", "expert")  # the --policy names that are not a folder
+
+
 def policy_from_argument(
     name: str, *, action_dim: int, device: str = "cpu", head_dtype: HeadDType = "float32"
 ) -> ChunkPolicy:
     """``random``, ``expert``, or a saved policy folder (``--policy`` of ``ditvla eval``)."""
-    if name in ("random", "expert"):
+    if name in BASELINES:
         if head_dtype != "float32":
             raise ConfigError(f"the {name} baseline has no action head to run in {head_dtype}")
         return RandomPolicy(action_dim) if name == "random" else ExpertPolicy(action_dim)

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.contract import EVAL_SEED_START, ChunkPolicy, PolicySpec
+from ditvla.contract import EVAL_SEED_START, ChunkPolicy, HeadDType, PolicySpec
+from ditvla.envs.baselines import policy_from_argument
 from ditvla.envs.evaluation_report import (
     EpisodeResult,
     EvaluationReport,
@@ -49,7 +50,7 @@ from ditvla.envs.evaluation_report import (
 )
 from ditvla.envs.evaluation_runs import episode_jobs, parse_shard, start_run, write_report
 from ditvla.envs.perturbations import Perturbation, ReceivedPerturbation, check_policy_reads
-from ditvla.envs.registry import Suite, parse_env
+from ditvla.envs.registry import Suite, parse_env, suite_of
 from ditvla.envs.rewordings import read_rewordings
 from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
 from ditvla.envs.videos import write_video
@@ -60,6 +61,7 @@ __all__ = [
     "EvaluationReport",
     "describe_observation",
     "evaluate",
+    "evaluate_named_policy",
     "wilson_interval",
 ]
 
@@ -444,6 +446,24 @@ def evaluate(
     if out is not None:
         write_report(out, report)
     return report
+
+
+def evaluate_named_policy(
+    policy: str,
+    env_spec: str,
+    config: EvalConfig,
+    out: str | Path,
+    *,
+    device: str,
+    head_dtype: HeadDType,
+) -> EvaluationReport:
+    """:func:`evaluate` of the policy named as ``ditvla eval --policy`` names it (a saved
+    policy folder, or the baselines random / expert), loaded on ``device`` with its action
+    head in ``head_dtype``; what ``ditvla eval`` runs, here or as a shard's Ray task."""
+    loaded = policy_from_argument(
+        policy, action_dim=suite_of(env_spec).action_dim, device=device, head_dtype=head_dtype
+    )
+    return evaluate(loaded, env_spec, config, out=out)
 
 
 # what makes two evaluations the same run (with the tasks, the observation and the policy)
