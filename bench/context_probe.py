@@ -31,18 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.privileged_targets import parse_targets
+
 STAGES = ("pixels", "vision", "tokens", "context", "pooled")
 TRAIN_SHARE = 0.8
-
-
-def parse_targets(text: str) -> list[tuple[str, str, slice]]:
-    """``objects:0:3,goal`` -> [(label, array, columns)]: an array, or a column range of it."""
-    targets = []
-    for item in text.split(","):
-        name, *bounds = item.strip().split(":")
-        columns = slice(int(bounds[0]), int(bounds[1])) if bounds else slice(None)
-        targets.append((item.strip(), name, columns))
-    return targets
 
 
 def probe_frames(buffer, frames: int, tasks: set[str] | None, seed: int) -> tuple[list, list]:
