@@ -99,9 +99,6 @@ class ServeConfig:
     merge: MergeRule = "latest"
     system1_hz: float = 0.0
     system2_hz: float = 0.0
-    # the weights System 1 holds, and those it released to System 2's process (the VLM)
-    system1_weight_bytes: int = 0
-    released_weight_bytes: int = 0
     max_control_hz: float = 200.0
     system1_threads: int = 1
     system2_threads: int = 1
@@ -331,9 +328,6 @@ class RobotSession:
     chunks: int = 0
     system1_hz: float = 0.0
     system2_hz: float = 0.0
-    # the weights System 1 holds, and those it released to System 2's process (the VLM)
-    system1_weight_bytes: int = 0
-    released_weight_bytes: int = 0
     sent: ActionSchedule = field(default_factory=lambda: ActionSchedule("latest"))
 
     def reset_episode(self, episode: int) -> None:

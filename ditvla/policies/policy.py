@@ -50,8 +50,6 @@ from ditvla.policies.normalizer import CONSTANT_SPREAD, Normalizer
 from ditvla.policies.quantization import head_dtype
 from ditvla.policies.sampler import inpainting_guide, sample_chunk
 
-# The torch dtype of each name an action head can compute in (``set_head_dtype``).
-
 
 @dataclass
 class Context:
