@@ -30,10 +30,11 @@ from bench.privileged_targets import parse_targets
 def estimate_columns(policy, stats) -> dict[str, tuple[slice, np.ndarray, np.ndarray]]:
     """Each auxiliary array's columns in the head's output, with its mean and std (the
     head predicts standardized values, as training standardized its targets)."""
+    from ditvla.training.training_data import auxiliary_scale
+
     columns, start = {}, 0
     for key in policy.config.auxiliary_keys:
-        mean = np.asarray(stats[key]["mean"], np.float32)
-        std = np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
+        mean, std = auxiliary_scale(stats, key)
         columns[key] = (slice(start, start + mean.size), mean, std)
         start += mean.size
     return columns
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from ditvla.contract import load_policy
     from ditvla.datasets.replay_buffer import ReplayBuffer
     from ditvla.datasets.statistics import load_or_compute_stats
+    from ditvla.envs.evaluation_runs import read_episodes
     from ditvla.envs.registry import SUITES
 
     policy = load_policy(args.policy)
@@ -93,9 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     run = json.loads((Path(args.eval) / "run.json").read_text())
     suite = SUITES[run["suite"]]
     outcomes: dict[str, dict[int, bool]] = {}
-    for line in (Path(args.eval) / "episodes.jsonl").read_text().splitlines():
-        episode = json.loads(line)
-        outcomes.setdefault(episode["task"], {})[episode["seed"]] = episode["success"]
+    for episode in read_episodes(Path(args.eval)):
+        outcomes.setdefault(episode.task, {})[episode.seed] = episode.success
     tasks = args.tasks.split(",") if args.tasks else list(outcomes)
     pooled = {label: {True: [], False: []} for label, _, _ in targets}
     for task in tasks:

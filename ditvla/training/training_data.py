@@ -113,6 +113,14 @@ def camera_dropout(text: str, cameras: Sequence[str]) -> dict[str, float]:
     return dropout
 
 
+def auxiliary_scale(stats, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and std an auxiliary target ``key`` is standardized with (the std floored,
+    so that a constant column divides by something); its prediction times the std plus the
+    mean is in the store's units."""
+    mean = np.asarray(stats[key]["mean"], np.float32)
+    return mean, np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
+
+
 def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: str) -> None:
     """The auxiliary head's targets: the named arrays, standardized with the store's
     statistics (a padded array's padding is 0, what the head learns to say there),
@@ -123,8 +131,7 @@ def _attach_auxiliary_targets(dataset, policy_config: PolicyConfig, selection: s
     parts = []
     for key in keys:
         values = buffer.read_all(key).astype(np.float32).reshape(buffer.n_frames, -1)
-        mean = np.asarray(stats[key]["mean"], np.float32)
-        std = np.maximum(np.asarray(stats[key]["std"], np.float32), 1e-6)
+        mean, std = auxiliary_scale(stats, key)
         standardized = (values - mean) / std
         if valid_mask_key(key) in buffer.keys:
             standardized *= buffer.read_all(valid_mask_key(key)).reshape(standardized.shape)
