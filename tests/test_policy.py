@@ -196,7 +196,7 @@ def test_system1_and_system2_copies_each_keep_their_half_and_act_as_the_whole(st
     """ditvla serve's two processes each load the policy and keep only what they run: the
     tokens of System 2's copy through System 1's copy give the whole policy's chunk."""
     from ditvla.contract import PolicyInputError, SplitsBySystem
-    from ditvla.policies.system_split import tensor_bytes
+    from ditvla.policies.system_split import weight_bytes
 
     policy, dataset = make_policy(store, auxiliary_keys=["goal"], auxiliary_dim=2)
     policy.config.auxiliary_input = False
@@ -212,9 +212,9 @@ def test_system1_and_system2_copies_each_keep_their_half_and_act_as_the_whole(st
     chunk = system1.act(system1.context_from(*system2.vlm_tokens(obs)), obs["state"], noise=noise)
     torch.testing.assert_close(chunk, expected, rtol=0, atol=0)
     # every weight is held by one of the two copies; both hold the normalizer's statistics
-    vlm, head = tensor_bytes(whole.backbone), tensor_bytes(whole.head)
-    auxiliary = tensor_bytes(whole.auxiliary)
-    shared = tensor_bytes(whole) - vlm - head - auxiliary
+    vlm, head = weight_bytes(whole.backbone), weight_bytes(whole.head)
+    auxiliary = weight_bytes(whole.auxiliary)
+    shared = weight_bytes(whole) - vlm - head - auxiliary
     assert shared < 1000
     assert kept1 == {"kept": head + auxiliary + shared, "released": vlm}
     assert kept2 == {"kept": vlm + shared, "released": head + auxiliary}

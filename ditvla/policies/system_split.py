@@ -17,6 +17,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ditvla.contract import PolicyInputError
+from ditvla.policies.quantization import module_bytes
 
 System = Literal["system1", "system2"]
 # the modules of a DiTVLAPolicy each system runs; the others are released
@@ -58,12 +59,12 @@ def keep_only(policy: nn.Module, system: System) -> dict[str, int]:
         module = getattr(policy, part, None)
         if part in KEPT_PARTS[system] or not isinstance(module, nn.Module):
             continue
-        released += tensor_bytes(module)
+        released += weight_bytes(module)
         setattr(policy, part, ReleasedPart(part, system))
-    return {"kept": tensor_bytes(policy), "released": released}
+    return {"kept": weight_bytes(policy), "released": released}
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers, each tensor counted once."""
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s weights and buffers, quantized ones at their stored size
+    (:func:`~ditvla.policies.quantization.module_bytes` of each submodule)."""
+    return sum(module_bytes(part) for part in module.modules())
