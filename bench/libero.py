@@ -8,8 +8,10 @@ For one suite (object, spatial or goal):
    from the task's BDDL regions with its seed, never one of the 50 evaluation starts;
    two cameras (agentview, eye_in_hand) at 64 px, the 8-D proprioception, the
    instruction, LIBERO's object states recorded as privileged arrays;
-3. ``ditvla train`` with :data:`RECIPE` (the tiny preset, the demo's settings, the
-   object states as the auxiliary head's targets: read at training time, never acting);
+3. ``ditvla train`` with :data:`RECIPE` and :data:`OBJECT_LEVERS`, as ``bench.objects``
+   trains MT10 (the tiny preset and its frozen eyes, the demo's settings, the object states
+   as the auxiliary head's targets, read at training time and never acting; the auxiliary
+   prediction conditions the head, pooled by attention);
 4. ``ditvla eval`` under the official protocol (50 episodes per task on the init states);
 5. LeRobot's SmolVLA, built offline at the tiny preset's sizes and trained on the same
    store for the same wall-clock, evaluated by the same evaluator on the same episodes.
@@ -18,7 +20,7 @@ The policy reads the two cameras, proprioception only (ee_pos, ee_ori, gripper_s
 and the instruction. Writes ``OUT/results.json``.
 
     python -m bench.libero --suite object [--out outputs/libero] [--tasks 0,3]
-        [--demos 50] [--steps 6000] [--episodes 50] [--skip-smolvla]
+        [--demos 50] [--steps 8000] [--episodes 50] [--skip-smolvla]
 
 Last line: ``libero <suite>: ditvla <x>% (weakest task <m>%), lerobot smolvla <s>%,
 experts <e>%; <minutes> min``.
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 from bench.store_runs import (
+    OBJECT_LEVERS,
     RECIPE,
     Store,
     Suite,
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/libero")
     parser.add_argument("--tasks", default="", help="task indices (default: all ten)")
     parser.add_argument("--demos", type=int, default=50, help="demonstrations per task")
-    parser.add_argument("--steps", type=int, default=6000, help="training steps")
+    parser.add_argument("--steps", type=int, default=8000, help="training steps")
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
     parser.add_argument("--skip-smolvla", action="store_true")
     args = parser.parse_args(argv)
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     store = Store(
         f"libero_{args.suite}", env, args.demos, CAMERAS, IMAGE_SIZE, detour_steps=DETOUR_STEPS
     )
-    suite = Suite(args.suite, (store,), train={**RECIPE, "steps": args.steps})
+    suite = Suite(
+        args.suite,
+        (store,),
+        train={**RECIPE, "steps": args.steps, "policy_overrides": OBJECT_LEVERS},
+    )
     start = time.perf_counter()
     results = {"experts": expert_success(env, out, args.episodes)}
     path = collected(store, out)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench.store_runs import (
+    OBJECT_LEVERS,
     RECIPE,
     Store,
     Suite,
@@ -47,12 +48,6 @@ from bench.store_runs import (
     train_and_evaluate,
 )
 
-# the levers measured to help in docs/benchmarks.md "Seeing small things": the auxiliary
-# head's prediction conditions the action head (r8), the head pools by attention (r11)
-OBJECT_LEVERS = {
-    "auxiliary_input": True,
-    "auxiliary_pooling": "attention",
-}
 META_WORLD_CAMERAS = ("corner3", "behindGripper")
 ROBOSUITE_CAMERAS = ("agentview", "robot0_eye_in_hand")
 SUITES = {

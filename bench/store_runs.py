@@ -41,6 +41,13 @@ class Suite:
 # poses, the goal) as the auxiliary head's targets: read at training time, never acting
 RECIPE = {"batch_size": 32, "lr": 1e-3, "auxiliary": "privileged"}
 
+# the levers measured to help in docs/benchmarks.md "Seeing small things": the auxiliary
+# head's prediction conditions the action head (r8), the head pools by attention (r11)
+OBJECT_LEVERS = {
+    "auxiliary_input": True,
+    "auxiliary_pooling": "attention",
+}
+
 
 def collected(store: Store, out: Path) -> Path:
     from ditvla.envs.collect import CollectConfig, collect_demonstrations
