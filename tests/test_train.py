@@ -27,7 +27,7 @@ from ditvla.training.checkpoints import (
     restore_rank_rng,
 )
 from ditvla.training.optimization import lr_factor
-from ditvla.training.trainer import TrainConfig, train
+from ditvla.training.trainer import TrainConfig, native_bfloat16, train
 
 SMALL_HEAD = {"horizon": 4, "num_inference_steps": 8}
 
@@ -135,13 +135,19 @@ def test_bfloat16_precision_trains_on_the_cpu_with_float32_weights(store, tmp_pa
         policy = DiTVLAPolicy.from_pretrained(train(config))
         return losses(out), policy
 
-    # on the CPU, auto is float32 (bfloat16 only when asked); the same seed and batches
-    full, _ = run("auto")
+    full, _ = run("float32")
     half, policy = run("bfloat16")
     # the step ran in bfloat16: the same losses to bfloat16's precision, but not equal
     assert half != full
     np.testing.assert_allclose(half, full, rtol=0.05)
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    # auto: bfloat16 where this CPU computes it natively (AVX512-BF16 or AMX), else float32
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux: the kernel's flags agree with PyTorch's check
+        flags = set(cpuinfo.read_text().split())
+        assert native_bfloat16(torch.device("cpu")) == bool({"avx512_bf16", "amx_tile"} & flags)
+    auto, _ = run("auto")
+    assert auto == (half if native_bfloat16(torch.device("cpu")) else full)
 
 
 def test_instruction_variants_reach_the_samples_and_a_bad_file_names_its_line(store, tmp_path):

@@ -120,9 +120,9 @@ class TrainConfig:
         device: auto, cpu, cuda, cuda:1, ...
         precision: what the forward and backward passes compute in, under autocast (the
             weights, gradients and optimizer state stay float32): bfloat16, float32, or
-            auto (bfloat16 on CUDA, float32 on the CPU). On CPUs with AVX512-BF16 a
-            bfloat16 step is about 1.2x faster (bench/train_throughput.py --levers); on
-            others it is slower.
+            auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, float32 on other
+            CPUs). With AVX512-BF16 a bfloat16 step of the demo's recipe is about 1.1x
+            faster at equal success (docs/benchmarks.md); without it, slower.
         sharding: under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2:
             weights, gradients and optimizer state sharded over the processes, one unit per
             VLM transformer block: for backbones that do not fit one GPU; its checkpoints
@@ -180,9 +180,21 @@ class TrainConfig:
             )
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware: CUDA, or a CPU
+    with AVX512-BF16 or AMX (where a bfloat16 training step is faster, not slower)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast_for(precision: Precision, device: torch.device) -> Any:
-    """The autocast context of a training step: bfloat16 when asked (``auto``: on CUDA)."""
-    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+    """The autocast context of a training step: bfloat16 when asked, or under ``auto``
+    where the device computes it natively (:func:`native_bfloat16`)."""
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
