@@ -3,19 +3,23 @@ S3-compatible server (moto's, started on this machine), in one run.
 
 The loader serves what bench.dataloader's does: two 128x128 cameras and the state at 2
 observation steps and a 16-step action chunk, in shuffled batches of 64, through a torch
-DataLoader with the same workers for each source. Three sources, one store: the folder
+DataLoader with the same workers for each source. Four sources, one store: the folder
 (frames read from their chunk files directly), the folder as a ``file://`` URL (every
-read through zarr and fsspec, as a store by URL is read) and ``s3://`` (the same, over
-HTTP to the local server, which shares the machine's cores with the loader).
+read through zarr and fsspec, as a store by URL is read), ``s3://`` read from the server
+at every sample (over HTTP to the local server, which shares the machine's cores with the
+loader), and ``s3://`` as ``ditvla train`` reads it, keeping each object in the run's
+cache folder: timed over its first epoch (every frame fetched once) and after it.
 
     python -m bench.remote_store [--workers 2] [--batches 20]
 
-Last line: ``remote loader vs local: <X>x``.
+Last line: ``remote loader vs local: <X>x; kept by the run <Y>x after its first epoch
+(<Z>x during it)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -50,20 +54,33 @@ def main(argv: list[str] | None = None) -> None:
             f"uploaded to {server.endpoint} in {time.perf_counter() - start:.1f} s"
         )
         fsspec.config.conf["s3"] = server.storage_options()  # the workers inherit it
+        os.environ["DITVLA_CACHE"] = str(workdir / "machine")  # statistics without a run
         rates = {}
+
+        def report(name: str, rate: float) -> None:
+            rates[name] = rate
+            print(f"{name:22s}: {rate:8.1f} samples/s ({rate / args.batch_size:.2f} batches/s)")
+
         for name, source in (("folder", store), ("file://", store.as_uri()), ("s3://", url)):
-            dataset = ReplayBufferDataset(source, n_obs_steps=2, horizon=16, cache_dir=workdir)
+            dataset = ReplayBufferDataset(source, n_obs_steps=2, horizon=16)
             batches = loader(dataset, args.batch_size, args.workers)
-            rates[name] = samples_per_second(batches, args.batches)
-            print(
-                f"{name:8s}: {rates[name]:8.1f} samples/s "
-                f"({rates[name] / args.batch_size:.2f} batches/s)"
-            )
+            report(name, samples_per_second(batches, args.batches))
+        # as a training run reads it: objects kept in the run's cache folder
+        kept = ReplayBufferDataset(url, n_obs_steps=2, horizon=16, cache_dir=workdir / "run")
+        epoch = len(kept) // args.batch_size
+        batches = loader(kept, args.batch_size, args.workers)
+        report("s3://, first epoch", samples_per_second(batches, epoch - 1, warmup=1))
+        report("s3://, kept by the run", samples_per_second(batches, args.batches))
     print(
-        f"workers {args.workers}, batch {args.batch_size}, {args.batches} timed batches each, "
-        f"torch threads {torch.get_num_threads()}"
+        f"workers {args.workers}, batch {args.batch_size}, {args.batches} timed batches each "
+        f"(the first epoch: {epoch}), torch threads {torch.get_num_threads()}"
     )
-    print(f"remote loader vs local: {rates['s3://'] / rates['folder']:.2f}x")
+    local = rates["folder"]
+    print(
+        f"remote loader vs local: {rates['s3://'] / local:.2f}x; kept by the run "
+        f"{rates['s3://, kept by the run'] / local:.2f}x after its first epoch "
+        f"({rates['s3://, first epoch'] / local:.2f}x during it)"
+    )
 
 
 if __name__ == "__main__":

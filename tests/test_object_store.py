@@ -1,6 +1,6 @@
 """Stores on object storage, against a real S3-compatible server (moto's, started here on a
 free localhost port): read as their folder reads, trained on with the folder's losses,
-what is derived from them cached beside the run, never written to, configured as a user
+what is derived from them and each object read cached beside the run, never written to, configured as a user
 would (fsspec's config, the environment), and an unreachable or refusing server named in
 one line."""
 
@@ -26,7 +26,7 @@ from ditvla.datasets.motion_targets import (
 )
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
-from ditvla.datasets.url_stores import cache_folder
+from ditvla.datasets.url_stores import cache_folder, objects_folder
 from ditvla.training.trainer import TrainConfig, train
 
 pytest.importorskip("s3fs")
@@ -86,6 +86,30 @@ def test_a_store_on_s3_reads_as_its_folder_and_is_never_written(configured, tmp_
     with pytest.raises(DatasetError, match="opened read-only"):
         remote.set_attrs(note="x")
     assert "stats" not in ReplayBuffer.open(url).attrs  # nothing was written to the bucket
+
+
+def test_a_run_reads_each_object_from_the_server_once(configured, tmp_path):
+    """With a run's cache folder, every object read is kept there: once the server has lost
+    the frames, a reader opened again with that folder (a loader process, a resumed run)
+    still reads each of them, equal to the folder's."""
+    import s3fs
+
+    server, _, local = configured
+    url = server.upload(local, "bucket/kept.zarr")
+    run_cache = tmp_path / "run" / "cache"
+    folder = ReplayBuffer.open(local)
+    frames = list(range(folder.n_frames))
+    first = ReplayBuffer.open(url, cache_dir=run_cache).read_frames("cam", frames)
+    np.testing.assert_array_equal(first, folder.read_frames("cam", frames))
+    objects = objects_folder(url, run_cache)
+    assert objects.is_relative_to(run_cache)
+    assert len(list((objects / "data" / "cam").rglob("c/*/*/*/*"))) == folder.n_frames
+
+    bucket = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+    bucket.rm("bucket/kept.zarr/data/cam", recursive=True)
+    assert not bucket.exists("bucket/kept.zarr/data/cam/zarr.json")
+    again = ReplayBuffer.open(url, cache_dir=run_cache).read_frames("cam", frames[::-1])
+    np.testing.assert_array_equal(again, first[::-1])
 
 
 def _free_port() -> int:

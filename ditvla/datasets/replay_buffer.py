@@ -110,11 +110,15 @@ class ReplayBuffer:
         return cls(root, path, writable=True)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> ReplayBuffer:
+    def open(
+        cls, path: str | Path, mode: str = "r", cache_dir: str | Path | None = None
+    ) -> ReplayBuffer:
         """Open and validate an existing store: a folder, or a URL (``s3://bucket/x.zarr``,
-        read-only, through fsspec); ``mode="a"`` to append episodes."""
+        read-only, through fsspec); ``mode="a"`` to append episodes. ``cache_dir`` (a
+        training run's ``<out>/cache``): a store by URL keeps the objects it reads there
+        and reads each from the server once."""
         location = path if is_url(path) else Path(path)
-        return cls(open_store_group(location, mode), location, writable=mode == "a")
+        return cls(open_store_group(location, mode, cache_dir), location, writable=mode == "a")
 
     # ------------------------------------------------------------------ the index
     @property

@@ -77,8 +77,9 @@ class ReplayBufferDataset(Dataset):
         augmentation: image augmentation applied to each sample, or None.
         future_frame: ``(camera, k)`` to add that camera's frame t+k to each sample.
         camera_dropout: camera -> probability that a sample's frames of it are zeros.
-        cache_dir: where the statistics of a store by URL are kept (a training run's
-            ``<out>/cache``; default: this machine's ``$DITVLA_CACHE``).
+        cache_dir: where a store by URL's statistics and the objects read from it are
+            kept (a training run's ``<out>/cache``; default: statistics in this machine's
+            ``$DITVLA_CACHE``, objects read from the server each time).
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class ReplayBufferDataset(Dataset):
         camera_dropout: dict[str, float] | None = None,
         cache_dir: str | Path | None = None,
     ):
-        buffer = ReplayBuffer.open(path)
+        buffer = ReplayBuffer.open(path, cache_dir=cache_dir)
         self.path = buffer.path  # a folder, or a URL as given
         self.cache_dir = cache_dir
         self.cameras = list(buffer.cameras if cameras is None else cameras)
@@ -158,7 +159,7 @@ class ReplayBufferDataset(Dataset):
 
     def _process_local(self) -> tuple[ReplayBuffer, np.random.Generator]:
         if self._buffer is None or self._pid != os.getpid():
-            self._buffer = ReplayBuffer.open(self.path)
+            self._buffer = ReplayBuffer.open(self.path, cache_dir=self.cache_dir)
             self._rng = None
             self._pid = os.getpid()
         if self._rng is None:

@@ -12,6 +12,12 @@ A store by URL is never written to. What ditvla derives from one (normalization
 statistics, optical-flow targets) is kept in a folder of its own per URL: a training run's
 ``<out>/cache/`` (:func:`cache_folder` with the run's ``cache_dir``), else this machine's
 ``$DITVLA_CACHE`` (default ``~/.cache/ditvla``).
+
+A training run also keeps each object it reads from the store (a frame's chunk, metadata)
+in that folder, through zarr's own cache store over a local folder: a frame crosses the
+network once per run, and every later read of it (a training run reads each frame tens of
+times) is a local file. Objects are written there atomically (zarr's local store), so
+loader processes share the folder safely and an interrupted run leaves no torn copy.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and "://" in location
 
 
-def open_url_store(url: str) -> Any:
+def open_url_store(url: str, objects: Path | None = None) -> Any:
     """A read-only zarr store at ``url`` through fsspec, configured by fsspec's config,
-    connected (:func:`_connect`): an unreachable server or refused credentials raise here."""
-    from zarr.storage import FsspecStore
+    connected (:func:`_connect`): an unreachable server or refused credentials raise here.
+    With ``objects`` (a local folder: :func:`objects_folder`), each object is read from the
+    server once and from that folder after."""
+    from zarr.experimental.cache_store import CacheStore
+    from zarr.storage import FsspecStore, LocalStore
 
     try:
         store = FsspecStore.from_url(url, read_only=True)
@@ -54,7 +63,9 @@ def open_url_store(url: str) -> Any:
         raise access_error(url, exc) or DatasetError(
             f"{url}: cannot open ({type(exc).__name__}: {' '.join(str(exc).split())})"
         ) from None
-    return store
+    if objects is None:
+        return store
+    return CacheStore(store, cache_store=LocalStore(objects), max_age_seconds="infinity")
 
 
 # The filesystems this process has connected, by id (fsspec keeps one per set of options
@@ -127,3 +138,9 @@ def cache_folder(url: str, cache_dir: str | Path | None = None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("DITVLA_CACHE", Path.home() / ".cache" / "ditvla")
     return Path(cache_dir) / "stores" / hashlib.sha256(url.encode()).hexdigest()[:24]
+
+
+def objects_folder(url: str, cache_dir: str | Path) -> Path:
+    """Where a run keeping its derived data under ``cache_dir`` keeps the objects it read
+    from the store at ``url``."""
+    return cache_folder(url, cache_dir) / "objects"
