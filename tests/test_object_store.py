@@ -91,7 +91,8 @@ def test_a_store_on_s3_reads_as_its_folder_and_is_never_written(configured, tmp_
 def test_a_run_reads_each_object_from_the_server_once(configured, tmp_path):
     """With a run's cache folder, every object read is kept there: once the server has lost
     the frames, a reader opened again with that folder (a loader process, a resumed run)
-    still reads each of them, equal to the folder's."""
+    still reads each of them, equal to the folder's; a read of kept and new frames at once
+    gives each."""
     import s3fs
 
     server, _, local = configured
@@ -99,7 +100,10 @@ def test_a_run_reads_each_object_from_the_server_once(configured, tmp_path):
     run_cache = tmp_path / "run" / "cache"
     folder = ReplayBuffer.open(local)
     frames = list(range(folder.n_frames))
-    first = ReplayBuffer.open(url, cache_dir=run_cache).read_frames("cam", frames)
+    remote = ReplayBuffer.open(url, cache_dir=run_cache)
+    half = remote.read_frames("cam", frames[::2])
+    np.testing.assert_array_equal(half, folder.read_frames("cam", frames[::2]))
+    first = remote.read_frames("cam", frames[::-1])[::-1]  # half kept, half fetched
     np.testing.assert_array_equal(first, folder.read_frames("cam", frames))
     objects = objects_folder(url, run_cache)
     assert objects.is_relative_to(run_cache)

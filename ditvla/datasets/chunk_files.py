@@ -97,26 +97,34 @@ def chunk_file_problems(array: zarr.Array, start: int, stop: int) -> list[str]:
 
 
 class FrameReader:
-    """Reads frames ``array[i]`` for arbitrary frame indices ``i`` of one (T, ...) array."""
+    """Reads frames ``array[i]`` for arbitrary frame indices ``i`` of one (T, ...) array.
 
-    def __init__(self, array: zarr.Array):
+    ``kept``: for an array of a store by URL, the local folder where the objects read from
+    it are kept (:func:`~ditvla.datasets.url_stores.objects_folder`, the same keys): frames
+    whose chunk file is there are read from it directly, the others through zarr (which
+    fetches and keeps them)."""
+
+    def __init__(self, array: zarr.Array, kept: Path | None = None):
         self.array = array
         self.frame_shape = tuple(array.shape[1:])
         self.frame_bytes = int(np.prod(self.frame_shape)) * array.dtype.itemsize
         store = array.store_path.store
         codec = _direct_codec(array)
         whole_frames = tuple(array.chunks) == (1, *self.frame_shape)
-        self._direct = (
+        readable = (
             codec is not None
             and whole_frames
             and array.shards is None
-            and isinstance(store, LocalStore)
             and array.dtype.itemsize == 1
         )
+        self._direct = readable and isinstance(store, LocalStore)
+        self._kept = readable and not self._direct and kept is not None
         self._codec = codec
+        self._zeros = (0,) * len(self.frame_shape)
         if self._direct:
             self._folder = Path(store.root) / array.store_path.path
-            self._zeros = (0,) * len(self.frame_shape)
+        elif self._kept:
+            self._folder = Path(kept) / array.store_path.path
 
     @property
     def direct(self) -> bool:
@@ -151,10 +159,25 @@ class FrameReader:
     def read(self, frames: np.ndarray) -> np.ndarray:
         """Frames at the given indices, shape (len(frames), *frame_shape)."""
         frames = np.asarray(frames, dtype=np.int64)
+        if self._kept:
+            return self._read_kept(frames)
         if not self._direct:
-            unique, inverse = np.unique(frames, return_inverse=True)
-            return np.asarray(self.array.oindex[unique])[inverse]
+            return self._read_through_zarr(frames)
         out = np.empty((len(frames), *self.frame_shape), dtype=self.array.dtype)
         for i, frame in enumerate(frames):
             out[i] = self.read_frame(int(frame))
+        return out
+
+    def _read_through_zarr(self, frames: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(frames, return_inverse=True)
+        return np.asarray(self.array.oindex[unique])[inverse]
+
+    def _read_kept(self, frames: np.ndarray) -> np.ndarray:
+        # a kept file is whole (zarr's local store writes by rename) and never removed
+        out = np.empty((len(frames), *self.frame_shape), dtype=self.array.dtype)
+        fetch = np.array([not self._chunk_path(int(f)).exists() for f in frames], dtype=bool)
+        for i in np.flatnonzero(~fetch):
+            out[i] = self.read_frame(int(frames[i]))
+        if fetch.any():
+            out[fetch] = self._read_through_zarr(frames[fetch])
         return out

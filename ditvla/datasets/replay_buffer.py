@@ -53,7 +53,7 @@ from ditvla.datasets.state_selection import (
 from ditvla.datasets.store_index import StoreIndex, open_store_group, read_store_index
 from ditvla.datasets.store_layout import Task, create_store_group, is_image_array
 from ditvla.datasets.store_writer import StoreWriter
-from ditvla.datasets.url_stores import is_url
+from ditvla.datasets.url_stores import is_url, objects_folder
 
 __all__ = ["DatasetError", "ReplayBuffer", "Task", "is_image_array"]
 
@@ -66,10 +66,13 @@ class ReplayBuffer:
     :class:`DatasetError` that names the store, the array and the rows.
     """
 
-    def __init__(self, root: zarr.Group, path: Path | str, *, writable: bool):
+    def __init__(
+        self, root: zarr.Group, path: Path | str, *, writable: bool, kept: Path | None = None
+    ):
         self._root = root
         self.path = path
         self.writable = writable
+        self._kept = kept  # where a store by URL's objects are kept as they are read
         self._index: StoreIndex = read_store_index(root, path)
         self._writer = StoreWriter(root, self._index) if writable else None
         self._frame_readers: dict[str, FrameReader] = {}
@@ -118,7 +121,9 @@ class ReplayBuffer:
         training run's ``<out>/cache``): a store by URL keeps the objects it reads there
         and reads each from the server once."""
         location = path if is_url(path) else Path(path)
-        return cls(open_store_group(location, mode, cache_dir), location, writable=mode == "a")
+        kept = objects_folder(str(location), cache_dir) if is_url(location) and cache_dir else None
+        root = open_store_group(location, mode, kept)
+        return cls(root, location, writable=mode == "a", kept=kept)
 
     # ------------------------------------------------------------------ the index
     @property
@@ -229,7 +234,7 @@ class ReplayBuffer:
         array = self.array(key)
         reader = self._frame_readers.get(key)
         if reader is None or reader.array is not array:  # new, or made again by a first append
-            reader = self._frame_readers[key] = FrameReader(array)
+            reader = self._frame_readers[key] = FrameReader(array, self._kept)
         return read_frame_rows(self.path, key, reader, frames)
 
     def read_all(self, key: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from ditvla.datasets.store_layout import (
     Task,
     is_image_array,
 )
-from ditvla.datasets.url_stores import access_error, is_url, objects_folder, open_url_store
+from ditvla.datasets.url_stores import access_error, is_url, open_url_store
 from ditvla.errors import ConfigError
 
 
@@ -53,13 +53,11 @@ class StoreIndex:
     episode_seed: np.ndarray
 
 
-def open_store_group(
-    location: Path | str, mode: str, cache_dir: str | Path | None = None
-) -> zarr.Group:
+def open_store_group(location: Path | str, mode: str, kept: Path | None = None) -> zarr.Group:
     """The root group of the store at ``location`` (a folder, or a URL read through
     fsspec): ``mode="r"`` to read, ``"a"`` to append (folders only). A store by URL opened
-    with ``cache_dir`` (a training run's ``<out>/cache``) keeps each object it reads there
-    (:func:`~ditvla.datasets.url_stores.objects_folder`) and reads it from there after."""
+    with ``kept`` (a local folder) keeps each object it reads there and reads it from there
+    after."""
     if mode not in ("r", "a"):
         raise ConfigError(f"mode must be 'r' or 'a', got {mode!r}")
     if is_url(location):
@@ -68,8 +66,7 @@ def open_store_group(
                 f"{location}: a store by URL opens read-only; write into a local folder "
                 "and upload it"
             )
-        objects = None if cache_dir is None else objects_folder(str(location), cache_dir)
-        target = open_url_store(str(location), objects)
+        target = open_url_store(str(location), kept)
     elif not Path(location).exists():
         raise DatasetError(f"{location}: no such file or directory")
     else:

@@ -42,10 +42,10 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and "://" in location
 
 
-def open_url_store(url: str, objects: Path | None = None) -> Any:
+def open_url_store(url: str, kept: Path | None = None) -> Any:
     """A read-only zarr store at ``url`` through fsspec, configured by fsspec's config,
     connected (:func:`_connect`): an unreachable server or refused credentials raise here.
-    With ``objects`` (a local folder: :func:`objects_folder`), each object is read from the
+    With ``kept`` (a local folder: :func:`objects_folder`), each object is read from the
     server once and from that folder after."""
     from zarr.experimental.cache_store import CacheStore
     from zarr.storage import FsspecStore, LocalStore
@@ -63,9 +63,9 @@ def open_url_store(url: str, objects: Path | None = None) -> Any:
         raise access_error(url, exc) or DatasetError(
             f"{url}: cannot open ({type(exc).__name__}: {' '.join(str(exc).split())})"
         ) from None
-    if objects is None:
+    if kept is None:
         return store
-    return CacheStore(store, cache_store=LocalStore(objects), max_age_seconds="infinity")
+    return CacheStore(store, cache_store=LocalStore(kept), max_age_seconds="infinity")
 
 
 # The filesystems this process has connected, by id (fsspec keeps one per set of options
