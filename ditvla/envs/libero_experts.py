@@ -343,20 +343,29 @@ def _rotation_error(target: np.ndarray, quat: np.ndarray) -> np.ndarray:
 class PullDrawer:
     """Open a drawer of the wooden cabinet: pitch the hand a quarter turn to point at the
     cabinet (the closed fingers then grip the horizontal bar from above and below; a
-    downward hand would hit the drawer above with its palm), stop in front of the handle,
-    move in, close, pull until the drawer is open, let go, and back off turning the hand
-    down again."""
+    downward hand would hit the drawer above with its palm), stop above the point in front
+    of the handle, come down to it, move in, close, pull until the drawer is open, let go,
+    and back off turning the hand down again.
+
+    The pitched hand reaches 10 cm below its axis, below a bowl's rim at the middle
+    drawer's handle: travelling there level swept bowls and plates along into the handle's
+    way, so it travels ``ABOVE`` the handle and comes straight down in front of it."""
 
     ROTATION_GAIN = 3.0  # action per radian of error (1 = 0.5 rad)
     CLOSE_STEPS = 10
     OPEN_STEPS = 8
     FRONT = 0.12  # stop this far in front of the handle first
+    ABOVE = 0.08  # and before that this far above that point
+    # hold the hand this far above the bar's middle: the pitched hand's lower edge, 10 cm
+    # below its axis, then clears a plate's rim in front of the middle drawer (it pressed
+    # on it, and coming in dragged the plate against the cabinet)
+    RAISE = 0.006
     TRIES = 40  # steps moving in before backing out to try again
 
     def __init__(self, sim: Any, body: str, joint: str, handle: np.ndarray, quat: Callable):
         self.sim, self.body, self.joint, self.local = sim, body, joint, handle
         self.quat = quat  # () -> the hand's orientation (x, y, z, w)
-        self.phase, self.counter = "front", 0
+        self.phase, self.counter = "above", 0
         self.target_rotation: np.ndarray | None = None
         self.start_rotation: np.ndarray | None = None
         self.back_from: np.ndarray | None = None
@@ -373,34 +382,40 @@ class PullDrawer:
         return action
 
     def action(self, hand: np.ndarray) -> np.ndarray:
-        handle, pull = self.handle()
+        bar, pull = self.handle()
+        grip = bar + np.array([0.0, 0.0, self.RAISE])  # where the hand holds the bar
         if self.target_rotation is None:  # pointing down -> pointing into the cabinet
             axis = np.cross(np.array([0.0, 0.0, -1.0]), -pull)
             self.start_rotation = _transforms().quat2mat(self.quat())
             self.target_rotation = _rotation(axis, np.pi / 2) @ self.start_rotation
+        turned = np.linalg.norm(_rotation_error(self.target_rotation, self.quat())) < 0.08
+        if self.phase == "above":
+            goal = grip + pull * self.FRONT + np.array([0.0, 0.0, self.ABOVE])
+            if np.linalg.norm(goal - hand) < 0.02 and turned:
+                self.phase = "front"
+            return self._move(hand, goal, OPEN)
         if self.phase == "front":
-            goal = handle + pull * self.FRONT
-            turned = np.linalg.norm(_rotation_error(self.target_rotation, self.quat())) < 0.08
+            goal = grip + pull * self.FRONT
             if np.linalg.norm(goal - hand) < 0.01 and turned:
                 self.phase, self.counter = "in", 0
             return self._move(hand, goal, OPEN)
         if self.phase == "in":
             self.counter += 1
-            if np.linalg.norm(handle - hand) < 0.01:
+            if np.linalg.norm(grip - hand) < 0.01:
                 self.phase, self.counter = "close", 0
             elif self.counter > self.TRIES:
                 self.phase = "front"
-            along = max(float((hand - handle) @ pull) - 0.03, 0.0)
-            return self._move(hand, handle + pull * along, OPEN)
+            along = max(float((hand - grip) @ pull) - 0.03, 0.0)
+            return self._move(hand, grip + pull * along, OPEN)
         if self.phase == "close":
             self.counter += 1
             if self.counter >= self.CLOSE_STEPS:
                 self.phase = "pull"
-            return self._move(hand, handle, CLOSED)
+            return self._move(hand, grip, CLOSED)
         if self.phase == "pull":
             if self.sim.data.get_joint_qpos(self.joint) < DRAWER_OPEN:
                 self.phase, self.counter = "release", 0
-            return self._move(hand, handle + pull * 0.05, CLOSED)
+            return self._move(hand, grip + pull * 0.05, CLOSED)
         if self.phase == "release":
             self.counter += 1
             if self.counter >= self.OPEN_STEPS:
@@ -409,7 +424,6 @@ class PullDrawer:
             return self._move(hand, hand, OPEN)
         # back off and up while turning the hand down again; then it is done
         goal = self.back_from + pull * 0.08 + np.array([0.0, 0.0, 0.06])
-        turned = np.linalg.norm(_rotation_error(self.target_rotation, self.quat())) < 0.08
         if self.phase == "back" and turned and np.linalg.norm(goal - hand) < 0.02:
             self.phase = "retreat"
         return self._move(hand, goal, OPEN)
