@@ -126,13 +126,14 @@ def test_our_config_follows_this_install_and_a_users_own_is_kept(tmp_path, monke
 def test_experts_grasp_pull_and_turn_from_the_official_init_states(tmp_path):
     """One official episode each: a bottle into the basket, a bowl by its rim onto the
     plate, the middle drawer pulled open with the hand pitched, the stove's knob pushed
-    round."""
+    round, a bowl dragged out from under the top drawer, the drawer opened and the bowl
+    put in it."""
     from ditvla.envs.baselines import ExpertPolicy
     from ditvla.envs.evaluate import evaluate
 
     report = evaluate(
         ExpertPolicy(),
-        "libero:object/4,spatial/0,goal/0,goal/7",
+        "libero:object/4,spatial/0,goal/0,goal/7,goal/3",
         episodes_per_task=1,
         workers=2,
         progress=False,
@@ -140,7 +141,13 @@ def test_experts_grasp_pull_and_turn_from_the_official_init_states(tmp_path):
     outcome = {e.task: (e.success, e.error) for e in report.episodes}
     assert outcome == {
         task: (True, None)
-        for task in ("libero_object/4", "libero_spatial/0", "libero_goal/0", "libero_goal/7")
+        for task in (
+            "libero_object/4",
+            "libero_spatial/0",
+            "libero_goal/0",
+            "libero_goal/7",
+            "libero_goal/3",
+        )
     }
 
 

@@ -8,9 +8,10 @@ Covered: ``In(object, region)`` and ``On(object, target)`` where the region or t
 is an object (the basket, a plate, a bowl), a fixture's surface (the stove, the top of
 the cabinet, the wine rack) or a region of the table; ``Open`` of the wooden cabinet's
 drawers (grasping the handle with the hand pitched toward the cabinet, then pulling);
-``In(object, a drawer)`` (the drawer opened first); ``TurnOn`` of the flat stove
-(pushing its knob's ridge round). Not covered, refused by name when the expert is first
-asked for an action: closing things, turning things off, the microwave.
+``In(object, a drawer)`` (the drawer opened first, and a bowl it would hang over dragged
+out from under it before that); ``TurnOn`` of the flat stove (pushing its knob's ridge
+round). Not covered, refused by name when the expert is first asked for an action:
+closing things, turning things off, the microwave.
 
 Geometry comes from the simulator each step: an object's world box is the box around its
 collision geoms (:func:`geoms_box`), so tall bottles are grasped by the neck, wide bowls
@@ -429,6 +430,78 @@ class PullDrawer:
         return self._move(hand, goal, OPEN)
 
 
+class DragClear:
+    """Before a drawer is opened, drag a bowl that the open drawer would hang over out from
+    under it: the closed fingers come down inside the bowl by its wall on the side the
+    drawer opens towards, and pull it along that way until its near edge will clear the
+    open drawer's front by ``MARGIN``; then the hand rises. (With the drawer open, no rim
+    grasp kept the hand clear of it: the hand is 20 cm long along the fingers' axis and
+    reached under the drawer, or hit its corner coming down.)"""
+
+    HOVER = 0.08
+    HOOK_IN = 0.025  # the fingers this far inside the bowl's box, by its wall
+    HOOK_UP = 0.025  # the hand this far above the bowl's bottom while dragging
+    MARGIN = 0.04  # beyond the open drawer's front, room for the hand grasping the rim
+
+    def __init__(self, sim: Any, geoms: tuple[np.ndarray, np.ndarray], drawer: PullDrawer):
+        self.sim, self.geoms = sim, geoms
+        self.drawer_geoms = body_geoms(sim.model, sim.model.body_name2id(drawer.body))
+        _, self.pull = drawer.handle()
+        self.phase, self.counter, self.last = "hover", 0, None
+        self.hook: np.ndarray | None = None  # where the fingers drag from
+
+    def needed(self) -> float:
+        """How far the bowl must still move along the pull for its near edge to clear the
+        open drawer's front by ``MARGIN`` (0 when it does, or lies beside the drawer)."""
+        low, high = geoms_box(self.sim, *self.geoms)
+        drawer_low, drawer_high = geoms_box(self.sim, *self.drawer_geoms)
+        side = np.array([-self.pull[1], self.pull[0], 0.0])  # across the pull, level
+        if not _overlap(low, high, drawer_low, drawer_high, side, margin=0.03):
+            return 0.0
+        front = _extent(drawer_low, drawer_high, self.pull)[1] - DRAWER_OPEN
+        return max(front + self.MARGIN - _extent(low, high, self.pull)[0], 0.0)
+
+    def action(self, hand: np.ndarray) -> np.ndarray:
+        low, high = geoms_box(self.sim, *self.geoms)
+        if self.hook is None:
+            centre = (low + high) / 2
+            far = _extent(low, high, self.pull)[1] - centre @ self.pull - self.HOOK_IN
+            self.hook = centre + self.pull * far
+            self.hook[2] = low[2] + self.HOOK_UP
+        above = np.array([self.hook[0], self.hook[1], high[2] + self.HOVER])
+        if self.phase == "hover":
+            if np.linalg.norm(above - hand) < 0.01:
+                self.phase = "descend"
+            return move_towards(hand, above, CLOSED)
+        stalled = self.last is not None and np.linalg.norm(hand - self.last) < 0.001
+        self.counter, self.last = (self.counter + 1 if stalled else 0), hand.copy()
+        if self.phase == "descend":
+            if np.linalg.norm(self.hook - hand) < 0.01 or self.counter >= 5:
+                self.phase, self.counter = "drag", 0
+                self.hook = hand.copy()
+            return move_towards(hand, self.hook, CLOSED)
+        if self.phase == "drag":
+            if self.needed() <= 0.0 or self.counter >= 5:
+                self.phase = "rise"
+            return move_towards(hand, hand + self.pull * 0.04, CLOSED)
+        if self.phase == "rise" and hand[2] > high[2] + self.HOVER - 0.02:
+            self.phase = "retreat"
+        return move_towards(hand, np.array([hand[0], hand[1], high[2] + self.HOVER]), CLOSED)
+
+
+def _extent(low: np.ndarray, high: np.ndarray, axis: np.ndarray) -> tuple[float, float]:
+    """The least and greatest of the box (``low``, ``high``) along the level ``axis``."""
+    corners = np.array([[x, y] for x in (low[0], high[0]) for y in (low[1], high[1])])
+    along = corners @ axis[:2]
+    return float(along.min()), float(along.max())
+
+
+def _overlap(low, high, other_low, other_high, axis: np.ndarray, margin: float) -> bool:
+    """Whether two boxes overlap along the level ``axis``, within ``margin``."""
+    a, b = _extent(low, high, axis), _extent(other_low, other_high, axis)
+    return a[0] < b[1] + margin and b[0] < a[1] + margin
+
+
 class TurnKnob:
     """Turn the flat stove on: the closed hand comes down beside one end of the knob's
     ridge and pushes it round (counter-clockwise seen from above) past ``KNOB_ON``."""
@@ -459,7 +532,7 @@ class TurnKnob:
         return move_towards(hand, hand + np.array([0.0, 0.0, 0.05]), CLOSED)
 
 
-Part = PickAndPlace | PullDrawer | TurnKnob
+Part = PickAndPlace | PullDrawer | TurnKnob | DragClear
 
 
 class LiberoExpert:
@@ -497,7 +570,12 @@ class LiberoExpert:
             if drawer is None:
                 return [(place, holds)]
             opened = self._holds(["open", where])
-            return [(drawer, opened), (place, holds)]
+            steps = [(drawer, opened), (place, holds)]
+            low, high = geoms_box(domain.sim, *place.geoms)
+            drag = DragClear(domain.sim, place.geoms, drawer)
+            if min((high - low)[:2]) > PickAndPlace.WIDE and drag.needed() > 0.0:  # a bowl
+                steps.insert(0, (drag, lambda: True))
+            return steps
         if name == "open" and len(predicate) == 2 and (drawer := self._drawer(predicate[1])):
             return [(drawer, holds)]
         if name == "turnon" and len(predicate) == 2:
