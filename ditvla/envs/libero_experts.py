@@ -447,6 +447,7 @@ class DragClear:
         self.sim, self.geoms = sim, geoms
         self.drawer_geoms = body_geoms(sim.model, sim.model.body_name2id(drawer.body))
         _, self.pull = drawer.handle()
+        self.joint, self.drawer_body = drawer.joint, drawer.body
         self.phase, self.counter, self.last = "hover", 0, None
         self.hook: np.ndarray | None = None  # where the fingers drag from
 
@@ -458,7 +459,8 @@ class DragClear:
         side = np.array([-self.pull[1], self.pull[0], 0.0])  # across the pull, level
         if not _overlap(low, high, drawer_low, drawer_high, side, margin=0.03):
             return 0.0
-        front = _extent(drawer_low, drawer_high, self.pull)[1] - DRAWER_OPEN
+        opened = -self.sim.data.get_joint_qpos(self.joint)  # how far it is open already
+        front = _extent(drawer_low, drawer_high, self.pull)[1] - DRAWER_OPEN - opened
         return max(front + self.MARGIN - _extent(low, high, self.pull)[0], 0.0)
 
     def action(self, hand: np.ndarray) -> np.ndarray:
@@ -548,7 +550,19 @@ class LiberoExpert:
         self.steps: list[tuple[Part, Callable[[], bool]]] = []
         for predicate in domain.parsed_problem["goal_state"]:
             self.steps += self._steps(list(predicate))  # refuses what it cannot do
+        self._drag_before_opening()
         self.current = 0
+
+    def _drag_before_opening(self) -> None:
+        """Move each bowl's drag before the first opening of its drawer: a goal that opens
+        the drawer and then puts the bowl in it (Open, then In) opens it in its own step."""
+        for index, (part, _) in enumerate(list(self.steps)):
+            if not isinstance(part, DragClear):
+                continue
+            for earlier, (other, _) in enumerate(self.steps[:index]):
+                if isinstance(other, PullDrawer) and other.body == part.drawer_body:
+                    self.steps.insert(earlier, self.steps.pop(index))
+                    break
 
     def _holds(self, predicate: list[str]) -> Callable[[], bool]:
         return lambda: bool(self.domain._eval_predicate(predicate))
