@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from ditvla.datasets.replay_buffer import ReplayBuffer
-from ditvla.envs.collect import collect_demonstrations, detour
+from ditvla.envs.collect import collect_demonstrations, detour, end_with_parent
 from ditvla.envs.metaworld_env import MetaWorldEnv, task_set
 from ditvla.envs.registry import parse_env
 
@@ -231,3 +237,46 @@ def test_a_collection_resumes_into_its_store_and_refuses_another(tmp_path):
         )
     with pytest.raises(ValueError, match="already exists; --resume finishes"):
         collect_demonstrations(env, tmp_path / "parts.zarr", episodes_per_task=3, **common)
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.exists():  # Linux: a zombie nobody reaped has ended too
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_collection_worker_ends_with_its_parent(tmp_path):
+    """The collection's simulator workers start with end_with_parent: one whose parent is
+    killed (SIGKILL, nothing cleaned up) exits on its own within seconds."""
+    ready = tmp_path / "watching"
+    worker = (
+        f"from {end_with_parent.__module__} import end_with_parent; import time; "
+        f"end_with_parent(poll_s=0.1); open({str(ready)!r}, 'w').close(); time.sleep(300)"
+    )
+    parent_code = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {worker!r}]); "
+        "print(child.pid, flush=True); time.sleep(300)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 120.0  # the child imports the module, then watches
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists() and _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)

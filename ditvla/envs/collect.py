@@ -9,6 +9,9 @@ twice as many attempts as episodes asked for).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -210,7 +213,12 @@ def collect_demonstrations(
     )
     widths = _privileged_widths(suite, tasks)
     workers = config.workers
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    spawn = mp.get_context("spawn")
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=spawn, initializer=end_with_parent)
+        if workers > 1
+        else None
+    )
     try:
         for task in tasks:
             env = suite.make(task, cameras=cameras, image_size=config.image_size)
@@ -228,6 +236,22 @@ def collect_demonstrations(
             pool.shutdown(cancel_futures=True)
         bar.close()
     return report
+
+
+def end_with_parent(poll_s: float = 1.0) -> None:
+    """Make this process exit once the process that started it is gone: the initializer of
+    the collection's simulator workers. A ProcessPoolExecutor worker waits on a queue whose
+    pipe it holds both ends of, so it never sees its parent die: a collection killed by a
+    signal left its workers running, a gigabyte or more each, until someone found them."""
+    started_by = mp.parent_process()  # a pool's worker knows its parent's pid
+    parent = started_by.pid if started_by is not None else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 def _privileged_widths(suite: Any, tasks: list[str]) -> dict[str, int]:
