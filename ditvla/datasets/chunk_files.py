@@ -140,6 +140,10 @@ class FrameReader:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise ChunkReadError(f"chunk file {path} is missing") from None
+        return self._decoded(path, raw)
+
+    def _decoded(self, path: Path, raw: bytes) -> np.ndarray:
+        """The frame in chunk file ``path``, whose bytes are ``raw``."""
         try:
             if self._codec == "blosc":
                 problem = _blosc_size_problem(raw[:16], len(raw))
@@ -175,9 +179,13 @@ class FrameReader:
     def _read_kept(self, frames: np.ndarray) -> np.ndarray:
         # a kept file is whole (zarr's local store writes by rename) and never removed
         out = np.empty((len(frames), *self.frame_shape), dtype=self.array.dtype)
-        fetch = np.array([not self._chunk_path(int(f)).exists() for f in frames], dtype=bool)
-        for i in np.flatnonzero(~fetch):
-            out[i] = self.read_frame(int(frames[i]))
+        fetch = np.zeros(len(frames), dtype=bool)
+        for i, frame in enumerate(frames):
+            path = self._chunk_path(int(frame))
+            try:
+                out[i] = self._decoded(path, path.read_bytes())
+            except FileNotFoundError:  # not kept yet
+                fetch[i] = True
         if fetch.any():
             out[fetch] = self._read_through_zarr(frames[fetch])
         return out
