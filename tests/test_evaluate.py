@@ -242,3 +242,40 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     assert _results(folder) == _results(tmp_path / "whole")
     with pytest.raises(EvaluationRunError, match=r"max_steps differ"):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, **{**run, "max_steps": 50})
+
+
+class ChunkCounter:
+    """Chunks of 8 zero actions (executing 4 of them, its own setting); counts the calls."""
+
+    spec = PolicySpec(
+        cameras=(), image_size=0, state_dim=0, action_dim=4, horizon=8, n_action_steps=4
+    )
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self):
+        pass
+
+    def predict_action_chunk(self, observation):
+        self.calls += 1
+        return torch.zeros(len(observation["instruction"]), 8, 4)
+
+
+def test_action_steps_sets_how_often_the_policy_is_asked(tmp_path):
+    run = dict(episodes_per_task=1, max_steps=12, workers=1, videos_per_task=0, progress=False)
+    own, every_other = ChunkCounter(), ChunkCounter()
+    evaluate(own, "metaworld:reach-v3", out=tmp_path / "own", **run)
+    evaluate(every_other, "metaworld:reach-v3", out=tmp_path / "two", action_steps=2, **run)
+    assert (own.calls, every_other.calls) == (3, 6)  # 12 steps, 4 or 2 actions per chunk
+    summary = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert summary["observation"]["action_steps"] == 2
+    assert "2 actions per chunk" in (tmp_path / "two" / "results.md").read_text()
+    assert (
+        "action_steps"
+        not in json.loads((tmp_path / "own" / "results.json").read_text())["observation"]
+    )
+    with pytest.raises(EvaluationRunError):  # another cadence is another evaluation
+        evaluate(ChunkCounter(), "metaworld:reach-v3", out=tmp_path / "two", resume=True, **run)
+    with pytest.raises(ConfigError, match=r"chunks of 8 actions \(its horizon\), so at most 8"):
+        evaluate(ChunkCounter(), "metaworld:reach-v3", action_steps=9, **run)

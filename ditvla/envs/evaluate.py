@@ -94,6 +94,9 @@ class EvalConfig:
             pixels, state and instruction in what the policy receives; levels small,
             medium, large (instruction also file). See ditvla.envs.perturbations.
         rewordings: a file of TASK<TAB>REWORDING lines, for --perturb instruction=file.
+        action_steps: how many of each chunk's actions run before the policy is asked
+            again, 1..its horizon (0: the policy's own n_action_steps). Fewer replan
+            more often, at more policy calls per episode.
     """
 
     episodes_per_task: int = 50
@@ -107,6 +110,7 @@ class EvalConfig:
     resume: bool = False
     perturb: str = ""
     rewordings: str = ""
+    action_steps: int = 0
 
     def __post_init__(self) -> None:
         parse_shard(self.shard)
@@ -116,6 +120,8 @@ class EvalConfig:
                 "--perturb instruction=file reads its rewordings from --rewordings FILE, "
                 "and --rewordings is for instruction=file only"
             )
+        if self.action_steps < 0:
+            raise ConfigError(f"action_steps must be >= 0, got {self.action_steps}")
         if self.episodes_per_task < 1 or self.workers < 1:
             raise ConfigError(
                 f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
@@ -398,7 +404,7 @@ def evaluate(
     nothing is written)."""
     config = replace(config or EvalConfig(), **settings)
     suite, tasks = parse_env(env_spec)
-    spec = policy.spec
+    spec = _acting_spec(policy.spec, config.action_steps)
     state_keys = _checked_state_keys(suite, spec)
     perturbation = Perturbation.parse(config.perturb)
     check_policy_reads(perturbation, spec.cameras, spec.state_dim)
@@ -415,6 +421,8 @@ def evaluate(
     }
     if perturbation:  # (absent unperturbed: runs written before perturbations still resume)
         observation["perturb"] = perturbation.name()
+    if config.action_steps:  # (absent at the policy's own, likewise)
+        observation["action_steps"] = spec.n_action_steps
     report = EvaluationReport(observation=observation)
     policy.reset()
     jobs = episode_jobs(tasks, config.episodes_per_task, config.seed_start, config.shard)
@@ -446,6 +454,18 @@ def evaluate(
     if out is not None:
         write_report(out, report)
     return report
+
+
+def _acting_spec(spec: PolicySpec, action_steps: int) -> PolicySpec:
+    """The policy's spec, executing ``action_steps`` of each chunk where that is set."""
+    if not action_steps:
+        return spec
+    if action_steps > spec.horizon:
+        raise ConfigError(
+            f"action_steps {action_steps}: the policy returns chunks of {spec.horizon} "
+            f"actions (its horizon), so at most {spec.horizon}"
+        )
+    return replace(spec, n_action_steps=action_steps)
 
 
 def evaluate_named_policy(

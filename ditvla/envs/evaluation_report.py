@@ -102,4 +102,5 @@ def describe_observation(observation: dict[str, Any]) -> str:
         f"cameras {cameras}, state {state} ({kind}), instruction"
         + (f"; probe: {probe.replace('_', ' ')}" if probe != "none" else "")
         + (f"; perturbed: {perturb}" if perturb else "")
+        + (f"; {steps} actions per chunk" if (steps := observation.get("action_steps")) else "")
     )
