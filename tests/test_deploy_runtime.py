@@ -390,11 +390,15 @@ def test_serve_and_robot_processes(policy_dir, tmp_path):
         assert json.loads((fourth / "summary.json").read_text())["ticks"] < 60 * 50
 
         # 4. the server dies mid-run: the robot holds (watchdog), ends cleanly, keeps its metrics
+        # (it runs until stopped, not for a fixed time: a loaded machine takes seconds to
+        # stop the server, and a robot run of a few seconds could end before the server did)
         third = tmp_path / "third"
-        controller = robot(address, third, "--duration-s", "4", "--max-steps", "1000")
+        controller = robot(address, third, "--duration-s", "600", "--max-steps", "100000")
         wait_for(lambda: catches(controller, signal.SIGTERM), "the robot's loop starts")
         assert stop(server) == 0
-        finished(controller)
+        time.sleep(3.0)  # 150 ticks at 50 Hz with no server
+        controller.send_signal(signal.SIGTERM)
+        finished(controller, timeout=30)
         rows = ticks(third)
         assert rows[-1]["executed"] in ("watchdog", "hold")
         assert sum(r["executed"] in ("watchdog", "hold") for r in rows) >= 50
