@@ -53,7 +53,9 @@ class PolicyConfig:
         state_keys: the data arrays that make up the state, in order.
         action_range: the training actions' per-dimension minimum and maximum.
         horizon: actions per chunk.
-        n_action_steps: actions executed per chunk before the next (0: half the horizon).
+        n_action_steps: actions executed per chunk before the next (0: a quarter of the
+            horizon, 4 of 16: replanning that often found Meta-World's goals and LIBERO's
+            objects more often than half the horizon did, docs/benchmarks.md).
         objective: flow_matching (Euler sampling) or ddpm (DDIM sampling).
         num_inference_steps: denoising steps per chunk at inference.
         num_train_timesteps: ddpm: the training noise levels.
@@ -137,7 +139,7 @@ class PolicyConfig:
                 f"auxiliary_pooling must be mean or attention, got {self.auxiliary_pooling!r}"
             )
         if self.n_action_steps == 0:
-            self.n_action_steps = max(1, self.horizon // 2)
+            self.n_action_steps = max(1, self.horizon // 4)
         if not 1 <= self.n_action_steps <= self.horizon:
             raise ConfigError(
                 f"n_action_steps must be in 1..horizon ({self.horizon}), got {self.n_action_steps}"
