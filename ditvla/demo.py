@@ -28,6 +28,7 @@ from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
 from ditvla.envs.metaworld_env import COLOUR_REACH
 from ditvla.envs.robustness import profile_markdown, robustness_profile, success
+from ditvla.policies.config import PolicyConfig
 from ditvla.training.step_calibration import CalibrateConfig, calibrate_steps, write_steps
 from ditvla.training.trainer import TrainConfig, train
 
@@ -214,7 +215,8 @@ def run_demo(
             for arm, r in profile.items()
         }
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = _report_markdown(recipe, quick, report, result, commands, calibration)
+    policy = load_policy(final).config
+    markdown = _report_markdown(recipe, quick, report, result, commands, calibration, policy)
     if profile is not None:
         markdown += _robustness_markdown(profile)
     (out / "report.md").write_text(markdown)
@@ -268,8 +270,41 @@ def _state_note(report) -> str:
     return " No object pose, no goal: what the policy knows of the scene it sees."
 
 
+def _policy_description(policy: PolicyConfig) -> str:
+    """What the saved policy is, from its config: its eyes, words and action head."""
+    backbone, head = policy.backbone, policy.head
+    eyes = (
+        f"its eyes the frozen ImageNet-pretrained {backbone.vision_encoder}"
+        if backbone.vision_encoder
+        else "its vision transformer trained from scratch"
+    )
+    words = (
+        f"the frozen {backbone.instruction_reader} reading the instruction"
+        if backbone.instruction_reader
+        else "a byte-level tokenizer"
+    )
+    conditioning = {"cross_attention": "cross-attention + adaLN", "in_context": "in-context"}
+    vlm = (
+        f"the pretrained VLM of {backbone.pretrained_path}"
+        if backbone.pretrained_path
+        else f"a small {backbone.family} VLM ({eyes}; its language model trained from scratch, "
+        f"{words})"
+    )
+    return (
+        f"{vlm} and a DiT action head ({conditioning[head.conditioning]}, "
+        f"{policy.objective.replace('_', ' ')}, {policy.horizon}-action chunks, "
+        f"{policy.n_action_steps} executed per chunk)"
+    )
+
+
 def _report_markdown(
-    recipe: DemoRecipe, quick: bool, report, result: dict, commands: list[str], calibration
+    recipe: DemoRecipe,
+    quick: bool,
+    report,
+    result: dict,
+    commands: list[str],
+    calibration,
+    policy: PolicyConfig,
 ) -> str:
     c, t, e = recipe.collect, recipe.train, recipe.evaluate
     stages = result["stage_minutes"]
@@ -287,9 +322,7 @@ train {stages["train"]:.1f}, eval {stages["eval"]:.1f}.
   only the instruction says which ball to reach.
 - **What the policy read**: {describe_observation(report.summary()["observation"])}; the
   cameras at {c.image_size}x{c.image_size}.{_state_note(report)}
-- **Policy**: the `tiny` preset — a tiny Idefics3-architecture VLM with random initial
-  weights and a byte-level tokenizer, and a DiT action head (cross-attention + adaLN,
-  flow matching, 16-step chunks, 8 executed per chunk), trained from scratch for
+- **Policy**: the `{t.preset}` preset — {_policy_description(policy)}, trained for
   {t.steps} steps at batch {t.batch_size}, peak learning rate {t.lr:g}; it samples with
   {calibration.chosen_steps} denoising step(s), the fewest whose action error on
   {calibration.frames} held-out frames stays within {calibration.tolerance:.0%} of its

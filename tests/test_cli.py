@@ -100,6 +100,9 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     assert policy_config["step_calibration"]["chosen_steps"] == report["num_inference_steps"]
     text = (demo / "report.md").read_text()
     assert text.startswith("# ditvla demo report") and "proprioception only" in text
+    n_action_steps = policy_config["policy"]["n_action_steps"]  # the report says what ran
+    assert "its eyes the frozen ImageNet-pretrained efficientnet-lite0" in text
+    assert f"16-action chunks, {n_action_steps} executed per chunk" in text
     assert (demo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(demo.glob("*.mp4"))) == 7
     # --robustness: the same episodes under every axis at its moderate level
