@@ -219,3 +219,19 @@ def test_a_goal_without_an_expert_is_refused_before_writing_anything(tmp_path):
             "libero:90/0", tmp_path / "x.zarr", episodes_per_task=1, progress=False
         )
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_drawer_the_goal_opens_before_filling_it_is_opened_once():
+    """LIBERO-90's 90/8 asks for the top drawer open and the bowl in it: one opening."""
+    from ditvla.envs.libero_experts import PullDrawer
+
+    env = LiberoEnv("libero_90/8", cameras=())
+    try:
+        env.reset(seed=100_000)
+        env.expert_action()
+        goal = env._env.env.parsed_problem["goal_state"]
+        assert [p[0].lower() for p in goal] == ["open", "in"]
+        openings = [part for part, _ in env._expert.steps if isinstance(part, PullDrawer)]
+        assert len(openings) == 1
+    finally:
+        env.close()

@@ -551,6 +551,7 @@ class LiberoExpert:
         for predicate in domain.parsed_problem["goal_state"]:
             self.steps += self._steps(list(predicate))  # refuses what it cannot do
         self._drag_before_opening()
+        self._open_each_drawer_once()
         self.current = 0
 
     def _drag_before_opening(self) -> None:
@@ -563,6 +564,20 @@ class LiberoExpert:
                 if isinstance(other, PullDrawer) and other.body == part.drawer_body:
                     self.steps.insert(earlier, self.steps.pop(index))
                     break
+
+    def _open_each_drawer_once(self) -> None:
+        """Drop a drawer's opening when an earlier step opens it: a goal that opens the
+        drawer and then puts something in it (Open, then In) asks for it twice, and a
+        second opening grips the open drawer's handle and pulls again for nothing."""
+        opened: set[str] = set()
+        steps = []
+        for part, done in self.steps:
+            if isinstance(part, PullDrawer):
+                if part.body in opened:
+                    continue
+                opened.add(part.body)
+            steps.append((part, done))
+        self.steps = steps
 
     def _holds(self, predicate: list[str]) -> Callable[[], bool]:
         return lambda: bool(self.domain._eval_predicate(predicate))
