@@ -172,7 +172,8 @@ def run_demo(
     calibration = calibrate_steps(load_policy(final), store, recipe.calibration)
     write_steps(final, calibration)
     t_train = time.perf_counter()
-    report = evaluate(load_policy(final), recipe.env, recipe.evaluate, out=evaluation)
+    trained = load_policy(final)
+    report = evaluate(trained, recipe.env, recipe.evaluate, out=evaluation)
     t_eval = time.perf_counter()
     profile = _robustness(recipe, final, report, out) if robustness else None
 
@@ -215,8 +216,9 @@ def run_demo(
             for arm, r in profile.items()
         }
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    policy = load_policy(final).config
-    markdown = _report_markdown(recipe, quick, report, result, commands, calibration, policy)
+    markdown = _report_markdown(
+        recipe, quick, report, result, commands, calibration, trained.config
+    )
     if profile is not None:
         markdown += _robustness_markdown(profile)
     (out / "report.md").write_text(markdown)
