@@ -86,7 +86,13 @@ class RecordingPolicy(DiTVLAPolicy):
 
 def test_a_diffusion_policys_rollouts_do_not_depend_on_batching():
     config = PolicyConfig.preset(
-        "tiny", cameras=["corner"], image_size=32, state_dim=39, action_dim=4, horizon=8
+        "tiny",
+        cameras=["corner"],
+        image_size=32,
+        state_dim=39,
+        action_dim=4,
+        horizon=8,
+        n_action_steps=4,  # three chunks in 12 steps
     )
     torch.manual_seed(0)
     policy = RecordingPolicy(config).eval()
