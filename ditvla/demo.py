@@ -285,15 +285,17 @@ def _policy_description(policy: PolicyConfig) -> str:
         if backbone.instruction_reader
         else "a byte-level tokenizer"
     )
-    conditioning = {"cross_attention": "cross-attention + adaLN", "in_context": "in-context"}
+    conditioning = {"cross_attention": "cross-attention + adaLN"}.get(
+        head.conditioning, head.conditioning.replace("_", "-")
+    )
     vlm = (
         f"the pretrained VLM of {backbone.pretrained_path}"
         if backbone.pretrained_path
-        else f"a small {backbone.family} VLM ({eyes}; its language model trained from scratch, "
-        f"{words})"
+        else f"a VLM of the {backbone.family} architecture built from its config ({eyes}; "
+        f"its language model trained from scratch, {words})"
     )
     return (
-        f"{vlm} and a DiT action head ({conditioning[head.conditioning]}, "
+        f"{vlm} and a DiT action head ({conditioning}, "
         f"{policy.objective.replace('_', ' ')}, {policy.horizon}-action chunks, "
         f"{policy.n_action_steps} executed per chunk)"
     )
