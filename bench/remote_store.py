@@ -8,12 +8,14 @@ DataLoader with the same workers for each source. Four sources, one store: the f
 read through zarr and fsspec, as a store by URL is read), ``s3://`` read from the server
 at every sample (over HTTP to the local server, which shares the machine's cores with the
 loader), and ``s3://`` as ``ditvla train`` reads it, keeping each object in the run's
-cache folder: timed over its first epoch (every frame fetched once) and after it.
+cache folder: timed over its first epoch (every frame fetched once) and after it. Then the
+same store packed for object storage (``ditvla dataset pack``: many frames of a camera per
+object), uploaded and read as a run reads it, over its first epoch and after it.
 
-    python -m bench.remote_store [--workers 2] [--batches 20]
+    python -m bench.remote_store [--workers 2] [--batches 20] [--frames-per-object 256]
 
 Last line: ``remote loader vs local: <X>x; kept by the run <Y>x after its first epoch
-(<Z>x during it)``.
+(<Z>x during it); packed <P>x during its first epoch, <Q>x after; upload <U>x faster``.
 """
 
 from __future__ import annotations
@@ -37,21 +39,37 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_loader_arguments(parser, batches=20)
+    parser.add_argument(
+        "--frames-per-object",
+        type=int,
+        default=None,
+        help="for the packed copy (default: ditvla's)",
+    )
     args = parser.parse_args(argv)
 
     import fsspec.config
 
+    from ditvla.datasets.store_layout import FRAMES_PER_OBJECT
+    from ditvla.datasets.store_packing import pack_store
     from ditvla.datasets.torch_dataset import ReplayBufferDataset
 
+    frames_per_object = args.frames_per_object or FRAMES_PER_OBJECT
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ditvla_bench_"))
     store = workdir / "bench.zarr"
     write_episodes(store, args.episodes, args.length, args.size)
+    packed = workdir / "packed.zarr"
+    pack_store(store, packed, frames_per_object=frames_per_object, overwrite=True, progress=False)
     with s3_server() as server:
-        start = time.perf_counter()
-        url = server.upload(store, "bench/bench.zarr")
+        upload_s, urls = {}, {}
+        for name, folder in (("bench", store), ("packed", packed)):
+            start = time.perf_counter()
+            urls[name] = server.upload(folder, f"bench/{name}.zarr")
+            upload_s[name] = time.perf_counter() - start
+        url = urls["bench"]
         print(
             f"{args.episodes} episodes x {args.length} frames, 2 cameras {args.size}x{args.size}: "
-            f"uploaded to {server.endpoint} in {time.perf_counter() - start:.1f} s"
+            f"uploaded to {server.endpoint} in {upload_s['bench']:.1f} s, packed "
+            f"({frames_per_object} frames per object) in {upload_s['packed']:.1f} s"
         )
         fsspec.config.conf["s3"] = server.storage_options()  # the workers inherit it
         os.environ["DITVLA_CACHE"] = str(workdir / "machine")  # statistics without a run
@@ -66,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
             batches = loader(dataset, args.batch_size, args.workers)
             report(name, samples_per_second(batches, args.batches))
         # as a training run reads it: objects kept in the run's cache folder
-        kept = ReplayBufferDataset(url, n_obs_steps=2, horizon=16, cache_dir=workdir / "run")
-        epoch = len(kept) // args.batch_size
-        batches = loader(kept, args.batch_size, args.workers)
-        report("s3://, first epoch", samples_per_second(batches, epoch - 1, warmup=1))
-        report("s3://, kept by the run", samples_per_second(batches, args.batches))
+        for name, source in (("s3://", "bench"), ("s3:// packed", "packed")):
+            run = workdir / f"run_{source}"
+            kept = ReplayBufferDataset(urls[source], n_obs_steps=2, horizon=16, cache_dir=run)
+            epoch = len(kept) // args.batch_size
+            batches = loader(kept, args.batch_size, args.workers)
+            report(f"{name}, first epoch", samples_per_second(batches, epoch - 1, warmup=1))
+            report(f"{name}, kept by the run", samples_per_second(batches, args.batches))
     print(
         f"workers {args.workers}, batch {args.batch_size}, {args.batches} timed batches each "
         f"(the first epoch: {epoch}), torch threads {torch.get_num_threads()}"
@@ -79,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"remote loader vs local: {rates['s3://'] / local:.2f}x; kept by the run "
         f"{rates['s3://, kept by the run'] / local:.2f}x after its first epoch "
-        f"({rates['s3://, first epoch'] / local:.2f}x during it)"
+        f"({rates['s3://, first epoch'] / local:.2f}x during it); packed "
+        f"{rates['s3:// packed, first epoch'] / local:.2f}x during its first epoch, "
+        f"{rates['s3:// packed, kept by the run'] / local:.2f}x after; upload "
+        f"{upload_s['bench'] / upload_s['packed']:.1f}x faster"
     )
 
 

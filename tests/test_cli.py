@@ -48,6 +48,16 @@ def test_dataset_info_check_fails_on_damage(small_store, capsys):
     assert "chunk file" in capsys.readouterr().out
 
 
+def test_dataset_pack_writes_a_copy_with_many_frames_per_object(small_store, tmp_path, capsys):
+    out = tmp_path / "packed.zarr"
+    args = ["dataset", "pack", str(small_store), "--out", str(out), "--frames-per-object", "4"]
+    assert main(args) == 0
+    assert "16 frames; 4 frames per object: 4 objects per camera" in capsys.readouterr().out
+    assert main(["dataset", "info", str(out), "--check", "--no-stats"]) == 0
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "already exists (pass --overwrite" in refused.stderr
+
+
 def test_errors_are_one_line_without_traceback(tmp_path):
     out = run_cli("dataset", "info", str(tmp_path / "nothing.zarr"))
     assert out.returncode == 2

@@ -116,6 +116,39 @@ def test_a_run_reads_each_object_from_the_server_once(configured, tmp_path):
     np.testing.assert_array_equal(again, first[::-1])
 
 
+def test_a_packed_store_is_fetched_one_shard_at_a_time_and_kept_whole(configured, tmp_path):
+    """A store packed for object storage (``ditvla dataset pack``, 8 frames per object)
+    reads from the bucket as its source's folder does; a run keeps each shard whole once
+    any of its frames is read (4 objects for 30 frames), so after the bucket has lost the
+    frames, every frame still reads from the run's folder."""
+    import s3fs
+
+    from ditvla.datasets.store_packing import pack_store
+
+    server, _, local = configured
+    packed = pack_store(local, tmp_path / "packed.zarr", frames_per_object=8, progress=False)
+    url = server.upload(packed.path, "bucket/packed.zarr")
+    folder = ReplayBuffer.open(local)
+    frames = list(range(folder.n_frames))
+    run_cache = tmp_path / "run" / "cache"
+    remote = ReplayBuffer.open(url, cache_dir=run_cache)
+    np.testing.assert_array_equal(
+        remote.read_frames("cam", [0, 9, 29]), folder.read_frames("cam", [0, 9, 29])
+    )
+    kept = objects_folder(url, run_cache) / "data" / "cam"
+    assert len(list(kept.rglob("c/*/*/*/*"))) == 3  # the shards of frames 0, 9 and 29
+    np.testing.assert_array_equal(remote.read_all("action"), folder.read_all("action"))
+
+    bucket = s3fs.S3FileSystem(**server.storage_options(), skip_instance_cache=True)
+    remote.read_frames("cam", [17])  # the fourth shard
+    bucket.rm("bucket/packed.zarr/data/cam", recursive=True)
+    again = ReplayBuffer.open(url, cache_dir=run_cache)
+    np.testing.assert_array_equal(
+        again.read_frames("cam", frames), folder.read_frames("cam", frames)
+    )
+    assert len(list(kept.rglob("c/*/*/*/*"))) == 4
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

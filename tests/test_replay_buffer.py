@@ -246,6 +246,52 @@ def test_truncated_and_missing_low_dim_chunks(small_store):
         buffer.read_all("action")
 
 
+def test_a_packed_copy_reads_as_its_source_with_many_frames_per_file(small_store, tmp_path):
+    """``ditvla dataset pack``: the copy holds 4 frames of a camera per file (a zarr shard)
+    and reads as its source does; a damaged shard is named; an interrupted pack leaves no
+    store at ``out``, and a second run replaces what it left."""
+    from ditvla.datasets import store_packing
+
+    ReplayBuffer.open(small_store, mode="a").set_attrs(note="kept")
+    source = ReplayBuffer.open(small_store)
+    out = tmp_path / "packed.zarr"
+    packed = store_packing.pack_store(small_store, out, frames_per_object=4, progress=False)
+    for key in source.keys:
+        np.testing.assert_array_equal(packed.read_all(key), source.read_all(key))
+    np.testing.assert_array_equal(
+        packed.read_frames("wrist", [15, 0, 7]), source.read_frames("wrist", [15, 0, 7])
+    )
+    assert packed.attrs == source.attrs and packed.tasks == source.tasks
+    assert packed.episode_seed.tolist() == source.episode_seed.tolist()
+    assert sorted(p.name for p in (out / "data" / "front" / "c").iterdir()) == list("0123")
+    assert packed.check() == []
+    with pytest.raises(DatasetError, match="already exists"):
+        store_packing.pack_store(small_store, out, progress=False)
+
+    (out / "data" / "front" / "c" / "2" / "0" / "0" / "0").unlink()  # frames 8-11
+    problems = ReplayBuffer.open(out).check()
+    assert len(problems) == 1 and "c/2/0/0/0 is missing" in problems[0]
+
+    reads = []
+    read = ReplayBuffer.read
+
+    def failing(self, key, start, stop):  # the third block read fails: two were written
+        reads.append(key)
+        if len(reads) == 3:
+            raise OSError("disk full")
+        return read(self, key, start, stop)
+
+    again = tmp_path / "again.zarr"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReplayBuffer, "read", failing)
+        with pytest.raises(OSError, match="disk full"):
+            store_packing.pack_store(small_store, again, progress=False)
+    assert not again.exists() and (tmp_path / "again.zarr.partial").exists()
+    packed = store_packing.pack_store(small_store, again, frames_per_object=3, progress=False)
+    np.testing.assert_array_equal(packed.read_all("front"), source.read_all("front"))
+    assert not (tmp_path / "again.zarr.partial").exists()
+
+
 def test_newer_format_version_is_refused(small_store):
     group = zarr.open_group(str(small_store), mode="r+")
     group.attrs["format_version"] = 99

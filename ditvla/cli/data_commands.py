@@ -79,6 +79,21 @@ def run_dataset_split_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dataset_pack(args: argparse.Namespace) -> int:
+    from ditvla.datasets.store_packing import pack_store
+
+    packed = pack_store(
+        args.path, args.out, frames_per_object=args.frames_per_object, overwrite=args.overwrite
+    )
+    objects = -(-packed.n_frames // args.frames_per_object)
+    print(
+        f"{args.out}: {packed.n_episodes} episodes, {packed.n_frames} frames; "
+        f"{args.frames_per_object} frames per object: {objects} objects per camera "
+        f"({', '.join(packed.cameras) or 'no cameras'}) where the source had {packed.n_frames}"
+    )
+    return 0
+
+
 def add_dataset(commands: Commands, configured: bool) -> None:
     dataset = commands.add_parser("dataset", help="inspect zarr replay buffers")
     actions = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
@@ -105,6 +120,30 @@ def add_dataset(commands: Commands, configured: bool) -> None:
         "it, for every frame; data/state stays, so nothing is lost.",
     )
     split.add_argument("path", help="a Meta-World zarr replay buffer")
+    pack = add_command(
+        actions,
+        "pack",
+        run_dataset_pack,
+        "copy a store laid out for object storage (many frames per object)",
+        "Write a copy of a store whose camera arrays hold --frames-per-object frames per "
+        "object (zarr sharding), for uploading to an object store (s3://...): a store as "
+        "collect writes it has one object per frame, one request each to upload and to "
+        "read. The copy reads as the source does; a training run fetches each object once "
+        "and keeps it. Keep the source for local training: one frame per file reads "
+        "fastest from a disk.",
+    )
+    pack.add_argument("path", help="the store to copy (a folder or a URL)")
+    pack.add_argument("--out", required=True, help="the folder to write the copy to")
+    pack.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    if configured:
+        from ditvla.datasets.store_layout import FRAMES_PER_OBJECT
+
+        pack.add_argument(
+            "--frames-per-object",
+            type=int,
+            default=FRAMES_PER_OBJECT,
+            help="frames of one camera per object (default: %(default)s)",
+        )
 
 
 # ---------------------------------------------------------------------- convert

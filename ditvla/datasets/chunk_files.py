@@ -71,14 +71,15 @@ def _blosc_size_problem(header: bytes, size: int) -> str | None:
 def chunk_file_problems(array: zarr.Array, start: int, stop: int) -> list[str]:
     """Missing or truncated chunk files behind rows ``start:stop`` of a local array.
 
-    Only the Blosc header of each file is read. Arrays of other stores pass unchecked.
+    Only the Blosc header of each file is read (a shard's file, which is not one Blosc
+    buffer, is only checked to be there). Arrays of other stores pass unchecked.
     """
     store = array.store_path.store
     if not isinstance(store, LocalStore) or stop <= start or array.ndim == 0:
         return []
     folder = Path(store.root) / array.store_path.path
     blosc_coded = _direct_codec(array) == "blosc"
-    rows = array.chunks[0]
+    rows = (array.shards or array.chunks)[0]  # the rows of one file: a shard's, or a chunk's
     zeros = (0,) * (array.ndim - 1)
     problems = []
     for i in range(start // rows, (stop - 1) // rows + 1):

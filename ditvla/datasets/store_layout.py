@@ -25,6 +25,9 @@ PENDING_ARRAYS = "pending_arrays"  # the names of an add_arrays
 # 1.6x slower through zarr and cannot take the direct path). Low-dimensional arrays are
 # read whole into memory by the sampler, so they get large chunks.
 LOW_DIM_CHUNK_ROWS = 4096
+# A copy for object storage (ditvla dataset pack): this many frames of a camera per object
+# (a zarr shard of one-frame chunks), one request where the folder's layout makes as many.
+FRAMES_PER_OBJECT = 256
 META_CHUNK_ROWS = 4096
 
 

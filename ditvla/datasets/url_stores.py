@@ -13,21 +13,25 @@ statistics, optical-flow targets) is kept in a folder of its own per URL: a trai
 ``<out>/cache/`` (:func:`cache_folder` with the run's ``cache_dir``), else this machine's
 ``$DITVLA_CACHE`` (default ``~/.cache/ditvla``).
 
-A training run also keeps each object it reads from the store (a frame's chunk, metadata)
-in that folder, through zarr's own cache store over a local folder: a frame crosses the
-network once per run, and every later read of it (a training run reads each frame tens of
-times) is a local file. Objects are written there atomically (zarr's local store), so
+A training run also keeps each object it reads from the store (a frame's chunk, a shard
+of many frames, metadata) in that folder, whole (:class:`KeptObjects`): an object crosses
+the network once per run, and every later read of it (a training run reads each frame tens
+of times) is a local file. Objects are written there atomically (zarr's local store), so
 loader processes share the folder safely and an interrupted run leaves no torn copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+from zarr.abc.store import Store
+from zarr.storage import WrapperStore
 
 from ditvla.datasets.errors import DatasetError
 
@@ -47,7 +51,6 @@ def open_url_store(url: str, kept: Path | None = None) -> Any:
     connected (:func:`_connect`): an unreachable server or refused credentials raise here.
     With ``kept`` (a local folder: :func:`objects_folder`), each object is read from the
     server once and from that folder after."""
-    from zarr.experimental.cache_store import CacheStore
     from zarr.storage import FsspecStore, LocalStore
 
     try:
@@ -65,7 +68,7 @@ def open_url_store(url: str, kept: Path | None = None) -> Any:
         ) from None
     if kept is None:
         return store
-    return CacheStore(store, cache_store=LocalStore(kept), max_age_seconds="infinity")
+    return KeptObjects(store, LocalStore(kept))
 
 
 # The filesystems this process has connected, by id (fsspec keeps one per set of options
@@ -144,3 +147,57 @@ def objects_folder(url: str, cache_dir: str | Path) -> Path:
     """Where a run keeping its derived data under ``cache_dir`` keeps the objects it read
     from the store at ``url``."""
     return cache_folder(url, cache_dir) / "objects"
+
+
+class KeptObjects(WrapperStore):
+    """A zarr store (``store``: the server's) read through the local zarr store ``kept``:
+    each object is fetched whole the first time any part of it is read, written to
+    ``kept``, and every read of it after (whole or a byte range) is served from there.
+
+    zarr's own cache store keeps only what was asked for, and a sharded array is read by
+    byte ranges of its shard (the index, then one frame): it would fetch a shard's frames
+    one request each and keep the ranges in memory only, so every loader process and
+    every epoch would fetch them again. Fetched whole, a shard of 256 frames is one
+    request per run."""
+
+    def __init__(self, store: Store, kept: Store):
+        super().__init__(store)
+        self._kept = kept
+        self._fetching: dict[str, asyncio.Future] = {}  # one fetch per object in flight
+
+    def _with_store(self, store: Store) -> KeptObjects:
+        return type(self)(store, self._kept)
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        return False  # zarr's synchronous reads would go around the kept folder
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        value = await self._kept.get(key, prototype, byte_range)
+        if value is not None:
+            return value
+        if await self._fetched(key, prototype) is None:
+            return None
+        return await self._kept.get(key, prototype, byte_range)
+
+    async def _fetched(self, key: str, prototype: Any) -> Any:
+        """The whole object ``key``, fetched once however many reads wait for it."""
+        pending = self._fetching.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(key, prototype))
+            self._fetching[key] = pending
+            pending.add_done_callback(lambda _: self._fetching.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, key: str, prototype: Any) -> Any:
+        value = await self._store.get(key, prototype)
+        if value is not None:
+            await self._kept.set(key, value)
+        return value
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    # zarr's coalescing range reader, over get above (the wrapped store's own would read
+    # around the kept folder)
+    get_ranges = Store.get_ranges

@@ -1,0 +1,107 @@
+"""A copy of a store laid out for object storage: many frames per object (zarr sharding).
+
+A store as ``ditvla collect`` writes it holds one frame per chunk file, the layout a local
+disk reads fastest (:mod:`~ditvla.datasets.chunk_files`). On an object store each of those
+files is one object: uploading a store of 35,000 frames is 70,000 requests for two cameras,
+and a training run's first epoch fetches every frame with a request of its own.
+:func:`pack_store` writes a copy whose camera arrays hold :data:`FRAMES_PER_OBJECT` frames
+per object (a zarr shard of one-frame chunks: zarr still reads one frame by a byte range,
+and a run keeps each shard whole, :class:`~ditvla.datasets.url_stores.KeptObjects`); the
+other arrays are copied as they are. The copy reads as its source does, in every array,
+attribute and task.
+
+The copy is written under ``<out>.partial`` and moved to ``out`` when it is complete, so an
+interrupted pack never leaves a store that looks whole; running it again starts over.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import zarr
+from tqdm.auto import tqdm
+
+from ditvla.datasets.errors import DatasetError
+from ditvla.datasets.replay_buffer import ReplayBuffer
+from ditvla.datasets.store_layout import (
+    FRAMES_PER_OBJECT,
+    LOW_DIM_CHUNK_ROWS,
+    PENDING_APPEND,
+    PENDING_ARRAYS,
+    blosc_zstd,
+    create_store_group,
+)
+
+
+def pack_store(
+    source: str | Path,
+    out: str | Path,
+    *,
+    frames_per_object: int = FRAMES_PER_OBJECT,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ReplayBuffer:
+    """Copy the store at ``source`` (a folder or a URL) to the folder ``out`` with
+    ``frames_per_object`` frames of each camera per object; the copy, opened."""
+    if frames_per_object < 1:
+        raise DatasetError(f"frames_per_object must be at least 1, got {frames_per_object}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DatasetError(f"{out}: already exists (pass --overwrite to replace it)")
+    buffer = ReplayBuffer.open(source)
+    if Path(str(source)).resolve() == out.resolve():
+        raise DatasetError(f"{out}: is the store being packed; write the copy elsewhere")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    root = _empty_copy(buffer, partial)
+    frames = buffer.n_frames
+    with tqdm(
+        total=frames * len(buffer.keys), desc="pack", unit="frame", disable=not progress
+    ) as bar:
+        for key in buffer.keys:
+            shape = (frames, *buffer.shape(key))
+            camera = key in buffer.cameras
+            rows = frames_per_object if camera else LOW_DIM_CHUNK_ROWS
+            array = root["data"].create_array(
+                key,
+                shape=shape,
+                dtype=buffer.dtype(key),
+                chunks=(1 if camera else rows, *shape[1:]),
+                shards=(rows, *shape[1:]) if camera else None,
+                compressors=blosc_zstd(),
+            )
+            for start in range(0, frames, rows):
+                stop = min(start + rows, frames)
+                array[start:stop] = buffer.read(key, start, stop)
+                bar.update(stop - start)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return ReplayBuffer.open(out)
+
+
+def _empty_copy(buffer: ReplayBuffer, path: Path) -> zarr.Group:
+    """A store at ``path`` with ``buffer``'s attributes, tasks and episodes, no data yet."""
+    attrs = buffer.attrs
+    root = create_store_group(
+        path,
+        fps=buffer.fps,
+        cameras=buffer.cameras,
+        state_keys=buffer.state_keys,
+        privileged_keys=buffer.privileged_keys,
+        action_space=attrs.get("action_space", ""),
+        source=attrs.get("source", ""),
+    )
+    kept = {k: v for k, v in attrs.items() if k not in (PENDING_APPEND, PENDING_ARRAYS)}
+    root.attrs.put({**root.attrs, **kept})
+    meta = root["meta"]
+    meta.attrs["tasks"] = [task.__dict__ for task in buffer.tasks]
+    for name, values in (
+        ("episode_ends", buffer.episode_ends),
+        ("episode_task_index", buffer.episode_task_index),
+        ("episode_seed", buffer.episode_seed),
+    ):
+        meta[name].resize(values.shape)
+        meta[name][:] = values
+    return root
