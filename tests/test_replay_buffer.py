@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import make_episode
+from conftest import make_episode, write_store
 
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
@@ -263,10 +263,23 @@ def test_a_packed_copy_reads_as_its_source_with_many_frames_per_file(small_store
     )
     assert packed.attrs == source.attrs and packed.tasks == source.tasks
     assert packed.episode_seed.tolist() == source.episode_seed.tolist()
+    assert packed.array("front").shards == (4, 16, 16, 3)
+    assert packed.array("front").chunks == (1, 16, 16, 3)
     assert sorted(p.name for p in (out / "data" / "front" / "c").iterdir()) == list("0123")
     assert packed.check() == []
     with pytest.raises(DatasetError, match="already exists"):
         store_packing.pack_store(small_store, out, progress=False)
+    for inside in (small_store / "inside.zarr", small_store.parent):
+        with pytest.raises(DatasetError, match="lies inside the store being packed"):
+            store_packing.pack_store(small_store, inside, overwrite=True, progress=False)
+    assert ReplayBuffer.open(small_store).n_frames == 16
+
+    single = tmp_path / "single.zarr"
+    write_store(single, [6])  # one task: the task index is a chunk of zeros, written too
+    copy = store_packing.pack_store(single, out, overwrite=True, progress=False)
+    assert copy.episode_task_index.tolist() == [0] and copy.n_frames == 6 and copy.check() == []
+    assert not (tmp_path / "packed.zarr.replaced").exists()
+    store_packing.pack_store(small_store, out, frames_per_object=4, overwrite=True, progress=False)
 
     (out / "data" / "front" / "c" / "2" / "0" / "0" / "0").unlink()  # frames 8-11
     problems = ReplayBuffer.open(out).check()

@@ -11,7 +11,11 @@ other arrays are copied as they are. The copy reads as its source does, in every
 attribute and task.
 
 The copy is written under ``<out>.partial`` and moved to ``out`` when it is complete, so an
-interrupted pack never leaves a store that looks whole; running it again starts over.
+interrupted pack never leaves a store that looks whole; running it again starts over. A
+store it replaces (``overwrite``) is moved aside first and deleted only once the copy is
+in place. The copy is always a ditvla store (zarr v3), also from a diffusion-policy zarr v2
+source: the other arrays are rechunked to the usual rows and compressed as ``collect``
+compresses them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ditvla.datasets.store_layout import (
     blosc_zstd,
     create_store_group,
 )
+from ditvla.datasets.url_stores import is_url
 
 
 def pack_store(
@@ -46,15 +51,36 @@ def pack_store(
     ``frames_per_object`` frames of each camera per object; the copy, opened."""
     if frames_per_object < 1:
         raise DatasetError(f"frames_per_object must be at least 1, got {frames_per_object}")
-    out = Path(out)
+    out = Path(out).absolute()
+    if not is_url(source):
+        here = Path(source).absolute()
+        if out == here or out.is_relative_to(here) or here.is_relative_to(out):
+            raise DatasetError(
+                f"{out}: is, holds or lies inside the store being packed ({here}); write "
+                "the copy elsewhere"
+            )
     if out.exists() and not overwrite:
         raise DatasetError(f"{out}: already exists (pass --overwrite to replace it)")
     buffer = ReplayBuffer.open(source)
-    if Path(str(source)).resolve() == out.resolve():
-        raise DatasetError(f"{out}: is the store being packed; write the copy elsewhere")
-    partial = out.with_name(out.name + ".partial")
+    partial, replaced = (out.with_name(out.name + suffix) for suffix in (".partial", ".replaced"))
     shutil.rmtree(partial, ignore_errors=True)
-    root = _empty_copy(buffer, partial)
+    # every chunk written, zeros too: a chunk file missing is damage to this store's readers
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        root = _empty_copy(buffer, partial)
+        _copy_arrays(buffer, root, frames_per_object, progress)
+    if out.exists():  # moved aside, not deleted, until the copy is in place
+        shutil.rmtree(replaced, ignore_errors=True)
+        out.rename(replaced)
+    partial.rename(out)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return ReplayBuffer.open(out)
+
+
+def _copy_arrays(
+    buffer: ReplayBuffer, root: zarr.Group, frames_per_object: int, progress: bool
+) -> None:
+    """``buffer``'s committed frames into ``root``: cameras ``frames_per_object`` frames per
+    shard of one-frame chunks, the other arrays in chunks of the store's usual rows."""
     frames = buffer.n_frames
     with tqdm(
         total=frames * len(buffer.keys), desc="pack", unit="frame", disable=not progress
@@ -75,10 +101,6 @@ def pack_store(
                 stop = min(start + rows, frames)
                 array[start:stop] = buffer.read(key, start, stop)
                 bar.update(stop - start)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return ReplayBuffer.open(out)
 
 
 def _empty_copy(buffer: ReplayBuffer, path: Path) -> zarr.Group:

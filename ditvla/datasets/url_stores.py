@@ -158,12 +158,15 @@ class KeptObjects(WrapperStore):
     byte ranges of its shard (the index, then one frame): it would fetch a shard's frames
     one request each and keep the ranges in memory only, so every loader process and
     every epoch would fetch them again. Fetched whole, a shard of 256 frames is one
-    request per run."""
+    request (per loader process that reads it before another has kept it). Listing and
+    ``exists`` still ask the server."""
 
     def __init__(self, store: Store, kept: Store):
         super().__init__(store)
         self._kept = kept
-        self._fetching: dict[str, asyncio.Future] = {}  # one fetch per object in flight
+        # the fetch in flight per object, of this process (a forked loader has its own loop)
+        self._fetching: dict[str, asyncio.Future] = {}
+        self._pid = os.getpid()
 
     def _with_store(self, store: Store) -> KeptObjects:
         return type(self)(store, self._kept)
@@ -182,6 +185,8 @@ class KeptObjects(WrapperStore):
 
     async def _fetched(self, key: str, prototype: Any) -> Any:
         """The whole object ``key``, fetched once however many reads wait for it."""
+        if os.getpid() != self._pid:  # futures of the parent's loop never resolve here
+            self._fetching, self._pid = {}, os.getpid()
         pending = self._fetching.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._fetch(key, prototype))
@@ -196,8 +201,15 @@ class KeptObjects(WrapperStore):
         return value
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
-        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+        reads = [self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+        return list(await asyncio.gather(*reads))
 
-    # zarr's coalescing range reader, over get above (the wrapped store's own would read
-    # around the kept folder)
+    async def getsize(self, key: str) -> int:
+        if await self._kept.exists(key):
+            return await self._kept.getsize(key)
+        return await self._store.getsize(key)
+
+    # zarr's own readers of many keys or ranges, over get above (the wrapped store's would
+    # read around the kept folder)
+    _get_many = Store._get_many
     get_ranges = Store.get_ranges
