@@ -7,7 +7,10 @@ batch 32, AdamW. Matched size: SmolVLA's VLM is a SmolVLM2-style model built off
 our tiny preset's dimensions (text width 128, 2 layers; vision width 96, 2 layers, 8-px
 patches) and its expert at the VLM's width (multiplier 1.0, 2 layers), against our tiny
 preset (the same VLM sizes, a 2-block DiT head of width 128). Batches are drawn once
-from a zarr store and given to both in turn, so data loading is not timed.
+from a zarr store and given to both in turn, so data loading is not timed. Both compute in
+the same precision: ``--precision``, by default what ``ditvla train`` computes in here
+(``auto``: bfloat16 autocast where the CPU has it natively, else float32); LeRobot's
+training takes the same autocast with its ``use_amp``.
 
 The demo's recipe is measured beside it: two 64x64 cameras, a 4-D state, the goal
 position as the auxiliary head's target (what ``ditvla demo`` trains; it does not
@@ -15,7 +18,8 @@ augment), 16x4 chunks, the demo's TrainConfig turned into a policy and its train
 samples by ``ditvla train``'s own code; SmolVLA reads the same two cameras, state and
 chunks (it has no auxiliary head: that work is ours alone, and counted).
 
-    python -m bench.train_throughput [--steps 20] [--eyes] [--profile] [--levers]
+    python -m bench.train_throughput [--steps 20] [--precision auto|float32|bfloat16]
+        [--eyes] [--profile] [--levers]
 
 ``--eyes``: the frozen eyes' forward on the demo batches' frames as timm's network runs
 it, as the policy runs it (batch norms folded into the convolutions, channels-last) and
@@ -123,11 +127,15 @@ def _batches(dataset, count: int) -> list[dict]:
     return [b for _, b in zip(range(count), loader, strict=False)]
 
 
-def _step_fn(policy, batches: list[dict]):
+def _step_fn(policy, batches: list[dict], precision: str):
+    from ditvla.training.trainer import autocast_for
+
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    autocast = autocast_for(precision, torch.device("cpu"))
 
     def step(i: int) -> None:
-        loss, _ = policy(batches[i % len(batches)])
+        with autocast:
+            loss, _ = policy(batches[i % len(batches)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -135,13 +143,15 @@ def _step_fn(policy, batches: list[dict]):
     return step
 
 
-def compare(ours, batches: list[dict], theirs, steps: int) -> dict[str, float]:
+def compare(ours, batches: list[dict], theirs, steps: int, precision: str) -> dict[str, float]:
     """Samples/s of both policies on the same batches, their steps taken in turn (so a
     change of load hits both alike), the median of ``steps`` after 3 warm-up steps."""
     tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
     runs = {
-        "ditvla": _step_fn(ours.train(), batches),
-        "smolvla": _step_fn(theirs.train(), [to_lerobot_batch(b, tokenizer) for b in batches]),
+        "ditvla": _step_fn(ours.train(), batches, precision),
+        "smolvla": _step_fn(
+            theirs.train(), [to_lerobot_batch(b, tokenizer) for b in batches], precision
+        ),
     }
     for step in runs.values():
         for i in range(3):
@@ -327,6 +337,13 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per policy")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="what both policies' steps compute in (default: auto, as ditvla train: bfloat16 "
+        "autocast where this CPU has it natively; --profile, --levers and --eyes stay float32)",
+    )
     parser.add_argument("--profile", action="store_true", help="the demo recipe's step by part")
     parser.add_argument("--levers", action="store_true", help="the demo recipe under each lever")
     parser.add_argument("--eyes", action="store_true", help="the frozen eyes' forward, 3 ways")
@@ -337,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     from ditvla.policies.config import PolicyConfig
     from ditvla.policies.policy import DiTVLAPolicy
     from ditvla.training.processes import join_processes
+    from ditvla.training.trainer import autocast_for
     from ditvla.training.training_data import training_dataset
 
     torch.manual_seed(0)
@@ -358,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         work / "smolvlm", dataset.data_spec(), horizon=HORIZON, n_action_steps=HORIZON
     )
     print("one camera, matched tiny sizes:")
-    rates = compare(ours, _batches(dataset, args.steps + 3), theirs, args.steps)
+    rates = compare(ours, _batches(dataset, args.steps + 3), theirs, args.steps, args.precision)
 
     write_demo_store(work / "demo.zarr")
     demo_train = replace(FULL.train, dataset=str(work / "demo.zarr"), out=str(work / "run"))
@@ -373,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{demo_train.auxiliary}; SmolVLA the same cameras, no auxiliary head):"
     )
     demo_batches = _batches(demo_dataset, args.steps + 3)
-    demo = compare(demo_ours, demo_batches, demo_theirs, args.steps)
+    demo = compare(demo_ours, demo_batches, demo_theirs, args.steps, args.precision)
     if args.profile:
         print("the demo's recipe, one step by part (median ms; modules: mean ms per step):")
         profile(demo_ours, demo_batches, demo_theirs, args.steps)
@@ -383,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.levers:
         print("the demo's recipe under each lever (ditvla train's step: clipping and EMA):")
         levers(policy_config, data.stats, demo_batches, demo_train, args.steps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    autocast = autocast_for(args.precision, torch.device("cpu"))
+    computes = "bfloat16 autocast" if isinstance(autocast, torch.autocast) else "float32"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, both in {computes}")
     print(
         f"training throughput: ditvla {rates['ditvla']:.1f} samples/s vs lerobot smolvla "
         f"{rates['smolvla']:.1f} samples/s (demo recipe: {demo['ditvla']:.1f} vs "
