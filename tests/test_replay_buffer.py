@@ -15,6 +15,7 @@ import zarr
 from conftest import make_episode, write_store
 
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
+from ditvla.datasets.chunk_files import FrameReader
 from ditvla.datasets.replay_buffer import DatasetError, ReplayBuffer
 from ditvla.datasets.statistics import compute_stats, load_or_compute_stats
 from ditvla.datasets.url_stores import cache_folder
@@ -265,6 +266,7 @@ def test_a_packed_copy_reads_as_its_source_with_many_frames_per_file(small_store
     assert packed.episode_seed.tolist() == source.episode_seed.tolist()
     assert packed.array("front").shards == (4, 16, 16, 3)
     assert packed.array("front").chunks == (1, 16, 16, 3)
+    assert FrameReader(packed.array("front")).direct  # frames found by the shard's index
     assert sorted(p.name for p in (out / "data" / "front" / "c").iterdir()) == list("0123")
     assert packed.check() == []
     with pytest.raises(DatasetError, match="already exists"):
@@ -281,9 +283,15 @@ def test_a_packed_copy_reads_as_its_source_with_many_frames_per_file(small_store
     assert not (tmp_path / "packed.zarr.replaced").exists()
     store_packing.pack_store(small_store, out, frames_per_object=4, overwrite=True, progress=False)
 
+    shard = out / "data" / "front" / "c" / "1" / "0" / "0" / "0"  # frames 4-7
+    shard.write_bytes(shard.read_bytes()[:-1] + b"?")  # its index's checksum
+    with pytest.raises(DatasetError, match=r"c/1/0/0/0 is damaged \(its index fails its CRC32C\)"):
+        ReplayBuffer.open(out).read_frames("front", [5])
     (out / "data" / "front" / "c" / "2" / "0" / "0" / "0").unlink()  # frames 8-11
+    with pytest.raises(DatasetError, match="c/2/0/0/0 is missing"):
+        ReplayBuffer.open(out).read_frames("front", [9])
     problems = ReplayBuffer.open(out).check()
-    assert len(problems) == 1 and "c/2/0/0/0 is missing" in problems[0]
+    assert any("c/2/0/0/0 is missing" in problem for problem in problems)
 
     reads = []
     read = ReplayBuffer.read

@@ -21,30 +21,49 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import blosc
-from zarr.codecs import BloscCodec, BytesCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.metadata import ArrayV2Metadata, ArrayV3Metadata
 from zarr.storage import LocalStore
+
+EMPTY_CHUNK = 2**64 - 1  # a shard index's offset and size of a chunk never written
 
 
 class ChunkReadError(OSError):
     """A chunk file that is missing, truncated or does not decode to one frame."""
 
 
+def _codec_of(codecs: tuple) -> str | None:
+    """'blosc' or 'raw' for zarr v3 codecs a chunk decodes through without zarr, else None."""
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if len(codecs) == 1:
+        return "raw"
+    if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+        return "blosc"
+    return None
+
+
 def _direct_codec(array: zarr.Array) -> str | None:
-    """'blosc' or 'raw' when chunk files can be decoded without zarr, else None."""
+    """'blosc' or 'raw' when chunks can be decoded without zarr, else None: chunk files,
+    or the chunks inside shard files whose index (at the end, little-endian, CRC32C-checked:
+    zarr's default) this module reads itself."""
     metadata = array.metadata
     if isinstance(metadata, ArrayV3Metadata):
         codecs = metadata.codecs
-        if not codecs or not isinstance(codecs[0], BytesCodec):
-            return None
-        if len(codecs) == 1:
-            return "raw"
-        if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
-            return "blosc"
-        return None
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            index = codecs[0].index_codecs
+            plain_index = (
+                str(getattr(codecs[0].index_location, "value", codecs[0].index_location)) == "end"
+                and len(index) == 2
+                and isinstance(index[0], BytesCodec)
+                and isinstance(index[1], Crc32cCodec)
+            )
+            return _codec_of(codecs[0].codecs) if plain_index else None
+        return _codec_of(codecs)
     if isinstance(metadata, ArrayV2Metadata):
         if metadata.filters or metadata.order != "C":
             return None
@@ -78,7 +97,7 @@ def chunk_file_problems(array: zarr.Array, start: int, stop: int) -> list[str]:
     if not isinstance(store, LocalStore) or stop <= start or array.ndim == 0:
         return []
     folder = Path(store.root) / array.store_path.path
-    blosc_coded = _direct_codec(array) == "blosc"
+    blosc_coded = _direct_codec(array) == "blosc" and array.shards is None
     rows = (array.shards or array.chunks)[0]  # the rows of one file: a shard's, or a chunk's
     zeros = (0,) * (array.ndim - 1)
     problems = []
@@ -102,8 +121,8 @@ class FrameReader:
 
     ``kept``: for an array of a store by URL, the local folder where the objects read from
     it are kept (:func:`~ditvla.datasets.url_stores.objects_folder`, the same keys): frames
-    whose chunk file is there are read from it directly, the others through zarr (which
-    fetches and keeps them)."""
+    whose chunk or shard file is there are read from it directly, the others through zarr
+    (which fetches and keeps them). A shard file's frame is found by the shard's index."""
 
     def __init__(self, array: zarr.Array, kept: Path | None = None):
         self.array = array
@@ -112,12 +131,11 @@ class FrameReader:
         store = array.store_path.store
         codec = _direct_codec(array)
         whole_frames = tuple(array.chunks) == (1, *self.frame_shape)
-        readable = (
-            codec is not None
-            and whole_frames
-            and array.shards is None
-            and array.dtype.itemsize == 1
-        )
+        # a shard of whole frames: (rows, *frame), read by its index
+        self._shard_rows = array.shards[0] if array.shards else 0
+        whole_shards = not array.shards or tuple(array.shards[1:]) == self.frame_shape
+        readable = codec is not None and whole_frames and whole_shards and array.dtype.itemsize == 1
+        self._shard_indexes: dict[Path, np.ndarray] = {}  # (rows, 2) offsets and sizes
         self._direct = readable and isinstance(store, LocalStore)
         self._kept = readable and not self._direct and kept is not None
         self._codec = codec
@@ -133,15 +151,49 @@ class FrameReader:
         return self._direct
 
     def _chunk_path(self, frame: int) -> Path:
-        return self._folder / self.array.metadata.encode_chunk_key((frame, *self._zeros))
+        """The file holding ``frame``: its chunk's, or its shard's."""
+        key = frame // self._shard_rows if self._shard_rows else frame
+        return self._folder / self.array.metadata.encode_chunk_key((key, *self._zeros))
 
     def read_frame(self, frame: int) -> np.ndarray:
-        path = self._chunk_path(frame)
         try:
-            raw = path.read_bytes()
+            return self._frame_from_file(frame)
         except FileNotFoundError:
-            raise ChunkReadError(f"chunk file {path} is missing") from None
+            raise ChunkReadError(f"chunk file {self._chunk_path(frame)} is missing") from None
+
+    def _frame_from_file(self, frame: int) -> np.ndarray:
+        """``frame`` from its chunk or shard file; FileNotFoundError if there is none."""
+        path = self._chunk_path(frame)
+        if self._shard_rows:
+            return self._frame_in_shard(path, frame % self._shard_rows)
+        return self._decoded(path, path.read_bytes())
+
+    def _frame_in_shard(self, path: Path, row: int) -> np.ndarray:
+        """Frame ``row`` of the shard file ``path``: its bytes found by the shard's index
+        (read once per file; a kept or local shard file never changes), then decoded."""
+        with path.open("rb") as f:
+            index = self._shard_indexes.get(path)
+            if index is None:
+                index = self._shard_indexes[path] = self._shard_index(path, f)
+            offset, size = (int(v) for v in index[row])
+            if offset == EMPTY_CHUNK:  # never written: zarr reads the fill value
+                return np.full(self.frame_shape, self.array.fill_value, self.array.dtype)
+            f.seek(offset)
+            raw = f.read(size)
+        if len(raw) != size:
+            raise ChunkReadError(f"shard file {path} is truncated (frame {row} cut short)")
         return self._decoded(path, raw)
+
+    def _shard_index(self, path: Path, f) -> np.ndarray:
+        length = self._shard_rows * 16 + 4
+        size = path.stat().st_size
+        if size < length:
+            raise ChunkReadError(f"shard file {path} is truncated ({size} bytes, no index)")
+        f.seek(size - length)
+        raw = f.read(length)
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise ChunkReadError(f"shard file {path} is damaged (its index fails its CRC32C)")
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(self._shard_rows, 2)
 
     def _decoded(self, path: Path, raw: bytes) -> np.ndarray:
         """The frame in chunk file ``path``, whose bytes are ``raw``."""
@@ -182,9 +234,8 @@ class FrameReader:
         out = np.empty((len(frames), *self.frame_shape), dtype=self.array.dtype)
         fetch = np.zeros(len(frames), dtype=bool)
         for i, frame in enumerate(frames):
-            path = self._chunk_path(int(frame))
             try:
-                out[i] = self._decoded(path, path.read_bytes())
+                out[i] = self._frame_from_file(int(frame))
             except FileNotFoundError:  # not kept yet
                 fetch[i] = True
         if fetch.any():
