@@ -212,4 +212,5 @@ class KeptObjects(WrapperStore):
     # zarr's own readers of many keys or ranges, over get above (the wrapped store's would
     # read around the kept folder)
     _get_many = Store._get_many
-    get_ranges = Store.get_ranges
+    if hasattr(Store, "get_ranges"):  # zarr 3.4 (sharded reads of a whole shard's ranges)
+        get_ranges = Store.get_ranges
