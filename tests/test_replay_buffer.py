@@ -312,6 +312,15 @@ def test_a_packed_copy_reads_as_its_source_with_many_frames_per_file(small_store
     np.testing.assert_array_equal(packed.read_all("front"), source.read_all("front"))
     assert not (tmp_path / "again.zarr.partial").exists()
 
+    # appending to a packed store rewrites its last shard; a reader that read it reads anew
+    appended = ReplayBuffer.open(again, mode="a")
+    appended.read_frames("front", [15])  # the last shard, frames 15-17, holds one frame
+    appended.append_episode(make_episode(3, 2), task="task1", instruction="do thing 1")
+    np.testing.assert_array_equal(
+        appended.read_frames("front", [15, 16, 17]),
+        np.concatenate([source.read_frames("front", [15]), make_episode(3, 2)["front"]]),
+    )
+
 
 def test_newer_format_version_is_refused(small_store):
     group = zarr.open_group(str(small_store), mode="r+")

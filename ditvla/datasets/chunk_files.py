@@ -18,6 +18,7 @@ would silently return the fill value.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class FrameReader:
         self._shard_rows = array.shards[0] if array.shards else 0
         whole_shards = not array.shards or tuple(array.shards[1:]) == self.frame_shape
         readable = codec is not None and whole_frames and whole_shards and array.dtype.itemsize == 1
-        self._shard_indexes: dict[Path, np.ndarray] = {}  # (rows, 2) offsets and sizes
+        # per shard file: (its size and mtime, its (rows, 2) offsets and sizes)
+        self._shard_indexes: dict[Path, tuple[tuple[int, int], np.ndarray]] = {}
         self._direct = readable and isinstance(store, LocalStore)
         self._kept = readable and not self._direct and kept is not None
         self._codec = codec
@@ -170,11 +172,15 @@ class FrameReader:
 
     def _frame_in_shard(self, path: Path, row: int) -> np.ndarray:
         """Frame ``row`` of the shard file ``path``: its bytes found by the shard's index
-        (read once per file; a kept or local shard file never changes), then decoded."""
+        (read once per version of the file: an append to the store rewrites its last
+        shard), then decoded."""
         with path.open("rb") as f:
-            index = self._shard_indexes.get(path)
-            if index is None:
-                index = self._shard_indexes[path] = self._shard_index(path, f)
+            stat = os.fstat(f.fileno())
+            version = (stat.st_size, stat.st_mtime_ns)
+            known = self._shard_indexes.get(path)
+            if known is None or known[0] != version:
+                known = self._shard_indexes[path] = (version, self._shard_index(f, stat.st_size))
+            index = known[1]
             offset, size = (int(v) for v in index[row])
             if offset == EMPTY_CHUNK:  # never written: zarr reads the fill value
                 return np.full(self.frame_shape, self.array.fill_value, self.array.dtype)
@@ -184,15 +190,15 @@ class FrameReader:
             raise ChunkReadError(f"shard file {path} is truncated (frame {row} cut short)")
         return self._decoded(path, raw)
 
-    def _shard_index(self, path: Path, f) -> np.ndarray:
+    def _shard_index(self, f, size: int) -> np.ndarray:
+        """The (rows, 2) offsets and sizes at the end of the open shard file ``f``."""
         length = self._shard_rows * 16 + 4
-        size = path.stat().st_size
         if size < length:
-            raise ChunkReadError(f"shard file {path} is truncated ({size} bytes, no index)")
+            raise ChunkReadError(f"shard file {f.name} is truncated ({size} bytes, no index)")
         f.seek(size - length)
         raw = f.read(length)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise ChunkReadError(f"shard file {path} is damaged (its index fails its CRC32C)")
+            raise ChunkReadError(f"shard file {f.name} is damaged (its index fails its CRC32C)")
         return np.frombuffer(raw[:-4], dtype="<u8").reshape(self._shard_rows, 2)
 
     def _decoded(self, path: Path, raw: bytes) -> np.ndarray:
