@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             urls[name] = server.upload(folder, f"bench/{name}.zarr")
             upload_s[name] = time.perf_counter() - start
-        url = urls["bench"]
         print(
             f"{args.episodes} episodes x {args.length} frames, 2 cameras {args.size}x{args.size}: "
             f"uploaded to {server.endpoint} in {upload_s['bench']:.1f} s, packed "
@@ -79,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
             rates[name] = rate
             print(f"{name:22s}: {rate:8.1f} samples/s ({rate / args.batch_size:.2f} batches/s)")
 
-        for name, source in (("folder", store), ("file://", store.as_uri()), ("s3://", url)):
+        for name, source in (
+            ("folder", store),
+            ("file://", store.as_uri()),
+            ("s3://", urls["bench"]),
+        ):
             dataset = ReplayBufferDataset(source, n_obs_steps=2, horizon=16)
             batches = loader(dataset, args.batch_size, args.workers)
             report(name, samples_per_second(batches, args.batches))

@@ -119,11 +119,8 @@ def _empty_copy(buffer: ReplayBuffer, path: Path) -> zarr.Group:
     root.attrs.put({**root.attrs, **kept})
     meta = root["meta"]
     meta.attrs["tasks"] = [task.__dict__ for task in buffer.tasks]
-    for name, values in (
-        ("episode_ends", buffer.episode_ends),
-        ("episode_task_index", buffer.episode_task_index),
-        ("episode_seed", buffer.episode_seed),
-    ):
+    for name in meta.array_keys():  # the per-episode arrays create_store_group made
+        values = getattr(buffer, name)
         meta[name].resize(values.shape)
         meta[name][:] = values
     return root
