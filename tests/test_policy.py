@@ -311,6 +311,19 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
     encoder.load_packaged_weights()
     torch.testing.assert_close(encoder(frames), before_load, rtol=0, atol=0)
     assert not encoder.network.training  # ImageNet's batch-norm statistics, not the batch's
+    # kept tokens: a frame seen before is read back, not encoded (the trainer's option)
+    fresh = encoder(torch.rand(3, 3, 32, 32).copy_(frames[[0, 1, 0]]))
+    kept = encoder.keep_features(limit_bytes=2 * 4 * 272 * 4)  # two frames' float32 tokens
+    torch.testing.assert_close(encoder(frames), fresh[:2])
+    assert (kept.hits, kept.misses, len(kept.rows)) == (0, 2, 2)
+    torch.testing.assert_close(encoder(frames[[1, 0, 1]]), fresh[[1, 0, 1]])
+    assert (kept.hits, kept.misses) == (3, 2)
+    other_frame = torch.rand(1, 3, 32, 32)
+    encoder(other_frame)
+    encoder(other_frame)  # no room left: encoded again, not kept
+    assert (kept.misses, len(kept.rows), kept.bytes) == (4, 2, kept.limit_bytes)
+    encoder.load_state_dict(encoder.state_dict())  # loaded weights: nothing kept holds
+    assert (kept.rows, kept.bytes) == ({}, 0)
     frozen = {k: v.clone() for k, v in encoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     as_if_trained(policy.head)

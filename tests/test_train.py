@@ -150,6 +150,35 @@ def test_bfloat16_precision_trains_on_the_cpu_with_float32_weights(store, tmp_pa
     assert auto == (half if native_bfloat16(torch.device("cpu")) else full)
 
 
+def test_the_frozen_eyes_encode_each_frame_once_and_train_the_same_policy(store, tmp_path):
+    """Without augmentation frames repeat: the frozen pretrained eyes keep each frame's
+    tokens and read them back, and the run trains the policy it trains without them."""
+
+    def run(name, **options):
+        out = tmp_path / name
+        options = dict(steps=12, batch_size=8, num_workers=0, save_every=1000) | options
+        config = TrainConfig(
+            dataset=str(store),
+            out=str(out),
+            policy_overrides=dict(SMALL_HEAD),
+            progress=False,
+            **options,
+        )
+        policy = DiTVLAPolicy.from_pretrained(train(config))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return policy.state_dict(), metrics
+
+    kept, kept_metrics = run("kept")
+    encoded, encoded_metrics = run("encoded", kept_features_gib=0)
+    # each episode's frames are one image (write_reaching_store): 3 images among 96 frames
+    assert kept_metrics[-1]["kept_frames"] == pytest.approx(1 - 3 / 96)
+    assert "kept_frames" not in encoded_metrics[-1]
+    for key in kept:  # the same tokens (to the rounding of a smaller batch, in float32)
+        torch.testing.assert_close(kept[key], encoded[key], rtol=1e-4, atol=1e-5)
+    _, augmented = run("augmented", steps=2, augment=True)  # shifted frames never repeat
+    assert "kept_frames" not in augmented[-1]
+
+
 def test_instruction_variants_reach_the_samples_and_a_bad_file_names_its_line(store, tmp_path):
     from ditvla.errors import ConfigError
     from ditvla.training.processes import Processes

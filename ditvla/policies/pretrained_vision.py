@@ -25,11 +25,16 @@ layer norm and linear map take them into the language model's width. The encoder
 frozen and in eval mode (its batch-norm statistics are ImageNet's); a saved policy holds
 its weights in the policy's safetensors file, so it loads without the weights package
 (timm still builds the architecture).
+
+Frozen, the encoder is a fixed function of its pixels: a training run that shows it the
+same frames again and again (no image augmentation) can keep each frame's tokens the first
+time and skip the encoder the next (:meth:`PretrainedConvEncoder.keep_features`).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import itertools
 import sys
@@ -142,7 +147,7 @@ class PretrainedConvEncoder(nn.Module):
         self.unshuffle = token_stride // fine_stride
         self.token_stride = token_stride
         self.feature_width = fine * self.unshuffle**2 + coarse
-        self.register_load_state_dict_post_hook(_forget_folded)  # (module, keys)
+        self.register_load_state_dict_post_hook(_forget_computed)  # (module, keys)
 
     def load_packaged_weights(self) -> None:
         """The package's checkpoint, tensor by tensor in order onto timm's modules (the
@@ -161,7 +166,7 @@ class PretrainedConvEncoder(nn.Module):
                 )
             mapped[key] = their_value
         self.network.load_state_dict(mapped, strict=True)
-        _forget_folded(self)
+        _forget_computed(self)
 
     def _folded(self) -> nn.Module:
         """What ``forward`` runs: a copy of the network with each batch norm folded into
@@ -178,7 +183,29 @@ class PretrainedConvEncoder(nn.Module):
             _fold_batch_norms(folded)
             cached = (key, folded.to(memory_format=torch.channels_last).eval())
             self.__dict__["_folded_network"] = cached  # not a submodule: not in the state
+            if self.kept is not None:
+                self.kept.forget()  # tokens of other weights (or another device, dtype)
         return cached[1]
+
+    @property
+    def kept(self) -> KeptFeatures | None:
+        return self.__dict__.get("_kept_features")
+
+    def keep_features(self, limit_bytes: int) -> KeptFeatures:
+        """From now on keep each frame's tokens, up to ``limit_bytes`` of them, and return
+        them when the same frame comes again instead of running the network. The frame is
+        known by its pixels (a SHA-256 digest of the normalised tensor, computed on the CPU),
+        so a kept token is exactly what this function gave those pixels; the tokens are
+        forgotten when the weights are loaded, moved or cast. Meant for a training run on the
+        CPU without image augmentation, where every frame of the store repeats (a frame on
+        a GPU would be copied back to be hashed). Not part of the state."""
+        self.__dict__["_kept_features"] = KeptFeatures(limit_bytes)
+        return self.kept
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        fine, coarse = self._folded()(pixels.contiguous(memory_format=torch.channels_last))
+        grid = torch.cat([F.pixel_unshuffle(fine, self.unshuffle), coarse], dim=1)
+        return grid.flatten(2).transpose(1, 2)
 
     def train(self, mode: bool = True) -> PretrainedConvEncoder:
         super().train(mode)
@@ -187,13 +214,64 @@ class PretrainedConvEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            fine, coarse = self._folded()(pixels.contiguous(memory_format=torch.channels_last))
-        grid = torch.cat([F.pixel_unshuffle(fine, self.unshuffle), coarse], dim=1)
-        return grid.flatten(2).transpose(1, 2)
+            self._folded()  # (re)built first: a rebuild forgets what was kept
+            if self.kept is None:
+                return self._tokens(pixels)
+            return self.kept.tokens(pixels, self._tokens)
 
 
-def _forget_folded(encoder: PretrainedConvEncoder, *_) -> None:
+class KeptFeatures:
+    """A frozen encoder's tokens by frame: each frame (a row of the pixel batch) is known by
+    a SHA-256 digest of its bytes, under the autocast setting it was encoded in (bfloat16
+    tokens are not float32 ones). Frames seen before are read back; the others are encoded
+    in one batch (a frame that appears twice, once), and kept while the total stays within
+    ``limit_bytes`` (past it, they are encoded every time). ``misses`` counts the frames
+    encoded, ``hits`` those read back."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes, self.bytes = int(limit_bytes), 0
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def forget(self) -> None:
+        self.rows.clear()
+        self.bytes = 0
+
+    def tokens(self, pixels: torch.Tensor, encode) -> torch.Tensor:
+        """``encode(pixels)`` (N, tokens, width), with the rows already kept read back."""
+        keys = _frame_keys(pixels)
+        missing = {key: i for i, key in reversed(list(enumerate(keys))) if key not in self.rows}
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        if not missing:
+            return torch.stack([self.rows[key] for key in keys])
+        encoded = dict(zip(missing, encode(pixels[list(missing.values())]), strict=True))
+        for key, row in encoded.items():
+            size = row.numel() * row.element_size()
+            if self.bytes + size <= self.limit_bytes:
+                self.rows[key] = row.clone()  # not a view that keeps the batch alive
+                self.bytes += size
+        return torch.stack([encoded.get(key, self.rows.get(key)) for key in keys])
+
+
+def _frame_keys(pixels: torch.Tensor) -> list[bytes]:
+    """A digest per row of ``pixels`` (N, ...): its bytes, and the autocast setting."""
+    device = pixels.device.type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    setting = str(autocast or pixels.dtype).encode()
+    frames = pixels.detach().cpu().contiguous().flatten(1).view(torch.uint8).numpy()
+    keys = []
+    for frame in frames:
+        digest = hashlib.sha256(setting)
+        digest.update(frame)
+        keys.append(digest.digest())
+    return keys
+
+
+def _forget_computed(encoder: PretrainedConvEncoder, *_) -> None:
+    """What was computed from the weights: the folded copy, and the tokens kept."""
     encoder.__dict__.pop("_folded_network", None)
+    if encoder.kept is not None:
+        encoder.kept.forget()
 
 
 def _fold_batch_norms(module: nn.Module) -> None:

@@ -38,6 +38,7 @@ from ditvla.datasets.torch_dataset import ReplayBufferDataset
 from ditvla.errors import ConfigError
 from ditvla.policies.config import PresetName
 from ditvla.policies.policy import DiTVLAPolicy
+from ditvla.policies.pretrained_vision import KeptFeatures, PretrainedConvEncoder
 from ditvla.training.batch_order import EndlessBatches, EpochSampler
 from ditvla.training.checkpoints import (
     SHARDED_STATE,
@@ -107,6 +108,10 @@ class TrainConfig:
         seed: seeds the data order, the noise and the initial weights.
         num_workers: DataLoader worker processes (0: read batches in the training process).
         augment: random shift + brightness/contrast jitter of the camera frames.
+        kept_features_gib: without ``augment``, on the CPU, the frozen pretrained eyes keep
+            each frame's tokens (up to this many GiB in all) and read them back when the
+            frame comes again instead of encoding it anew: the same tokens, for a fraction
+            of the step (docs/benchmarks.md, "Frozen eyes' tokens kept"); 0 turns it off.
         instruction_variants: a file of TASK<TAB>VARIANT lines (the format of ``ditvla
             eval --rewordings``), tasks of the store: each sample reads its task's
             instruction or one of its variants, each as likely (instruction augmentation;
@@ -155,6 +160,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     augment: bool = False
+    kept_features_gib: float = 4.0
     instruction_variants: str = ""
     camera_dropout: str = ""
     save_every: int = 500
@@ -258,7 +264,8 @@ class _Run:
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=config.lr, weight_decay=config.weight_decay
         )
-        self.ema = self._ema()
+        self.ema = self._ema()  # (before the eyes keep anything: the EMA copies the policy)
+        self.kept = keep_frozen_features(policy, config, processes.device)
         self.batches = EndlessBatches(
             dataset,
             EpochSampler(len(dataset), config.seed, processes.rank, processes.world),
@@ -340,6 +347,10 @@ class _Run:
         grad_norm = optimizer_step(self.optimizer, self.schedule, self.trainable, config.grad_clip)
         if self.ema is not None:
             self.ema.update_parameters(self.policy)
+        if self.kept:  # the share of frames whose tokens were read back, so far
+            parts["kept_frames"] = sum(k.hits for k in self.kept) / max(
+                1, sum(k.hits + k.misses for k in self.kept)
+            )
         return {
             "loss": self.processes.mean(loss_sum),
             "lr": self.schedule.get_last_lr()[0],
@@ -415,6 +426,19 @@ class _Run:
             self.processes.barrier()
             torch.distributed.destroy_process_group()
         return folder
+
+
+def keep_frozen_features(
+    policy: torch.nn.Module, config: TrainConfig, device: torch.device
+) -> list[KeptFeatures]:
+    """Each frozen pretrained encoder of ``policy`` keeps the tokens of the frames it sees
+    (``config.kept_features_gib`` shared among them) where frames repeat exactly: no image
+    augmentation, and on the CPU (hashing a frame on a GPU would copy it back)."""
+    if config.augment or device.type != "cpu" or config.kept_features_gib <= 0:
+        return []
+    encoders = [m for m in policy.modules() if isinstance(m, PretrainedConvEncoder)]
+    limit = int(config.kept_features_gib * 2**30) // max(1, len(encoders))
+    return [encoder.keep_features(limit) for encoder in encoders]
 
 
 def _seed_everything(seed: int) -> None:
