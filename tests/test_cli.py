@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +30,18 @@ def test_help_lists_the_commands():
         assert command in out.stdout
     help_text = build_parser().parse_args(["convert", "libero", "x", "--out", "y"])
     assert help_text.func.__name__ == "run_convert_libero"
+
+
+def test_option_help_keeps_a_field_docs_text_past_a_colon_in_it():
+    """A field's text that goes on over lines holding a colon ("one unit per VLM
+    transformer block: ...") is one entry, not a new field named by the words before it."""
+    from ditvla.cli.config_options import field_docs
+    from ditvla.training.trainer import TrainConfig
+
+    docs = field_docs(TrainConfig)
+    assert set(docs) <= {field.name for field in dataclasses.fields(TrainConfig)}
+    assert "its checkpoints hold the whole weights" in docs["sharding"]
+    assert docs["kept_features_gib"].endswith("0 turns it off.")
 
 
 def test_dataset_info_prints_episodes_keys_tasks_and_stats(small_store, capsys):

@@ -33,7 +33,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for line in lines[lines.index("Args:") + 1 :]:
         if not line.strip():
             break
-        entry = re.match(r"^    ([\w /]+?):\s(.*)$", line)
+        entry = re.match(r"^    (\w[\w /]*?):\s(.*)$", line)  # a continuation is indented more
         if entry:
             names = [name.strip() for name in entry.group(1).split("/")]
             for name in names:
