@@ -2,8 +2,10 @@
 
 Episodes run in parallel worker processes, one simulator each, stepped in lockstep; the
 policy runs in this process and is called once per step for all the episodes that need a
-new action chunk (a batch). Cameras are rendered only for the steps whose observation the
-policy will read (one in ``n_action_steps``), and for recorded videos.
+new action chunk (a batch; new episodes start when the others need a chunk too, so that
+every call holds all the episodes in flight). Cameras are rendered only for the steps
+whose observation the policy will read (one in ``n_action_steps``), and for recorded
+videos.
 
 Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes - 1`` for
 each task (100000 up by default, apart from the demonstration seeds), so two runs of one
@@ -285,7 +287,13 @@ class _Rollouts:
 
     # -------------------------------------------------------------- the three phases
     def start_idle(self) -> None:
-        """Start the next episodes on idle workers and take in their first observations."""
+        """Start the next episodes on idle workers and take in their first observations,
+        once no episode is partway through a chunk: new episodes then ask for their first
+        chunk in the same policy call as the others, and every call stays one batch of all
+        the episodes in flight (a worker waits fewer steps than a chunk executes; an
+        episode's rollout does not depend on when it starts)."""
+        if any(s.queue for s in self.slots if s.job is not None):
+            return
         started = []
         for slot in self.slots:
             if slot.job is not None or not self.jobs:
