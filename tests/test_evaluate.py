@@ -268,6 +268,48 @@ class ChunkCounter:
         return torch.zeros(len(observation["instruction"]), 8, 4)
 
 
+class ChunkedExpert:
+    """The scripted expert's action held for a chunk of 8 (4 executed); records the
+    episodes of each call."""
+
+    spec = PolicySpec(
+        cameras=(),
+        image_size=0,
+        state_dim=0,
+        action_dim=4,
+        horizon=8,
+        n_action_steps=4,
+        reads_expert_action=True,
+    )
+
+    def __init__(self):
+        self.batches: list[set[tuple[str, int]]] = []
+
+    def reset(self):
+        pass
+
+    def predict_action_chunk(self, observation):
+        self.batches.append(set(zip(observation["task"], observation["seed"], strict=True)))
+        action = torch.from_numpy(np.asarray(observation["expert_action"], np.float32))
+        return action[:, None].expand(-1, 8, -1)
+
+
+def test_every_policy_call_holds_every_episode_in_flight():
+    """Episodes end at different steps; the next ones start when those in flight need a
+    chunk too, so no call leaves out an episode between its first call and its last."""
+    policy = ChunkedExpert()
+    evaluate(policy, TASKS, episodes_per_task=4, max_steps=40, workers=3, progress=False)
+    calls: dict[tuple[str, int], list[int]] = {}
+    for call, episodes in enumerate(policy.batches):
+        for episode in episodes:
+            calls.setdefault(episode, []).append(call)
+    assert len(calls) == 8
+    assert len({c[-1] for c in calls.values()}) > 2  # episodes did end at different calls
+    for episode, made in calls.items():
+        assert made == list(range(made[0], made[-1] + 1)), episode  # none skipped
+    assert all(len(batch) == 3 for batch in policy.batches[:3])  # three workers, all busy
+
+
 def test_action_steps_sets_how_often_the_policy_is_asked(tmp_path):
     run = dict(episodes_per_task=1, max_steps=12, workers=1, videos_per_task=0, progress=False)
     own, every_other = ChunkCounter(), ChunkCounter()

@@ -11,9 +11,12 @@ Episodes are fixed by (task, seed): seeds ``seed_start .. seed_start + episodes 
 each task (100000 up by default, apart from the demonstration seeds), so two runs of one
 policy see the same episodes. A diffusion policy's initial noise is fixed the same way:
 each episode draws its chunks' noise from its own generator, seeded with the episode's
-seed (for policies whose spec has a ``noise_shape``). Two runs of one policy then give the same
-rollouts whatever the worker count, and two policies (a float one and its quantized
-copy) are compared on the same noise as well as the same episodes.
+seed (for policies whose spec has a ``noise_shape``). Two runs of one policy with the same
+workers then give the same rollouts, and two policies (a float one and its quantized copy)
+are compared on the same noise as well as the same episodes. With other workers the
+policy's batches hold other episodes, and the rounding of batched matrix products can
+move an episode by a step or more (2-4 of 70 of the demo's episodes, none in success:
+docs/benchmarks.md, "Evaluation in one batch").
 
 Faults stay local: a policy output with NaN or the wrong shape, or an error raised by the
 simulator, fails that episode with the reason recorded; a worker process that dies is
