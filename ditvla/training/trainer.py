@@ -109,7 +109,7 @@ class TrainConfig:
         num_workers: DataLoader worker processes (0: read batches in the training process).
         augment: random shift + brightness/contrast jitter of the camera frames.
         kept_features_gib: without ``augment``, on the CPU, the frozen pretrained eyes keep
-            each frame's tokens (up to this many GiB in all) and read them back when the
+            each frame's tokens (up to this many GiB in each process) and read them back when the
             frame comes again instead of encoding it anew: the same tokens, for a fraction
             of the step (docs/benchmarks.md, "Frozen eyes' tokens kept"); 0 turns it off.
         instruction_variants: a file of TASK<TAB>VARIANT lines (the format of ``ditvla
