@@ -111,7 +111,8 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
         "ditvla collect --env metaworld:",
         "ditvla train --dataset",
         "ditvla eval --policy",
-        "--detour-steps 20",  # the recipe: detours, and the goal as a training-only target
+        "--detour-steps 20",  # the recipe: detours, cameras moved a little per
+        "--randomize camera=small",  # demonstration, the goal as a training-only target
         "--auxiliary goal",
         "ditvla calibrate-steps --policy",
     ):
@@ -123,6 +124,7 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     assert policy_config["step_calibration"]["chosen_steps"] == report["num_inference_steps"]
     text = (demo / "report.md").read_text()
     assert text.startswith("# ditvla demo report") and "proprioception only" in text
+    assert "its scene randomised (camera=small)" in text
     n_action_steps = policy_config["policy"]["n_action_steps"]  # the report says what ran
     assert "its eyes the frozen ImageNet-pretrained efficientnet-lite0" in text
     assert f"16-action chunks, {n_action_steps} executed per chunk" in text
