@@ -240,17 +240,20 @@ class KeptFeatures:
     def tokens(self, pixels: torch.Tensor, encode) -> torch.Tensor:
         """``encode(pixels)`` (N, tokens, width), with the rows already kept read back."""
         keys = _frame_keys(pixels)
-        missing = {key: i for i, key in reversed(list(enumerate(keys))) if key not in self.rows}
+        missing: dict[bytes, int] = {}  # each frame not kept: its first row
+        for i, key in enumerate(keys):
+            if key not in self.rows:
+                missing.setdefault(key, i)
         self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        if not missing:
-            return torch.stack([self.rows[key] for key in keys])
-        encoded = dict(zip(missing, encode(pixels[list(missing.values())]), strict=True))
+        encoded = {}
+        if missing:
+            encoded = dict(zip(missing, encode(pixels[list(missing.values())]), strict=True))
         for key, row in encoded.items():
             size = row.numel() * row.element_size()
             if self.bytes + size <= self.limit_bytes:
                 self.rows[key] = row.clone()  # not a view that keeps the batch alive
                 self.bytes += size
-        return torch.stack([encoded.get(key, self.rows.get(key)) for key in keys])
+        return torch.stack([encoded[key] if key in encoded else self.rows[key] for key in keys])
 
 
 def _frame_keys(pixels: torch.Tensor) -> list[bytes]:
