@@ -206,6 +206,25 @@ def test_instruction_variants_reach_the_samples_and_a_bad_file_names_its_line(st
         training_dataset(config, Processes(0, 1, torch.device("cpu")))
 
 
+def test_instruction_noise_replaces_words_with_made_up_ones(store):
+    from ditvla.errors import ConfigError
+    from ditvla.training.processes import Processes
+    from ditvla.training.training_data import training_dataset
+
+    config = TrainConfig(dataset=str(store), instruction_noise=0.5)
+    _, _, dataset = training_dataset(config, Processes(0, 1, torch.device("cpu")))
+    samples = [dataset[index] for index in range(len(dataset)) for _ in range(4)]
+    left = [s["instruction"].split() for s in samples if s["task_index"] == 0]
+    # task t0 ("go left"): as it is, and with either word or both made up, never longer
+    assert ["go", "left"] in left and {len(words) for words in left} == {2}
+    assert any(w[0] != "go" for w in left) and any(w[1] != "left" for w in left)
+    made_up = {word for words in left for word in words} - {"go", "left"}
+    assert made_up and all(word.isalpha() and word.islower() for word in made_up)
+    assert all(3 <= len(word) <= 8 for word in made_up)
+    with pytest.raises(ConfigError, match=r"instruction_noise must be in \[0, 1\), got 1.0"):
+        TrainConfig(dataset=str(store), instruction_noise=1.0)
+
+
 RESUME_STEPS = 30
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -63,6 +63,16 @@ class ImageAugmentation:
         return np.ascontiguousarray(out)
 
 
+def with_made_up_words(text: str, probability: float, rng: np.random.Generator) -> str:
+    """``text`` with each word replaced, with ``probability``, by a made-up word of 3-8
+    random lowercase letters (instruction augmentation: word-level noise)."""
+    words = text.split()
+    for i in np.flatnonzero(rng.random(len(words)) < probability):
+        letters = rng.integers(ord("a"), ord("z") + 1, size=int(rng.integers(3, 9)))
+        words[i] = "".join(map(chr, letters))
+    return " ".join(words)
+
+
 class ReplayBufferDataset(Dataset):
     """Samples of a zarr replay buffer for training, one per frame of the chosen episodes.
 
@@ -146,6 +156,8 @@ class ReplayBufferDataset(Dataset):
         # instruction augmentation: an instruction -> other words for it; each sample reads
         # the instruction or one of these, drawn with the augmentation's generator
         self.instruction_variants: dict[str, list[str]] = {}
+        # word-level noise: the probability that a word is replaced by a made-up one
+        self.instruction_noise = 0.0
         self._buffer: ReplayBuffer | None = buffer
         self._pid = os.getpid()
         self._rng: np.random.Generator | None = None
@@ -205,13 +217,16 @@ class ReplayBufferDataset(Dataset):
         return len(self.sampler)
 
     def _instruction(self, episode: int, rng: np.random.Generator) -> str:
-        """The episode's instruction, or one of its variants (each as likely)."""
+        """The episode's instruction, or one of its variants (each as likely), each word
+        replaced by a made-up one with probability ``instruction_noise``."""
         instruction = self.instructions[episode]
         variants = self.instruction_variants.get(instruction)
-        if not variants:
-            return instruction
-        pick = int(rng.integers(len(variants) + 1))
-        return variants[pick - 1] if pick else instruction
+        if variants:
+            pick = int(rng.integers(len(variants) + 1))
+            instruction = variants[pick - 1] if pick else instruction
+        if self.instruction_noise:
+            instruction = with_made_up_words(instruction, self.instruction_noise, rng)
+        return instruction
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]

@@ -116,6 +116,10 @@ class TrainConfig:
             eval --rewordings``), tasks of the store: each sample reads its task's
             instruction or one of its variants, each as likely (instruction augmentation;
             the store is unchanged).
+        instruction_noise: each word of a sample's instruction is replaced, with this
+            probability, by a made-up word of 3-8 random letters, at training time only:
+            the policy learns that a word it has never read (a synonym, another verb)
+            leaves its task as it was (word-level noise; the store is unchanged); 0: off.
         camera_dropout: CAMERA=P[,CAMERA=P...]: each sample's frames of CAMERA blanked
             (zeros) with probability P at training time only (modality dropout, as
             Hsu et al. 2022 bottleneck the third-person view so that a policy leans on its
@@ -162,6 +166,7 @@ class TrainConfig:
     augment: bool = False
     kept_features_gib: float = 4.0
     instruction_variants: str = ""
+    instruction_noise: float = 0.0
     camera_dropout: str = ""
     save_every: int = 500
     log_every: int = 10
@@ -178,8 +183,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_minutes <= 0:
             raise ConfigError(f"timeout_minutes must be > 0, got {self.timeout_minutes}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("ema_decay", "instruction_noise"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sharding not in SHARDINGS:
             raise ConfigError(
                 f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"

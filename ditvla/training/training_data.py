@@ -70,6 +70,7 @@ def training_dataset(
         _attach_auxiliary_targets(dataset, policy_config, config.auxiliary)
     if config.instruction_variants:
         dataset.instruction_variants = instruction_variants(config)
+    dataset.instruction_noise = config.instruction_noise
     foresight = policy_config.foresight
     if foresight.kind == "motion":
         _attach_motion_targets(dataset, policy_config, processes)
