@@ -32,6 +32,22 @@ def test_help_lists_the_commands():
     assert help_text.func.__name__ == "run_convert_libero"
 
 
+def test_every_command_prints_its_help():
+    """Every command's and subcommand's --help renders (argparse formats each option's
+    help with %: a config docstring's "48%" once broke ``ditvla train --help``)."""
+
+    def parsers(parser):
+        yield parser
+        for action in parser._subparsers._group_actions if parser._subparsers else ():
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+    helps = [parser.format_help() for parser in parsers(build_parser())]
+    assert len(helps) > 10 and all("usage:" in text for text in helps)
+    train = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--instruction-noise" in train and "48%" in train
+
+
 def test_option_help_keeps_a_field_docs_text_past_a_colon_in_it():
     """A field's text that goes on over lines holding a colon ("one unit per VLM
     transformer block: ...") is one entry, not a new field named by the words before it."""

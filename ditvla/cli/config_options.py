@@ -105,7 +105,8 @@ def add_config_options(
             dest=f"{prefix}{field.name}",
             default=argparse.SUPPRESS,
             required=required,
-            help=docs.get(field.name, "").rstrip(".") + _default_text(field),
+            # argparse formats help with %: a docstring's "48%" must reach it as "48%%"
+            help=(docs.get(field.name, "").rstrip(".") + _default_text(field)).replace("%", "%%"),
             **_argument(annotation),
         )
 
