@@ -215,12 +215,15 @@ def test_instruction_noise_replaces_words_with_made_up_ones(store):
     _, _, dataset = training_dataset(config, Processes(0, 1, torch.device("cpu")))
     samples = [dataset[index] for index in range(len(dataset)) for _ in range(4)]
     left = [s["instruction"].split() for s in samples if s["task_index"] == 0]
-    # task t0 ("go left"): as it is, and with either word or both made up, never longer
+    # task t0 ("go left"): "go" sometimes made up, never "left", the word that tells it from
+    # t1 ("go right"); never longer
     assert ["go", "left"] in left and {len(words) for words in left} == {2}
-    assert any(w[0] != "go" for w in left) and any(w[1] != "left" for w in left)
+    assert any(w[0] != "go" for w in left) and all(w[1] == "left" for w in left)
     made_up = {word for words in left for word in words} - {"go", "left"}
     assert made_up and all(word.isalpha() and word.islower() for word in made_up)
     assert all(3 <= len(word) <= 8 for word in made_up)
+    # t2 ("stay") differs from the others in all its words: nothing of it is spared
+    assert any(s["instruction"] != "stay" for s in samples if s["task_index"] == 2)
     with pytest.raises(ConfigError, match=r"instruction_noise must be in \[0, 1\), got 1.0"):
         TrainConfig(dataset=str(store), instruction_noise=1.0)
 

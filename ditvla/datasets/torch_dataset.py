@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,38 @@ class ImageAugmentation:
         return np.ascontiguousarray(out)
 
 
-def with_made_up_words(text: str, probability: float, rng: np.random.Generator) -> str:
-    """``text`` with each word replaced, with ``probability``, by a made-up word of 3-8
-    random lowercase letters (instruction augmentation: word-level noise)."""
+def with_made_up_words(
+    text: str, probability: float, rng: np.random.Generator, keep: frozenset[str] = frozenset()
+) -> str:
+    """``text`` with each word (but the words in ``keep``) replaced, with ``probability``,
+    by a made-up word of 3-8 random lowercase letters (instruction augmentation: word-level
+    noise)."""
     words = text.split()
     for i in np.flatnonzero(rng.random(len(words)) < probability):
+        if words[i] in keep:
+            continue
         letters = rng.integers(ord("a"), ord("z") + 1, size=int(rng.integers(3, 9)))
         words[i] = "".join(map(chr, letters))
     return " ".join(words)
+
+
+def telling_words(instructions: Sequence[str]) -> dict[str, frozenset[str]]:
+    """For each of ``instructions``, the words that tell it from another that differs
+    from it in one run of words only ("reach the green ball" and "reach the blue ball":
+    "green"; "pick up the alphabet soup and place it in the basket" and "pick up the
+    ketchup and ...": "alphabet" and "soup"). Where the scene is the same and the words
+    decide, these are the words that decide: word-level noise spares them."""
+    split = {text: text.split() for text in instructions}
+    telling: dict[str, set[str]] = {text: set() for text in split}
+    for text, words in split.items():
+        for other, other_words in split.items():
+            opcodes = SequenceMatcher(None, words, other_words, autojunk=False).get_opcodes()
+            changes = [words[i1:i2] for tag, i1, i2, _, _ in opcodes if tag != "equal"]
+            shared = sum(i2 - i1 for tag, i1, i2, _, _ in opcodes if tag == "equal")
+            # one run differs and the two share at least as many words as it holds
+            if other != text and len(changes) == 1 and len(changes[0]) <= shared:
+                telling[text].update(changes[0])
+    return {text: frozenset(found) for text, found in telling.items()}
 
 
 class ReplayBufferDataset(Dataset):
@@ -156,8 +181,10 @@ class ReplayBufferDataset(Dataset):
         # instruction augmentation: an instruction -> other words for it; each sample reads
         # the instruction or one of these, drawn with the augmentation's generator
         self.instruction_variants: dict[str, list[str]] = {}
-        # word-level noise: the probability that a word is replaced by a made-up one
+        # word-level noise: the probability that a word is replaced by a made-up one (but
+        # the words that tell an instruction from another, :func:`telling_words`)
         self.instruction_noise = 0.0
+        self._telling: dict[str, frozenset[str]] | None = None
         self._buffer: ReplayBuffer | None = buffer
         self._pid = os.getpid()
         self._rng: np.random.Generator | None = None
@@ -218,14 +245,18 @@ class ReplayBufferDataset(Dataset):
 
     def _instruction(self, episode: int, rng: np.random.Generator) -> str:
         """The episode's instruction, or one of its variants (each as likely), each word
-        replaced by a made-up one with probability ``instruction_noise``."""
+        replaced by a made-up one with probability ``instruction_noise`` but the words
+        that tell it from another instruction (:func:`telling_words`)."""
         instruction = self.instructions[episode]
         variants = self.instruction_variants.get(instruction)
         if variants:
             pick = int(rng.integers(len(variants) + 1))
             instruction = variants[pick - 1] if pick else instruction
         if self.instruction_noise:
-            instruction = with_made_up_words(instruction, self.instruction_noise, rng)
+            if self._telling is None:  # the store's instructions', for all their variants
+                self._telling = telling_words(sorted(set(self.instructions)))
+            keep = self._telling[self.instructions[episode]]
+            instruction = with_made_up_words(instruction, self.instruction_noise, rng, keep)
         return instruction
 
     def __getitem__(self, index: int) -> dict[str, Any]:

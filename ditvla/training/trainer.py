@@ -118,9 +118,10 @@ class TrainConfig:
             the store is unchanged).
         instruction_noise: each word of a sample's instruction is replaced, with this
             probability, by a made-up word of 3-8 random letters, at training time only
-            (word-level noise; the store is unchanged); 0: off. On the demo, 0.2 took
-            the cost of a synonym from 17 points to 2 by losing the colour words: 48%
-            colour-reach as trained against 100% (docs/robustness.md).
+            (word-level noise; the store is unchanged); 0: off. The words that tell an
+            instruction from another of the store differing from it in one run of words
+            ("green" in "reach the green ball" beside "reach the blue ball") are spared:
+            noise on them cost the demo its colour words (docs/robustness.md).
         camera_dropout: CAMERA=P[,CAMERA=P...]: each sample's frames of CAMERA blanked
             (zeros) with probability P at training time only (modality dropout, as
             Hsu et al. 2022 bottleneck the third-person view so that a policy leans on its
