@@ -98,7 +98,10 @@ def run_expert_episode(
     return episode, success
 
 
-# Each worker process keeps one simulator per task (building one takes seconds).
+# Each worker process keeps the simulator of the task it is collecting (building one
+# takes seconds); tasks are collected one after another, so the one before is closed when
+# the next begins (a LIBERO scene holds about a gigabyte: kept for every task, ten tasks
+# filled the memory of a 24 GiB machine).
 _worker_envs: dict[tuple, Any] = {}
 
 
@@ -114,6 +117,8 @@ def _expert_episode_in_worker(
 ) -> tuple[dict[str, np.ndarray], bool]:
     key = (suite_name, task, cameras, image_size, randomize)
     if key not in _worker_envs:
+        while _worker_envs:
+            _worker_envs.popitem()[1].close()
         env = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
         env.perturb(Perturbation.parse(randomize))
         _worker_envs[key] = env
