@@ -207,6 +207,7 @@ def test_instruction_variants_reach_the_samples_and_a_bad_file_names_its_line(st
 
 
 def test_instruction_noise_replaces_words_with_made_up_ones(store):
+    from ditvla.datasets.torch_dataset import telling_words, with_made_up_words
     from ditvla.errors import ConfigError
     from ditvla.training.processes import Processes
     from ditvla.training.training_data import training_dataset
@@ -222,8 +223,27 @@ def test_instruction_noise_replaces_words_with_made_up_ones(store):
     made_up = {word for words in left for word in words} - {"go", "left"}
     assert made_up and all(word.isalpha() and word.islower() for word in made_up)
     assert all(3 <= len(word) <= 8 for word in made_up)
-    # t2 ("stay") differs from the others in all its words: nothing of it is spared
-    assert any(s["instruction"] != "stay" for s in samples if s["task_index"] == 2)
+    # t2 ("stay") alone holds its only word: it is never made up
+    assert all(s["instruction"] == "stay" for s in samples if s["task_index"] == 2)
+    # the words that tell an instruction from the others: those no other holds, and the
+    # one run in which another differs from it
+    telling = telling_words(
+        ["open the door", "slide the window open", "put the bowl on the plate",
+         "put the bowl next to the plate", "put the cup on the plate"]
+    )  # fmt: skip
+    assert telling == {
+        "open the door": {"door"},
+        "slide the window open": {"slide", "window"},
+        "put the bowl on the plate": {"bowl", "on"},
+        "put the bowl next to the plate": {"bowl", "next", "to"},
+        "put the cup on the plate": {"cup", "on"},
+    }
+    # one word at a time, as a reworded instruction changes one
+    rng = np.random.default_rng(0)
+    said = ["pick", "up", "the", "red", "block"]
+    for _ in range(20):
+        words = with_made_up_words(" ".join(said), 0.99, rng, frozenset({"red"})).split()
+        assert sum(a != b for a, b in zip(words, said, strict=True)) == 1 and words[3] == "red"
     with pytest.raises(ConfigError, match=r"instruction_noise must be in \[0, 1\), got 1.0"):
         TrainConfig(dataset=str(store), instruction_noise=1.0)
 
