@@ -127,7 +127,7 @@ def test_parallel_collection_writes_the_same_store(tmp_path):
 
 def test_a_collection_worker_keeps_only_the_simulator_of_its_task(monkeypatch):
     """A worker closes a task's simulator when the next task begins (one LIBERO scene
-    holds about a gigabyte: kept for every task, ten filled a 24 GiB machine)."""
+    holds about a gigabyte: kept for every task, seven grew each worker to 7.9 GB)."""
     from ditvla.envs import collect
 
     def episode(task):  # no cameras, 16 px, no detour, one way, no randomisation, seed 0

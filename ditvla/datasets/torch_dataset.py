@@ -186,8 +186,9 @@ class ReplayBufferDataset(Dataset):
         # instruction augmentation: an instruction -> other words for it; each sample reads
         # the instruction or one of these, drawn with the augmentation's generator
         self.instruction_variants: dict[str, list[str]] = {}
-        # word-level noise: the probability that a word is replaced by a made-up one (but
-        # the words that tell an instruction from another, :func:`telling_words`)
+        # word-level noise: the probability that one word of a sample's instruction is
+        # replaced by a made-up one (never a word that tells it from another,
+        # :func:`telling_words`)
         self.instruction_noise = 0.0
         self._telling: dict[str, frozenset[str]] | None = None
         self._buffer: ReplayBuffer | None = buffer

@@ -100,8 +100,8 @@ def run_expert_episode(
 
 # Each worker process keeps the simulator of the task it is collecting (building one
 # takes seconds); tasks are collected one after another, so the one before is closed when
-# the next begins (a LIBERO scene holds about a gigabyte: kept for every task, ten tasks
-# filled the memory of a 24 GiB machine).
+# the next begins (a LIBERO scene holds about a gigabyte: kept for every task, seven of
+# LIBERO-Object's grew each worker to 7.9 GB).
 _worker_envs: dict[tuple, Any] = {}
 
 
