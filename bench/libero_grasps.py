@@ -26,7 +26,6 @@ import statistics
 from pathlib import Path
 
 LIFTED = 0.05  # an object this far above where it started was lifted (metres)
-NECK = 0.035  # the expert's grasp point on a tall object: this far below its top
 
 
 def _indices(text: str) -> list[int]:
@@ -38,7 +37,7 @@ def episode(env, policy, seed: int, action_steps: int) -> dict:
     import numpy as np
     import torch
 
-    from ditvla.envs.libero_experts import body_geoms, geoms_box
+    from ditvla.envs.libero_experts import body_geoms, geoms_box, middle_grasp
 
     obs, _ = env.reset(seed=seed)
     domain, spec = env._env.env, policy.spec
@@ -65,9 +64,7 @@ def episode(env, policy, seed: int, action_steps: int) -> dict:
                 chunk = policy.predict_action_chunk(batch, **options)
             queue = list(torch.as_tensor(chunk).float().numpy()[0][:action_steps])
         action = queue.pop(0)
-        low, high = geoms_box(domain.sim, *geoms[moved])
-        centre = (low + high) / 2
-        grasp = np.array([centre[0], centre[1], max(centre[2], high[2] - NECK)])
+        grasp = middle_grasp(*geoms_box(domain.sim, *geoms[moved]))
         distance = float(np.linalg.norm(env._raw["robot0_eef_pos"] - grasp))
         closest = min(closest, distance)
         if action[6] > 0 >= gripper:

@@ -36,6 +36,7 @@ _SPHERE, _CYLINDER, _BOX = 2, 5, 6
 
 Target = Callable[[], tuple[np.ndarray, float]]  # () -> (centre (3,), top z)
 GAIN = 25.0  # position action per metre of error (1.0 = a 5 cm goal offset)
+NECK = 0.035  # a tall object is grasped this far below its top (a bottle by its neck)
 
 
 def move_towards(hand: np.ndarray, goal: np.ndarray, gripper: float) -> np.ndarray:
@@ -161,6 +162,13 @@ class RimGrasp:
         return direction, float(turn)
 
 
+def middle_grasp(low: np.ndarray, high: np.ndarray, neck: float = NECK) -> np.ndarray:
+    """Where an object narrow enough to straddle is grasped, from its box (low, high):
+    the middle of the box, or ``neck`` below its top if that is higher (a bottle's neck)."""
+    centre = (low + high) / 2
+    return np.array([centre[0], centre[1], max(centre[2], high[2] - neck)])
+
+
 class PickAndPlace:
     """Grasp one object and put it down on or into a target.
 
@@ -185,7 +193,7 @@ class PickAndPlace:
         body_id: int,
         target: Target,
         release_above: float = 0.05,
-        neck=0.035,
+        neck=NECK,
         rim: RimGrasp | None = None,
         hand_orientation: Callable[[], np.ndarray] | None = None,
     ):
@@ -212,9 +220,8 @@ class PickAndPlace:
     def grasp_point(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where to grasp the object now, and its box (low, high)."""
         low, high = geoms_box(self.sim, *self.geoms)
-        centre = (low + high) / 2
         if min(high[0] - low[0], high[1] - low[1]) <= self.WIDE:
-            return np.array([centre[0], centre[1], max(centre[2], high[2] - self.neck)]), low, high
+            return middle_grasp(low, high, self.neck), low, high
         if self.rim_direction is None:
             self.rim_direction, turn = self.rim.choose(low, high)
             self.turned_to = None
