@@ -131,6 +131,7 @@ def tiny_smolvla(
     """SmolVLA at the tiny preset's sizes (VLM text width 128, 2 layers, 2 heads; vision
     width 96, 2 layers, 8-px patches; the expert at the VLM's width and depth), everything
     trained, for a store described by ``data`` (a DataSpec); and its LeRobot processors.
+    A batch's instructions are padded to its longest (LeRobot's default, and ours).
 
     ``layers``, ``expert_width`` and ``heads`` size the expert as one of our heads (depth,
     width, attention heads of ``expert_width // heads`` channels): SmolVLA's expert has one
@@ -172,7 +173,6 @@ def tiny_smolvla(
         resize_imgs_with_padding=(size, size),
         freeze_vision_encoder=False,
         train_expert_only=False,
-        pad_language_to="max_length",
         device="cpu",
         input_features=features,
         output_features={"action": PolicyFeature(FeatureType.ACTION, (data.action_dim,))},

@@ -2,7 +2,10 @@
 
 Both train end to end (vision encoder, language model and action head/expert; SmolVLA's
 defaults freeze all but the expert, so they are switched off here) by flow matching on
-the same batches: one 64x64 camera, an 8-D state, the instruction, 16x7 action chunks,
+the same batches, with one exception LeRobot keeps: the last layer of SmolVLA's language
+model stays frozen (its expert reads that layer's keys and values, not its output), so
+its weights take no gradient, where all of ours train. Both pad a batch's instructions
+to its longest. The batches: one 64x64 camera, an 8-D state, the instruction, 16x7 action chunks,
 batch 32, AdamW. Matched size: SmolVLA's VLM is a SmolVLM2-style model built offline with
 our tiny preset's dimensions (text width 128, 2 layers; vision width 96, 2 layers, 8-px
 patches) and its expert at the VLM's width (multiplier 1.0, 2 layers), against our tiny

@@ -124,16 +124,18 @@ def test_a_padded_batch_acts_like_its_rows_alone(store, conditioning):
     context = policy.encode(batch)
     assert context.cache.mask is not None and not context.cache.mask.all()  # rows padded
     together = policy.act(context, batch["state"], noise=noise)
+    lengths = []
     for i, row in enumerate(rows):
         alone = policy.encode(row)
-        assert alone.cache.mask is None  # padding trimmed: attention runs unmasked
-        assert alone.cache.keys_values[0][0].shape[2] < alone.tokens.shape[1]
+        assert alone.mask.all() and alone.cache.mask is None  # no padding: no mask
+        lengths.append(alone.tokens.shape[1])
         torch.testing.assert_close(
             policy.act(alone, row["state"][None], noise=noise[i : i + 1])[0],
             together[i],
             atol=1e-4,
             rtol=1e-4,
         )
+    assert lengths[0] < lengths[1] == context.tokens.shape[1]  # padded to its longest only
 
 
 def test_noise_samples_reuse_one_backbone_pass(store):
@@ -336,7 +338,8 @@ def test_a_pretrained_vision_encoder_stays_imagenets_and_survives_saving(
     obs = observation(dataset, 5)
     tokens = policy.encode(obs).tokens
     side = config.backbone.image_size // 16  # a token per 16 px cell, then the words
-    assert tokens.shape[1] == side * side + config.backbone.max_instruction_tokens
+    words, _ = policy.backbone.tokenize([obs["instruction"]], policy.device)
+    assert tokens.shape[1] == side * side + words.shape[1]
     noise = torch.randn(1, 8, 2)
     before = policy.act(policy.encode(obs), obs["state"], noise=noise)
     policy.save_pretrained(tmp_path / "policy")

@@ -57,7 +57,12 @@ class BackboneConfig:
             patch x merge nearest this).
         num_layers: language-model layers kept and run (0 keeps them all); the context is
             the hidden state after the last kept layer.
-        max_instruction_tokens: instructions are padded/truncated to this many tokens.
+        max_instruction_tokens: instructions are truncated to this many tokens. Padded
+            after the words (the default), a batch's instructions are padded to its
+            longest only: the padding is masked everywhere and comes after every real
+            token, so the result is the same with fewer positions to compute. Padded
+            before them (``instruction_first``), they are padded to this length, so that
+            the cameras' tokens keep their positions.
         freeze_vision / freeze_language: keep those weights fixed during training (with
             ``vision_encoder``, the encoder is frozen anyway and its new projector trains).
         tiny_text_width / tiny_text_layers: the tiny preset's language model.
@@ -411,7 +416,7 @@ class VLMBackbone(nn.Module):
             tokenizer, side = self.instruction_reader.tokenizer, "right"
         encoded = tokenizer(
             list(instructions),
-            padding="max_length",
+            padding="longest" if side == "right" else "max_length",
             truncation=True,
             max_length=self.config.max_instruction_tokens,
             padding_side=side,
