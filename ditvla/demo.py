@@ -126,9 +126,9 @@ FULL = DemoRecipe(
 )
 QUICK = DemoRecipe(
     env=FULL.env,
-    collect=replace(FULL.collect, episodes_per_task=2),
+    collect=replace(FULL.collect, episodes_per_task=1),
     train=replace(FULL.train, steps=30, batch_size=16, save_every=10),
-    evaluate=replace(FULL.evaluate, episodes_per_task=2, max_steps=60, workers=2),
+    evaluate=replace(FULL.evaluate, episodes_per_task=1, max_steps=60, workers=2),
     calibration=replace(FULL.calibration, frames=16),
     robustness=replace(FULL.evaluate, episodes_per_task=1, max_steps=20, videos_per_task=0),
     robustness_env="metaworld:reach-green-ball",  # a smoke run: one task, one episode
