@@ -71,7 +71,7 @@ def test_experts_succeed_random_does_not(tmp_path):
     report = evaluate(
         ExpertPolicy(),
         "robosuite:Lift,Stack,PickPlaceCan",
-        episodes_per_task=2,
+        episodes_per_task=1,
         workers=2,
         out=tmp_path / "expert",
         videos_per_task=1,
@@ -88,7 +88,7 @@ def test_experts_succeed_random_does_not(tmp_path):
     random = evaluate(
         RandomPolicy(action_dim=7),
         "robosuite:Lift",
-        episodes_per_task=2,
+        episodes_per_task=1,
         workers=1,
         max_steps=100,
         progress=False,
@@ -98,9 +98,9 @@ def test_experts_succeed_random_does_not(tmp_path):
 
 def test_a_task_without_expert_fails_its_episodes_with_the_reason():
     report = evaluate(
-        ExpertPolicy(), "robosuite:NutAssemblySquare", episodes_per_task=2, progress=False
+        ExpertPolicy(), "robosuite:NutAssemblySquare", episodes_per_task=1, progress=False
     )
-    assert len(report.episodes) == 2
+    assert len(report.episodes) == 1
     assert all("no scripted expert for robosuite task" in e.error for e in report.episodes)
 
 
