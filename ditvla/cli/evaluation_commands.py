@@ -32,7 +32,9 @@ def add_demo(commands: Commands, configured: bool) -> None:
         "video per task to --out.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder")
-    demo.add_argument("--quick", action="store_true", help="a smoke run of every stage (about a minute)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smoke run of every stage (about a minute)"
+    )
     demo.add_argument(
         "--robustness",
         action="store_true",

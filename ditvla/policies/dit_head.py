@@ -302,10 +302,10 @@ class DiTActionHead(nn.Module):
         """Context tokens (B, L, context_dim) and their mask (B, L) -> the per-layer cache.
 
         ``trim_padding``: leave out the positions that are padding in every row (at batch
-        1, all of them: the instruction is padded to a fixed length) and, when no padding
-        is left, attend without a mask. The result is the same; every denoising step then
-        attends over fewer keys and skips the mask. Checking costs a device sync, so
-        inference asks for it (once per chunk) and training does not.
+        1, all of them: an instruction padded before its words has a fixed length) and,
+        when no padding is left, attend without a mask. The result is the same; every
+        denoising step then attends over fewer keys and skips the mask. Checking costs a
+        device sync, so inference asks for it (once per chunk) and training does not.
         """
         if trim_padding:
             real = mask.any(dim=0)
