@@ -37,26 +37,22 @@ def episode(env, policy, seed: int, action_steps: int) -> dict:
     import numpy as np
     import torch
 
+    from ditvla.envs.evaluate import policy_batch
     from ditvla.envs.libero_experts import body_geoms, geoms_box, middle_grasp
 
     obs, _ = env.reset(seed=seed)
     domain, spec = env._env.env, policy.spec
     moved = domain.parsed_problem["goal_state"][0][1]
     geoms = {name: body_geoms(domain.sim.model, body) for name, body in domain.obj_body_id.items()}
-    bottom = {name: geoms_box(domain.sim, *g)[0][2] for name, g in geoms.items()}
+    boxes = {name: geoms_box(domain.sim, *g) for name, g in geoms.items()}  # as they are now
+    bottom = {name: low[2] for name, (low, _) in boxes.items()}
     rose = dict.fromkeys(geoms, 0.0)
     noise = torch.Generator().manual_seed(seed)
     closest, closings, gripper, queue, steps = np.inf, [], -1.0, [], 0
     success = truncated = False
     while not (success or truncated):
         if not queue:
-            batch = {
-                "images": {camera: obs["images"][camera][None] for camera in spec.cameras},
-                "state": obs["state"][None],
-                "instruction": [obs["instruction"]],
-                "task": [env.task],
-                "seed": [seed],
-            }
+            batch = policy_batch([obs], [(env.task, seed)], spec.cameras, "none", {})
             options = {}
             if spec.noise_shape is not None:
                 options["noise"] = torch.randn(spec.noise_shape, generator=noise)[None]
@@ -64,7 +60,7 @@ def episode(env, policy, seed: int, action_steps: int) -> dict:
                 chunk = policy.predict_action_chunk(batch, **options)
             queue = list(torch.as_tensor(chunk).float().numpy()[0][:action_steps])
         action = queue.pop(0)
-        grasp = middle_grasp(*geoms_box(domain.sim, *geoms[moved]))
+        grasp = middle_grasp(*boxes[moved])
         distance = float(np.linalg.norm(env._raw["robot0_eef_pos"] - grasp))
         closest = min(closest, distance)
         if action[6] > 0 >= gripper:
@@ -72,8 +68,9 @@ def episode(env, policy, seed: int, action_steps: int) -> dict:
         gripper = float(action[6])
         obs, _, success, truncated, _ = env.step(action, render=not queue)
         steps += 1
-        for name, g in geoms.items():
-            rose[name] = max(rose[name], float(geoms_box(domain.sim, *g)[0][2] - bottom[name]))
+        boxes = {name: geoms_box(domain.sim, *g) for name, g in geoms.items()}
+        for name, (low, _) in boxes.items():
+            rose[name] = max(rose[name], float(low[2] - bottom[name]))
     others = {name: round(h, 3) for name, h in rose.items() if name != moved and h > LIFTED}
     return {
         "task": env.task,

@@ -94,11 +94,13 @@ def telling_words(instructions: Sequence[str]) -> dict[str, frozenset[str]]:
     telling = {text: {w for w in words if holders[w] == 1} for text, words in split.items()}
     for text, words in split.items():
         for other, other_words in split.items():
+            if other == text:
+                continue
             opcodes = SequenceMatcher(None, words, other_words, autojunk=False).get_opcodes()
             changes = [words[i1:i2] for tag, i1, i2, _, _ in opcodes if tag != "equal"]
             shared = sum(i2 - i1 for tag, i1, i2, _, _ in opcodes if tag == "equal")
             # one run differs and the two share at least as many words as it holds
-            if other != text and len(changes) == 1 and len(changes[0]) <= shared:
+            if len(changes) == 1 and len(changes[0]) <= shared:
                 telling[text].update(changes[0])
     return {text: frozenset(found) for text, found in telling.items()}
 

@@ -153,7 +153,7 @@ class _Slot:
         self.received = None
 
 
-def _batch(
+def policy_batch(
     observations: list[dict],
     jobs: list[tuple[str, int]],
     cameras: tuple[str, ...],
@@ -338,7 +338,7 @@ class _Rollouts:
             )
         jobs = [s.job for s in needing]
         received = [s.received for s in needing] if self.perturbation else None
-        batch = _batch(
+        batch = policy_batch(
             observations, jobs, spec.cameras, self.config.probe, self.instructions, received
         )
         options = {}  # the episodes' own initial noise, for a diffusion policy
