@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -231,3 +232,33 @@ def test_the_table_and_background_axes_tint_the_right_materials():
     assert all(surface_of(name) == "background" for name in rooms)
     assert surface_of("wall_brick") is None  # Meta-World's wall tasks: a task object
     assert surface_of("robot0_Shell001_001") is None
+
+
+@pytest.mark.parametrize(
+    "suite, older, newer, camera",
+    [
+        ("metaworld", "reach-v3", "door-open-v3", "corner3"),
+        ("robosuite", "Lift", "PickPlaceCan", "agentview"),
+    ],
+)
+def test_a_simulator_closed_beside_another_leaves_the_others_frames_alone(
+    suite, older, newer, camera
+):
+    # An evaluation worker keeps two simulators and closes the older. Its frames must not
+    # change when the other closes, nor when the closed one is collected later (it had
+    # been kept alive by its perturber): they came back black, and a perturbed run lost
+    # door-open from its 20th episode on.
+    def frame(env) -> np.ndarray:
+        return env.reset(seed=100000)[0]["images"][camera]
+
+    closed = SUITES[suite].make(older, cameras=(camera,), image_size=32)
+    closed.perturb(Perturbation.parse("lighting=medium"))
+    frame(closed)
+    env = SUITES[suite].make(newer, cameras=(camera,), image_size=32)
+    before = frame(env)
+    closed.close()
+    assert np.array_equal(frame(env), before)
+    del closed
+    gc.collect()
+    assert before.mean() > 20 and np.array_equal(frame(env), before)
+    env.close()

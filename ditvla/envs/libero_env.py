@@ -352,6 +352,7 @@ class LiberoEnv(SimulatorEnv):
         return self._expert.action(self._raw["robot0_eef_pos"])
 
     def close(self) -> None:
+        self._renderer.close()
         self._env.close()
 
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 import mujoco
 import numpy as np
 
-from ditvla.envs.rendering import fast_model, fast_scene
+from ditvla.envs.rendering import fast_model, fast_scene, free_render_context
 from ditvla.envs.schema import SimulatorEnv
 from ditvla.errors import ConfigError
 
@@ -302,9 +302,13 @@ class MetaWorldEnv(SimulatorEnv):
         """One upright uint8 (H, W, 3) frame of ``camera``."""
         renderer = self._env.mujoco_renderer
         renderer.camera_id = mujoco.mj_name2id(self._env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+        viewer = renderer._get_viewer("rgb_array")
         if not self._scene_flags_set:
-            fast_scene(renderer._get_viewer("rgb_array").scn, skybox=False)
+            fast_scene(viewer.scn, skybox=False)
             self._scene_flags_set = True
+        # this simulator's GL context, whichever another simulator of the process made
+        # current since (a few microseconds against milliseconds for the frame)
+        viewer.make_context_current()
         return upright(camera, renderer.render("rgb_array"))
 
     # ------------------------------------------------------------------ simulator
@@ -408,6 +412,8 @@ class MetaWorldEnv(SimulatorEnv):
         self._raw_obs = env._get_obs().astype(np.float64)
 
     def close(self) -> None:
+        for viewer in self._env.mujoco_renderer._viewers.values():
+            free_render_context(viewer.opengl_context, viewer.con)
         self._env.close()
 
 

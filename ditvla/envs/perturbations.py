@@ -35,6 +35,7 @@ What the policy receives is perturbed by the evaluator:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +220,9 @@ class ScenePerturber:
     episodes never add up. ``env`` is a :class:`~ditvla.envs.schema.SimulatorEnv`."""
 
     def __init__(self, env: Any, perturbation: Perturbation):
-        self.env, self.perturbation = env, perturbation
+        # not a strong reference: a simulator and its perturber would keep each other (and
+        # a LIBERO scene's gigabyte) after closing, until the garbage collector came by
+        self.env, self.perturbation = weakref.proxy(env), perturbation
         model = env.mujoco_model
         self.cameras: dict[str, int] = {}
         for camera in env.cameras:

@@ -29,6 +29,22 @@ def fast_scene(scene: mujoco.MjvScene, *, skybox: bool = True) -> None:
         scene.flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
 
 
+def free_render_context(gl_context: Any, mjr_context: mujoco.MjrContext) -> None:
+    """Free a simulator's MuJoCo render context (framebuffers, textures) under its own GL
+    context, at once.
+
+    ``MjrContext`` frees its GL objects, by number, in whatever GL context is current when
+    it goes. Left to the garbage collector, a closed simulator's context went while another
+    simulator of the same process was rendering, and took that one's framebuffer with it:
+    its frames came back black from then on. An evaluation worker keeps two simulators
+    (one per task) and closes the older, so perturbed multi-task evaluations lost whole
+    tasks partway (the scene perturbation's reference to its simulator delayed the
+    collection). Freeing it twice is harmless: a freed context holds nothing.
+    """
+    gl_context.make_current()
+    mjr_context.free()
+
+
 class FastOffscreenRenderer:
     """Renders a robosuite simulation's cameras (robosuite and LIBERO) fast, on demand.
 
@@ -57,4 +73,13 @@ class FastOffscreenRenderer:
     def render(self, camera: str, size: int) -> np.ndarray:
         if not self._ready:
             self._prepare()
+        # this simulator's GL context, whichever another simulator of the process made
+        # current since (a few microseconds against milliseconds for the frame)
+        self.sim._render_context_offscreen.gl_ctx.make_current()
         return self.sim.render(camera_name=camera, width=size, height=size)
+
+    def close(self) -> None:
+        """Free the render context now (:func:`free_render_context`)."""
+        context = self.sim._render_context_offscreen
+        if context is not None:
+            free_render_context(context.gl_ctx, context.con)

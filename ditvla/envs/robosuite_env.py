@@ -191,6 +191,7 @@ class RobosuiteEnv(SimulatorEnv):
         return self._expert.action(self._raw)
 
     def close(self) -> None:
+        self._renderer.close()
         self._env.close()
 
 
