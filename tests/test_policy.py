@@ -803,3 +803,44 @@ def test_a_bfloat16_head_samples_close_to_float32_and_saves_float32(store, tmp_p
     assert {v.dtype for k, v in saved.items() if k.startswith("head.")} == {torch.float32}
     with pytest.raises(PolicyInputError, match="'float16' is not one of float32, bfloat16"):
         policy.set_head_dtype("float16")
+
+
+def test_bfloat16_attention_on_the_cpu_computes_in_float32(store, tmp_path, monkeypatch):
+    """PyTorch's CPU flash attention is several times slower backward in bfloat16 than in
+    float32 at a policy's lengths: under bfloat16 autocast every attention of the policy
+    (vision, language model, head) runs in float32, and a saved VLM folder stays plain
+    transformers."""
+    import torch.nn.functional as F
+
+    from ditvla.policies.attention import ATTENTION_IMPLEMENTATION, scaled_dot_product_attention
+
+    policy, dataset = make_policy(store, backbone={"vision_encoder": ""})
+    assert policy.backbone.vision.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    assert policy.backbone.language.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    pytorchs = F.scaled_dot_product_attention
+    seen: list[torch.dtype] = []
+
+    def recorded(query, *args, **kwargs):
+        seen.append(query.dtype)
+        return pytorchs(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = policy(batch)
+    loss.backward()
+    layers = len(policy.backbone.vision.encoder.layers) + len(policy.backbone.language.layers)
+    assert len(seen) > layers  # the VLM's layers and the head's
+    assert set(seen) == {torch.float32}
+
+    q, k, v = torch.randn(3, 2, 4, 16, 32, dtype=torch.bfloat16)
+    mask = torch.rand(2, 1, 1, 16) > 0.3
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    expected = pytorchs(q.float(), k.float(), v.float(), attn_mask=mask).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    policy.save_pretrained(tmp_path / "policy")
+    assert ATTENTION_IMPLEMENTATION not in (tmp_path / "policy" / "vlm" / "config.json").read_text()
+    loaded = DiTVLAPolicy.from_pretrained(tmp_path / "policy")
+    assert loaded.backbone.language.config._attn_implementation == ATTENTION_IMPLEMENTATION

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditvla.errors import ConfigError
+from ditvla.policies.attention import use_policy_attention
 from ditvla.policies.instruction_reader import InstructionReader, reader_folder
 from ditvla.policies.keypoints import KeypointReader
 from ditvla.policies.pooling import masked_mean
@@ -316,6 +317,8 @@ class VLMBackbone(nn.Module):
         self.vlm_config = vlm.config
         self.width = vlm.config.text_config.hidden_size
         self._size_the_eyes(config, folder, saved=vlm_config is not None)
+        for part in (self.vision, self.language):  # bfloat16 on the CPU attends in float32
+            use_policy_attention(part)
         self.language_film: nn.Sequential | None = None
         if config.language_film:  # standardised mean word embedding -> scale and shift
             self.language_film = nn.Sequential(

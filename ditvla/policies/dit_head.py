@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ditvla.errors import ConfigError
+from ditvla.policies.attention import scaled_dot_product_attention
 from ditvla.policies.forecasting import Forecaster
 from ditvla.policies.pooling import masked_mean
 
@@ -150,7 +150,7 @@ class Attention(nn.Module):
             if cached_mask is not None:
                 own_mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
                 mask = torch.cat([cached_mask, own_mask], dim=1)[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
