@@ -5,9 +5,10 @@ PyTorch's CPU flash-attention kernel is much slower in bfloat16 than in float32 
 short sequences a policy attends over, most of all backward. Forward and backward of 32
 rows, 4 heads, 16 tokens of 32 took 8.35 ms in bfloat16 against 0.71 ms in float32; 32 x 2
 heads x 64 tokens of 48 (the tiny vision transformer's) 15.3 against 3.8 ms (one thread,
-the 2-core EPYC, 2026-12-07; ``docs/benchmarks.md``, "Training throughput"). So under
-``ditvla train``'s bfloat16 autocast on the CPU every attention of the policy casts its
-queries, keys and values to float32 and its output back to bfloat16. That covers the VLM's
+the 2-core EPYC, 2026-12-07; ``docs/benchmarks.md``, "Training throughput"). So on the
+CPU, under ``ditvla train``'s bfloat16 autocast and in a bfloat16 head at inference
+(``--head-dtype bfloat16``), every attention of the policy casts its queries, keys and
+values to float32 and its output back to bfloat16. That covers the VLM's
 transformers (through transformers' own extension point, ``AttentionInterface``, as
 :data:`ATTENTION_IMPLEMENTATION`) and the action head. On CUDA, and in float32, it is
 PyTorch's attention unchanged.
