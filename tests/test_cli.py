@@ -127,9 +127,10 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
         "ditvla collect --env metaworld:",
         "ditvla train --dataset",
         "ditvla eval --policy",
-        "--detour-steps 20",  # the recipe: detours, cameras moved a little per
-        "--randomize camera=small",  # demonstration, the goal as a training-only target
-        "--auxiliary goal",
+        "--detour-steps 20",  # the recipe: detours, cameras moved per demonstration,
+        "--randomize camera=medium",  # the goal as a training-only target, a made-up
+        "--auxiliary goal",  # word in half the samples' instructions
+        "--instruction-noise 0.5",
         "ditvla calibrate-steps --policy",
     ):
         assert command in out.stdout
@@ -140,7 +141,8 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(tmp_path):
     assert policy_config["step_calibration"]["chosen_steps"] == report["num_inference_steps"]
     text = (demo / "report.md").read_text()
     assert text.startswith("# ditvla demo report") and "proprioception only" in text
-    assert "its scene randomised (camera=small)" in text
+    assert "its scene randomised (camera=medium)" in text
+    assert "made up with probability 0.5 (never one that tells it from the others)" in text
     n_action_steps = policy_config["policy"]["n_action_steps"]  # the report says what ran
     assert "its eyes the frozen ImageNet-pretrained efficientnet-lite0" in text
     assert f"16-action chunks, {n_action_steps} executed per chunk" in text
