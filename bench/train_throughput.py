@@ -5,12 +5,14 @@ defaults freeze all but the expert, so they are switched off here) by flow match
 the same batches, with one exception LeRobot keeps: the last layer of SmolVLA's language
 model stays frozen (its expert reads that layer's keys and values, not its output), so
 its weights take no gradient, where all of ours train. Both pad a batch's instructions
-to its longest. The batches: one 64x64 camera, an 8-D state, the instruction, 16x7 action chunks,
-batch 32, AdamW. Matched size: SmolVLA's VLM is a SmolVLM2-style model built offline with
-our tiny preset's dimensions (text width 128, 2 layers; vision width 96, 2 layers, 8-px
-patches) and its expert at the VLM's width (multiplier 1.0, 2 layers), against our tiny
-preset (the same VLM sizes, a 2-block DiT head of width 128). Batches are drawn once
-from a zarr store and given to both in turn, so data loading is not timed. Both compute in
+to its longest. The batches: one 64x64 camera, an 8-D state, the instruction, 16x7
+action chunks, batch 32, AdamW as each project's training builds it (``ditvla train``'s
+on PyTorch's fused kernel, LeRobot's on PyTorch's default, a loop per parameter on the
+CPU). Matched size: SmolVLA's VLM is a SmolVLM2-style model built offline with our tiny
+preset's dimensions (text width 128, 2 layers; vision width 96, 2 layers, 8-px patches)
+and its expert at the VLM's width (multiplier 1.0, 2 layers), against our tiny preset
+(the same VLM sizes, a 2-block DiT head of width 128). Batches are drawn once from a
+zarr store and given to both in turn, so data loading is not timed. Both compute in
 the same precision: ``--precision``, by default what ``ditvla train`` computes in here
 (``auto``: bfloat16 autocast where the CPU has it natively, else float32); LeRobot's
 training takes the same autocast with its ``use_amp``.
@@ -26,11 +28,11 @@ chunks (it has no auxiliary head: that work is ours alone, and counted).
 
 ``--eyes``: the frozen eyes' forward on the demo batches' frames as timm's network runs
 it, as the policy runs it (batch norms folded into the convolutions, channels-last) and
-that under bfloat16 autocast. ``--profile``: the demo recipe's step by part for both policies (forward by module, the
-backward pass, the optimizer), the two steps taken in turn. ``--levers``: the demo
-recipe's step (with ``ditvla train``'s gradient clipping and EMA) under each lever
-(foreach or fused AdamW, bfloat16 autocast, one thread, no EMA), all taken in turn, as
-ratios to today's step.
+that under bfloat16 autocast. ``--profile``: the demo recipe's step by part for both
+policies (forward by module, the backward pass, the optimizer), the two steps taken in
+turn. ``--levers``: the demo recipe's step (with ``ditvla train``'s gradient clipping,
+EMA and fused AdamW) under each lever (AdamW's loop per parameter or foreach, bfloat16
+autocast, one thread, no EMA), all taken in turn, as ratios to today's step.
 
 The demo's recipe is measured twice: as each step's frames first meet the frozen eyes,
 and with their tokens kept (``ditvla train``'s default without augmentation on the CPU:
@@ -135,10 +137,28 @@ def _batches(dataset, count: int) -> list[dict]:
     return [b for _, b in zip(range(count), loader, strict=False)]
 
 
-def _step_fn(policy, batches: list[dict], precision: str):
+def ditvla_optimizer(params: list) -> torch.optim.Optimizer:
+    """AdamW as ``ditvla train`` builds it."""
+    from ditvla.training.optimization import adamw
+
+    return adamw(params, lr=1e-4, weight_decay=0.01)
+
+
+def lerobot_optimizer(params: list) -> torch.optim.Optimizer:
+    """AdamW as LeRobot's training builds it (its ``AdamWConfig``)."""
+    from lerobot.optim.optimizers import AdamWConfig
+
+    return AdamWConfig(lr=1e-4, weight_decay=0.01).build(params)
+
+
+def _trainable(policy) -> list:
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def _step_fn(policy, batches: list[dict], precision: str, optimizer_for):
     from ditvla.training.trainer import autocast_for
 
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = optimizer_for(_trainable(policy))
     autocast = autocast_for(precision, torch.device("cpu"))
 
     def step(i: int) -> None:
@@ -156,9 +176,12 @@ def compare(ours, batches: list[dict], theirs, steps: int, precision: str) -> di
     change of load hits both alike), the median of ``steps`` after 3 warm-up steps."""
     tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
     runs = {
-        "ditvla": _step_fn(ours.train(), batches, precision),
+        "ditvla": _step_fn(ours.train(), batches, precision, ditvla_optimizer),
         "smolvla": _step_fn(
-            theirs.train(), [to_lerobot_batch(b, tokenizer) for b in batches], precision
+            theirs.train(),
+            [to_lerobot_batch(b, tokenizer) for b in batches],
+            precision,
+            lerobot_optimizer,
         ),
     }
     for step in runs.values():
@@ -202,9 +225,9 @@ def _timed_modules(policy, names: tuple[str, ...]) -> dict[str, list[float]]:
     return record
 
 
-def _parted_step(policy, batches: list[dict]):
+def _parted_step(policy, batches: list[dict], optimizer_for):
     """A training step that records its forward, backward and optimizer seconds."""
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = optimizer_for(_trainable(policy))
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
 
     def step(i: int) -> None:
@@ -227,9 +250,12 @@ def profile(ours, batches: list[dict], theirs, steps: int) -> None:
     tokenizer = theirs.model.vlm_with_expert.processor.tokenizer
     lerobot_batches = [to_lerobot_batch(b, tokenizer) for b in batches]
     arms = {
-        "ditvla": (*_parted_step(ours.train(), batches), _timed_modules(ours, OURS_MODULES)),
+        "ditvla": (
+            *_parted_step(ours.train(), batches, ditvla_optimizer),
+            _timed_modules(ours, OURS_MODULES),
+        ),
         "smolvla": (
-            *_parted_step(theirs.train(), lerobot_batches),
+            *_parted_step(theirs.train(), lerobot_batches, lerobot_optimizer),
             _timed_modules(theirs, SMOLVLA_MODULES),
         ),
     }
@@ -254,6 +280,9 @@ def profile(ours, batches: list[dict], theirs, steps: int) -> None:
         )
 
 
+TODAY = "today (fp32, fused AdamW, EMA)"
+
+
 def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None:
     """The demo recipe's full step (clipping, EMA) under each lever, all taken in turn."""
     from ditvla.policies.policy import DiTVLAPolicy
@@ -264,8 +293,12 @@ def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None
     def arm(adamw: dict | None = None, autocast: bool = False, one_thread=False, ema=True):
         torch.manual_seed(0)
         policy = DiTVLAPolicy(policy_config, stats).train()
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, **(adamw or {}))
+        params = _trainable(policy)
+        optimizer = (
+            ditvla_optimizer(params)
+            if adamw is None
+            else torch.optim.AdamW(params, lr=1e-4, **adamw)
+        )
         average = warmed_up_ema(train.ema_decay, train.ema_power)
         averaged = torch.optim.swa_utils.AveragedModel(policy, multi_avg_fn=average)
 
@@ -284,9 +317,9 @@ def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None
         return step
 
     arms = {
-        "today (fp32, AdamW, EMA)": arm(),
+        TODAY: arm(),
+        "AdamW, a loop per parameter": arm({"foreach": False}),
         "foreach AdamW": arm({"foreach": True}),
-        "fused AdamW": arm({"fused": True}),
         "bfloat16 autocast": arm(autocast=True),
         "one thread": arm(one_thread=True),
         "no EMA": arm(ema=False),
@@ -300,7 +333,7 @@ def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None
             start = time.perf_counter()
             step(i)
             times[name].append(time.perf_counter() - start)
-    today = statistics.median(times["today (fp32, AdamW, EMA)"])
+    today = statistics.median(times[TODAY])
     for name, t in times.items():
         median = statistics.median(t)
         print(f"  {name:26s} {1000 * median:6.1f} ms/step  {today / median:.2f}x")

@@ -51,7 +51,7 @@ from ditvla.training.checkpoints import (
     unfinished_checkpoint,
     write_checkpoint,
 )
-from ditvla.training.optimization import optimizer_step, schedule_of, warmed_up_ema
+from ditvla.training.optimization import adamw, optimizer_step, schedule_of, warmed_up_ema
 from ditvla.training.processes import TIMEOUT_MINUTES, Processes, join_processes
 from ditvla.training.sharding import (
     ShardedEMA,
@@ -272,9 +272,7 @@ class _Run:
         elif processes.distributed:
             self.model = torch.nn.parallel.DistributedDataParallel(policy)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = adamw(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = self._ema()  # (before the eyes keep anything: the EMA copies the policy)
         self.kept = keep_frozen_features(policy, config, processes.device)
         self.batches = EndlessBatches(
