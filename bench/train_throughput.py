@@ -336,7 +336,7 @@ def levers(policy_config, stats, batches: list[dict], train, steps: int) -> None
     today = statistics.median(times[TODAY])
     for name, t in times.items():
         median = statistics.median(t)
-        print(f"  {name:26s} {1000 * median:6.1f} ms/step  {today / median:.2f}x")
+        print(f"  {name:32s} {1000 * median:6.1f} ms/step  {today / median:.2f}x")
 
 
 def eyes(policy, batches: list[dict], steps: int) -> None:
