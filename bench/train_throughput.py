@@ -138,14 +138,16 @@ def _batches(dataset, count: int) -> list[dict]:
 
 
 def ditvla_optimizer(params: list) -> torch.optim.Optimizer:
-    """AdamW as ``ditvla train`` builds it."""
+    """AdamW built as ``ditvla train`` builds it (its fused kernel), at the bench's
+    learning rate and weight decay (both arms alike)."""
     from ditvla.training.optimization import adamw
 
     return adamw(params, lr=1e-4, weight_decay=0.01)
 
 
 def lerobot_optimizer(params: list) -> torch.optim.Optimizer:
-    """AdamW as LeRobot's training builds it (its ``AdamWConfig``)."""
+    """AdamW built as LeRobot's training builds it (its ``AdamWConfig``), at the bench's
+    learning rate and weight decay (both arms alike)."""
     from lerobot.optim.optimizers import AdamWConfig
 
     return AdamWConfig(lr=1e-4, weight_decay=0.01).build(params)

@@ -29,8 +29,8 @@ def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: floa
     parameter, which is what AdamW runs on the CPU otherwise (docs/benchmarks.md, "Fused
     AdamW")."""
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def scheduled_adamw(
