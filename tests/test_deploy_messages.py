@@ -23,9 +23,10 @@ from ditvla.deploy.messages import (
     encode,
     observation_bytes,
 )
-from ditvla.deploy.schedule import ActionSchedule, rtc_weights
+from ditvla.deploy.schedule import ActionSchedule
 from ditvla.deploy.transport import ClientChannel, ServerChannel, SessionGate, is_loopback
 from ditvla.policies.noise_schedules import DDPM, FlowMatching
+from ditvla.real_time_chunking import rtc_weights
 
 
 def observation(state=None, **meta) -> Message:

@@ -327,3 +327,55 @@ def test_action_steps_sets_how_often_the_policy_is_asked(tmp_path):
         evaluate(ChunkCounter(), "metaworld:reach-v3", out=tmp_path / "two", resume=True, **run)
     with pytest.raises(ConfigError, match=r"chunks of 8 actions \(its horizon\), so at most 8"):
         evaluate(ChunkCounter(), "metaworld:reach-v3", action_steps=9, **run)
+
+
+class InpaintRecorder(RecordingPolicy):
+    """A real (untrained) policy that also keeps what each call asked it to inpaint."""
+
+    def predict_action_chunk(self, observation, **kwargs):
+        self.inpaints.append(kwargs.get("inpaint"))
+        return super().predict_action_chunk(observation, **kwargs)
+
+
+def test_merge_rtc_pulls_each_chunk_towards_the_rest_of_the_last(tmp_path):
+    config = PolicyConfig.preset(
+        "tiny", cameras=["corner"], image_size=32, state_dim=39, action_dim=4, horizon=8
+    )
+    torch.manual_seed(0)
+    policy = InpaintRecorder(config).eval()
+    torch.nn.init.normal_(policy.head.action_out.weight, std=0.5)  # not the identity map
+    run = dict(episodes_per_task=1, max_steps=12, workers=1, videos_per_task=0, progress=False)
+    chunks = {}
+    for merge in ("latest", "rtc"):
+        policy.chunks, policy.inpaints = {}, []
+        evaluate(
+            policy, "metaworld:reach-v3", out=tmp_path / merge, action_steps=4, merge=merge, **run
+        )
+        chunks[merge] = policy.chunks[100000]
+    assert len(chunks["rtc"]) == 3  # 12 steps, 4 actions per chunk
+    first, second, _ = policy.inpaints
+    assert not first[1].any()  # nothing planned before the episode's first chunk
+    planned, weights = second
+    np.testing.assert_allclose(planned[0, :4], chunks["rtc"][0][4:].numpy(), rtol=1e-6)
+    assert (weights[0, 4:] == 0).all() and np.all(np.diff(weights[0, :4]) < 0)
+    assert 0.5 < weights[0, 0] < 1  # pulled towards the plan, not frozen to it
+    # the same episode and noise: with rtc the second chunk keeps closer to what the first
+    # planned for its ticks than without
+    distance = {
+        merge: (chunks[merge][1][:4] - chunks[merge][0][4:]).abs().mean().item() for merge in chunks
+    }
+    assert distance["rtc"] < 0.7 * distance["latest"], distance
+    summary = json.loads((tmp_path / "rtc" / "results.json").read_text())
+    assert summary["observation"]["merge"] == "rtc"
+    assert "real-time chunking" in (tmp_path / "rtc" / "results.md").read_text()
+    assert (
+        "merge" not in json.loads((tmp_path / "latest" / "results.json").read_text())["observation"]
+    )
+    with pytest.raises(EvaluationRunError):  # another merge is another evaluation
+        evaluate(
+            policy, "metaworld:reach-v3", out=tmp_path / "rtc", action_steps=4, resume=True, **run
+        )
+    with pytest.raises(ConfigError, match=r"ChunkCounter cannot \(ditvla's policies can\)"):
+        evaluate(ChunkCounter(), "metaworld:reach-v3", merge="rtc", **run)
+    with pytest.raises(ConfigError, match="unknown merge 'mean'; choose one of latest, rtc"):
+        evaluate(ChunkCounter(), "metaworld:reach-v3", merge="mean", **run)

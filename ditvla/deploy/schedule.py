@@ -10,13 +10,13 @@ used up); what executes at a tick is chosen by the merge rule:
   tick, weighted ``exp(-decay * i)`` with ``i = 0`` for the oldest;
 - ``rtc``: real-time chunking. The server computes each chunk with the actions that will
   execute during its own inference delay frozen to the current plan, and the rest of the
-  overlap pulled towards it with decaying weights (:func:`rtc_weights`, inpainting during
-  denoising); the controller then switches to the newest chunk, as ``latest`` does.
+  overlap pulled towards it with decaying weights (inpainting during denoising, with
+  :func:`ditvla.real_time_chunking.rtc_weights`); the controller then switches to the
+  newest chunk, as ``latest`` does.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -110,20 +110,3 @@ def safe_actions(
     if low is not None or high is not None:
         actions = np.clip(actions, low, high)
     return np.asarray(actions, np.float32)
-
-
-def rtc_weights(horizon: int, delay: int, planned: np.ndarray) -> np.ndarray:
-    """Real-time chunking's inpainting weights (Black et al., 2025) for a new chunk.
-
-    1 for the first ``delay`` actions (they execute before the chunk arrives: frozen),
-    then an exponential decay over the rest of the already-planned actions, 0 after them.
-    """
-    overlap = int(np.flatnonzero(planned).max()) + 1 if planned.any() else 0
-    weights = np.zeros(horizon, np.float32)
-    for i in range(min(overlap, horizon)):
-        if i < delay:
-            weights[i] = 1.0
-        else:
-            c = (overlap - i) / (overlap - delay + 1)
-            weights[i] = c * (math.exp(c) - 1) / (math.e - 1)
-    return weights * planned

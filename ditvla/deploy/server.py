@@ -43,16 +43,11 @@ from ditvla.contract import HeadDType, SplitsBySystem, load_policy
 from ditvla.deploy.action_limits import merged_limits, widened_range
 from ditvla.deploy.keys import ServerKeys
 from ditvla.deploy.messages import Message, observation_bytes
-from ditvla.deploy.schedule import (
-    MERGE_RULES,
-    ActionSchedule,
-    MergeRule,
-    rtc_weights,
-    safe_actions,
-)
+from ditvla.deploy.schedule import MERGE_RULES, ActionSchedule, MergeRule, safe_actions
 from ditvla.deploy.transport import DEFAULT_ADDRESS, PairChannel, ServerChannel, SessionGate
 from ditvla.devices import device_named
 from ditvla.errors import ConfigError
+from ditvla.real_time_chunking import rtc_weights
 
 SYSTEM2_TIMEOUT_S = 30.0
 MAX_MESSAGES_PER_TICK = 16

@@ -39,13 +39,19 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ditvla.contract import EVAL_SEED_START, ChunkPolicy, HeadDType, PolicySpec
+from ditvla.contract import (
+    EVAL_SEED_START,
+    ChunkPolicy,
+    DualSystemPolicy,
+    HeadDType,
+    PolicySpec,
+)
 from ditvla.envs.baselines import policy_from_argument
 from ditvla.envs.evaluation_report import (
     EpisodeResult,
@@ -60,6 +66,7 @@ from ditvla.envs.rewordings import read_rewordings
 from ditvla.envs.rollout_workers import SimulatorError, SimulatorWorker
 from ditvla.envs.videos import write_video
 from ditvla.errors import ConfigError
+from ditvla.real_time_chunking import rtc_weights
 
 __all__ = [
     "EvalConfig",
@@ -71,6 +78,7 @@ __all__ = [
 ]
 
 Probe = Literal["none", "blank_images", "shuffled_instructions"]
+Merge = Literal["latest", "rtc"]
 VIDEO_SIZE_PX = 64  # rollout videos of policies that read no camera
 
 
@@ -102,6 +110,12 @@ class EvalConfig:
         action_steps: how many of each chunk's actions run before the policy is asked
             again, 1..its horizon (0: the policy's own n_action_steps). Fewer replan
             more often, at more policy calls per episode.
+        merge: what a new chunk makes of the rest of the last one: latest (replaces it)
+            or rtc (real-time chunking: the new chunk is denoised with the last one's
+            unexecuted actions inpainted into it, their weights decaying over the
+            overlap, so that successive chunks agree; the deploy server's --merge rtc,
+            with no inference delay as the simulator waits). rtc needs a policy that
+            takes inpaint (ditvla's).
     """
 
     episodes_per_task: int = 50
@@ -116,6 +130,7 @@ class EvalConfig:
     perturb: str = ""
     rewordings: str = ""
     action_steps: int = 0
+    merge: Merge = "latest"
 
     def __post_init__(self) -> None:
         parse_shard(self.shard)
@@ -127,6 +142,10 @@ class EvalConfig:
             )
         if self.action_steps < 0:
             raise ConfigError(f"action_steps must be >= 0, got {self.action_steps}")
+        if self.merge not in get_args(Merge):
+            raise ConfigError(
+                f"unknown merge {self.merge!r}; choose one of {', '.join(get_args(Merge))}"
+            )
         if self.episodes_per_task < 1 or self.workers < 1:
             raise ConfigError(
                 f"episodes_per_task and workers must be >= 1, got {self.episodes_per_task} "
@@ -146,11 +165,12 @@ class _Slot:
     frames: list | None = None
     noise: torch.Generator | None = None  # the episode's own, for a policy's initial noise
     received: ReceivedPerturbation | None = None  # what the policy receives, perturbed
+    plan: np.ndarray | None = None  # the last chunk's actions not executed (merge rtc)
 
     def clear(self) -> None:
         """Free the slot for the next episode."""
         self.job, self.frames, self.queue, self.noise = None, None, deque(), None
-        self.received = None
+        self.received, self.plan = None, None
 
 
 def policy_batch(
@@ -345,6 +365,8 @@ class _Rollouts:
         if spec.noise_shape is not None:
             rows = [torch.randn(spec.noise_shape, generator=s.noise) for s in needing]
             options["noise"] = torch.stack(rows)
+        if self.config.merge == "rtc":
+            options["inpaint"] = self._planned(needing)
         try:
             with torch.inference_mode():
                 chunks = policy.predict_action_chunk(batch, **options)
@@ -367,6 +389,21 @@ class _Rollouts:
             self.finish(slot, False, "policy returned NaN or infinite actions")
         else:
             slot.queue.extend(chunk[: self.spec.n_action_steps])
+            slot.plan = chunk[self.spec.n_action_steps :]
+
+    def _planned(self, slots: list[_Slot]) -> tuple[np.ndarray, np.ndarray]:
+        """merge rtc: for each slot, the actions its last chunk planned from the new
+        chunk's first tick on, and their inpainting weights (none is frozen: nothing
+        executes while the policy computes); zero weights on an episode's first chunk."""
+        horizon, dim = self.spec.horizon, self.suite.action_dim
+        actions = np.zeros((len(slots), horizon, dim), np.float32)
+        weights = np.zeros((len(slots), horizon), np.float32)
+        for row, slot in enumerate(slots):
+            planned = 0 if slot.plan is None else min(len(slot.plan), horizon)
+            if planned:
+                actions[row, :planned] = slot.plan[:planned]
+                weights[row] = rtc_weights(horizon, 0, np.arange(horizon) < planned)
+        return actions, weights
 
     def step(self) -> None:
         """One simulator step of every episode with a queued action (rendered when the
@@ -416,6 +453,11 @@ def evaluate(
     config = replace(config or EvalConfig(), **settings)
     suite, tasks = parse_env(env_spec)
     spec = _acting_spec(policy.spec, config.action_steps)
+    if config.merge == "rtc" and not isinstance(policy, DualSystemPolicy):
+        raise ConfigError(
+            f"--merge rtc inpaints the last chunk's actions into the next while the policy "
+            f"computes it; {type(policy).__name__} cannot (ditvla's policies can)"
+        )
     state_keys = _checked_state_keys(suite, spec)
     perturbation = Perturbation.parse(config.perturb)
     check_policy_reads(perturbation, spec.cameras, spec.state_dim)
@@ -434,6 +476,8 @@ def evaluate(
         observation["perturb"] = perturbation.name()
     if config.action_steps:  # (absent at the policy's own, likewise)
         observation["action_steps"] = spec.n_action_steps
+    if config.merge != "latest":  # (likewise)
+        observation["merge"] = config.merge
     report = EvaluationReport(observation=observation)
     policy.reset()
     jobs = episode_jobs(tasks, config.episodes_per_task, config.seed_start, config.shard)

@@ -103,4 +103,5 @@ def describe_observation(observation: dict[str, Any]) -> str:
         + (f"; probe: {probe.replace('_', ' ')}" if probe != "none" else "")
         + (f"; perturbed: {perturb}" if perturb else "")
         + (f"; {steps} actions per chunk" if (steps := observation.get("action_steps")) else "")
+        + ("; chunks merged by real-time chunking" if observation.get("merge") == "rtc" else "")
     )
