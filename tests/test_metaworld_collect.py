@@ -15,6 +15,7 @@ from ditvla.datasets.replay_buffer import ReplayBuffer
 from ditvla.envs.collect import collect_demonstrations, detour, end_with_parent
 from ditvla.envs.metaworld_env import MetaWorldEnv, task_set
 from ditvla.envs.registry import parse_env
+from ditvla.errors import ConfigError
 
 
 def test_task_sets_and_unknown_names():
@@ -130,8 +131,9 @@ def test_a_collection_worker_keeps_only_the_simulator_of_its_task(monkeypatch):
     holds about a gigabyte: kept for every task, seven grew each worker to 7.9 GB)."""
     from ditvla.envs import collect
 
-    def episode(task):  # no cameras, 16 px, no detour, one way, no randomisation, seed 0
-        return collect._expert_episode_in_worker("metaworld", task, (), 16, 0, False, "", 0)
+    def episode(task):  # no cameras, 16 px, no detour or push, no randomisation, seed 0
+        recipe = collect.ExpertRecipe()
+        return collect._expert_episode_in_worker("metaworld", task, (), 16, recipe, "", 0)
 
     monkeypatch.setattr(collect, "_worker_envs", {})
     arrays, _ = episode("reach-v3")
@@ -300,3 +302,39 @@ def test_a_collection_worker_ends_with_its_parent(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_pushes_knock_the_hand_off_its_path_in_mid_task_and_record_the_way_back(tmp_path):
+    """``push_rate``: DART-style pushes during the episode; every recorded action is the
+    expert's, so the store shows the hand being pushed and the expert bringing it back."""
+
+    def collect(name, **options):
+        out = tmp_path / name
+        report = collect_demonstrations(
+            "metaworld:reach-v3", out, episodes_per_task=2, cameras=(), seed_start=3,
+            workers=1, progress=False, **options,
+        )  # fmt: skip
+        return report, ReplayBuffer.open(out)
+
+    report, pushed = collect("pushed.zarr", push_rate=0.1)
+    assert report.kept == {"reach-v3": 2}  # the expert recovers from every push
+    assert "pushes at a rate of 0.1 per step" in pushed.attrs["source"]
+    _, plain = collect("plain.zarr")
+
+    def against_the_record(episode):
+        """Steps, away from the goal, where the hand moved against the recorded action."""
+        hand, actions, goal = episode["proprio"][:, :3], episode["action"], episode["goal"]
+        moved = hand[1:] - hand[:-1]
+        far = np.linalg.norm(goal[:-1] - hand[:-1], axis=1) > 0.03
+        along = np.einsum("td,td->t", moved, actions[:-1, :3])
+        return int(np.sum(far & (along < 0) & (np.linalg.norm(moved, axis=1) > 0.002)))
+
+    for i in range(2):
+        episode = pushed.get_episode(i)
+        hand, actions, goal = episode["proprio"][:, :3], episode["action"], episode["goal"]
+        assert against_the_record(episode) > 0 and against_the_record(plain.get_episode(i)) == 0
+        far = np.linalg.norm(goal - hand, axis=1) > 0.03
+        heading = np.einsum("td,td->t", actions[:, :3], goal - hand)
+        assert np.all(heading[far] > 0)  # every recorded action heads for the goal
+    with pytest.raises(ConfigError, match=r"push_rate must be in \[0, 1\), got 1.5"):
+        collect("bad.zarr", push_rate=1.5)

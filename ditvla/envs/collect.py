@@ -57,26 +57,65 @@ def detour(seed: int, max_steps: int) -> tuple[int, np.ndarray]:
     return int(rng.integers(0, max_steps + 1)), (direction / np.linalg.norm(direction))
 
 
+PUSH_STEPS = (2, 6)  # a push during the episode lasts this many steps (uniform, inclusive)
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """How an expert episode is driven off its path (the expert's own action recorded at
+    every frame, so that the store shows how to get back): see :class:`CollectConfig`'s
+    ``detour_steps``, ``push_rate`` and ``multimodal``."""
+
+    detour_steps: int = 0
+    push_rate: float = 0.0
+    multimodal: bool = False
+
+
+class _Pushes:
+    """The pushes of one episode: the detour at its start, then, at each step with chance
+    ``push_rate``, a push of :data:`PUSH_STEPS` steps in a random direction (drawn from the
+    episode's seed, so an episode is the same for any number of workers)."""
+
+    def __init__(self, seed: int, recipe: ExpertRecipe):
+        self.rate = recipe.push_rate
+        self.left, self.direction = detour(seed, recipe.detour_steps)
+        self.rng = np.random.default_rng([seed, 0x9054])
+
+    def executed(self, action: np.ndarray) -> np.ndarray:
+        """What the hand does when the expert asks for ``action``: the action, or a push
+        for the translation with the expert's gripper (and turn)."""
+        if self.rate and self.left == 0 and self.rng.random() < self.rate:
+            self.left = int(self.rng.integers(PUSH_STEPS[0], PUSH_STEPS[1] + 1))
+            direction = self.rng.normal(size=3)
+            self.direction = direction / np.linalg.norm(direction)
+        if self.left == 0:
+            return action
+        self.left -= 1
+        return np.concatenate([self.direction, np.asarray(action)[3:]]).astype(np.float32)
+
+
 def run_expert_episode(
-    env: Any, seed: int, detour_steps: int = 0, multimodal: bool = False
+    env: Any, seed: int, recipe: ExpertRecipe = ExpertRecipe()
 ) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the scripted expert from ``seed``: (arrays by data key, success).
 
-    ``detour_steps``: the episode first drifts for up to that many steps in a random
-    direction (:func:`detour`) while the expert's own action is recorded at every frame,
-    then the expert takes over from wherever the hand is: the recorded actions recover
-    (as in DART's noise injection), and the hand's path no longer gives away the goal.
-    ``multimodal``: the expert takes the way of doing the task that the seed chooses
-    (``env.vary_expert``), and that is what is recorded.
+    ``recipe.detour_steps``: the episode first drifts for up to that many steps in a
+    random direction (:func:`detour`) while the expert's own action is recorded at every
+    frame, then the expert takes over from wherever the hand is: the recorded actions
+    recover (as in DART's noise injection), and the hand's path no longer gives away the
+    goal. ``recipe.push_rate``: pushes of the same kind during the episode (near the
+    object, a grasp pushed off its mark), each recovered from by the expert.
+    ``recipe.multimodal``: the expert takes the way of doing the task that the seed
+    chooses (``env.vary_expert``), and that is what is recorded.
     """
     obs, _ = env.reset(seed=seed)
-    if multimodal:
+    if recipe.multimodal:
         env.vary_expert(seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
     parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
     actions = []
     success = False
-    drift, push = detour(seed, detour_steps) if detour_steps else (0, None)
+    pushes = _Pushes(seed, recipe)
     while True:
         action = env.expert_action()
         for cam in env.cameras:
@@ -85,11 +124,7 @@ def run_expert_episode(
         for key, values in parts.items():
             values.append(state[key])
         actions.append(action)
-        executed = action
-        if drift > 0:  # the expert's gripper, a push for the translation
-            executed = np.concatenate([push, np.asarray(action)[3:]]).astype(np.float32)
-            drift -= 1
-        obs, _, success, truncated, _ = env.step(executed)
+        obs, _, success, truncated, _ = env.step(pushes.executed(action))
         if success or truncated:
             break
     episode = {cam: np.stack(f) for cam, f in frames.items()}
@@ -110,8 +145,7 @@ def _expert_episode_in_worker(
     task: str,
     cameras: tuple[str, ...],
     image_size: int,
-    detour_steps: int,
-    multimodal: bool,
+    recipe: ExpertRecipe,
     randomize: str,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -122,13 +156,13 @@ def _expert_episode_in_worker(
         env = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
         env.perturb(Perturbation.parse(randomize))
         _worker_envs[key] = env
-    return run_expert_episode(_worker_envs[key], seed, detour_steps, multimodal)
+    return run_expert_episode(_worker_envs[key], seed, recipe)
 
 
-def _run_here(env: Any, detour_steps: int, multimodal: bool, seed: int) -> Future:
+def _run_here(env: Any, recipe: ExpertRecipe, seed: int) -> Future:
     """One episode in this process, as a finished future (the serial path)."""
     future: Future = Future()
-    future.set_result(run_expert_episode(env, seed, detour_steps, multimodal))
+    future.set_result(run_expert_episode(env, seed, recipe))
     return future
 
 
@@ -148,6 +182,11 @@ class CollectConfig:
             steps (the expert's actions recorded throughout), then the expert recovers:
             demonstrations in which the hand's path does not give the goal away, so that
             a policy has to read it from the camera and the instruction. 0: none.
+        push_rate: the chance at each step that the hand is pushed off the expert's path
+            for 2-6 steps in a random direction (the expert's actions recorded
+            throughout; DART-style noise injection in mid-task), so that the store shows
+            recoveries: from a grasp pushed off its mark, the expert's hand coming back, a
+            missed object grasped again. 0: none.
         multimodal: each episode's expert takes one of several ways of doing its task,
             chosen by the episode's seed (metaworld: reach-wall goes around the wall's
             left or right end; other tasks approach from the left or the right), so that
@@ -170,6 +209,7 @@ class CollectConfig:
     workers: int = 2
     keep_failures: bool = False
     detour_steps: int = 0
+    push_rate: float = 0.0
     multimodal: bool = False
     overwrite: bool = False
     resume: bool = False
@@ -190,8 +230,15 @@ class CollectConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.detour_steps < 0:
             raise ConfigError(f"detour_steps must be >= 0, got {self.detour_steps}")
+        if not 0.0 <= self.push_rate < 1.0:
+            raise ConfigError(f"push_rate must be in [0, 1), got {self.push_rate}")
         if self.resume and self.overwrite:
             raise ConfigError("resume keeps a store's episodes, overwrite replaces them: pick one")
+
+    @property
+    def recipe(self) -> ExpertRecipe:
+        """How each expert episode is driven off its path."""
+        return ExpertRecipe(self.detour_steps, self.push_rate, self.multimodal)
 
 
 def collect_demonstrations(
@@ -291,6 +338,8 @@ def _source(env_spec: str, suite: Any, config: CollectConfig) -> str:
     source = f"{suite.name} scripted experts ({env_spec})"
     if config.detour_steps:
         source += f", detours of up to {config.detour_steps} steps"
+    if config.push_rate:
+        source += f", pushes at a rate of {config.push_rate:g} per step"
     if config.multimodal:
         source += ", multimodal (a way per episode)"
     if config.randomize:
@@ -365,7 +414,7 @@ def _episode_submitter(
     """``submit(seed)``: starts the expert episode of ``seed`` in the pool, or runs it here
     on ``env`` when there is no pool; either way a future of (arrays, success)."""
     if pool is None:
-        return partial(_run_here, env, config.detour_steps, config.multimodal)
+        return partial(_run_here, env, config.recipe)
     return partial(
         pool.submit,
         _expert_episode_in_worker,
@@ -373,8 +422,7 @@ def _episode_submitter(
         task,
         cameras,
         config.image_size,
-        config.detour_steps,
-        config.multimodal,
+        config.recipe,
         config.randomize,
     )
 
