@@ -55,7 +55,9 @@ def expert_success(env: str, out: Path, episodes: int) -> dict:
     from ditvla.envs.baselines import ExpertPolicy
     from ditvla.envs.evaluate import evaluate
 
-    report = evaluate(ExpertPolicy(), env, out=out / "experts", episodes_per_task=episodes)
+    report = evaluate(
+        ExpertPolicy(), env, out=out / "experts", episodes_per_task=episodes, overwrite=True
+    )
     print(f"experts:\n{report.markdown()}", flush=True)
     return {"eval": report.summary()}
 

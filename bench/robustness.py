@@ -15,10 +15,13 @@ plot: success per axis at each level, a line for unperturbed).
 
     python -m bench.robustness --policy DIR --store DATA.zarr --env metaworld:TASKS
         [--episodes 20] [--levels medium] [--axes camera,lighting,...]
-        [--instruction-tasks TASKS] [--smolvla-minutes 12] [--skip-smolvla]
+        [--instruction-tasks TASKS] [--smolvla-minutes 12] [--skip-smolvla] [--resume]
 
 ``--instruction-tasks``: the tasks on which the words decide (the demo's colour-reach
 tasks); the rewritten-instruction figure is their mean (default: every task).
+``--resume``: a profile stopped part-way goes on, each of ditvla's arms keeping the
+episodes its folder holds (the same settings; ``ditvla eval --resume``); SmolVLA is
+trained again, so its arms run again. Without it, a run replaces the last one's folders.
 
 Last line: ``robustness: unperturbed <u>%, worst axis <axis> <w>% (moderate), rewritten
 instructions <p>% vs <q>% as trained; lerobot smolvla unperturbed <s>%, worst <sw>%``
@@ -35,12 +38,17 @@ from pathlib import Path
 from bench.store_runs import trained_smolvla
 
 
-def profile(policy, env: str, axes: list[str], levels: list[str], episodes: int, out: Path):
-    """Each arm's (``""``: unperturbed) evaluation report, by arm."""
+def profile(
+    policy, env: str, axes: list[str], levels: list[str], episodes: int, out: Path, resume: bool
+):
+    """Each arm's (``""``: unperturbed) evaluation report, by arm; ``resume``: each arm
+    keeps the episodes its folder holds and runs the others (else they are replaced)."""
     from ditvla.envs.evaluate import EvalConfig
     from ditvla.envs.robustness import robustness_profile
 
-    config = EvalConfig(episodes_per_task=episodes, videos_per_task=0)
+    config = EvalConfig(
+        episodes_per_task=episodes, videos_per_task=0, resume=resume, overwrite=not resume
+    )
     reports: dict = {}
     for level in levels:
         reports |= robustness_profile(
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instruction-tasks", default="", help="where the words decide")
     parser.add_argument("--smolvla-minutes", type=float, default=12.0)
     parser.add_argument("--skip-smolvla", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the episodes ditvla's arms already ran"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,13 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reports = {
-        "ditvla": profile(load_policy(args.policy), args.env, axes, levels, args.episodes, out)
+        "ditvla": profile(
+            load_policy(args.policy), args.env, axes, levels, args.episodes, out, args.resume
+        )
     }
     if not args.skip_smolvla:
         budget = args.smolvla_minutes * 60
         with trained_smolvla(Path(args.store), args.policy, budget) as (smolvla, _):
             reports["lerobot smolvla"] = profile(
-                smolvla, args.env, axes, levels, args.episodes, out / "smolvla"
+                smolvla, args.env, axes, levels, args.episodes, out / "smolvla", resume=False
             )
     results = {
         name: {arm: report.summary() for arm, report in arms.items()}

@@ -81,6 +81,7 @@ def train_and_evaluate(store: Store, path: Path, suite: Suite, out: Path, episod
         out=out / f"{store.name}_eval",
         episodes_per_task=episodes,
         videos_per_task=1,
+        overwrite=True,  # the policy was trained again: its last evaluation is replaced
     )
     print(report.markdown(), flush=True)
     return {"train_s": seconds, "policy": str(policy_dir), "eval": report.summary()}

@@ -124,8 +124,9 @@ FULL = DemoRecipe(
         instruction_noise=0.5,
     ),
     # 4 simulator workers on 2 cores: each policy call a batch of 4 (1.07x the episodes per
-    # minute of 2 in two runs; docs/benchmarks.md, "Evaluation in one batch")
-    evaluate=EvalConfig(episodes_per_task=50, workers=4),
+    # minute of 2 in two runs; docs/benchmarks.md, "Evaluation in one batch"); each run of
+    # the demo replaces the last one's evaluation, as it does its store and training
+    evaluate=EvalConfig(episodes_per_task=50, workers=4, overwrite=True),
 )
 QUICK = DemoRecipe(
     env=FULL.env,

@@ -250,6 +250,25 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, **{**run, "max_steps": 50})
 
 
+def test_an_evaluation_never_replaces_another_unless_asked(tmp_path, capsys):
+    """A folder holding an evaluation's episodes is refused without --resume or
+    --overwrite, and keeps them (one run once silently replaced another's episodes)."""
+    run = dict(episodes_per_task=2, max_steps=40, videos_per_task=0, progress=False)
+    folder = tmp_path / "run"
+    evaluate(ExpertPolicy(), TASKS, out=folder, **run)
+    held = (folder / "episodes.jsonl").read_bytes()
+    with pytest.raises(EvaluationRunError, match="holds 4 episodes of an earlier evaluation"):
+        evaluate(RandomPolicy(4), TASKS, out=folder, **run)
+    command = ["eval", "--policy", "random", "--env", TASKS, "--out", str(folder)]
+    assert main([*command, "--episodes-per-task", "2"]) == 2
+    assert "--overwrite replaces it" in capsys.readouterr().err
+    assert (folder / "episodes.jsonl").read_bytes() == held
+    with pytest.raises(ConfigError, match="resume keeps a folder's episodes, overwrite"):
+        evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, overwrite=True, **run)
+    evaluate(ExpertPolicy(), TASKS, out=folder, overwrite=True, **{**run, "max_steps": 30})
+    assert json.loads((folder / "run.json").read_text())["max_steps"] == 30
+
+
 class ChunkCounter:
     """Chunks of 8 zero actions (executing 4 of them, its own setting); counts the calls."""
 

@@ -101,6 +101,9 @@ class EvalConfig:
             merge joins the shards); empty: every episode.
         resume: keep the episodes the output folder holds from the same evaluation and
             run only the others.
+        overwrite: replace the evaluation the output folder holds. Without it (or
+            resume), a folder that holds another evaluation's episodes is refused, so that
+            one run never silently replaces another.
         perturb: AXIS=LEVEL[,AXIS=LEVEL...]: what the policy meets beyond its training
             inputs, drawn from each episode's seed (same episodes and initial noise as
             unperturbed): camera, lighting, table, background and robot in the simulator,
@@ -127,6 +130,7 @@ class EvalConfig:
     progress: bool = True
     shard: str = ""
     resume: bool = False
+    overwrite: bool = False
     perturb: str = ""
     rewordings: str = ""
     action_steps: int = 0
@@ -142,6 +146,8 @@ class EvalConfig:
             )
         if self.action_steps < 0:
             raise ConfigError(f"action_steps must be >= 0, got {self.action_steps}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume keeps a folder's episodes, overwrite replaces them: pick one")
         if self.merge not in get_args(Merge):
             raise ConfigError(
                 f"unknown merge {self.merge!r}; choose one of {', '.join(get_args(Merge))}"
@@ -491,7 +497,8 @@ def evaluate(
             "observation": report.observation,
             "policy": asdict(spec),  # a resumed run must be of the same policy
         }
-        report.episodes.extend(start_run(out, json.loads(json.dumps(run)), config.resume))
+        run = json.loads(json.dumps(run))
+        report.episodes.extend(start_run(out, run, config.resume, config.overwrite))
     elif config.resume:
         raise ConfigError("resume reads the output folder of an earlier run: give it --out")
     done = {(e.task, e.seed) for e in report.episodes}

@@ -82,12 +82,22 @@ def write_episodes(folder: Path, episodes: list[EpisodeResult]) -> None:
     os.replace(partial, path)
 
 
-def start_run(folder: Path, run: dict[str, Any], resume: bool) -> list[EpisodeResult]:
+def start_run(
+    folder: Path, run: dict[str, Any], resume: bool, overwrite: bool = False
+) -> list[EpisodeResult]:
     """Record ``run`` in ``folder`` and return the episodes already done: those of the same
-    run when ``resume`` (a folder of another run is refused), none otherwise."""
+    run when ``resume`` (a folder of another run is refused), none otherwise. A folder
+    holding episodes is refused unless ``resume`` or ``overwrite``: nothing is lost."""
     folder.mkdir(parents=True, exist_ok=True)
     done: list[EpisodeResult] = []
     recorded = folder / RUN_FILE
+    if not (resume or overwrite) and recorded.exists():
+        held = len(read_episodes(folder))
+        if held:
+            raise EvaluationRunError(
+                f"{folder} holds {held} episodes of an earlier evaluation; --resume "
+                "finishes it (same settings), --overwrite replaces it, or choose another --out"
+            )
     if resume and recorded.exists():
         before = json.loads(recorded.read_text())
         changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
