@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     profile.enable()
     for env in envs.values():
         for seed in range(args.episodes):
-            episode, _ = run_expert_episode(env, seed, FULL.collect.recipe)
+            episode, _ = run_expert_episode(env, seed, FULL.collect.episode_options)
             steps += len(episode["action"])
     profile.disable()
     seconds = time.perf_counter() - start

@@ -250,9 +250,10 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, **{**run, "max_steps": 50})
 
 
-def test_an_evaluation_never_replaces_another_unless_asked(tmp_path, capsys):
+def test_an_evaluation_never_replaces_another_unless_asked(tmp_path, capsys, monkeypatch):
     """A folder holding an evaluation's episodes is refused without --resume or
-    --overwrite, and keeps them (one run once silently replaced another's episodes)."""
+    --overwrite, and keeps them (one run once silently replaced another's episodes); the
+    scratch folder used when none is named is replaced by each run."""
     run = dict(episodes_per_task=2, max_steps=40, videos_per_task=0, progress=False)
     folder = tmp_path / "run"
     evaluate(ExpertPolicy(), TASKS, out=folder, **run)
@@ -267,6 +268,13 @@ def test_an_evaluation_never_replaces_another_unless_asked(tmp_path, capsys):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, overwrite=True, **run)
     evaluate(ExpertPolicy(), TASKS, out=folder, overwrite=True, **{**run, "max_steps": 30})
     assert json.loads((folder / "run.json").read_text())["max_steps"] == 30
+    replaced = [json.loads(line) for line in (folder / "episodes.jsonl").read_text().splitlines()]
+    assert len(replaced) == 4 and all(e["steps"] <= 30 for e in replaced)
+    monkeypatch.chdir(tmp_path)
+    scratch = ["eval", "--policy", "expert", "--env", "metaworld:reach-v3", "--max-steps", "20"]
+    scratch += ["--episodes-per-task", "1", "--videos-per-task", "0"]
+    assert main(scratch) == 0 and main(scratch) == 0
+    assert len((tmp_path / "outputs" / "eval" / "episodes.jsonl").read_text().splitlines()) == 1
 
 
 class ChunkCounter:

@@ -132,8 +132,8 @@ def test_a_collection_worker_keeps_only_the_simulator_of_its_task(monkeypatch):
     from ditvla.envs import collect
 
     def episode(task):  # no cameras, 16 px, no detour or push, no randomisation, seed 0
-        recipe = collect.ExpertRecipe()
-        return collect._expert_episode_in_worker("metaworld", task, (), 16, recipe, "", 0)
+        options = collect.CollectConfig().episode_options
+        return collect._expert_episode_in_worker("metaworld", task, (), 16, options, "", 0)
 
     monkeypatch.setattr(collect, "_worker_envs", {})
     arrays, _ = episode("reach-v3")

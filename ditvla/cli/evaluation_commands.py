@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
 from ditvla.cli.config_options import add_config_options, given_options
 from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
 from ditvla.contract import STATE_PROPRIO, HeadDType
+
+SCRATCH_OUT = "outputs/eval"  # ditvla eval's folder when it is given none
 
 
 # ---------------------------------------------------------------------- demo
@@ -60,14 +63,17 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.policy is None or args.env is None:
         raise ConfigError("ditvla eval needs --policy and --env (or: ditvla eval merge DIR...)")
     config = EvalConfig(**given_options(args, EvalConfig))
+    if args.out is None and not config.resume:  # the scratch folder: each run replaces it
+        config = replace(config, overwrite=True)
+    out = args.out or SCRATCH_OUT
     on_ray = RayShardsConfig(**given_options(args, RayShardsConfig))
     loading = {"device": args.device, "head_dtype": args.head_dtype}
     if on_ray.ray:
-        report = evaluate_on_ray(args.policy, args.env, config, Path(args.out), on_ray, **loading)
+        report = evaluate_on_ray(args.policy, args.env, config, Path(out), on_ray, **loading)
     else:
-        report = evaluate_named_policy(args.policy, args.env, config, args.out, **loading)
+        report = evaluate_named_policy(args.policy, args.env, config, out, **loading)
     print(report.markdown())
-    print(f"results: {args.out}/results.json")
+    print(f"results: {out}/results.json")
     return 0
 
 
@@ -106,7 +112,11 @@ def add_eval(commands: Commands, configured: bool) -> None:
         help="what the action head computes in: bfloat16 is faster on GPUs and on CPUs with "
         "AVX512-BF16 or AMX, slower on others (bench/head_acceleration.py measures it)",
     )
-    evaluation.add_argument("--out", default="outputs/eval", help="output folder")
+    evaluation.add_argument(
+        "--out",
+        help=f"output folder (default {SCRATCH_OUT}, which each run that names no folder "
+        "replaces; a folder you name is never replaced without --overwrite or --resume)",
+    )
     if configured:
         from ditvla.envs.evaluate import EvalConfig
         from ditvla.envs.perturbations import describe_axes

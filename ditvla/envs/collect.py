@@ -61,24 +61,31 @@ PUSH_STEPS = (2, 6)  # a push during the episode lasts this many steps (uniform,
 
 
 @dataclass(frozen=True)
-class ExpertRecipe:
-    """How an expert episode is driven off its path (the expert's own action recorded at
-    every frame, so that the store shows how to get back): see :class:`CollectConfig`'s
-    ``detour_steps``, ``push_rate`` and ``multimodal``."""
+class EpisodeOptions:
+    """How an expert episode is run and driven off its path (the expert's own action
+    recorded at every frame, so that the store shows how to get back): what
+    :class:`CollectConfig`'s ``detour_steps``, ``push_rate`` and ``multimodal`` say."""
 
-    detour_steps: int = 0
-    push_rate: float = 0.0
-    multimodal: bool = False
+    detour_steps: int
+    push_rate: float
+    multimodal: bool
+
+    def __post_init__(self) -> None:
+        if self.detour_steps < 0:
+            raise ConfigError(f"detour_steps must be >= 0, got {self.detour_steps}")
+        if not 0.0 <= self.push_rate < 1.0:
+            raise ConfigError(f"push_rate must be in [0, 1), got {self.push_rate}")
 
 
 class _Pushes:
-    """The pushes of one episode: the detour at its start, then, at each step with chance
-    ``push_rate``, a push of :data:`PUSH_STEPS` steps in a random direction (drawn from the
-    episode's seed, so an episode is the same for any number of workers)."""
+    """The pushes of one episode: the detour at its start, then, at each step no push is
+    under way, with chance ``push_rate``, a push of :data:`PUSH_STEPS` steps in a random
+    direction (drawn from the episode's seed, so an episode is the same for any number of
+    workers)."""
 
-    def __init__(self, seed: int, recipe: ExpertRecipe):
-        self.rate = recipe.push_rate
-        self.left, self.direction = detour(seed, recipe.detour_steps)
+    def __init__(self, seed: int, options: EpisodeOptions):
+        self.rate = options.push_rate
+        self.left, self.direction = detour(seed, options.detour_steps)
         self.rng = np.random.default_rng([seed, 0x9054])
 
     def executed(self, action: np.ndarray) -> np.ndarray:
@@ -95,27 +102,27 @@ class _Pushes:
 
 
 def run_expert_episode(
-    env: Any, seed: int, recipe: ExpertRecipe = ExpertRecipe()
+    env: Any, seed: int, options: EpisodeOptions
 ) -> tuple[dict[str, np.ndarray], bool]:
     """One episode of the scripted expert from ``seed``: (arrays by data key, success).
 
-    ``recipe.detour_steps``: the episode first drifts for up to that many steps in a
+    ``options.detour_steps``: the episode first drifts for up to that many steps in a
     random direction (:func:`detour`) while the expert's own action is recorded at every
     frame, then the expert takes over from wherever the hand is: the recorded actions
     recover (as in DART's noise injection), and the hand's path no longer gives away the
-    goal. ``recipe.push_rate``: pushes of the same kind during the episode (near the
+    goal. ``options.push_rate``: pushes of the same kind during the episode (near the
     object, a grasp pushed off its mark), each recovered from by the expert.
-    ``recipe.multimodal``: the expert takes the way of doing the task that the seed
+    ``options.multimodal``: the expert takes the way of doing the task that the seed
     chooses (``env.vary_expert``), and that is what is recorded.
     """
     obs, _ = env.reset(seed=seed)
-    if recipe.multimodal:
+    if options.multimodal:
         env.vary_expert(seed)
     frames: dict[str, list[np.ndarray]] = {cam: [] for cam in env.cameras}
     parts: dict[str, list[np.ndarray]] = {key: [] for key in recorded_state_keys(env)}
     actions = []
     success = False
-    pushes = _Pushes(seed, recipe)
+    pushes = _Pushes(seed, options)
     while True:
         action = env.expert_action()
         for cam in env.cameras:
@@ -145,7 +152,7 @@ def _expert_episode_in_worker(
     task: str,
     cameras: tuple[str, ...],
     image_size: int,
-    recipe: ExpertRecipe,
+    options: EpisodeOptions,
     randomize: str,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -156,13 +163,13 @@ def _expert_episode_in_worker(
         env = SUITES[suite_name].make(task, cameras=cameras, image_size=image_size)
         env.perturb(Perturbation.parse(randomize))
         _worker_envs[key] = env
-    return run_expert_episode(_worker_envs[key], seed, recipe)
+    return run_expert_episode(_worker_envs[key], seed, options)
 
 
-def _run_here(env: Any, recipe: ExpertRecipe, seed: int) -> Future:
+def _run_here(env: Any, options: EpisodeOptions, seed: int) -> Future:
     """One episode in this process, as a finished future (the serial path)."""
     future: Future = Future()
-    future.set_result(run_expert_episode(env, seed, recipe))
+    future.set_result(run_expert_episode(env, seed, options))
     return future
 
 
@@ -182,11 +189,11 @@ class CollectConfig:
             steps (the expert's actions recorded throughout), then the expert recovers:
             demonstrations in which the hand's path does not give the goal away, so that
             a policy has to read it from the camera and the instruction. 0: none.
-        push_rate: the chance at each step that the hand is pushed off the expert's path
-            for 2-6 steps in a random direction (the expert's actions recorded
-            throughout; DART-style noise injection in mid-task), so that the store shows
-            recoveries: from a grasp pushed off its mark, the expert's hand coming back, a
-            missed object grasped again. 0: none.
+        push_rate: in [0, 1): at each step no push is under way, the chance that the hand
+            is pushed off the expert's path for 2-6 steps in a random direction (the
+            expert's actions recorded throughout; DART-style noise injection in mid-task),
+            so that the store shows the expert bringing the hand back: to a grasp pushed
+            off its mark, to an object missed and grasped again. 0: none.
         multimodal: each episode's expert takes one of several ways of doing its task,
             chosen by the episode's seed (metaworld: reach-wall goes around the wall's
             left or right end; other tasks approach from the left or the right), so that
@@ -228,17 +235,14 @@ class CollectConfig:
             raise ConfigError(f"episodes_per_task must be >= 1, got {self.episodes_per_task}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if self.detour_steps < 0:
-            raise ConfigError(f"detour_steps must be >= 0, got {self.detour_steps}")
-        if not 0.0 <= self.push_rate < 1.0:
-            raise ConfigError(f"push_rate must be in [0, 1), got {self.push_rate}")
+        _ = self.episode_options  # which checks detour_steps and push_rate
         if self.resume and self.overwrite:
             raise ConfigError("resume keeps a store's episodes, overwrite replaces them: pick one")
 
     @property
-    def recipe(self) -> ExpertRecipe:
-        """How each expert episode is driven off its path."""
-        return ExpertRecipe(self.detour_steps, self.push_rate, self.multimodal)
+    def episode_options(self) -> EpisodeOptions:
+        """How each expert episode is run and driven off its path."""
+        return EpisodeOptions(self.detour_steps, self.push_rate, self.multimodal)
 
 
 def collect_demonstrations(
@@ -414,7 +418,7 @@ def _episode_submitter(
     """``submit(seed)``: starts the expert episode of ``seed`` in the pool, or runs it here
     on ``env`` when there is no pool; either way a future of (arrays, success)."""
     if pool is None:
-        return partial(_run_here, env, config.recipe)
+        return partial(_run_here, env, config.episode_options)
     return partial(
         pool.submit,
         _expert_episode_in_worker,
@@ -422,7 +426,7 @@ def _episode_submitter(
         task,
         cameras,
         config.image_size,
-        config.recipe,
+        config.episode_options,
         config.randomize,
     )
 

@@ -59,7 +59,15 @@ from ditvla.envs.evaluation_report import (
     describe_observation,
     wilson_interval,
 )
-from ditvla.envs.evaluation_runs import episode_jobs, parse_shard, start_run, write_report
+from ditvla.envs.evaluation_runs import (
+    EPISODES_FILE,
+    VIDEOS_DIR,
+    claim_folder,
+    episode_jobs,
+    parse_shard,
+    start_run,
+    write_report,
+)
 from ditvla.envs.perturbations import Perturbation, ReceivedPerturbation, check_policy_reads
 from ditvla.envs.registry import Suite, parse_env, suite_of
 from ditvla.envs.rewordings import read_rewordings
@@ -101,9 +109,8 @@ class EvalConfig:
             merge joins the shards); empty: every episode.
         resume: keep the episodes the output folder holds from the same evaluation and
             run only the others.
-        overwrite: replace the evaluation the output folder holds. Without it (or
-            resume), a folder that holds another evaluation's episodes is refused, so that
-            one run never silently replaces another.
+        overwrite: replace the evaluation the output folder holds. Without it or
+            --resume, a folder holding an earlier evaluation's episodes is refused.
         perturb: AXIS=LEVEL[,AXIS=LEVEL...]: what the policy meets beyond its training
             inputs, drawn from each episode's seed (same episodes and initial noise as
             unperturbed): camera, lighting, table, background and robot in the simulator,
@@ -282,11 +289,11 @@ class _Rollouts:
         result = EpisodeResult(task, seed, bool(success), slot.steps, error)
         self.report.episodes.append(result)
         if self.out is not None:
-            with (self.out / "episodes.jsonl").open("a") as f:
+            with (self.out / EPISODES_FILE).open("a") as f:
                 f.write(json.dumps(asdict(result)) + "\n")
             if slot.frames:
                 name = task.replace("/", "_")  # LIBERO tasks are "suite/index"
-                write_video(self.out / "videos" / f"{name}_seed{seed}.mp4", slot.frames)
+                write_video(self.out / VIDEOS_DIR / f"{name}_seed{seed}.mp4", slot.frames)
         slot.clear()
         wins = sum(e.success for e in self.report.episodes)
         self.bar.update()
@@ -498,7 +505,8 @@ def evaluate(
             "policy": asdict(spec),  # a resumed run must be of the same policy
         }
         run = json.loads(json.dumps(run))
-        report.episodes.extend(start_run(out, run, config.resume, config.overwrite))
+        done = start_run(out, run, resume=config.resume, overwrite=config.overwrite)
+        report.episodes.extend(done)
     elif config.resume:
         raise ConfigError("resume reads the output folder of an earlier run: give it --out")
     done = {(e.task, e.seed) for e in report.episodes}
@@ -541,7 +549,9 @@ def evaluate_named_policy(
 ) -> EvaluationReport:
     """:func:`evaluate` of the policy named as ``ditvla eval --policy`` names it (a saved
     policy folder, or the baselines random / expert), loaded on ``device`` with its action
-    head in ``head_dtype``; what ``ditvla eval`` runs, here or as a shard's Ray task."""
+    head in ``head_dtype``; what ``ditvla eval`` runs, here or as a shard's Ray task. The
+    output folder is checked before the policy loads (:func:`claim_folder`)."""
+    claim_folder(Path(out), resume=config.resume, overwrite=config.overwrite)
     loaded = policy_from_argument(
         policy, action_dim=suite_of(env_spec).action_dim, device=device, head_dtype=head_dtype
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ditvla.envs.evaluation_report import EpisodeResult, EvaluationReport
 from ditvla.errors import ConfigError, DitvlaError
 
 RUN_FILE, EPISODES_FILE = "run.json", "episodes.jsonl"
+REPORT_FILES, VIDEOS_DIR = ("results.json", "results.md"), "videos"
 
 
 class EvaluationRunError(DitvlaError):
@@ -82,22 +84,36 @@ def write_episodes(folder: Path, episodes: list[EpisodeResult]) -> None:
     os.replace(partial, path)
 
 
-def start_run(
-    folder: Path, run: dict[str, Any], resume: bool, overwrite: bool = False
-) -> list[EpisodeResult]:
-    """Record ``run`` in ``folder`` and return the episodes already done: those of the same
-    run when ``resume`` (a folder of another run is refused), none otherwise. A folder
-    holding episodes is refused unless ``resume`` or ``overwrite``: nothing is lost."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done: list[EpisodeResult] = []
-    recorded = folder / RUN_FILE
-    if not (resume or overwrite) and recorded.exists():
+def claim_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``folder`` ready for an evaluation. Kept as it is when ``resume``; otherwise a
+    folder holding an earlier evaluation's episodes is refused unless ``overwrite`` (so
+    that one run never silently replaces another), and what an earlier run left there
+    (its record, episodes, report and videos) is removed. A folder not yet made, or
+    something else at its path, is left to the run to make (or fail to)."""
+    if resume or not folder.is_dir():
+        return
+    if not overwrite:
         held = len(read_episodes(folder))
         if held:
             raise EvaluationRunError(
                 f"{folder} holds {held} episodes of an earlier evaluation; --resume "
                 "finishes it (same settings), --overwrite replaces it, or choose another --out"
             )
+    for name in (RUN_FILE, EPISODES_FILE, *REPORT_FILES):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / VIDEOS_DIR, ignore_errors=True)
+
+
+def start_run(
+    folder: Path, run: dict[str, Any], *, resume: bool, overwrite: bool
+) -> list[EpisodeResult]:
+    """Record ``run`` in ``folder`` (:func:`claim_folder` first) and return the episodes
+    already done: those of the same run when ``resume`` (a folder of another run is
+    refused), none otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, resume=resume, overwrite=overwrite)
+    done: list[EpisodeResult] = []
+    recorded = folder / RUN_FILE
     if resume and recorded.exists():
         before = json.loads(recorded.read_text())
         changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
@@ -114,8 +130,9 @@ def start_run(
 
 
 def write_report(folder: Path, report: EvaluationReport) -> None:
-    (folder / "results.json").write_text(json.dumps(report.summary(), indent=2) + "\n")
-    (folder / "results.md").write_text(report.markdown() + "\n")
+    summary, markdown = REPORT_FILES
+    (folder / summary).write_text(json.dumps(report.summary(), indent=2) + "\n")
+    (folder / markdown).write_text(report.markdown() + "\n")
 
 
 def _run_jobs(run: dict[str, Any], shard: str) -> list[tuple[str, int]]:

@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ditvla.envs.evaluation_report import EvaluationReport
-from ditvla.envs.evaluation_runs import merge_runs, parse_shard
+from ditvla.envs.evaluation_runs import claim_folder, merge_runs, parse_shard
 from ditvla.errors import ConfigError, DitvlaError
 
 if TYPE_CHECKING:
@@ -136,6 +136,8 @@ def evaluate_on_ray(
     policy, config, out = _absolute_paths(policy, config, out)
     count = on_ray.shards
     folders = [out / f"shard_{index}" for index in range(count)]
+    for folder in folders:  # checked here, once: a task Ray retries resumes its shard
+        claim_folder(folder, resume=config.resume, overwrite=config.overwrite)
     try:
         ray.init(address=on_ray.ray, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:  # another Ray version, a stale head
@@ -148,7 +150,9 @@ def evaluate_on_ray(
             run_shard.remote(
                 policy,
                 env_spec,
-                replace(config, shard=f"{index}/{count}", progress=False),
+                replace(
+                    config, shard=f"{index}/{count}", progress=False, resume=True, overwrite=False
+                ),
                 folder,
                 device=device,
                 head_dtype=head_dtype,
