@@ -4,8 +4,9 @@ Every policy reads two cameras, the instruction and proprioception only (no obje
 poses, no goal: those are privileged simulator state, used at training time as the
 auxiliary head's targets and never read when acting). For each suite:
 
-1. scripted demonstrations (collected when missing): Meta-World MT10 (200 per task, with
-   detours: four times the demo's count, the one lever that moved push and pick-place in
+1. scripted demonstrations (collected, or finished when interrupted; a store of another
+   collection is refused): Meta-World MT10 (200 per task, with detours: four times the
+   demo's count, the one lever that moved push and pick-place in
    docs/benchmarks.md "Seeing small things"), robosuite Lift (40) and PickPlaceCan (100:
    at 40 it stayed at 75%), a store per task;
 2. ``ditvla train`` with the recipe this bench measures (:data:`RECIPE`: the demo's

@@ -1,6 +1,7 @@
-"""Shared steps of the simulator benches (objects, libero): collect a store when it is
-missing, train a policy on it with ``ditvla train`` and evaluate it with ``ditvla eval``,
-and train LeRobot's SmolVLA on the same store for the same wall-clock."""
+"""Shared steps of the simulator benches (objects, libero): collect a store (or finish an
+interrupted collection; a store of another collection is refused), train a policy on it
+with ``ditvla train`` and evaluate it with ``ditvla eval``, and train LeRobot's SmolVLA on
+the same store for the same wall-clock."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Store:
     cameras: tuple[str, ...]
     image_size: int
     detour_steps: int = 0
+    push_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,15 @@ def collected(store: Store, out: Path) -> Path:
     from ditvla.envs.collect import CollectConfig, collect_demonstrations
 
     path = out / f"{store.name}.zarr"
-    if not path.exists():
-        config = CollectConfig(
-            episodes_per_task=store.episodes_per_task,
-            cameras=store.cameras,
-            image_size=store.image_size,
-            detour_steps=store.detour_steps,
-        )
-        collect_demonstrations(store.env, path, config)
+    config = CollectConfig(
+        episodes_per_task=store.episodes_per_task,
+        cameras=store.cameras,
+        image_size=store.image_size,
+        detour_steps=store.detour_steps,
+        push_rate=store.push_rate,
+        resume=True,  # a store of this collection is finished or kept; another is refused
+    )
+    collect_demonstrations(store.env, path, config)
     return path
 
 
