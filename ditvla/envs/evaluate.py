@@ -505,8 +505,9 @@ def evaluate(
             "policy": asdict(spec),  # a resumed run must be of the same policy
         }
         run = json.loads(json.dumps(run))
-        done = start_run(out, run, resume=config.resume, overwrite=config.overwrite)
-        report.episodes.extend(done)
+        report.episodes.extend(
+            start_run(out, run, resume=config.resume, overwrite=config.overwrite)
+        )
     elif config.resume:
         raise ConfigError("resume reads the output folder of an earlier run: give it --out")
     done = {(e.task, e.seed) for e in report.episodes}

@@ -176,7 +176,7 @@ def merge_runs(folders: list[Path], out: Path) -> EvaluationReport:
                 f"with `ditvla eval ... --shard {shard} --resume`"
             )
         found.update(episodes)
-        results = folder / "results.json"
+        results = folder / REPORT_FILES[0]
         if results.exists():  # the shards ran side by side: the slowest is the run's time
             report.seconds = max(report.seconds, json.loads(results.read_text())["seconds"])
     report.episodes = [found[job] for job in _run_jobs(run, "")]
