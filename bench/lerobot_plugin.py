@@ -97,7 +97,7 @@ def ditvla_train(args, store: Path, run: Path) -> list[str]:
         str(Path(sys.executable).parent / "ditvla"),
         *("train", "--dataset", str(store), "--out", str(run), "--steps", str(args.steps)),
         *("--batch-size", str(args.batch_size), "--lr", str(args.lr), "--ema-decay", "0"),
-        *("--num-workers", "2"),
+        *("--num-workers", "2", "--overwrite"),  # each run of the bench trains again
     ]
 
 

@@ -73,7 +73,13 @@ def train_and_evaluate(store: Store, path: Path, suite: Suite, out: Path, episod
     from ditvla.envs.evaluate import evaluate
     from ditvla.training.trainer import TrainConfig, train
 
-    config = TrainConfig(dataset=str(path), out=str(out / store.name), num_workers=0, **suite.train)
+    config = TrainConfig(
+        dataset=str(path),
+        out=str(out / store.name),
+        num_workers=0,
+        overwrite=True,  # each run of the bench trains again
+        **suite.train,
+    )
     start = time.perf_counter()
     policy_dir = train(config)
     seconds = time.perf_counter() - start

@@ -122,6 +122,7 @@ FULL = DemoRecipe(
         save_every=4000 // 3,
         auxiliary="goal",
         instruction_noise=0.5,
+        overwrite=True,
     ),
     # 4 simulator workers on 2 cores: each policy call a batch of 4 (1.07x the episodes per
     # minute of 2 in two runs; docs/benchmarks.md, "Evaluation in one batch"); each run of
@@ -173,7 +174,6 @@ def run_demo(
     store, run, evaluation = out / "demos.zarr", out / "train", out / "eval"
     commands = recipe.commands(store, run, evaluation)
     print("The demo runs these commands:\n  " + "\n  ".join(commands), flush=True)
-    shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
 
     collection = collect_demonstrations(recipe.env, store, recipe.collect)

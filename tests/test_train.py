@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from test_policy import observation, write_reaching_store
 from ditvla.contract import CheckpointError
 from ditvla.crash_points import CRASH_AT_ENV, CRASH_EXIT_STATUS
 from ditvla.datasets.torch_dataset import ReplayBufferDataset
+from ditvla.errors import ConfigError
 from ditvla.policies.policy import DiTVLAPolicy
 from ditvla.training.batch_order import EpochSampler
 from ditvla.training.checkpoints import (
@@ -303,6 +305,37 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 def test_resume_without_checkpoint_says_so(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         train(TrainConfig(dataset=str(store), out=str(tmp_path / "x"), resume=True, progress=False))
+
+
+def test_a_trained_policy_is_never_replaced_unless_asked(store, tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(
+        dataset=str(store),
+        out=str(out),
+        policy_overrides=dict(SMALL_HEAD),
+        steps=2,
+        batch_size=8,
+        num_workers=0,
+        save_every=1,
+        progress=False,
+    )
+    weights = train(config) / "model.safetensors"
+    trained = weights.read_bytes()
+    with pytest.raises(ConfigError, match=rf"{out} holds an earlier training run .*--overwrite"):
+        train(replace(config, seed=1))
+    assert weights.read_bytes() == trained  # nothing of the first run was touched
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step_0000001",
+        "step_0000002",
+    ]
+    # asked to: the earlier run's policy, checkpoints and curve all go
+    train(replace(config, seed=1, steps=1, overwrite=True))
+    assert weights.read_bytes() != trained
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    assert len(losses(out)) == 1
+    with pytest.raises(ConfigError, match="not both"):
+        replace(config, resume=True, overwrite=True)
 
 
 def _train_on_two_processes(

@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import random
+import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,9 +62,12 @@ from ditvla.training.sharding import (
     shard_policy,
 )
 from ditvla.training.training_data import training_dataset
-from ditvla.training.training_log import TrainingLog
+from ditvla.training.training_log import METRICS_FILE, TENSORBOARD_DIR, TrainingLog
 
 SHARDINGS = ("ddp", "fsdp")
+POLICY_DIR, CHECKPOINTS_DIR, CONFIG_FILE = "policy", "checkpoints", "train_config.json"
+# what a run writes into its out folder (cache/ is derived from the store, and kept)
+RUN_OUTPUTS = (POLICY_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR)
 # what the forward and backward passes compute in (the weights and optimizer stay float32)
 Precision = Literal["auto", "bfloat16", "float32"]
 
@@ -146,6 +150,8 @@ class TrainConfig:
             the run fails (under torchrun); the others wait while the main process computes
             a store's statistics and motion targets.
         resume: continue from the latest checkpoint in out.
+        overwrite: replace what an earlier run left in out (its policy, checkpoints and
+            logs); without it (or resume), an out folder holding a run is refused.
         progress: show a progress bar.
     """
 
@@ -180,6 +186,7 @@ class TrainConfig:
     sharding: str = "ddp"
     timeout_minutes: float = TIMEOUT_MINUTES
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -191,6 +198,8 @@ class TrainConfig:
         for name in ("ema_decay", "instruction_noise"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume continues the run in out, overwrite replaces it: not both")
         if self.sharding not in SHARDINGS:
             raise ConfigError(
                 f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"
@@ -223,6 +232,12 @@ def train(config: TrainConfig) -> Path:
             "sharding fsdp splits the model over processes: launch with torchrun "
             "--nproc_per_node N (N >= 2)"
         )
+    earlier = earlier_run(Path(config.out)) if not config.resume else []
+    if earlier and not config.overwrite:
+        raise ConfigError(
+            f"{config.out} holds an earlier training run ({', '.join(earlier)}); --resume "
+            "continues it, --overwrite replaces it, or choose another --out"
+        )
     processes = join_processes(config.device, config.timeout_minutes)
     _seed_everything(config.seed + processes.rank)
     policy_config, data, dataset = training_dataset(config, processes)
@@ -231,8 +246,13 @@ def train(config: TrainConfig) -> Path:
     run = _Run(config, processes, DiTVLAPolicy(policy_config, data.stats), dataset)
     out = Path(config.out)
     if processes.main:
+        for name in earlier:  # (only when overwrite)
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
     log = TrainingLog(
         out,
         total_steps=config.steps,
@@ -246,9 +266,14 @@ def train(config: TrainConfig) -> Path:
         log.record(step + 1, config.batch_size, run.step())
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             log.flush()  # the curve up to a checkpoint survives a crash after it
-            run.save_checkpoint(out / "checkpoints" / f"step_{step + 1:07d}", step + 1)
+            run.save_checkpoint(out / CHECKPOINTS_DIR / f"step_{step + 1:07d}", step + 1)
     log.close()
-    return run.save_final(out / "policy")
+    return run.save_final(out / POLICY_DIR)
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` (names of :data:`RUN_OUTPUTS`), in that order."""
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
 class _Run:
@@ -308,7 +333,7 @@ class _Run:
     def _resume(self) -> int:
         """Weights, optimizer, EMA, batch position and RNG of the latest checkpoint; the
         step it was written at."""
-        checkpoints = Path(self.config.out) / "checkpoints"
+        checkpoints = Path(self.config.out) / CHECKPOINTS_DIR
         checkpoint = latest_checkpoint(checkpoints)
         if checkpoint is None:
             raise FileNotFoundError(f"{checkpoints}: no checkpoint to resume from")

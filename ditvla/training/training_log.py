@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
+
 
 class TrainingLog:
     def __init__(
@@ -39,8 +41,8 @@ class TrainingLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step or None)
-        metrics_path = out / "metrics.jsonl"
+        self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
+        metrics_path = out / METRICS_FILE
         if start_step and metrics_path.exists():  # drop lines past the checkpoint
             lines = [
                 line
