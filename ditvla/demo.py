@@ -26,6 +26,7 @@ from ditvla.cli.config_options import option_flags, override_flags
 from ditvla.contract import STATE_PROPRIO, load_policy
 from ditvla.envs.collect import CollectConfig, collect_demonstrations
 from ditvla.envs.evaluate import EvalConfig, describe_observation, evaluate
+from ditvla.envs.evaluation_runs import VIDEOS_DIR
 from ditvla.envs.metaworld_env import COLOUR_REACH
 from ditvla.envs.robustness import profile_markdown, robustness_profile, success
 from ditvla.policies.config import PolicyConfig
@@ -189,7 +190,7 @@ def run_demo(
     profile = _robustness(recipe, final, report, out) if robustness else None
 
     _plot_loss(run / "metrics.jsonl", out / "loss.png")
-    for video in sorted((evaluation / "videos").glob("*.mp4")):
+    for video in sorted((evaluation / VIDEOS_DIR).glob("*.mp4")):
         shutil.copy(video, out / video.name)
     minutes = (t_eval - start) / 60
     stage_minutes = {

@@ -217,6 +217,14 @@ def test_shards_merge_into_the_report_of_one_machine(tmp_path):
     shards = [str(tmp_path / f"shard{i}") for i in range(2)]
     assert main(["eval", "merge", *shards, "--out", str(tmp_path / "merged")]) == 0
     assert _results(tmp_path / "merged") == _results(tmp_path / "whole")
+    # merged again: an earlier report is replaced only when asked, a shard never
+    shard_paths = [tmp_path / f"shard{i}" for i in range(2)]
+    with pytest.raises(EvaluationRunError, match=r"holds 6 episodes.*; --overwrite replaces"):
+        merge_runs(shard_paths, tmp_path / "merged")
+    merge_runs(shard_paths, tmp_path / "merged", overwrite=True)
+    assert _results(tmp_path / "merged") == _results(tmp_path / "whole")
+    with pytest.raises(EvaluationRunError, match="is one of the shards"):
+        merge_runs(shard_paths, tmp_path / "shard1", overwrite=True)
     with pytest.raises(EvaluationRunError, match=r"0/2 \.\. 1/2; got 0/2"):
         merge_runs([tmp_path / "shard0"], tmp_path / "x")
     with pytest.raises(EvaluationRunError, match=r"got 0/1, 0/2"):

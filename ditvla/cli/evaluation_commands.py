@@ -80,7 +80,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_eval_merge(args: argparse.Namespace) -> int:
     from ditvla.envs.evaluation_runs import merge_runs
 
-    report = merge_runs([Path(folder) for folder in args.folders], Path(args.out))
+    folders = [Path(folder) for folder in args.folders]
+    report = merge_runs(folders, Path(args.out), overwrite=args.overwrite)
     print(report.markdown())
     print(f"results: {args.out}/results.json")
     return 0
@@ -138,3 +139,8 @@ def add_eval(commands: Commands, configured: bool) -> None:
     )
     merge.add_argument("folders", nargs="+", metavar="DIR", help="the shards' --out folders")
     merge.add_argument("--out", required=True, help="the merged report's folder")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report an earlier merge left in OUT (refused without it)",
+    )

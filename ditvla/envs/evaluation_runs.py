@@ -84,20 +84,22 @@ def write_episodes(folder: Path, episodes: list[EpisodeResult]) -> None:
     os.replace(partial, path)
 
 
-def claim_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+def claim_folder(folder: Path, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
     """Make ``folder`` ready for an evaluation. Kept as it is when ``resume``; otherwise a
     folder holding an earlier evaluation's episodes is refused unless ``overwrite`` (so
     that one run never silently replaces another), and what an earlier run left there
     (its record, episodes, report and videos) is removed. A folder not yet made, or
-    something else at its path, is left to the run to make (or fail to)."""
+    something else at its path, is left to the run to make (or fail to). ``resumable``:
+    whether the refusal offers ``--resume`` (a merge has nothing to finish)."""
     if resume or not folder.is_dir():
         return
     if not overwrite:
         held = len(read_episodes(folder))
         if held:
+            finish = "--resume finishes it (same settings), " if resumable else ""
             raise EvaluationRunError(
-                f"{folder} holds {held} episodes of an earlier evaluation; --resume "
-                "finishes it (same settings), --overwrite replaces it, or choose another --out"
+                f"{folder} holds {held} episodes of an earlier evaluation; {finish}"
+                "--overwrite replaces it, or choose another --out"
             )
     for name in (RUN_FILE, EPISODES_FILE, *REPORT_FILES):
         (folder / name).unlink(missing_ok=True)
@@ -161,9 +163,13 @@ def _read_runs(folders: list[Path]) -> tuple[dict[str, Any], list[str]]:
     return first, [run["shard"] for run in runs]
 
 
-def merge_runs(folders: list[Path], out: Path) -> EvaluationReport:
+def merge_runs(folders: list[Path], out: Path, *, overwrite: bool = False) -> EvaluationReport:
     """The shards in ``folders`` (every shard of one run, each finished) as one report,
-    written to ``out`` as a one-machine run of the same episodes would have been."""
+    written to ``out`` as a one-machine run of the same episodes would have been. An
+    ``out`` holding another report is refused unless ``overwrite`` (:func:`claim_folder`);
+    a shard's own folder always is."""
+    if any(out.resolve() == folder.resolve() for folder in folders):
+        raise EvaluationRunError(f"--out {out} is one of the shards: choose another folder")
     run, shards = _read_runs(folders)
     report = EvaluationReport(observation=run["observation"])
     found: dict[tuple[str, int], EpisodeResult] = {}
@@ -180,6 +186,7 @@ def merge_runs(folders: list[Path], out: Path) -> EvaluationReport:
         if results.exists():  # the shards ran side by side: the slowest is the run's time
             report.seconds = max(report.seconds, json.loads(results.read_text())["seconds"])
     report.episodes = [found[job] for job in _run_jobs(run, "")]
+    claim_folder(out, resume=False, overwrite=overwrite, resumable=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps({**run, "shard": ""}, indent=2) + "\n")
     write_episodes(out, report.episodes)

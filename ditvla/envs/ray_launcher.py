@@ -136,7 +136,8 @@ def evaluate_on_ray(
     policy, config, out = _absolute_paths(policy, config, out)
     count = on_ray.shards
     folders = [out / f"shard_{index}" for index in range(count)]
-    for folder in folders:  # checked here, once: a task Ray retries resumes its shard
+    # checked here, once (a task Ray retries resumes its shard), with the merged report's
+    for folder in (*folders, out):
         claim_folder(folder, resume=config.resume, overwrite=config.overwrite)
     try:
         ray.init(address=on_ray.ray, log_to_driver=False)
@@ -164,7 +165,7 @@ def evaluate_on_ray(
         ray.shutdown()
     if failures:
         raise ShardsFailedError(_failures_line(failures, count, out))
-    return merge_runs(folders, out)
+    return merge_runs(folders, out, overwrite=True)  # (out was claimed above)
 
 
 def _absolute_paths(policy: str, config: EvalConfig, out: Path) -> tuple[str, EvalConfig, Path]:
