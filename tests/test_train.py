@@ -571,7 +571,7 @@ def test_calibrate_steps_writes_the_fewest_steps_within_tolerance(small_policy, 
 
 
 def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers(
-    small_policy, store, tmp_path
+    small_policy, store, tmp_path, capsys
 ):
     from ditvla.cli import main
     from ditvla.contract import PolicyInputError, load_policy
@@ -676,6 +676,19 @@ def test_distill_trains_a_two_then_a_one_step_student_that_follow_their_teachers
     assert quantized.config.distilled_steps == 1
     chunk = quantized.act(quantized.encode(frames), frames["state"], noise=noise)
     assert chunk.shape == (16, 4, 2) and torch.isfinite(chunk).all()
+    # a policy folder is replaced only when asked, and the one read never
+    again = ["quantize", "--policy", str(tmp_path / "student"), "--calibration", str(store)]
+    written = (tmp_path / "student_int8" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*again, "--out", str(tmp_path / "student_int8"), "--frames", "4"]) == 2
+    assert "holds a policy; --overwrite replaces it" in capsys.readouterr().err
+    assert main([*again, "--out", str(tmp_path / "student"), "--overwrite"]) == 2
+    assert "is the policy that --policy reads" in capsys.readouterr().err
+    assert (tmp_path / "student_int8" / "model.safetensors").read_bytes() == written
+    assert (
+        main([*again, "--out", str(tmp_path / "student_int8"), "--frames", "4", "--overwrite"]) == 0
+    )
+    assert load_policy(tmp_path / "student_int8").config.distilled_steps == 1
 
     # bad input: fails before any training step, nothing written
     with pytest.raises(ValueError, match="fewer steps than its teacher"):

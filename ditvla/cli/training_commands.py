@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ditvla.cli.config_options import add_config_options, field_docs, given_options
@@ -52,10 +53,38 @@ def add_train(commands: Commands, configured: bool) -> None:
     add_config_options(train, PolicyConfig, prefix="policy.")
 
 
+# ---------------------------------------------------------------------- policy folders
+def claim_policy_out(args: argparse.Namespace) -> None:
+    """Make ``--out`` ready for the policy a command writes from ``--policy``: never the
+    folder it reads; a folder that holds anything is refused unless ``--overwrite``, and
+    then only a policy folder (its ``config.json``) is replaced, never other files."""
+    out, source = Path(args.out), Path(args.policy)
+    if out.resolve() == source.resolve():
+        raise ConfigError(f"--out {out} is the policy that --policy reads: choose another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"--out {out} holds files that are not a policy: choose another folder")
+    if not args.overwrite:
+        raise ConfigError(
+            f"--out {out} holds a policy; --overwrite replaces it, or choose another --out"
+        )
+    shutil.rmtree(out)
+
+
+def add_overwrite(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the policy folder at --out (a folder holding one is refused without it)",
+    )
+
+
 # ---------------------------------------------------------------------- distill
 def run_distill(args: argparse.Namespace) -> int:
     from ditvla.training.distillation import DistillConfig, distill
 
+    claim_policy_out(args)
     record = distill(
         args.policy, args.dataset, args.out, DistillConfig(**given_options(args, DistillConfig))
     )
@@ -85,6 +114,7 @@ def add_distill(commands: Commands, configured: bool) -> None:
     )
     distill.add_argument("--dataset", required=True, help="a zarr store the policy fits")
     distill.add_argument("--out", required=True, help="the student policy folder to write")
+    add_overwrite(distill)
     if configured:
         from ditvla.training.distillation import DistillConfig
 
@@ -165,6 +195,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         report_markdown,
     )
 
+    claim_policy_out(args)
     config = QuantizationConfig.from_layout(args.layout, **given_options(args, QuantizationConfig))
     policy = load_policy(args.policy)
     calibration = observations_from_store(args.calibration, policy.spec, args.frames)
@@ -195,6 +226,7 @@ def add_quantize(commands: Commands, configured: bool) -> None:
     quantize.add_argument("--policy", required=True, help="a saved (float) policy folder")
     quantize.add_argument("--calibration", required=True, help="a zarr store the policy fits")
     quantize.add_argument("--out", required=True, help="the quantized policy folder to write")
+    add_overwrite(quantize)
     quantize.add_argument("--frames", type=int, default=64, help="calibration frames")
     if not configured:
         return
