@@ -60,6 +60,23 @@ ACTION_SPACE = LIBERO_ACTION_SPACE  # as in converted LIBERO datasets
 DEFAULT_CAMERAS = tuple(CAMERAS)
 
 
+def _fixture_poses_as_loaded(env: Any) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(body id, position, orientation) of each fixture's root body as LIBERO's model
+    file gives it (before any reset placed it): where a hard reset would put it back."""
+    from xml.etree import ElementTree
+
+    loaded = ElementTree.fromstring(env.model.get_xml())
+    bodies = {body.get("name"): body for body in loaded.iter("body")}
+    poses = []
+    for fixture in env.fixtures_dict.values():
+        body = bodies.get(fixture.root_body)
+        attributes = {} if body is None else body.attrib
+        position = np.array(attributes.get("pos", "0 0 0").split(), dtype=float)
+        orientation = np.array(attributes.get("quat", "1 0 0 0").split(), dtype=float)
+        poses.append((env.sim.model.body_name2id(fixture.root_body), position, orientation))
+    return poses
+
+
 class LiberoUnavailable(SimulatorUnavailable):
     """LIBERO's packages are missing or cannot be set up offline."""
 
@@ -275,6 +292,7 @@ class LiberoEnv(SimulatorEnv):
         model, objects = self._env.sim.model, self._env.env.objects_dict.values()
         starts = [model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in objects]
         self._placement_columns = [start + axis for start in starts for axis in range(3)]
+        self._fixtures_as_loaded = _fixture_poses_as_loaded(self._env.env)
 
     def render_camera(self, camera: str) -> np.ndarray:
         """One upright uint8 (H, W, 3) frame of ``camera`` (our name)."""
@@ -309,6 +327,13 @@ class LiberoEnv(SimulatorEnv):
         The fixtures' small random offsets are drawn with the seed in both cases."""
         self._expert = None
         self._env.seed(seed)
+        # Without a hard reset the fixtures stay where the last episode put them, but
+        # LIBERO places an object on a fixture's region (a bowl on the stove) at the
+        # fixture's place plus the region's site as the simulation has it, which counts
+        # the fixture's place twice unless it stands where the model was loaded.
+        model = self._env.sim.model
+        for body, position, orientation in self._fixtures_as_loaded:
+            model.body_pos[body], model.body_quat[body] = position, orientation
         numpy_state = np.random.get_state()  # LIBERO's samplers draw from NumPy's global
         np.random.seed(seed % 2**32)
         try:
