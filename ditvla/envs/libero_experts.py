@@ -99,8 +99,11 @@ class RimGrasp:
     """Where around a wide object's rim to grasp it, so that the open fingers and the hand
     clear everything else (a drawer's walls, a drawer above): the rim points every 30
     degrees, the fingers closing across the rim there (the hand turned about the vertical
-    by at most ``MAX_TURN``, 60 degrees); the first one, on the far side along the fingers' axis as
-    the hand starts, unless it is blocked, else the one with the most room."""
+    by at most ``MAX_TURN``, 60 degrees); the first one, on the far side along the fingers'
+    axis as the hand starts, unless it is blocked; else the one with the most room, unless
+    that lies beyond ``REACH`` from the robot's base (a bowl in an open drawer lies at the
+    edge of the arm's reach, and its far side can be out of it): then the unblocked one
+    nearest the base."""
 
     DIRECTIONS = 12
     INSET = 0.012  # the fingers close this far inside the box's edge (on the rim's wall)
@@ -108,9 +111,20 @@ class RimGrasp:
     HAND = (0.10, 0.032)  # the hand's half length (along the fingers' axis), half width
     HAND_HEIGHTS = (0.06, 0.11)  # above the grasp point
     MAX_TURN = np.pi / 3  # the wrist's last joint runs out of range a quarter turn on
+    # from the base (x, y): the hover 8 cm above a rim point 0.81 m away stalled short of
+    # it (libero_spatial/4, init state 13); one 0.80 m away was reached
+    REACH = 0.80
 
-    def __init__(self, sim: Any, obstacles: tuple[np.ndarray, np.ndarray] | None):
+    def __init__(
+        self,
+        sim: Any,
+        obstacles: tuple[np.ndarray, np.ndarray] | None,
+        base: np.ndarray | None = None,
+    ):
+        """``obstacles``: the geoms to keep clear of and their half extents (None: grasp
+        on the far side); ``base``: where the robot's base stands (world x, y, ...)."""
         self.sim, self.obstacles = sim, obstacles
+        self.base = None if base is None else np.asarray(base, np.float64)[:2]
 
     def room(self, point: np.ndarray, direction: np.ndarray) -> float:
         """How far the fingers and the hand, grasping at ``point`` across ``direction``,
@@ -144,7 +158,8 @@ class RimGrasp:
     def choose(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, float]:
         """The direction (3,) from the object's middle to the rim point to grasp, and the
         turn about the vertical (radians) that brings the fingers' axis onto it."""
-        best, best_room = None, -np.inf
+        best, best_room, best_distance = None, -np.inf, 0.0
+        nearest, nearest_distance = None, np.inf
         for k in range(self.DIRECTIONS):
             angle = np.pi / 2 + 2 * np.pi * k / self.DIRECTIONS
             if abs(angle % np.pi - np.pi / 2) > self.MAX_TURN:
@@ -152,11 +167,17 @@ class RimGrasp:
             direction = np.array([np.cos(angle), np.sin(angle), 0.0])
             if self.obstacles is None:
                 return direction, 0.0
-            room = self.room(self.point(low, high, direction), direction)
+            point = self.point(low, high, direction)
+            room = self.room(point, direction)
             if room >= 0 and k == 0:
                 return direction, 0.0
+            distance = 0.0 if self.base is None else np.linalg.norm(point[:2] - self.base)
             if room > best_room:
-                best, best_room = (direction, angle), room
+                best, best_room, best_distance = (direction, angle), room, distance
+            if room >= 0 and distance < nearest_distance:
+                nearest, nearest_distance = (direction, angle), distance
+        if best_distance > self.REACH and nearest is not None:
+            best = nearest
         direction, angle = best
         turn = angle % np.pi - np.pi / 2  # from the +y axis, within a quarter turn either way
         return direction, float(turn)
@@ -186,6 +207,8 @@ class PickAndPlace:
     LIFT = 0.10  # at least this far up from where it was grasped, before carrying
     WIDE = 0.07  # wider than this (in x and y) is grasped by the rim
     DROPPED = 0.04  # the object this far from where the hand holds it: it fell out
+    PATH_POINTS = 8  # where the carry's way is checked for room, ends included
+    CLIMB = 0.16  # the most a carry rises above its usual height to clear the way
 
     def __init__(
         self,
@@ -230,14 +253,34 @@ class PickAndPlace:
                 self.turned_to = _rotation(np.array([0.0, 0.0, 1.0]), turn) @ start
         return RimGrasp.point(low, high, self.rim_direction), low, high
 
-    def clear_at(self, low: np.ndarray, high: np.ndarray, bottom: float) -> bool:
+    def clear_at(
+        self, low: np.ndarray, high: np.ndarray, bottom: float, towards: np.ndarray | None = None
+    ) -> bool:
         """Whether the object, held as it is, would clear everything else (by 1 cm) with
-        its bottom at ``bottom`` (a drawer it came out of is behind it)."""
+        its bottom at ``bottom`` (a drawer it came out of is behind it), where it is and,
+        given ``towards`` (x, y, ...), all the way from there to its middle over that point
+        (a cabinet between a drawer and the plate)."""
         if self.rim.obstacles is None:
             return True
         corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1])
                             for z in (bottom, bottom + high[2] - low[2])])  # fmt: skip
-        return clearance(self.sim, corners, *self.rim.obstacles) > 0.01
+        shifts = [np.zeros(3)]
+        if towards is not None:
+            way = np.append(np.asarray(towards)[:2] - (low + high)[:2] / 2, 0.0)
+            shifts = [way * k for k in np.linspace(0.0, 1.0, self.PATH_POINTS)]
+        points = np.concatenate([corners + shift for shift in shifts])
+        return clearance(self.sim, points, *self.rim.obstacles) > 0.01
+
+    def carry_height(
+        self, low: np.ndarray, high: np.ndarray, height: float, hand_z: float, towards: np.ndarray
+    ) -> float:
+        """The lowest hand height from ``hand_z`` up, in 2 cm steps up to ``CLIMB`` more,
+        at which the held object clears everything on its way to ``towards``; the
+        highest tried when none does. ``height``: from the object's bottom to the hand."""
+        for rise in np.arange(0.0, self.CLIMB + 1e-9, 0.02):
+            if self.clear_at(low, high, hand_z + rise - height, towards):
+                break
+        return hand_z + rise
 
     def turned(self) -> bool:
         """Whether the hand is turned as the chosen grasp needs (or need not turn)."""
@@ -290,8 +333,8 @@ class PickAndPlace:
         centre, top = self.target()
         height = grasp[2] - low[2]  # from the object's bottom up to where it is held
         carry_z = top + self.release_above + height + 0.05
-        if self.phase == "lift" or not self.clear_at(low, high, carry_z - height):
-            carry_z = max(carry_z, self.lift_z)
+        if self.phase == "lift" or not self.clear_at(low, high, carry_z - height, centre):
+            carry_z = self.carry_height(low, high, height, max(carry_z, self.lift_z), centre)
         offset = hand - (low + high) / 2  # the object's middle (not the rim) over the target's
         over_target = np.array([centre[0] + offset[0], centre[1] + offset[1], carry_z])
         if self.phase == "lift":
@@ -594,7 +637,8 @@ class LiberoExpert:
         holds = self._holds(predicate)
         if name in ("in", "on") and len(predicate) == 3 and predicate[1] in domain.objects_dict:
             _, moved, where = predicate
-            rim = RimGrasp(domain.sim, self._obstacles(moved))
+            base = domain.sim.data.get_body_xpos(domain.robots[0].robot_model.root_body)
+            rim = RimGrasp(domain.sim, self._obstacles(moved), base)
             place = PickAndPlace(
                 domain.sim,
                 domain.obj_body_id[moved],
