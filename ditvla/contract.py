@@ -43,6 +43,10 @@ class CheckpointError(DitvlaError, RuntimeError):
     """A policy folder that is incomplete, damaged, of another format or version."""
 
 
+# The file in a policy folder that names its format (and holds its settings).
+CONFIG_FILE = "config.json"
+
+
 # Evaluation episodes are seeded from here up, demonstrations from 0 up: the two never
 # share an episode (the evaluator, ``ditvla robot --sim`` and ``collect`` agree on it).
 EVAL_SEED_START = 100_000
@@ -209,7 +213,7 @@ def load_policy(
     """The policy saved in ``folder`` (its ``config.json`` names its format), in eval mode,
     its action head computing in ``head_dtype``."""
     folder = Path(folder)
-    config = folder / "config.json"
+    config = folder / CONFIG_FILE
     try:
         meta = json.loads(config.read_text())
         fmt = meta.get("format")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ditvla.cli.config_options import add_config_options, field_docs, given_options
 from ditvla.cli.subcommand import ENV_HELP, Commands, add_command
+from ditvla.contract import CONFIG_FILE
 from ditvla.errors import ConfigError
 
 
@@ -63,7 +64,7 @@ def claim_policy_out(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out} is the policy that --policy reads: choose another folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / "config.json").is_file():
+    if not (out / CONFIG_FILE).is_file():
         raise ConfigError(f"--out {out} holds files that are not a policy: choose another folder")
     if not args.overwrite:
         raise ConfigError(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ditvla.contract import CheckpointError
+from ditvla.contract import CONFIG_FILE, CheckpointError
 from ditvla.policies import lerobot_layout
 from ditvla.policies.config import PolicyConfig
 from ditvla.policies.quantization import QuantizationConfig, QuantizationError, apply_recipe
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 POLICY_FORMAT = "ditvla.policy"
 POLICY_FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VLM_FOLDER = "vlm"
 READER_FOLDER = "instruction_reader"
