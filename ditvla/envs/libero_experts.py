@@ -77,12 +77,25 @@ def body_geoms(model: Any, body_id: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(geoms), np.array(extents, np.float64)
 
 
+def _world_boxes(sim: Any, geoms: np.ndarray, extents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``geoms``' world axis-aligned box as it is now: centres and half extents."""
+    rotations = np.abs(sim.data.geom_xmat[geoms].reshape(-1, 3, 3))
+    return sim.data.geom_xpos[geoms], np.einsum("gij,gj->gi", rotations, extents)
+
+
 def geoms_box(sim: Any, geoms: np.ndarray, extents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World axis-aligned box (low, high corners) around ``geoms`` as they are now."""
-    centres = sim.data.geom_xpos[geoms]
-    rotations = np.abs(sim.data.geom_xmat[geoms].reshape(-1, 3, 3))
-    half = np.einsum("gij,gj->gi", rotations, extents)
+    centres, half = _world_boxes(sim, geoms, extents)
     return (centres - half).min(axis=0), (centres + half).max(axis=0)
+
+
+def _boxes_within(
+    sim: Any, geoms: np.ndarray, extents: np.ndarray, low: np.ndarray, high: np.ndarray, margin
+) -> np.ndarray:
+    """Which of ``geoms`` (half extents ``extents``) have world boxes that come within
+    ``margin`` of the box (``low``, ``high``): a cheap first cut before :func:`clearance`."""
+    centres, half = _world_boxes(sim, geoms, extents)
+    return np.all((centres - half < high + margin) & (centres + half > low - margin), axis=1)
 
 
 def clearance(sim: Any, points: np.ndarray, geoms: np.ndarray, extents: np.ndarray) -> float:
@@ -124,7 +137,7 @@ class RimGrasp:
         """``obstacles``: the geoms to keep clear of and their half extents (None: grasp
         on the far side); ``base``: where the robot's base stands (world x, y, ...)."""
         self.sim, self.obstacles = sim, obstacles
-        self.base = None if base is None else np.asarray(base, np.float64)[:2]
+        self.base = None if base is None else np.array(base, np.float64)[:2]
 
     def room(self, point: np.ndarray, direction: np.ndarray) -> float:
         """How far the fingers and the hand, grasping at ``point`` across ``direction``,
@@ -207,8 +220,9 @@ class PickAndPlace:
     LIFT = 0.10  # at least this far up from where it was grasped, before carrying
     WIDE = 0.07  # wider than this (in x and y) is grasped by the rim
     DROPPED = 0.04  # the object this far from where the hand holds it: it fell out
-    PATH_POINTS = 8  # where the carry's way is checked for room, ends included
-    CLIMB = 0.16  # the most a carry rises above its usual height to clear the way
+    SPACING = 0.03  # the carry's way is checked for room at points this far apart
+    CLIMB, CLIMB_STEP = 0.16, 0.02  # the most a carry rises above its usual height to
+    # clear the way, and the steps it tries
 
     def __init__(
         self,
@@ -259,28 +273,38 @@ class PickAndPlace:
         """Whether the object, held as it is, would clear everything else (by 1 cm) with
         its bottom at ``bottom`` (a drawer it came out of is behind it), where it is and,
         given ``towards`` (x, y, ...), all the way from there to its middle over that point
-        (a cabinet between a drawer and the plate)."""
+        (a cabinet between a drawer and the plate). Its box's bottom and top are checked
+        at points ``SPACING`` apart, and the way at steps of ``SPACING``, so that nothing
+        wider than that passes between them."""
         if self.rim.obstacles is None:
             return True
-        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1])
-                            for z in (bottom, bottom + high[2] - low[2])])  # fmt: skip
+        xs, ys = (
+            np.linspace(low[axis], high[axis], int(np.ceil((high - low)[axis] / self.SPACING)) + 1)
+            for axis in (0, 1)
+        )
+        faces = np.array([[x, y, z] for x in xs for y in ys
+                          for z in (bottom, bottom + high[2] - low[2])])  # fmt: skip
         shifts = [np.zeros(3)]
         if towards is not None:
             way = np.append(np.asarray(towards)[:2] - (low + high)[:2] / 2, 0.0)
-            shifts = [way * k for k in np.linspace(0.0, 1.0, self.PATH_POINTS)]
-        points = np.concatenate([corners + shift for shift in shifts])
-        return clearance(self.sim, points, *self.rim.obstacles) > 0.01
+            steps = int(np.ceil(np.linalg.norm(way) / self.SPACING)) + 1
+            shifts = [way * k for k in np.linspace(0.0, 1.0, steps)]
+        points = np.concatenate([faces + shift for shift in shifts])
+        geoms, extents = self.rim.obstacles
+        near = _boxes_within(self.sim, geoms, extents, points.min(0), points.max(0), 0.01)
+        return not near.any() or clearance(self.sim, points, geoms[near], extents[near]) > 0.01
 
     def carry_height(
-        self, low: np.ndarray, high: np.ndarray, height: float, hand_z: float, towards: np.ndarray
+        self, low: np.ndarray, high: np.ndarray, below_hand: float, hand_z: float, towards
     ) -> float:
-        """The lowest hand height from ``hand_z`` up, in 2 cm steps up to ``CLIMB`` more,
-        at which the held object clears everything on its way to ``towards``; the
-        highest tried when none does. ``height``: from the object's bottom to the hand."""
-        for rise in np.arange(0.0, self.CLIMB + 1e-9, 0.02):
-            if self.clear_at(low, high, hand_z + rise - height, towards):
-                break
-        return hand_z + rise
+        """The lowest hand height from ``hand_z`` up, in ``CLIMB_STEP`` steps up to
+        ``CLIMB`` more, at which the held object clears everything on its way to
+        ``towards``; ``hand_z`` itself when none does (rising would not help: the way's
+        end is blocked). ``below_hand``: how far the object's bottom is below the hand."""
+        for rise in np.arange(0.0, self.CLIMB + 1e-9, self.CLIMB_STEP):
+            if self.clear_at(low, high, hand_z + rise - below_hand, towards):
+                return hand_z + rise
+        return hand_z
 
     def turned(self) -> bool:
         """Whether the hand is turned as the chosen grasp needs (or need not turn)."""
@@ -333,8 +357,9 @@ class PickAndPlace:
         centre, top = self.target()
         height = grasp[2] - low[2]  # from the object's bottom up to where it is held
         carry_z = top + self.release_above + height + 0.05
-        if self.phase == "lift" or not self.clear_at(low, high, carry_z - height, centre):
-            carry_z = self.carry_height(low, high, height, max(carry_z, self.lift_z), centre)
+        below_hand = hand[2] - low[2]  # as held (a grasp that stalled holds it lower)
+        if self.phase == "lift" or not self.clear_at(low, high, carry_z - below_hand, centre):
+            carry_z = self.carry_height(low, high, below_hand, max(carry_z, self.lift_z), centre)
         offset = hand - (low + high) / 2  # the object's middle (not the rim) over the target's
         over_target = np.array([centre[0] + offset[0], centre[1] + offset[1], carry_z])
         if self.phase == "lift":
