@@ -171,8 +171,7 @@ class RimGrasp:
     def choose(self, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, float]:
         """The direction (3,) from the object's middle to the rim point to grasp, and the
         turn about the vertical (radians) that brings the fingers' axis onto it."""
-        best, best_room, best_distance = None, -np.inf, 0.0
-        nearest, nearest_distance = None, np.inf
+        candidates = []  # (direction, angle, room, distance from the base)
         for k in range(self.DIRECTIONS):
             angle = np.pi / 2 + 2 * np.pi * k / self.DIRECTIONS
             if abs(angle % np.pi - np.pi / 2) > self.MAX_TURN:
@@ -185,13 +184,12 @@ class RimGrasp:
             if room >= 0 and k == 0:
                 return direction, 0.0
             distance = 0.0 if self.base is None else np.linalg.norm(point[:2] - self.base)
-            if room > best_room:
-                best, best_room, best_distance = (direction, angle), room, distance
-            if room >= 0 and distance < nearest_distance:
-                nearest, nearest_distance = (direction, angle), distance
-        if best_distance > self.REACH and nearest is not None:
-            best = nearest
-        direction, angle = best
+            candidates.append((direction, angle, room, distance))
+        best = max(candidates, key=lambda c: c[2])
+        unblocked = [c for c in candidates if c[2] >= 0]
+        if best[3] > self.REACH and unblocked:
+            best = min(unblocked, key=lambda c: c[3])
+        direction, angle = best[:2]
         turn = angle % np.pi - np.pi / 2  # from the +y axis, within a quarter turn either way
         return direction, float(turn)
 
