@@ -203,9 +203,10 @@ class CollectConfig:
             holds are kept and each task goes on from the seed after its last one (the
             store must be of the same suite, tasks, cameras, image size and options).
         randomize: domain randomisation, AXIS=LEVEL[,AXIS=LEVEL...] of camera,
-            lighting, table, background and robot (the scene axes of ditvla eval
-            --perturb), drawn anew for every episode from its seed, so that a policy
-            meets more than one camera pose, light and colour in training.
+            lighting, table, background, layout and robot (the scene axes of ditvla
+            eval --perturb), drawn anew for every episode from its seed, so that a
+            policy meets more than one camera pose, light, colour and placement in
+            training.
         progress: show a progress bar.
     """
 

@@ -113,9 +113,9 @@ class EvalConfig:
             --resume, a folder holding an earlier evaluation's episodes is refused.
         perturb: AXIS=LEVEL[,AXIS=LEVEL...]: what the policy meets beyond its training
             inputs, drawn from each episode's seed (same episodes and initial noise as
-            unperturbed): camera, lighting, table, background and robot in the simulator,
-            pixels, state and instruction in what the policy receives; levels small,
-            medium, large (instruction also file). See ditvla.envs.perturbations.
+            unperturbed): camera, lighting, table, background, layout and robot in the
+            simulator, pixels, state and instruction in what the policy receives; levels
+            small, medium, large (instruction also file). See ditvla.envs.perturbations.
         rewordings: a file of TASK<TAB>REWORDING lines, for --perturb instruction=file.
         action_steps: how many of each chunk's actions run before the policy is asked
             again, 1..its horizon (0: the policy's own n_action_steps). Fewer replan
