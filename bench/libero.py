@@ -8,7 +8,8 @@ For one suite (object, spatial or goal):
    store of another collection is refused), each episode's start drawn
    from the task's BDDL regions with its seed, never one of the 50 evaluation starts;
    detours at the start and pushes in mid-task (``ditvla collect --detour-steps 10
-   --push-rate 0.05``), each recovered from by the expert;
+   --push-rate 0.05``), each recovered from by the expert; with ``--randomize``, each
+   demonstration's cameras and placements randomised from its seed;
    two cameras (agentview, eye_in_hand) at 64 px, the 8-D proprioception, the
    instruction, LIBERO's object states recorded as privileged arrays;
 3. ``ditvla train`` (float32) with :data:`RECIPE` and :data:`OBJECT_LEVERS`, as ``bench.objects``
@@ -23,7 +24,8 @@ The policy reads the two cameras, proprioception only (ee_pos, ee_ori, gripper_s
 and the instruction. Writes ``OUT/results.json``.
 
     python -m bench.libero --suite object [--out outputs/libero] [--tasks 0,3]
-        [--demos 50] [--steps 8000] [--episodes 50] [--skip-smolvla]
+        [--demos 50] [--steps 8000] [--episodes 50] [--randomize camera=small,layout=small]
+        [--skip-smolvla]
 
 Last line: ``libero <suite>: ditvla <x>% (weakest task <m>%), lerobot smolvla <s>%,
 experts <e>%; <minutes> min``.
@@ -42,11 +44,13 @@ from bench.store_runs import (
     RECIPE,
     Store,
     Suite,
+    collect_config,
     collected,
     smolvla_arm,
     success,
     train_and_evaluate,
 )
+from ditvla.errors import ConfigError
 
 CAMERAS = ("agentview", "eye_in_hand")
 IMAGE_SIZE = 64
@@ -86,6 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demos", type=int, default=50, help="demonstrations per task")
     parser.add_argument("--steps", type=int, default=8000, help="training steps")
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
+    parser.add_argument(
+        "--randomize",
+        default="",
+        metavar="AXIS=LEVEL[,...]",
+        help="domain randomisation at collection, as `ditvla collect --randomize`; "
+        "camera=small,layout=small held every axis of LIBERO-Spatial's profile within 3.3 "
+        "points at 86.2%% unperturbed against 89.0%% without (docs/robustness.md); "
+        "default: none",
+    )
     parser.add_argument("--skip-smolvla", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         IMAGE_SIZE,
         detour_steps=DETOUR_STEPS,
         push_rate=PUSH_RATE,
+        randomize=args.randomize,
     )
     suite = Suite(
         args.suite,
@@ -115,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             "precision": "float32",
         },
     )
+    try:  # a bad --randomize fails now, not after the experts' evaluation
+        collect_config(store)
+    except ConfigError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     results = {"experts": expert_success(env, out, args.episodes)}
     path = collected(store, out)

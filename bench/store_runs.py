@@ -30,6 +30,7 @@ class Store:
     image_size: int
     detour_steps: int = 0
     push_rate: float = 0.0
+    randomize: str = ""  # domain randomisation at collection (``ditvla collect --randomize``)
 
 
 @dataclass(frozen=True)
@@ -51,19 +52,26 @@ OBJECT_LEVERS = {
 }
 
 
-def collected(store: Store, out: Path) -> Path:
-    from ditvla.envs.collect import CollectConfig, collect_demonstrations
+def collect_config(store: Store):
+    """The store's collection settings, checked (a bad ``randomize`` fails here)."""
+    from ditvla.envs.collect import CollectConfig
 
-    path = out / f"{store.name}.zarr"
-    config = CollectConfig(
+    return CollectConfig(
         episodes_per_task=store.episodes_per_task,
         cameras=store.cameras,
         image_size=store.image_size,
         detour_steps=store.detour_steps,
         push_rate=store.push_rate,
+        randomize=store.randomize,
         resume=True,  # a store of this collection is finished or kept; another is refused
     )
-    collect_demonstrations(store.env, path, config)
+
+
+def collected(store: Store, out: Path) -> Path:
+    from ditvla.envs.collect import collect_demonstrations
+
+    path = out / f"{store.name}.zarr"
+    collect_demonstrations(store.env, path, collect_config(store))
     return path
 
 

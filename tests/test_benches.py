@@ -76,3 +76,19 @@ def test_a_bench_runs_as_a_module_from_the_repository_root():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m bench.lerobot_plugin ")
     assert "lerobot-train --policy.type=ditvla" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("randomize", "named"),
+    [("camera=huge", "small (moved 1 cm"), ("pixels=small", "perturb what a policy receives")],
+)
+def test_the_libero_bench_refuses_a_bad_randomisation_before_any_work(
+    randomize, named, tmp_path, capsys
+):
+    from bench import libero
+
+    with pytest.raises(SystemExit) as exited:
+        libero.main(["--suite", "goal", "--randomize", randomize, "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "goal" / "experts").exists()  # the experts never ran
