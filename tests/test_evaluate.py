@@ -258,6 +258,27 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, **{**run, "max_steps": 50})
 
 
+def test_a_resumed_evaluation_grows_to_more_episodes_keeping_those_it_ran(tmp_path):
+    """10 episodes per task for a first look, then the official 50: the seeds already run
+    are kept, only the new ones run, and the report is the one a run of 50 would write."""
+    run = dict(max_steps=60, videos_per_task=0, progress=False)
+    evaluate(ExpertPolicy(), TASKS, out=tmp_path / "whole", episodes_per_task=3, **run)
+    folder = tmp_path / "grown"
+    evaluate(ExpertPolicy(), TASKS, out=folder, episodes_per_task=2, **run)
+    expert = CountingExpert()
+    evaluate(expert, TASKS, out=folder, resume=True, episodes_per_task=3, **run)
+    assert expert.episodes == {("reach-v3", 100002), ("drawer-close-v3", 100002)}
+    assert _results(folder) == _results(tmp_path / "whole")
+    with pytest.raises(EvaluationRunError, match="holds an evaluation of 3 episodes per task"):
+        evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, episodes_per_task=2, **run)
+    shard = tmp_path / "shard"
+    sharded = dict(run, shard="0/2")
+    evaluate(ExpertPolicy(), TASKS, out=shard, episodes_per_task=2, **sharded)
+    with pytest.raises(EvaluationRunError, match="a shard of 3 per task holds other episodes"):
+        evaluate(ExpertPolicy(), TASKS, out=shard, resume=True, episodes_per_task=3, **sharded)
+    assert len((shard / "episodes.jsonl").read_text().splitlines()) == 2  # nothing lost
+
+
 def test_an_evaluation_never_replaces_another_unless_asked(tmp_path, capsys, monkeypatch):
     """A folder holding an evaluation's episodes is refused without --resume or
     --overwrite, and keeps them (one run once silently replaced another's episodes); the

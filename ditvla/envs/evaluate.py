@@ -108,7 +108,8 @@ class EvalConfig:
         shard: I/N: every N-th episode from the I-th, one machine's share (ditvla eval
             merge joins the shards); empty: every episode.
         resume: keep the episodes the output folder holds from the same evaluation and
-            run only the others.
+            run only the others; with more --episodes-per-task, a whole (unsharded)
+            evaluation grows to them, keeping the seeds it ran.
         overwrite: replace the evaluation the output folder holds. Without it or
             --resume, a folder holding an earlier evaluation's episodes is refused.
         perturb: AXIS=LEVEL[,AXIS=LEVEL...]: what the policy meets beyond its training

@@ -111,7 +111,8 @@ def start_run(
 ) -> list[EpisodeResult]:
     """Record ``run`` in ``folder`` (:func:`claim_folder` first) and return the episodes
     already done: those of the same run when ``resume`` (a folder of another run is
-    refused), none otherwise."""
+    refused; a whole run resumed with more episodes per task grows, keeping the seeds it
+    ran), none otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
     claim_folder(folder, resume=resume, overwrite=overwrite)
     done: list[EpisodeResult] = []
@@ -119,7 +120,9 @@ def start_run(
     if resume and recorded.exists():
         before = json.loads(recorded.read_text())
         changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
-        if changed:
+        if changed == ["episodes_per_task"]:
+            _check_growth(folder, before, run)
+        elif changed:
             raise EvaluationRunError(
                 f"{folder} holds another evaluation ({', '.join(changed)} differ: "
                 f"{ {k: before.get(k) for k in changed} } there); resume it with the same "
@@ -129,6 +132,24 @@ def start_run(
     recorded.write_text(json.dumps(run, indent=2) + "\n")
     write_episodes(folder, done)
     return done
+
+
+def _check_growth(folder: Path, before: dict[str, Any], run: dict[str, Any]) -> None:
+    """A resumed run may ask for more episodes per task than ``folder`` recorded: seeds
+    count up from the same start, so the episodes held are the first of the larger run.
+    Fewer would drop episodes, and a shard of a larger run holds other episodes."""
+    held, wanted = before["episodes_per_task"], run["episodes_per_task"]
+    if wanted < held:
+        raise EvaluationRunError(
+            f"{folder} holds an evaluation of {held} episodes per task; resume it with "
+            f"{held} or more (it never drops episodes), or choose another --out"
+        )
+    if run["shard"]:
+        raise EvaluationRunError(
+            f"{folder} holds shard {run['shard']} of {held} episodes per task; a shard of "
+            f"{wanted} per task holds other episodes. Resume the shard with {held}, or "
+            "grow an unsharded run"
+        )
 
 
 def write_report(folder: Path, report: EvaluationReport) -> None:
