@@ -261,7 +261,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
 def test_a_resumed_evaluation_grows_to_more_episodes_keeping_those_it_ran(tmp_path):
     """10 episodes per task for a first look, then the official 50: the seeds already run
     are kept, only the new ones run, and the report is the one a run of 50 would write."""
-    run = dict(max_steps=60, videos_per_task=0, progress=False)
+    run = dict(max_steps=60, videos_per_task=1, progress=False)
     evaluate(ExpertPolicy(), TASKS, out=tmp_path / "whole", episodes_per_task=3, **run)
     folder = tmp_path / "grown"
     evaluate(ExpertPolicy(), TASKS, out=folder, episodes_per_task=2, **run)
@@ -269,10 +269,12 @@ def test_a_resumed_evaluation_grows_to_more_episodes_keeping_those_it_ran(tmp_pa
     evaluate(expert, TASKS, out=folder, resume=True, episodes_per_task=3, **run)
     assert expert.episodes == {("reach-v3", 100002), ("drawer-close-v3", 100002)}
     assert _results(folder) == _results(tmp_path / "whole")
+    videos = sorted(path.name for path in (folder / "videos").iterdir())
+    assert videos == ["drawer-close-v3_seed100000.mp4", "reach-v3_seed100000.mp4"]  # as whole
     with pytest.raises(EvaluationRunError, match="holds an evaluation of 3 episodes per task"):
         evaluate(ExpertPolicy(), TASKS, out=folder, resume=True, episodes_per_task=2, **run)
     shard = tmp_path / "shard"
-    sharded = dict(run, shard="0/2")
+    sharded = dict(run, shard="0/2", videos_per_task=0)
     evaluate(ExpertPolicy(), TASKS, out=shard, episodes_per_task=2, **sharded)
     with pytest.raises(EvaluationRunError, match="a shard of 3 per task holds other episodes"):
         evaluate(ExpertPolicy(), TASKS, out=shard, resume=True, episodes_per_task=3, **sharded)

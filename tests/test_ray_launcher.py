@@ -196,6 +196,17 @@ def test_ray_settings_that_cannot_run_are_refused_in_one_line(capsys, monkeypatc
     assert "pip install 'ditvla[ray]'" in capsys.readouterr().err
 
 
+def test_a_ray_run_resumed_with_other_episodes_per_task_is_refused_before_ray(tmp_path, capsys):
+    """Each shard resumes its own folder, and a shard of 3 episodes per task holds other
+    episodes than one of 2: refused here, before any node loads the policy."""
+    (tmp_path / "ray" / "shard_0").mkdir(parents=True)
+    (tmp_path / "ray" / "shard_0" / "run.json").write_text(json.dumps({"episodes_per_task": 3}))
+    on_ray = ["eval", "--policy", "expert", "--env", ENV, *RUN, "--resume"]
+    on_ray += ["--ray", "127.0.0.1:1", "--shards", "2", "--out", str(tmp_path / "ray")]
+    assert main(on_ray) == 2
+    assert "resumes only with --episodes-per-task 3" in capsys.readouterr().err
+
+
 def test_an_address_where_no_cluster_answers_is_refused_at_once(capsys):
     pytest.importorskip("ray", reason=RAY_MISSING)
     nobody = f"127.0.0.1:{free_port()}"

@@ -100,7 +100,8 @@ class EvalConfig:
         seed_start: first episode seed (evaluation seeds start apart from the
             demonstration seeds 0, 1, ...).
         max_steps: episode step limit (default: the task's own).
-        videos_per_task: mp4 rollouts recorded per task (when results are written).
+        videos_per_task: mp4 rollouts recorded per task (when results are written): its
+            first seeds, in whichever shard runs them.
         probe: none, or what to take from the policy to see whether it uses it:
             blank_images (every camera frame black), shuffled_instructions (each episode
             gets the instruction of another of the evaluated tasks, fixed by its seed).
@@ -251,7 +252,8 @@ class _Rollouts:
         self.rewordings = read_rewordings(config.rewordings, tasks) if config.rewordings else None
         self.video_cameras = spec.cameras or suite.default_cameras[:1]
         record_videos = out is not None and config.videos_per_task > 0
-        self.videos_left = {t: config.videos_per_task if record_videos else 0 for t in tasks}
+        # the first seeds of each task, wherever they run (fresh, resumed, grown, sharded)
+        self.video_seeds_end = config.seed_start + config.videos_per_task * record_videos
         render_cameras = (
             tuple(dict.fromkeys((*spec.cameras, *self.video_cameras)))
             if record_videos
@@ -345,9 +347,7 @@ class _Rollouts:
                 slot.received = ReceivedPerturbation(
                     self.perturbation, task, seed, self.instructions[task], self.rewordings
                 )
-            slot.frames = [] if self.videos_left[task] > 0 else None
-            if slot.frames is not None:
-                self.videos_left[task] -= 1
+            slot.frames = [] if seed < self.video_seeds_end else None
             try:
                 slot.worker.request("reset", task, seed, True)
                 started.append(slot)

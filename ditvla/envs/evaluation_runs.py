@@ -137,18 +137,33 @@ def start_run(
 def _check_growth(folder: Path, before: dict[str, Any], run: dict[str, Any]) -> None:
     """A resumed run may ask for more episodes per task than ``folder`` recorded: seeds
     count up from the same start, so the episodes held are the first of the larger run.
-    Fewer would drop episodes, and a shard of a larger run holds other episodes."""
+    A shard of a larger run holds other episodes, and fewer would drop episodes."""
     held, wanted = before["episodes_per_task"], run["episodes_per_task"]
+    if parse_shard(run["shard"])[1] > 1:
+        raise EvaluationRunError(
+            f"{folder} holds shard {run['shard']} of {held} episodes per task; a shard of "
+            f"{wanted} per task holds other episodes. Resume the shard with {held}, or "
+            "grow an unsharded run"
+        )
     if wanted < held:
         raise EvaluationRunError(
             f"{folder} holds an evaluation of {held} episodes per task; resume it with "
             f"{held} or more (it never drops episodes), or choose another --out"
         )
-    if run["shard"]:
+
+
+def check_shard_size(folder: Path, shard: str, episodes_per_task: int) -> None:
+    """Refuse, before any work, to resume the shard ``shard`` in ``folder`` with another
+    number of episodes per task (a shard of another count holds other episodes)."""
+    recorded = folder / RUN_FILE
+    if not recorded.exists():
+        return
+    held = json.loads(recorded.read_text()).get("episodes_per_task")
+    if held != episodes_per_task:
         raise EvaluationRunError(
-            f"{folder} holds shard {run['shard']} of {held} episodes per task; a shard of "
-            f"{wanted} per task holds other episodes. Resume the shard with {held}, or "
-            "grow an unsharded run"
+            f"{folder} holds shard {shard} of {held} episodes per task; it resumes only with "
+            f"--episodes-per-task {held} (a shard of {episodes_per_task} holds other "
+            "episodes). To grow the run, resume its merged folder without --ray"
         )
 
 

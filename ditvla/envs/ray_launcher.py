@@ -35,7 +35,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ditvla.envs.evaluation_report import EvaluationReport
-from ditvla.envs.evaluation_runs import claim_folder, merge_runs, parse_shard
+from ditvla.envs.evaluation_runs import (
+    check_shard_size,
+    claim_folder,
+    merge_runs,
+    parse_shard,
+)
 from ditvla.errors import ConfigError, DitvlaError
 
 if TYPE_CHECKING:
@@ -113,6 +118,11 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _shard_folder(out: Path, index: int) -> Path:
+    """Where the Ray run in ``out`` keeps shard ``index``."""
+    return out / f"shard_{index}"
+
+
 def evaluate_on_ray(
     policy: str,
     env_spec: str,
@@ -131,11 +141,14 @@ def evaluate_on_ray(
 
     if config.shard:
         raise ConfigError("--ray runs every shard of the evaluation: drop --shard")
+    if config.resume:  # each shard resumes its own folder: refused here, not on every node
+        first = _shard_folder(Path(out), 0)
+        check_shard_size(first, f"0/{on_ray.shards}", config.episodes_per_task)
     ray = _import_ray()
     _check_reachable(on_ray.ray)
     policy, config, out = _absolute_paths(policy, config, out)
     count = on_ray.shards
-    folders = [out / f"shard_{index}" for index in range(count)]
+    folders = [_shard_folder(out, index) for index in range(count)]
     # checked here, once (a task Ray retries resumes its shard), with the merged report's
     for folder in (*folders, out):
         claim_folder(folder, resume=config.resume, overwrite=config.overwrite)
