@@ -9,7 +9,8 @@ For one suite (object, spatial or goal):
    from the task's BDDL regions with its seed, never one of the 50 evaluation starts;
    detours at the start and pushes in mid-task (``ditvla collect --detour-steps 10
    --push-rate 0.05``), each recovered from by the expert; with ``--randomize``, each
-   demonstration's cameras and placements randomised from its seed;
+   demonstration's cameras and placements randomised from its seed (in
+   ``OUT/<suite>_<axis>-<level>...``);
    two cameras (agentview, eye_in_hand) at 64 px, the 8-D proprioception, the
    instruction, LIBERO's object states recorded as privileged arrays;
 3. ``ditvla train`` (float32) with :data:`RECIPE` and :data:`OBJECT_LEVERS`, as ``bench.objects``
@@ -72,6 +73,12 @@ def expert_success(env: str, out: Path, episodes: int) -> dict:
     return {"eval": report.summary()}
 
 
+def randomized_suffix(randomize: str) -> str:
+    """``_camera-small_layout-small`` for ``camera=small,layout=small``: a randomised
+    run's folder beside the plain one's, so that neither replaces the other."""
+    return "".join(f"_{part.strip().replace('=', '-')}" for part in randomize.split(",") if part)
+
+
 def weakest(result: dict) -> tuple[str, float]:
     tasks = result["eval"]["tasks"]
     name = min(tasks, key=lambda t: tasks[t]["success_rate"])
@@ -94,17 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         "--randomize",
         default="",
         metavar="AXIS=LEVEL[,...]",
-        help="domain randomisation at collection, as `ditvla collect --randomize`; "
-        "camera=small,layout=small held every axis of LIBERO-Spatial's profile within 3.3 "
-        "points at 86.2%% unperturbed against 89.0%% without (docs/robustness.md); "
-        "default: none",
+        help="domain randomisation at collection, as `ditvla collect --randomize` (what "
+        "it bought on LIBERO-Spatial: docs/robustness.md); the store and results are named "
+        "after it; default: none",
     )
     parser.add_argument("--skip-smolvla", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out) / args.suite
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / (args.suite + randomized_suffix(args.randomize))
     tasks = [f"{args.suite}/{i.strip()}" for i in args.tasks.split(",") if i.strip()]
     env = "libero:" + (",".join(tasks) if tasks else args.suite)
     store = Store(
@@ -133,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         collect_config(store)
     except ConfigError as error:
         parser.error(str(error))
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {"experts": expert_success(env, out, args.episodes)}
+    results = {"randomize": args.randomize, "experts": expert_success(env, out, args.episodes)}
     path = collected(store, out)
     results["ditvla"] = train_and_evaluate(store, path, suite, out, args.episodes)
     if not args.skip_smolvla:

@@ -11,12 +11,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.lerobot_adapter import LeRobotAdapter
 from bench.lerobot_batches import batches_for_lerobot
 from bench.lerobot_training import train_for
 from bench.smolvla_peer import tiny_smolvla
+
+if TYPE_CHECKING:
+    from ditvla.envs.collect import CollectConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ OBJECT_LEVERS = {
 }
 
 
-def collect_config(store: Store):
+def collect_config(store: Store) -> CollectConfig:
     """The store's collection settings, checked (a bad ``randomize`` fails here)."""
     from ditvla.envs.collect import CollectConfig
 

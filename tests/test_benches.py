@@ -91,4 +91,11 @@ def test_the_libero_bench_refuses_a_bad_randomisation_before_any_work(
         libero.main(["--suite", "goal", "--randomize", randomize, "--out", str(tmp_path)])
     assert exited.value.code == 2
     assert named in capsys.readouterr().err
-    assert not (tmp_path / "goal" / "experts").exists()  # the experts never ran
+    assert not any(tmp_path.iterdir())  # nothing made, the experts never ran
+
+
+def test_a_randomised_libero_run_has_a_folder_of_its_own():
+    from bench.libero import randomized_suffix
+
+    assert randomized_suffix("") == ""
+    assert randomized_suffix("camera=small, layout=small") == "_camera-small_layout-small"
