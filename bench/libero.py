@@ -74,9 +74,12 @@ def expert_success(env: str, out: Path, episodes: int) -> dict:
 
 
 def randomized_suffix(randomize: str) -> str:
-    """``_camera-small_layout-small`` for ``camera=small,layout=small``: a randomised
-    run's folder beside the plain one's, so that neither replaces the other."""
-    return "".join(f"_{part.strip().replace('=', '-')}" for part in randomize.split(",") if part)
+    """``_camera-small_layout-small`` for ``camera=small,layout=small`` (in either order):
+    a randomised run's folder beside the plain one's, so that neither replaces the other."""
+    from ditvla.envs.perturbations import Perturbation
+
+    name = Perturbation.parse(randomize).name()
+    return "".join(f"_{level.replace('=', '-')}" for level in name.split(",") if level)
 
 
 def weakest(result: dict) -> tuple[str, float]:
@@ -109,7 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out) / (args.suite + randomized_suffix(args.randomize))
     tasks = [f"{args.suite}/{i.strip()}" for i in args.tasks.split(",") if i.strip()]
     env = "libero:" + (",".join(tasks) if tasks else args.suite)
     store = Store(
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         collect_config(store)
     except ConfigError as error:
         parser.error(str(error))
+    out = Path(args.out) / (args.suite + randomized_suffix(args.randomize))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {"randomize": args.randomize, "experts": expert_success(env, out, args.episodes)}

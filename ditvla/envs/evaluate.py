@@ -253,7 +253,7 @@ class _Rollouts:
         self.video_cameras = spec.cameras or suite.default_cameras[:1]
         record_videos = out is not None and config.videos_per_task > 0
         # the first seeds of each task, wherever they run (fresh, resumed, grown, sharded)
-        self.video_seeds_end = config.seed_start + config.videos_per_task * record_videos
+        self.video_seeds_end = config.seed_start + (config.videos_per_task if record_videos else 0)
         render_cameras = (
             tuple(dict.fromkeys((*spec.cameras, *self.video_cameras)))
             if record_videos

@@ -140,11 +140,8 @@ def _check_growth(folder: Path, before: dict[str, Any], run: dict[str, Any]) -> 
     A shard of a larger run holds other episodes, and fewer would drop episodes."""
     held, wanted = before["episodes_per_task"], run["episodes_per_task"]
     if parse_shard(run["shard"])[1] > 1:
-        raise EvaluationRunError(
-            f"{folder} holds shard {run['shard']} of {held} episodes per task; a shard of "
-            f"{wanted} per task holds other episodes. Resume the shard with {held}, or "
-            "grow an unsharded run"
-        )
+        advice = f"Resume the shard with {held}, or grow an unsharded run"
+        raise _shard_resize_error(folder, run["shard"], held, wanted, advice)
     if wanted < held:
         raise EvaluationRunError(
             f"{folder} holds an evaluation of {held} episodes per task; resume it with "
@@ -160,11 +157,20 @@ def check_shard_size(folder: Path, shard: str, episodes_per_task: int) -> None:
         return
     held = json.loads(recorded.read_text()).get("episodes_per_task")
     if held != episodes_per_task:
-        raise EvaluationRunError(
-            f"{folder} holds shard {shard} of {held} episodes per task; it resumes only with "
-            f"--episodes-per-task {held} (a shard of {episodes_per_task} holds other "
-            "episodes). To grow the run, resume its merged folder without --ray"
+        advice = (
+            f"It resumes only with --episodes-per-task {held}; to grow the run, resume its "
+            "merged folder without --ray"
         )
+        raise _shard_resize_error(folder, shard, held, episodes_per_task, advice)
+
+
+def _shard_resize_error(
+    folder: Path, shard: str, held: int, wanted: int, advice: str
+) -> EvaluationRunError:
+    return EvaluationRunError(
+        f"{folder} holds shard {shard} of {held} episodes per task; a shard of {wanted} per "
+        f"task holds other episodes. {advice}"
+    )
 
 
 def write_report(folder: Path, report: EvaluationReport) -> None:
